@@ -1,0 +1,430 @@
+"""Typed configuration: YAML files validated into dataclasses.
+
+A config file has the top-level keys of :class:`Config`; every block is a
+dataclass whose fields carry their type, default and allowed range, so one
+generic validator checks them all and every error names the file, the dotted
+key, the offending value and what is expected.
+
+Overrides (``mlflow run -P model.lengthscale=2`` or the CLI's
+``--set model.lengthscale=2``) are dotted keys whose string values are parsed
+as YAML scalars and validated exactly like values from the file.
+
+Numbers are parsed robustly: YAML 1.1 loaders (PyYAML) read ``1e-1`` as the
+string ``'1e-1'``, so float fields accept any string ``float()`` accepts.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import hashlib
+import json
+import math
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Mapping, Optional, Sequence, Union
+
+import yaml
+
+from sf_mlflow.errors import ConfigError
+
+__all__ = [
+    "Config",
+    "DataConfig",
+    "SyntheticConfig",
+    "PreprocessingConfig",
+    "ModelConfig",
+    "TrainingConfig",
+    "load_config",
+    "config_from_dict",
+    "parse_overrides",
+]
+
+
+def _range(lo: float | None = None, hi: float | None = None, *, lo_open: bool = False,
+           hi_open: bool = False, doc: str = "") -> dict:
+    return {"lo": lo, "hi": hi, "lo_open": lo_open, "hi_open": hi_open, "doc": doc}
+
+
+def _f(default: Any, lo: float | None = None, hi: float | None = None, *, lo_open: bool = False,
+       hi_open: bool = False, doc: str = "") -> Any:
+    """A dataclass field with a default, an optional numeric range and a description."""
+    meta = _range(lo, hi, lo_open=lo_open, hi_open=hi_open, doc=doc)
+    if isinstance(default, (dict, list)) or dataclasses.is_dataclass(default):
+        raise TypeError("use field(default_factory=...) for mutable defaults")
+    return field(default=default, metadata=meta)
+
+
+@dataclass
+class SyntheticConfig:
+    """Generated data with known truth (``dataset: synthetic``)."""
+
+    n_spots: int = _f(2000, 10, doc="number of spots N")
+    n_genes: int = _f(300, 1, doc="number of genes D")
+    n_components: int = _f(5, 1, doc="number of true factors L")
+    n_groups: int = _f(3, 1, doc="number of cell-type groups G")
+    lengthscale: float = _f(0.15, 0.0, lo_open=True,
+                            doc="smoothness of the true factor fields, relative to the unit square")
+    group_effect: float = _f(0.5, 0.0, 1.0,
+                             doc="0: all groups share one pattern per factor; 1: independent patterns")
+    mean_counts: float = _f(300.0, 0.0, lo_open=True, doc="expected total counts per spot")
+    layout: Literal["uniform", "grid"] = _f("uniform", doc="how spot coordinates are drawn")
+
+
+@dataclass
+class DataConfig:
+    """Where the counts come from. Keys not used by the chosen dataset are ignored."""
+
+    path: Optional[str] = _f(
+        None, doc="slideseq: cache file (default data/slideseqv2.h5ad); h5ad: the file to read")
+    coordinates_key: str = _f("spatial", doc="obsm key of the (N, 2) spot coordinates")
+    group_key: Optional[str] = _f(
+        "auto", doc="obs column of group labels; 'auto' = 'cluster' for slideseq, none for h5ad; null = no groups")
+    layer: Optional[str] = _f(None, doc="AnnData layer holding raw counts; null = X")
+    missing_groups: Literal["drop", "unknown"] = _f(
+        "drop", doc="spots whose group label is missing: drop them, or give them the group 'unknown'")
+    synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
+
+
+@dataclass
+class PreprocessingConfig:
+    """Quality control, gene selection, coordinate scaling and the held-out split."""
+
+    spatial_scale: float = _f(50.0, 0.0, lo_open=True,
+                              doc="coordinates are centred and the longest side scaled to this length")
+    filter_mt: bool = _f(True, doc="drop mitochondrial genes (names starting mt- or MT-)")
+    min_counts: int = _f(100, 0, doc="drop spots with fewer total counts")
+    min_cells: int = _f(10, 0, doc="drop genes detected in fewer spots")
+    n_top_genes: Optional[int] = _f(None, 1, doc="keep the k genes of highest Poisson deviance; null = all")
+    holdout_fraction: float = _f(0.0, 0.0, 1.0, hi_open=True,
+                                 doc="seeded fraction of spots held out for validation")
+
+
+@dataclass
+class ModelConfig:
+    """The factor model: PNMF with a Gaussian (non-spatial) or MGGP-SVGP (spatial) prior."""
+
+    n_components: int = _f(10, 1, doc="number of factors L")
+    spatial: bool = _f(True, doc="GP prior over coordinates (true) or independent Gaussian prior")
+    prior: Optional[Literal["SVGP", "Gaussian"]] = _f(
+        None, doc="SVGP (requires spatial: true) or Gaussian; null = chosen from `spatial`")
+    groups: bool = _f(True, doc="multi-group kernel over cell-type groups (spatial models only)")
+    mode: Literal["lower-bound", "expanded", "simple"] = _f("lower-bound", doc="how the ELBO is computed")
+    num_samples: int = _f(8, 1, doc="Monte Carlo samples for the expanded and simple modes")
+    loadings_mode: Literal["multiplicative", "gradient"] = _f(
+        "multiplicative", doc="how loadings W are updated")
+    kernel: Literal["Matern32", "Matern12", "Matern52", "RBF"] = _f("Matern32", doc="GP kernel")
+    num_inducing: int = _f(3000, 1, doc="number of inducing points M")
+    lengthscale: float = _f(4.0, 0.0, lo_open=True, doc="kernel lengthscale, in scaled coordinates")
+    sigma: float = _f(1.0, 0.0, lo_open=True, doc="kernel amplitude")
+    group_diff_param: float = _f(10.0, 0.0, doc="how different groups are in the MGGP kernel")
+    train_lengthscale: bool = _f(False, doc="learn lengthscale and sigma instead of fixing them")
+    per_factor_lengthscale: bool = _f(False, doc="one lengthscale per factor instead of one shared")
+    cholesky_mode: Literal["exp", "softplus"] = _f("exp", doc="map from raw to positive Cholesky diagonal")
+    diagonal_only: bool = _f(False, doc="keep only the diagonal of the variational Cholesky factor")
+    inducing_allocation: Literal["proportional", "equal", "derived"] = _f(
+        "proportional", doc="how inducing points are shared among groups")
+    jitter: float = _f(1e-5, 0.0, lo_open=True, doc="diagonal jitter on Kzz, relative to sigma^2")
+    kl_weight: float = _f(1.0, 0.0, doc="weight of the KL term (1 = the true ELBO)")
+
+    @property
+    def resolved_prior(self) -> str:
+        return self.prior or ("SVGP" if self.spatial else "Gaussian")
+
+
+@dataclass
+class TrainingConfig:
+    """Optimisation settings."""
+
+    max_iter: int = _f(2000, 1, doc="maximum number of iterations")
+    learning_rate: float = _f(0.1, 0.0, lo_open=True, doc="optimiser step size")
+    optimizer: Literal["Adam", "AdamW", "SGD"] = _f("Adam", doc="optimiser of the variational parameters")
+    tol: float = _f(1e-4, 0.0, doc="stop when the relative ELBO change stays below this")
+    tol_window: int = _f(10, 1, doc="iterations averaged on each side of the convergence test")
+    verbose: bool = _f(False, doc="print every progress line instead of a sparser cadence")
+    device: Literal["cpu", "gpu", "cuda", "auto"] = _f(
+        "auto", doc="cpu; gpu/cuda (falls back to cpu with a warning); auto = cuda when present")
+    batch_size: Optional[int] = _f(None, 1, doc="spots per mini-batch; null = all spots")
+    y_batch_size: Optional[int] = _f(None, 1, doc="genes per mini-batch; null = all genes")
+    shuffle: bool = _f(True, doc="draw mini-batches in a fresh random order every epoch")
+    log_every: int = _f(50, 1, doc="iterations between progress lines")
+
+
+@dataclass
+class Config:
+    """A whole experiment: data, preprocessing, model and training."""
+
+    name: str = _f("sf_mlflow", doc="experiment name in MLflow")
+    seed: int = _f(0, 0, doc="seed for data generation, splits, initialisation and mini-batches")
+    dataset: Literal["slideseq", "h5ad", "synthetic"] = _f("synthetic", doc="data source")
+    output_dir: str = _f("outputs", doc="local folder for stage outputs")
+    data: DataConfig = field(default_factory=DataConfig)
+    preprocessing: PreprocessingConfig = field(default_factory=PreprocessingConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    training: TrainingConfig = field(default_factory=TrainingConfig)
+    source: Optional[str] = field(default=None, compare=False, repr=False,
+                                  metadata={"internal": True})
+
+    # ---- views -------------------------------------------------------------------------------
+    def to_dict(self) -> dict:
+        """Nested plain dict of every setting (the form written back to YAML)."""
+        d = dataclasses.asdict(self)
+        d.pop("source", None)
+        return d
+
+    def flat(self, *sections: str) -> dict[str, Any]:
+        """Dotted-key view, e.g. ``{"model.lengthscale": 4.0}``, optionally of some sections only."""
+        d = self.to_dict()
+        if sections:
+            d = {k: v for k, v in d.items() if k in sections}
+        return _flatten(d)
+
+    def preprocess_settings(self) -> dict[str, Any]:
+        """Everything that determines a preprocess run's output."""
+        return {k: v for k, v in self.flat("seed", "dataset", "data", "preprocessing").items()}
+
+    def digest(self, *sections: str) -> str:
+        """Short stable hash of the given sections (all when none), for tags and lookups."""
+        payload = json.dumps(self.flat(*sections), sort_keys=True, default=str)
+        return hashlib.sha256(payload.encode()).hexdigest()[:12]
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+
+# ---- generic validation ---------------------------------------------------------------------
+
+_TRUE = {"true", "yes", "on", "1"}
+_FALSE = {"false", "no", "off", "0"}
+_NONE = {"null", "none", "~", ""}
+
+
+def _flatten(d: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, Mapping):
+            out.update(_flatten(v, key + "."))
+        else:
+            out[key] = v
+    return out
+
+
+def _describe(tp: Any) -> str:
+    origin = typing.get_origin(tp)
+    if origin is Literal:
+        return "one of " + ", ".join(repr(a) for a in typing.get_args(tp))
+    if origin in (Union, types.UnionType):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        return " or ".join(_describe(a) for a in args) + " or null"
+    return {int: "an integer", float: "a number", bool: "true or false", str: "a string"}.get(
+        tp, getattr(tp, "__name__", str(tp)))
+
+
+class _Invalid(Exception):
+    def __init__(self, expected: str):
+        self.expected = expected
+
+
+def _coerce(value: Any, tp: Any) -> Any:
+    """Convert ``value`` to type ``tp`` or raise _Invalid with what was expected."""
+    origin = typing.get_origin(tp)
+    if origin in (Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None or (isinstance(value, str) and value.strip().lower() in _NONE):
+            if type(None) in args:
+                return None
+        inner = [a for a in args if a is not type(None)]
+        for a in inner:
+            try:
+                return _coerce(value, a)
+            except _Invalid:
+                pass
+        raise _Invalid(_describe(tp))
+    if origin is Literal:
+        choices = typing.get_args(tp)
+        if value in choices:
+            return value
+        if isinstance(value, str):
+            low = {str(c).lower(): c for c in choices}
+            if value.lower() in low:
+                return low[value.lower()]
+        hint = difflib.get_close_matches(str(value), [str(c) for c in choices], n=1)
+        raise _Invalid(_describe(tp) + (f" (did you mean {hint[0]!r}?)" if hint else ""))
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.strip().lower() in _TRUE | _FALSE:
+            return value.strip().lower() in _TRUE
+        raise _Invalid("true or false")
+    if tp is int:
+        if isinstance(value, bool):
+            raise _Invalid("an integer")
+        if isinstance(value, int):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        if isinstance(value, str):
+            try:
+                f = float(value.strip())
+            except ValueError:
+                raise _Invalid("an integer") from None
+            if f.is_integer():
+                return int(f)
+        raise _Invalid("an integer")
+    if tp is float:
+        if isinstance(value, bool):
+            raise _Invalid("a number")
+        if isinstance(value, (int, float)):
+            out = float(value)
+        elif isinstance(value, str):
+            try:
+                out = float(value.strip())
+            except ValueError:
+                raise _Invalid("a number") from None
+        else:
+            raise _Invalid("a number")
+        if not math.isfinite(out):
+            raise _Invalid("a finite number")
+        return out
+    if tp is str:
+        if isinstance(value, str):
+            return value
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return str(value)
+        raise _Invalid("a string")
+    raise TypeError(f"unsupported config type {tp!r}")
+
+
+def _check_range(value: Any, meta: Mapping[str, Any]) -> str | None:
+    if value is None or isinstance(value, (bool, str)):
+        return None
+    lo, hi = meta.get("lo"), meta.get("hi")
+    if lo is not None and (value <= lo if meta.get("lo_open") else value < lo):
+        return f"a value {'>' if meta.get('lo_open') else '>='} {lo:g}"
+    if hi is not None and (value >= hi if meta.get("hi_open") else value > hi):
+        return f"a value {'<' if meta.get('hi_open') else '<='} {hi:g}"
+    return None
+
+
+def _build(cls: type, raw: Any, source: str, prefix: str) -> Any:
+    where = prefix.rstrip(".") or "the top level"
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, Mapping):
+        raise ConfigError(f"{source}: {where} must be a mapping of keys to values, got {raw!r}")
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls) if not f.metadata.get("internal")}
+    for key in raw:
+        if key not in fields:
+            hint = difflib.get_close_matches(str(key), list(fields), n=1)
+            raise ConfigError(
+                f"{source}: unknown key '{prefix}{key}'"
+                + (f" (did you mean '{prefix}{hint[0]}'?)" if hint else "")
+                + f"; allowed keys here: {', '.join(fields)}")
+    kwargs = {}
+    for name, f in fields.items():
+        tp = hints[name]
+        if dataclasses.is_dataclass(tp):
+            kwargs[name] = _build(tp, raw.get(name), source, f"{prefix}{name}.")
+            continue
+        if name not in raw:
+            continue
+        value = raw[name]
+        try:
+            coerced = _coerce(value, tp)
+        except _Invalid as e:
+            raise ConfigError(
+                f"{source}: {prefix}{name} = {value!r} is invalid: expected {e.expected}") from None
+        problem = _check_range(coerced, f.metadata)
+        if problem:
+            raise ConfigError(f"{source}: {prefix}{name} = {value!r} is out of range: expected {problem}")
+        kwargs[name] = coerced
+    return cls(**kwargs)
+
+
+def _check_consistency(cfg: Config, source: str) -> None:
+    m = cfg.model
+    if m.prior == "SVGP" and not m.spatial:
+        raise ConfigError(f"{source}: model.prior = 'SVGP' needs model.spatial: true "
+                          "(or set model.prior: Gaussian for the non-spatial model)")
+    if m.prior == "Gaussian" and m.spatial:
+        raise ConfigError(f"{source}: model.prior = 'Gaussian' is the non-spatial prior; "
+                          "set model.spatial: false, or model.prior: SVGP")
+
+
+# ---- public API -----------------------------------------------------------------------------
+
+def parse_overrides(items: Sequence[str] | Mapping[str, Any] | None) -> dict[str, Any]:
+    """Turn ``["model.lengthscale=2", ...]`` (or a mapping) into ``{dotted key: value}``.
+
+    String values are parsed as YAML scalars, so ``true``, ``null`` and ``3`` mean what they
+    say; type checking happens later, together with the file's values.
+    """
+    if not items:
+        return {}
+    if isinstance(items, Mapping):
+        pairs = list(items.items())
+    else:
+        pairs = []
+        for item in items:
+            if "=" not in item:
+                raise ConfigError(f"override {item!r} is not of the form key=value "
+                                  "(e.g. model.lengthscale=2.0)")
+            k, v = item.split("=", 1)
+            pairs.append((k.strip(), v))
+    out = {}
+    for k, v in pairs:
+        if isinstance(v, str):
+            try:
+                v = yaml.safe_load(v) if v.strip() else None
+            except yaml.YAMLError:
+                pass
+        out[k] = v
+    return out
+
+
+def _apply_overrides(raw: dict, overrides: Mapping[str, Any], source: str) -> dict:
+    raw = json.loads(json.dumps(raw, default=str)) if raw else {}
+    for key, value in overrides.items():
+        parts = key.split(".")
+        node = raw
+        for p in parts[:-1]:
+            child = node.get(p)
+            if child is None:
+                child = node[p] = {}
+            if not isinstance(child, dict):
+                raise ConfigError(f"override {key}={value!r}: '{p}' is not a section")
+            node = child
+        node[parts[-1]] = value
+    return raw
+
+
+def config_from_dict(raw: Mapping[str, Any] | None, source: str = "<config>",
+                     overrides: Sequence[str] | Mapping[str, Any] | None = None) -> Config:
+    """Validate a nested mapping (plus dotted-key overrides) into a :class:`Config`."""
+    ov = parse_overrides(overrides)
+    if raw is not None and not isinstance(raw, Mapping):
+        raise ConfigError(f"{source}: a config must be a mapping of keys to values, "
+                          f"got {type(raw).__name__}")
+    merged = _apply_overrides(dict(raw or {}), ov, source)
+    label = source + (" (with overrides)" if ov else "")
+    cfg = _build(Config, merged, label, "")
+    _check_consistency(cfg, label)
+    cfg.source = source
+    return cfg
+
+
+def load_config(path: str | Path, overrides: Sequence[str] | Mapping[str, Any] | None = None) -> Config:
+    """Read and validate a YAML config file, then apply dotted-key overrides."""
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"config file {str(path)!r} does not exist "
+                          "(pass the path of a YAML file, e.g. configs/quickstart.yaml)")
+    try:
+        raw = yaml.safe_load(p.read_text())
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: not valid YAML: {e}") from None
+    return config_from_dict(raw, str(path), overrides)

@@ -1,0 +1,1 @@
+"""Models: factor priors, kernels, likelihoods and the PNMF estimator."""

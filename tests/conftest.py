@@ -1,0 +1,47 @@
+"""Shared fixtures: the real data folder and a throw-away MLflow store."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+#: The folder of real .h5ad files; see ../shared/data/README.md.
+SHARED_DATA_ENV = "SF_SHARED_DATA"
+
+
+def shared_data_dir() -> Path:
+    return Path(os.environ.get(SHARED_DATA_ENV, REPO_ROOT.parent / "shared" / "data")).resolve()
+
+
+@pytest.fixture
+def shared_file():
+    """Return a function giving the path of a file in the shared data folder, or skip."""
+
+    def get(name: str) -> Path:
+        path = shared_data_dir() / name
+        if not path.is_file():
+            pytest.skip(f"{path} not found: set {SHARED_DATA_ENV} to the folder holding {name}")
+        return path
+
+    return get
+
+
+@pytest.fixture
+def mlflow_store(tmp_path, monkeypatch):
+    """A fresh sqlite MLflow store in a temp dir, made the current tracking URI.
+
+    Yields the tracking URI. The working directory moves to the temp dir so
+    nothing lands in the repository.
+    """
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    monkeypatch.chdir(tmp_path)
+    import mlflow
+
+    mlflow.set_tracking_uri(uri)
+    yield uri
+    mlflow.set_tracking_uri(None) if hasattr(mlflow, "set_tracking_uri") else None
