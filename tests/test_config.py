@@ -1,0 +1,102 @@
+"""Config validation: types, ranges, unknown keys, overrides, and the shipped configs."""
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from sf_mlflow.config import Config, config_from_dict, load_config, parse_overrides
+from sf_mlflow.errors import ConfigError
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.parametrize("path", sorted((REPO / "configs").rglob("*.yaml")), ids=lambda p: p.name)
+def test_shipped_configs_validate(path):
+    cfg = load_config(path)
+    assert isinstance(cfg, Config)
+    assert cfg.source == str(path)
+
+
+def test_slideseq_svgp_config_matches_the_plan():
+    cfg = load_config(REPO / "configs/slideseq/svgp.yaml")
+    assert cfg.name == "slideseq_svgp" and cfg.seed == 67 and cfg.dataset == "slideseq"
+    assert cfg.training.learning_rate == pytest.approx(0.1)  # '1e-1' is a string to PyYAML
+    assert cfg.training.tol == pytest.approx(1e-4)
+    assert cfg.model.num_inducing == 3000 and cfg.model.kernel == "Matern32"
+    assert cfg.model.resolved_prior == "SVGP"
+    assert cfg.training.batch_size == 7000 and cfg.training.y_batch_size == 2000
+    twin = load_config(REPO / "configs/slideseq/pnmf.yaml")
+    assert twin.model.spatial is False and twin.model.resolved_prior == "Gaussian"
+    # The twins differ only in the model's prior (and the experiment name).
+    a, b = cfg.flat(), twin.flat()
+    assert {k for k in a if a[k] != b[k]} == {"name", "model.spatial", "model.prior"}
+
+
+def test_scientific_notation_strings_are_numbers():
+    cfg = config_from_dict({"training": {"learning_rate": "1e-1", "tol": "5E-3"}})
+    assert cfg.training.learning_rate == 0.1 and cfg.training.tol == 0.005
+
+
+@pytest.mark.parametrize("raw, fragments", [
+    ({"model": {"lenthscale": 2}}, ["unknown key 'model.lenthscale'", "did you mean 'model.lengthscale'"]),
+    ({"bogus": 1}, ["unknown key 'bogus'"]),
+    ({"model": {"n_components": "ten"}}, ["model.n_components = 'ten'", "expected an integer"]),
+    ({"model": {"n_components": 2.5}}, ["model.n_components = 2.5", "expected an integer"]),
+    ({"model": {"n_components": 0}}, ["model.n_components = 0", "out of range", ">= 1"]),
+    ({"model": {"lengthscale": -1.0}}, ["model.lengthscale = -1.0", "> 0"]),
+    ({"model": {"kernel": "matern99"}}, ["model.kernel = 'matern99'", "one of 'Matern32'"]),
+    ({"training": {"device": "tpu"}}, ["training.device = 'tpu'", "'cpu', 'gpu', 'cuda', 'auto'"]),
+    ({"training": {"shuffle": "maybe"}}, ["training.shuffle = 'maybe'", "true or false"]),
+    ({"training": {"learning_rate": "fast"}}, ["training.learning_rate = 'fast'", "a number"]),
+    ({"preprocessing": {"holdout_fraction": 1.0}}, ["preprocessing.holdout_fraction = 1.0", "< 1"]),
+    ({"preprocessing": 5}, ["preprocessing must be a mapping"]),
+    ({"model": {"spatial": False, "prior": "SVGP"}}, ["model.prior = 'SVGP' needs model.spatial: true"]),
+    ({"model": {"spatial": True, "prior": "Gaussian"}}, ["non-spatial prior", "model.spatial: false"]),
+    ({"dataset": "visium"}, ["dataset = 'visium'", "'slideseq', 'h5ad', 'synthetic'"]),
+])
+def test_invalid_values_name_key_value_and_source(raw, fragments):
+    with pytest.raises(ConfigError) as err:
+        config_from_dict(raw, source="my.yaml")
+    msg = str(err.value)
+    assert msg.startswith("my.yaml")
+    for frag in fragments:
+        assert frag in msg
+
+
+def test_errors_name_the_file(tmp_path):
+    path = tmp_path / "bad.yaml"
+    path.write_text(yaml.safe_dump({"training": {"max_iter": -3}}))
+    with pytest.raises(ConfigError, match=r"bad\.yaml: training\.max_iter = -3 is out of range"):
+        load_config(path)
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_config(tmp_path / "missing.yaml")
+    (tmp_path / "broken.yaml").write_text("model: [unclosed")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config(tmp_path / "broken.yaml")
+
+
+def test_overrides_are_parsed_and_validated(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump({"model": {"n_components": 4}}))
+    cfg = load_config(path, ["model.n_components=7", "training.batch_size=null",
+                             "model.groups=false", "data.synthetic.n_spots=123"])
+    assert cfg.model.n_components == 7 and cfg.training.batch_size is None
+    assert cfg.model.groups is False and cfg.data.synthetic.n_spots == 123
+    cfg = load_config(path, {"training.learning_rate": "1e-2"})
+    assert cfg.training.learning_rate == 0.01
+    with pytest.raises(ConfigError, match=r"\(with overrides\): model.n_components = 'x'"):
+        load_config(path, ["model.n_components=x"])
+    with pytest.raises(ConfigError, match="not of the form key=value"):
+        parse_overrides(["model.n_components"])
+    with pytest.raises(ConfigError, match="unknown key 'model.nope'"):
+        load_config(path, ["model.nope=1"])
+
+
+def test_digest_tracks_settings_and_sections():
+    a = config_from_dict({})
+    b = config_from_dict({"model": {"n_components": 3}})
+    assert a.digest() != b.digest()
+    assert a.digest("seed", "dataset", "data", "preprocessing") == b.digest(
+        "seed", "dataset", "data", "preprocessing")
+    assert config_from_dict(a.to_dict()) == a
