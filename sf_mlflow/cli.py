@@ -1,0 +1,87 @@
+"""``spatial_factorization <stage> -c CONFIG``: run one pipeline stage.
+
+The MLproject's entry points call this same function, so ``mlflow run . -e train``
+and ``spatial_factorization train`` behave identically. Config keys can be
+overridden with ``--set model.lengthscale=2`` or ``--model.lengthscale 2`` (the
+form ``mlflow run -P model.lengthscale=2`` produces).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import Sequence
+
+from sf_mlflow.errors import SfMlflowError
+
+
+def _build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="spatial_factorization",
+        description="Fit spatial factor models and track each stage as an MLflow run.",
+        epilog="Any config key can be overridden: --set training.max_iter=200 "
+               "or --training.max_iter 200.")
+    sub = parser.add_subparsers(dest="stage", required=True, metavar="STAGE")
+
+    def stage(name: str, help_: str) -> argparse.ArgumentParser:
+        p = sub.add_parser(name, help=help_, description=help_)
+        p.add_argument("-c", "--config", required=True, help="YAML config file")
+        p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                       help="override a config key, e.g. model.n_components=5 (repeatable)")
+        return p
+
+    stage("preprocess", "load, filter and split a data set; log it as a preprocess run")
+    p = stage("train", "fit the model on a preprocess run's data; log it as a train run")
+    p.add_argument("--preprocess-run-id", default="",
+                   help="upstream preprocess run (default: newest matching FINISHED run)")
+    return parser
+
+
+def _dotted_overrides(extra: list[str], parser: argparse.ArgumentParser) -> list[str]:
+    """Turn ``["--model.lengthscale", "2", "--a.b=3"]`` into ``["model.lengthscale=2", "a.b=3"]``."""
+    out, i = [], 0
+    while i < len(extra):
+        tok = extra[i]
+        key = tok[2:] if tok.startswith("--") else None
+        if not key or "." not in key.split("=", 1)[0]:
+            parser.error(f"unrecognized argument {tok!r} (config overrides look like "
+                         "--set model.lengthscale=2 or --model.lengthscale 2)")
+        if "=" in key:
+            out.append(key)
+            i += 1
+        elif i + 1 < len(extra):
+            out.append(f"{key}={extra[i + 1]}")
+            i += 2
+        else:
+            parser.error(f"override {tok!r} has no value")
+    return out
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = _build_parser()
+    args, extra = parser.parse_known_args(argv)
+    overrides = list(args.set) + _dotted_overrides(extra, parser)
+    try:
+        from sf_mlflow.config import load_config
+
+        config = load_config(args.config, overrides)
+        if args.stage == "preprocess":
+            from sf_mlflow.stages.preprocess import run_preprocess
+
+            run_preprocess(config)
+        elif args.stage == "train":
+            from sf_mlflow.stages.train import run_train
+
+            run_train(config, preprocess_run_id=args.preprocess_run_id or None)
+    except SfMlflowError as err:
+        # User mistakes get one readable line, not a traceback.
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

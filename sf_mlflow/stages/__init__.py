@@ -1,0 +1,6 @@
+"""Pipeline stages, each a function ``(config, upstream run IDs) -> run ID``.
+
+Imported lazily by the CLI so that ``spatial_factorization --help`` stays fast.
+"""
+
+STAGES = ("preprocess", "train")

@@ -1,0 +1,148 @@
+"""The train stage: fit PNMF (Gaussian or MGGP-SVGP prior) on a preprocess run's data."""
+
+from __future__ import annotations
+
+import csv
+import json
+import tempfile
+from pathlib import Path
+
+import numpy as np
+
+from sf_mlflow.config import Config
+from sf_mlflow.data.io import PreprocessedData, read_preprocessed
+from sf_mlflow.errors import ConfigError, RunLookupError
+from sf_mlflow.models.pnmf import PNMF
+from sf_mlflow.stages._common import base_tags, preprocess_hash, say, staging_dir
+from sf_mlflow.tracking import (
+    TAG_MODEL,
+    TAG_PREPROCESS_HASH,
+    TAG_UPSTREAM,
+    describe_run,
+    download_artifacts,
+    find_latest_run,
+    get_stage_run,
+    stage_run,
+)
+
+STAGE = "train"
+
+
+def model_kind(config: Config) -> str:
+    """``"svgp"`` or ``"pnmf"``: the short model name used in run names and tags."""
+    return "svgp" if config.model.resolved_prior == "SVGP" else "pnmf"
+
+
+def run_name(config: Config) -> str:
+    m = config.model
+    name = f"train/{model_kind(config)}/L{m.n_components}"
+    if model_kind(config) == "svgp":
+        name += f"/M{m.num_inducing}/l{m.lengthscale:g}"
+    return name
+
+
+def build_model(config: Config) -> PNMF:
+    """The estimator the config describes (hyperparameters only; nothing is fitted)."""
+    m, t = config.model, config.training
+    return PNMF(
+        n_components=m.n_components,
+        prior="svgp" if m.resolved_prior == "SVGP" else "gaussian",
+        mode=m.mode, num_samples=m.num_samples, loadings_mode=m.loadings_mode,
+        kernel=m.kernel, num_inducing=m.num_inducing, lengthscale=m.lengthscale, sigma=m.sigma,
+        group_diff_param=m.group_diff_param, use_groups=m.groups,
+        train_lengthscale=m.train_lengthscale, per_factor_lengthscale=m.per_factor_lengthscale,
+        cholesky_mode=m.cholesky_mode, diagonal_only=m.diagonal_only,
+        inducing_allocation=m.inducing_allocation, jitter=m.jitter, kl_weight=m.kl_weight,
+        max_iter=t.max_iter, learning_rate=t.learning_rate, optimizer=t.optimizer, tol=t.tol,
+        tol_window=t.tol_window, batch_size=t.batch_size, y_batch_size=t.y_batch_size,
+        shuffle=t.shuffle, device=t.device, random_state=config.seed, verbose=True,
+        log_every=1 if t.verbose else t.log_every,
+    )
+
+
+def resolve_preprocess_run(config: Config, preprocess_run_id: str | None):
+    """The upstream preprocess run: the one given, or the newest matching FINISHED one."""
+    if preprocess_run_id:
+        return get_stage_run(preprocess_run_id, "preprocess")
+    run = find_latest_run("preprocess", {TAG_PREPROCESS_HASH: preprocess_hash(config)})
+    if run is None:
+        src = config.source or "<your config>"
+        raise RunLookupError(
+            f"no FINISHED preprocess run matches dataset '{config.dataset}' and the "
+            f"preprocessing settings of {src}; run it first:\n"
+            f"  mlflow run . -e preprocess --env-manager local -P config={src}\n"
+            f"or pass one with -P preprocess_run_id=<run id>")
+    say(STAGE, f"using the newest matching preprocess run {describe_run(run)}")
+    return run
+
+
+def training_inputs(config: Config, pre: PreprocessedData):
+    """Counts, coordinates and groups of the training (not held-out) spots."""
+    train = ~pre.heldout
+    data = pre.data.subset(spots=np.flatnonzero(train))
+    groups = None
+    if config.model.resolved_prior == "SVGP" and config.model.groups:
+        if data.groups is None:
+            raise ConfigError(
+                f"{config.source}: model.groups is true but dataset '{config.dataset}' has no "
+                "group labels; set model.groups: false, or name the group column in data.group_key")
+        groups = data.groups
+    return data, groups
+
+
+def run_train(config: Config, preprocess_run_id: str | None = None) -> str:
+    """Fit the configured model on a preprocess run's training spots and log everything.
+
+    Logs the resolved config as params, the ELBO curve as the step metric ``elbo``,
+    final ELBO, time and convergence as metrics, and ``model.pth``,
+    ``elbo_history.csv``, ``training.json`` and ``config.yaml`` as artifacts.
+    Returns the run ID.
+    """
+    upstream = resolve_preprocess_run(config, preprocess_run_id)
+    upstream_id = upstream.info.run_id
+    kind = model_kind(config)
+    params = {**config.flat(), "upstream.preprocess_run_id": upstream_id}
+    tags = {**base_tags(config), TAG_UPSTREAM: upstream_id, TAG_MODEL: kind}
+    description = (f"Train {kind.upper()} with L={config.model.n_components} on preprocess run "
+                   f"{upstream_id} ({config.dataset})")
+    with stage_run(STAGE, experiment=config.name, params=params, tags=tags,
+                   run_name=run_name(config), description=description) as run:
+        say(STAGE, f"run {run.run_id}: {description}")
+        with tempfile.TemporaryDirectory() as tmp:
+            pre = read_preprocessed(download_artifacts(upstream_id, "data", tmp))
+        data, groups = training_inputs(config, pre)
+        say(STAGE, f"fitting on {data.n_spots:,} spots x {data.n_genes:,} genes")
+        model = build_model(config)
+        elbo_stream = run.metric_stream("elbo", flush_every=100)
+        model.fit(data.counts, coordinates=data.coordinates, groups=groups,
+                  callback=lambda it, elbo: elbo_stream.append(it, elbo))
+        elbo_stream.flush()
+
+        history = np.asarray(model.elbo_history_, dtype=float)
+        summary = {
+            "final_elbo": float(history[-1]),
+            "n_iter": int(model.n_iter_),
+            "converged": bool(model.converged_),
+            "training_time_s": float(model.fit_time_),
+            "iterations_per_s": float(model.n_iter_ / max(model.fit_time_, 1e-9)),
+            "n_train_spots": int(data.n_spots),
+            "n_heldout_spots": int(pre.heldout.sum()),
+            "n_genes": int(data.n_genes),
+            "device": str(model.device_),
+            "preprocess_run_id": upstream_id,
+        }
+        with staging_dir(config, STAGE, run.run_id) as out:
+            model.save(out / "model.pth")
+            with open(out / "elbo_history.csv", "w", newline="") as fh:
+                w = csv.writer(fh)
+                w.writerow(["iteration", "elbo"])
+                w.writerows((i, repr(float(v))) for i, v in enumerate(history))
+            (out / "training.json").write_text(json.dumps(summary, indent=2))
+            (out / "config.yaml").write_text(config.to_yaml())
+            run.log_artifacts(out)
+        run.log_metrics({k: float(v) for k, v in summary.items()
+                         if isinstance(v, (int, float))})
+        say(STAGE, f"final ELBO {summary['final_elbo']:.6g} after {summary['n_iter']} iterations "
+                   f"({summary['training_time_s']:.1f} s, converged={summary['converged']})")
+    say(STAGE, f"finished run {run.run_id}")
+    return run.run_id

@@ -1,0 +1,26 @@
+"""MLflow integration: the only package that imports mlflow.
+
+Stages wrap their work in :func:`stage_run`; lineage helpers find and check
+upstream runs. The model, data and analysis code know nothing of MLflow.
+"""
+
+from sf_mlflow.tracking.lineage import describe_run, download_artifacts, find_latest_run, get_stage_run
+from sf_mlflow.tracking.runs import (
+    TAG_CODE_VERSION,
+    TAG_CONFIG_HASH,
+    TAG_DATASET,
+    TAG_MODEL,
+    TAG_PREPROCESS_HASH,
+    TAG_STAGE,
+    TAG_UPSTREAM,
+    MetricStream,
+    StageRun,
+    configure_tracking,
+    stage_run,
+)
+
+__all__ = [
+    "TAG_CODE_VERSION", "TAG_CONFIG_HASH", "TAG_DATASET", "TAG_MODEL", "TAG_PREPROCESS_HASH",
+    "TAG_STAGE", "TAG_UPSTREAM", "MetricStream", "StageRun", "configure_tracking", "stage_run",
+    "describe_run", "download_artifacts", "find_latest_run", "get_stage_run",
+]

@@ -1,0 +1,72 @@
+"""Finding and checking upstream runs: the links of the pipeline's run lineage."""
+
+from __future__ import annotations
+
+import datetime as _dt
+from pathlib import Path
+
+import mlflow
+from mlflow.entities import ViewType
+from mlflow.exceptions import MlflowException
+from mlflow.tracking import MlflowClient
+
+from sf_mlflow.errors import RunLookupError
+from sf_mlflow.tracking.runs import TAG_STAGE, configure_tracking
+
+
+def _quote(value: str) -> str:
+    return "'" + str(value).replace("'", "\\'") + "'"
+
+
+def get_stage_run(run_id: str, stage: str):
+    """Return the MLflow run ``run_id``, checking it is a FINISHED run of ``stage``.
+
+    Raises :class:`RunLookupError` when it does not exist, belongs to another stage or
+    did not finish.
+    """
+    uri = configure_tracking()
+    client = MlflowClient()
+    run_id = str(run_id).strip()
+    try:
+        run = client.get_run(run_id)
+    except MlflowException:
+        raise RunLookupError(
+            f"{stage} run ID {run_id!r} does not exist in the tracking store {uri} "
+            f"(check the ID in the MLflow UI, or MLFLOW_TRACKING_URI)") from None
+    actual = run.data.tags.get(TAG_STAGE)
+    if actual != stage:
+        what = f"a '{actual}' run" if actual else "not a run of this pipeline"
+        raise RunLookupError(f"run ID {run_id!r} is {what}, but a '{stage}' run ID is required here")
+    if run.info.status != "FINISHED":
+        raise RunLookupError(f"{stage} run {run_id!r} is {run.info.status}, not FINISHED; "
+                             f"run the {stage} stage again or pass another run ID")
+    return run
+
+
+def find_latest_run(stage: str, tags: dict[str, str]):
+    """Newest FINISHED run of ``stage`` (in any active experiment) whose tags match, or None."""
+    configure_tracking()
+    client = MlflowClient()
+    exp_ids = [e.experiment_id for e in client.search_experiments(view_type=ViewType.ACTIVE_ONLY)]
+    if not exp_ids:
+        return None
+    clauses = [f"tags.`{TAG_STAGE}` = {_quote(stage)}", "attributes.status = 'FINISHED'"]
+    clauses += [f"tags.`{k}` = {_quote(v)}" for k, v in tags.items()]
+    runs = client.search_runs(exp_ids, " and ".join(clauses), run_view_type=ViewType.ACTIVE_ONLY,
+                              order_by=["attributes.start_time DESC"], max_results=1)
+    return runs[0] if runs else None
+
+
+def describe_run(run) -> str:
+    """``<id> (<name>, finished 2026-11-25 21:03)`` for progress messages."""
+    end = run.info.end_time or run.info.start_time
+    when = _dt.datetime.fromtimestamp(end / 1000).strftime("%Y-%m-%d %H:%M") if end else "?"
+    return f"{run.info.run_id} ({run.info.run_name}, finished {when})"
+
+
+def download_artifacts(run_id: str, artifact_path: str, dst: str | Path) -> Path:
+    """Download one artifact folder of a run into ``dst``; return its local path."""
+    Path(dst).mkdir(parents=True, exist_ok=True)
+    local = mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path=artifact_path,
+                                                dst_path=str(dst))
+    return Path(local)

@@ -1,0 +1,189 @@
+"""One MLflow run per pipeline stage: creation, params, batched metrics, artifacts, status.
+
+:func:`stage_run` is the only way stages talk to MLflow. It attaches to the run
+that ``mlflow run`` created (``MLFLOW_RUN_ID``) or creates one in the config's
+experiment, and it always ends the run: FINISHED on success, KILLED on an
+interrupt, FAILED on any error, so no run is ever left RUNNING. Artifacts are
+logged by the stage only once its outputs are complete, so a failed run never
+presents half-written results.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+import time
+from pathlib import Path
+from typing import Any, Iterator, Mapping
+
+import mlflow
+from mlflow.entities import Metric, Param, RunTag
+from mlflow.tracking import MlflowClient
+
+from sf_mlflow.provenance import code_version, git_commit
+
+#: Tag keys written on every stage run.
+TAG_STAGE = "sf.stage"
+TAG_DATASET = "sf.dataset"
+TAG_MODEL = "sf.model"
+TAG_CONFIG_HASH = "sf.config_hash"
+TAG_PREPROCESS_HASH = "sf.preprocess_hash"
+TAG_UPSTREAM = "sf.upstream_run_id"
+TAG_CODE_VERSION = "sf.code_version"
+TAG_GIT_COMMIT = "sf.git_commit"
+
+_BATCH = 1000  # MLflow accepts at most 1000 metrics per log_batch call
+_PARAM_BATCH = 100  # ... and at most 100 params
+
+
+def configure_tracking() -> str:
+    """Use ``MLFLOW_TRACKING_URI`` when set, else sqlite ``mlflow.db`` in the working directory."""
+    uri = os.environ.get("MLFLOW_TRACKING_URI")
+    if not uri:
+        uri = f"sqlite:///{Path.cwd() / 'mlflow.db'}"
+    mlflow.set_tracking_uri(uri)
+    return uri
+
+
+def _experiment_id(client: MlflowClient, name: str) -> str:
+    exp = client.get_experiment_by_name(name)
+    if exp is None:
+        try:
+            return client.create_experiment(name)
+        except mlflow.exceptions.MlflowException:
+            # Another process created it between our lookup and create.
+            exp = client.get_experiment_by_name(name)
+            if exp is None:
+                raise
+    elif exp.lifecycle_stage == "deleted":
+        client.restore_experiment(exp.experiment_id)
+    return exp.experiment_id
+
+
+def _param_str(value: Any) -> str:
+    if isinstance(value, float):
+        return repr(value)
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    return str(value)
+
+
+class StageRun:
+    """Handle on the MLflow run of one stage; see :func:`stage_run`."""
+
+    def __init__(self, client: MlflowClient, run_id: str):
+        self.client = client
+        self.run_id = run_id
+
+    @property
+    def info(self):
+        return self.client.get_run(self.run_id).info
+
+    def log_params(self, params: Mapping[str, Any]) -> None:
+        """Log params, skipping keys the run already has.
+
+        ``mlflow run`` logs its ``-P`` values (as given, e.g. ``"2"``) before the stage
+        starts; MLflow refuses to re-log a param with another value, and ``"2"`` vs
+        ``"2.0"`` is the same setting, so existing keys are kept as they are.
+        """
+        existing = self.client.get_run(self.run_id).data.params
+        items = [Param(k, _param_str(v)) for k, v in params.items() if k not in existing]
+        for i in range(0, len(items), _PARAM_BATCH):
+            self.client.log_batch(self.run_id, params=items[i:i + _PARAM_BATCH])
+
+    def set_tags(self, tags: Mapping[str, Any]) -> None:
+        items = [RunTag(k, str(v)) for k, v in tags.items() if v is not None]
+        if items:
+            self.client.log_batch(self.run_id, tags=items)
+
+    def log_metrics(self, metrics: Mapping[str, float], step: int = 0) -> None:
+        """Log scalar metrics (non-finite values are skipped: MLflow's UI cannot plot them)."""
+        ts = int(time.time() * 1000)
+        items = [Metric(k, float(v), ts, step) for k, v in metrics.items()
+                 if v is not None and math.isfinite(float(v))]
+        for i in range(0, len(items), _BATCH):
+            self.client.log_batch(self.run_id, metrics=items[i:i + _BATCH])
+
+    def log_metric_history(self, key: str, values, steps=None) -> None:
+        """Log a whole step series (e.g. the ELBO curve) in batches of 1000."""
+        ts = int(time.time() * 1000)
+        steps = range(len(values)) if steps is None else steps
+        items = [Metric(key, float(v), ts, int(s)) for s, v in zip(steps, values)
+                 if math.isfinite(float(v))]
+        for i in range(0, len(items), _BATCH):
+            self.client.log_batch(self.run_id, metrics=items[i:i + _BATCH])
+
+    def metric_stream(self, key: str, flush_every: int = 100) -> "MetricStream":
+        return MetricStream(self, key, flush_every)
+
+    def log_artifacts(self, local_dir: str | Path, artifact_path: str | None = None) -> None:
+        self.client.log_artifacts(self.run_id, str(local_dir), artifact_path)
+
+    def log_artifact(self, local_path: str | Path, artifact_path: str | None = None) -> None:
+        self.client.log_artifact(self.run_id, str(local_path), artifact_path)
+
+
+class MetricStream:
+    """Buffers one step metric and writes it with ``log_batch`` every ``flush_every`` steps.
+
+    Lets the MLflow UI follow a long fit without one database write per iteration.
+    """
+
+    def __init__(self, run: StageRun, key: str, flush_every: int = 100):
+        self.run, self.key, self.flush_every = run, key, flush_every
+        self._steps: list[int] = []
+        self._values: list[float] = []
+
+    def append(self, step: int, value: float) -> None:
+        self._steps.append(step)
+        self._values.append(value)
+        if len(self._steps) >= self.flush_every:
+            self.flush()
+
+    def flush(self) -> None:
+        if self._steps:
+            self.run.log_metric_history(self.key, self._values, self._steps)
+            self._steps, self._values = [], []
+
+
+@contextlib.contextmanager
+def stage_run(stage: str, *, experiment: str, params: Mapping[str, Any], tags: Mapping[str, Any],
+              run_name: str, description: str | None = None,
+              parent_run_id: str | None = None) -> Iterator[StageRun]:
+    """Run a stage inside one MLflow run and always end that run.
+
+    Attaches to the run ``mlflow run`` created when ``MLFLOW_RUN_ID`` is set (its
+    experiment is the one ``mlflow run --experiment-name`` chose), otherwise creates a
+    run in ``experiment``. Tags every run with the stage, the code version and git commit.
+    """
+    configure_tracking()
+    client = MlflowClient()
+    all_tags = {TAG_STAGE: stage, TAG_CODE_VERSION: code_version(), TAG_GIT_COMMIT: git_commit(),
+                **tags}
+    if description:
+        all_tags["mlflow.note.content"] = description
+    if parent_run_id:
+        all_tags["mlflow.parentRunId"] = parent_run_id
+    env_run_id = os.environ.pop("MLFLOW_RUN_ID", None)
+    if env_run_id:
+        run_id = env_run_id
+        client.update_run(run_id, name=run_name)
+    else:
+        exp_id = _experiment_id(client, experiment)
+        run_id = client.create_run(exp_id, run_name=run_name).info.run_id
+    handle = StageRun(client, run_id)
+    try:
+        handle.set_tags(all_tags)
+        handle.log_params(params)
+        yield handle
+    except KeyboardInterrupt:
+        client.set_terminated(run_id, "KILLED")
+        raise
+    except BaseException:
+        client.set_terminated(run_id, "FAILED")
+        raise
+    else:
+        client.set_terminated(run_id, "FINISHED")
