@@ -1,0 +1,127 @@
+"""The in-memory form of a spatial-transcriptomics data set."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+import numpy as np
+import scipy.sparse as sp
+
+from sf_mlflow.errors import DataError
+
+
+#: Truth arrays indexed by spot (rows) and by gene (rows), subset alongside the counts.
+_SPOT_TRUTH = {"factors", "log_factors"}
+_GENE_TRUTH = {"loadings"}
+
+
+@dataclass
+class SpatialCounts:
+    """Counts, coordinates and optional cell-type groups of N spots and D genes.
+
+    Attributes
+    ----------
+    counts : scipy.sparse.csr_matrix, (N, D)
+        Raw non-negative integer counts (UMIs or molecules), spots in rows. The loaders
+        of this package store them as float64 holding integer values.
+    coordinates : ndarray, (N, 2), float64
+        Spot positions.
+    gene_names : ndarray of str, (D,)
+    spot_names : ndarray of str, (N,)
+    groups : ndarray of int64, (N,), optional
+        Group code of every spot, in ``0..G-1``; ``None`` when the data have no groups.
+    group_names : list of str, (G,), optional
+        Label of each group code.
+    truth : dict, optional
+        For generated data only: ``{"factors": (N, L), "log_factors": (N, L),
+        "loadings": (D, L)}`` and any other known quantities, so tests and benchmarks can score recovery.
+    """
+
+    counts: sp.csr_matrix
+    coordinates: np.ndarray
+    gene_names: np.ndarray
+    spot_names: np.ndarray
+    groups: Optional[np.ndarray] = None
+    group_names: Optional[list[str]] = None
+    truth: Optional[dict[str, Any]] = field(default=None, repr=False)
+
+    @property
+    def n_spots(self) -> int:
+        return self.counts.shape[0]
+
+    @property
+    def n_genes(self) -> int:
+        return self.counts.shape[1]
+
+    @property
+    def n_groups(self) -> int:
+        return 0 if self.group_names is None else len(self.group_names)
+
+    def validate(self, source: str = "data") -> "SpatialCounts":
+        """Check shapes and values; raise :class:`DataError` naming ``source`` on a problem."""
+        Y = self.counts
+        if not sp.issparse(Y):
+            raise DataError(f"{source}: counts must be a scipy sparse matrix, got {type(Y).__name__}")
+        n, d = Y.shape
+        if n == 0 or d == 0:
+            raise DataError(f"{source}: the count matrix is empty ({n} spots x {d} genes)")
+        vals = Y.data
+        if vals.size:
+            if not np.all(np.isfinite(vals)):
+                raise DataError(f"{source}: counts contain NaN or infinite values; raw integer counts are required")
+            if vals.min() < 0:
+                raise DataError(f"{source}: counts contain negative values (minimum {vals.min():g}); "
+                                "raw non-negative integer counts are required")
+            frac = vals != np.round(vals)
+            if frac.any():
+                raise DataError(f"{source}: counts contain {int(frac.sum())} non-integer values "
+                                f"(e.g. {vals[frac][0]:g}); pass raw counts, not normalised or "
+                                "log-transformed data (use data.layer to pick a raw-count layer)")
+        X = self.coordinates
+        if X.ndim != 2 or X.shape != (n, 2):
+            raise DataError(f"{source}: coordinates must have shape ({n}, 2), got {X.shape}")
+        bad = ~np.isfinite(X).all(axis=1)
+        if bad.any():
+            raise DataError(f"{source}: {int(bad.sum())} spots have NaN or infinite coordinates "
+                            f"(first: {self.spot_names[np.flatnonzero(bad)[0]]!r}); remove them first")
+        if len(self.gene_names) != d:
+            raise DataError(f"{source}: {len(self.gene_names)} gene names for {d} genes")
+        if len(self.spot_names) != n:
+            raise DataError(f"{source}: {len(self.spot_names)} spot names for {n} spots")
+        if self.groups is not None:
+            g = self.groups
+            if g.shape != (n,):
+                raise DataError(f"{source}: groups must have shape ({n},), got {g.shape}")
+            if self.group_names is None or (g.size and (g.min() < 0 or g.max() >= len(self.group_names))):
+                raise DataError(f"{source}: group codes must lie in 0..{self.n_groups - 1}")
+        return self
+
+    def subset(self, spots: np.ndarray | None = None, genes: np.ndarray | None = None) -> "SpatialCounts":
+        """A copy restricted to the given spot and gene indices (or boolean masks).
+
+        Groups keep their codes and names (a group may become empty); truth arrays are
+        subset alongside.
+        """
+        spots = np.arange(self.n_spots) if spots is None else np.asarray(spots)
+        genes = np.arange(self.n_genes) if genes is None else np.asarray(genes)
+        if spots.dtype == bool:
+            spots = np.flatnonzero(spots)
+        if genes.dtype == bool:
+            genes = np.flatnonzero(genes)
+        truth = None
+        if self.truth is not None:
+            truth = dict(self.truth)
+            for key in _SPOT_TRUTH & truth.keys():
+                truth[key] = truth[key][spots]
+            for key in _GENE_TRUTH & truth.keys():
+                truth[key] = truth[key][genes]
+        return SpatialCounts(
+            counts=self.counts[spots][:, genes].tocsr(),
+            coordinates=self.coordinates[spots],
+            gene_names=self.gene_names[genes],
+            spot_names=self.spot_names[spots],
+            groups=None if self.groups is None else self.groups[spots],
+            group_names=self.group_names,
+            truth=truth,
+        )
