@@ -59,43 +59,67 @@ class SpatialCounts:
         return 0 if self.group_names is None else len(self.group_names)
 
     def validate(self, source: str = "data") -> "SpatialCounts":
-        """Check shapes and values; raise :class:`DataError` naming ``source`` on a problem."""
+        """Check shapes and values; raise :class:`DataError` naming ``source`` on a problem.
+
+        Counts in another sparse format are converted to CSR in place, since every consumer
+        slices rows.
+        """
         Y = self.counts
         if not sp.issparse(Y):
             raise DataError(f"{source}: counts must be a scipy sparse matrix, got {type(Y).__name__}")
+        if Y.format != "csr":
+            Y = self.counts = Y.tocsr()
         n, d = Y.shape
         if n == 0 or d == 0:
-            raise DataError(f"{source}: the count matrix is empty ({n} spots x {d} genes)")
-        vals = Y.data
-        if vals.size:
-            if not np.all(np.isfinite(vals)):
-                raise DataError(f"{source}: counts contain NaN or infinite values; raw integer counts are required")
-            if vals.min() < 0:
-                raise DataError(f"{source}: counts contain negative values (minimum {vals.min():g}); "
-                                "raw non-negative integer counts are required")
-            frac = vals != np.round(vals)
-            if frac.any():
-                raise DataError(f"{source}: counts contain {int(frac.sum())} non-integer values "
-                                f"(e.g. {vals[frac][0]:g}); pass raw counts, not normalised or "
-                                "log-transformed data (use data.layer to pick a raw-count layer)")
-        X = self.coordinates
-        if X.ndim != 2 or X.shape != (n, 2):
-            raise DataError(f"{source}: coordinates must have shape ({n}, 2), got {X.shape}")
-        bad = ~np.isfinite(X).all(axis=1)
-        if bad.any():
-            raise DataError(f"{source}: {int(bad.sum())} spots have NaN or infinite coordinates "
-                            f"(first: {self.spot_names[np.flatnonzero(bad)[0]]!r}); remove them first")
+            raise DataError(f"{source}: the count matrix is empty ({n} spots x {d} genes); "
+                            "check that the file holds data")
         if len(self.gene_names) != d:
             raise DataError(f"{source}: {len(self.gene_names)} gene names for {d} genes")
         if len(self.spot_names) != n:
             raise DataError(f"{source}: {len(self.spot_names)} spot names for {n} spots")
+        vals = Y.data
+        if vals.size:
+            bad = ~np.isfinite(vals)
+            if bad.any():
+                raise DataError(f"{source}: counts contain {int(bad.sum())} NaN or infinite values "
+                                f"({self._where(bad)}); raw integer counts are required")
+            bad = vals < 0
+            if bad.any():
+                raise DataError(f"{source}: counts contain {int(bad.sum())} negative values "
+                                f"(minimum {vals.min():g}; {self._where(bad)}); raw non-negative "
+                                "integer counts are required (use data.layer to pick a raw-count layer)")
+            bad = vals != np.round(vals)
+            if bad.any():
+                raise DataError(f"{source}: counts contain {int(bad.sum())} non-integer values "
+                                f"({self._where(bad)}); pass raw counts, not normalised or "
+                                "log-transformed data (use data.layer to pick a raw-count layer)")
+        X = self.coordinates
+        if X.ndim != 2 or X.shape != (n, 2):
+            raise DataError(f"{source}: coordinates must have shape ({n}, 2), got {X.shape} "
+                            "(check data.coordinates_key)")
+        bad = ~np.isfinite(X).all(axis=1)
+        if bad.any():
+            i = int(np.flatnonzero(bad)[0])
+            raise DataError(f"{source}: {int(bad.sum())} spots have NaN or infinite coordinates "
+                            f"(first: spot {self.spot_names[i]!r} at {X[i].tolist()}); remove "
+                            "those spots from the file first")
         if self.groups is not None:
             g = self.groups
             if g.shape != (n,):
                 raise DataError(f"{source}: groups must have shape ({n},), got {g.shape}")
             if self.group_names is None or (g.size and (g.min() < 0 or g.max() >= len(self.group_names))):
-                raise DataError(f"{source}: group codes must lie in 0..{self.n_groups - 1}")
+                raise DataError(f"{source}: group codes must lie in 0..{self.n_groups - 1}, got "
+                                f"{g.min() if g.size else None}..{g.max() if g.size else None}")
         return self
+
+    def _where(self, bad: np.ndarray) -> str:
+        """Describe the first flagged stored entry of the CSR counts, e.g. "first: spot 's1', gene 'g2' = -1"."""
+        k = int(np.flatnonzero(bad)[0])
+        Y = self.counts
+        row = int(np.searchsorted(Y.indptr, k, side="right") - 1)
+        col = int(Y.indices[k])
+        return (f"first: spot {self.spot_names[row]!r}, gene {self.gene_names[col]!r} "
+                f"= {Y.data[k]:g}")
 
     def subset(self, spots: np.ndarray | None = None, genes: np.ndarray | None = None) -> "SpatialCounts":
         """A copy restricted to the given spot and gene indices (or boolean masks).

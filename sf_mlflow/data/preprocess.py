@@ -1,0 +1,253 @@
+"""Quality control, gene selection, coordinate scaling and the held-out split.
+
+The steps run in a fixed order and each one records in the report exactly how many spots,
+genes and counts it removed, so a run's data can be audited without re-running it:
+
+a. ``filter_mt``: drop genes whose name starts with ``mt-`` or ``MT-``;
+b. ``min_counts``: drop spots whose total count (after a) is below the threshold;
+c. ``min_cells``: drop genes detected (count > 0) in fewer than that many remaining spots;
+d. ``n_top_genes``: keep the k genes of highest Poisson deviance under the null model
+   ``mu_ij = n_i p_j`` (spot total times gene share; Townes et al. 2019);
+e. centre the coordinates on their bounding-box midpoint and scale the longest side to
+   ``spatial_scale``;
+f. hold out a seeded random fraction of spots, stratified by group when there are groups.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import scipy.sparse as sp
+
+from sf_mlflow.config import PreprocessingConfig
+from sf_mlflow.data.counts import SpatialCounts
+from sf_mlflow.errors import DataError
+
+__all__ = ["PreprocessResult", "preprocess", "poisson_null_deviance", "heldout_split",
+           "MT_PREFIXES"]
+
+#: Mitochondrial gene prefixes: mouse (mt-) and human (MT-) symbol conventions.
+MT_PREFIXES = ("mt-", "MT-")
+
+
+@dataclass
+class PreprocessResult:
+    """Output of :func:`preprocess`.
+
+    Attributes
+    ----------
+    data : SpatialCounts
+        Filtered counts (N, D) with rescaled coordinates (N, 2); groups keep their codes
+        and names even if a group lost all its spots.
+    heldout : ndarray of bool, (N,)
+        True for spots held out for validation.
+    report : dict
+        What each step removed and the transform applied; JSON-serialisable.
+    """
+
+    data: SpatialCounts
+    heldout: np.ndarray
+    report: dict[str, Any] = field(default_factory=dict)
+
+
+def _total(Y: sp.csr_matrix) -> int:
+    return int(round(float(Y.sum())))
+
+
+def poisson_null_deviance(counts: sp.spmatrix) -> np.ndarray:
+    """Per-gene Poisson deviance against the rank-one null model ``mu_ij = n_i p_j``.
+
+    Parameters
+    ----------
+    counts : scipy.sparse matrix, (N, D)
+        Non-negative counts.
+
+    Returns
+    -------
+    ndarray, (D,)
+        ``2 * sum_i [y_ij log(y_ij / mu_ij) - (y_ij - mu_ij)]``; with ``n_i`` the spot
+        totals and ``p_j`` the gene shares, ``sum_i mu_ij = sum_i y_ij`` for every gene, so
+        only the non-zero entries contribute. Genes with no counts get 0.
+    """
+    Y = sp.csr_matrix(counts)
+    n = np.asarray(Y.sum(axis=1)).ravel()  # (N,)
+    col = np.asarray(Y.sum(axis=0)).ravel()  # (D,)
+    total = col.sum()
+    if total <= 0:
+        return np.zeros(Y.shape[1])
+    p = col / total
+    rows = np.repeat(np.arange(Y.shape[0]), np.diff(Y.indptr))
+    y = Y.data.astype(np.float64)
+    pos = y > 0  # explicit zeros contribute y log y = 0
+    r, c, y = rows[pos], Y.indices[pos], y[pos]
+    contrib = y * np.log(y / (n[r] * p[c]))
+    return 2.0 * np.bincount(c, weights=contrib, minlength=Y.shape[1])
+
+
+def heldout_split(n_spots: int, fraction: float, seed: int,
+                  groups: np.ndarray | None = None) -> np.ndarray:
+    """Seeded random held-out mask, stratified by group when groups are given.
+
+    Parameters
+    ----------
+    n_spots : int
+        Number of spots N.
+    fraction : float
+        Fraction in [0, 1) to hold out; ``round(fraction * N)`` spots are chosen (at most
+        N - 1, so some training data always remain).
+    seed : int
+        Seed of the ``numpy.random.Generator``.
+    groups : ndarray of int, (N,), optional
+        Group codes; each group contributes its share of held-out spots (largest-remainder
+        rounding, so the total is still exact).
+
+    Returns
+    -------
+    ndarray of bool, (N,)
+    """
+    rng = np.random.default_rng(seed)
+    mask = np.zeros(n_spots, dtype=bool)
+    n_hold = int(round(fraction * n_spots))
+    if n_spots > 1:
+        n_hold = min(n_hold, n_spots - 1)
+    else:
+        n_hold = 0
+    if n_hold == 0:
+        return mask
+    if groups is None:
+        mask[rng.choice(n_spots, size=n_hold, replace=False)] = True
+        return mask
+    codes, inverse = np.unique(groups, return_inverse=True)
+    sizes = np.bincount(inverse)
+    quota = sizes * (n_hold / n_spots)
+    take = np.floor(quota).astype(np.int64)
+    short = n_hold - int(take.sum())
+    if short > 0:
+        # largest remainders first; a random tie-break keeps small groups from always losing
+        order = np.lexsort((rng.random(len(codes)), -(quota - take)))
+        take[order[:short]] += 1
+    for k in range(len(codes)):
+        members = np.flatnonzero(inverse == k)
+        mask[rng.choice(members, size=take[k], replace=False)] = True
+    return mask
+
+
+def preprocess(data: SpatialCounts, cfg: PreprocessingConfig, seed: int = 0) -> PreprocessResult:
+    """Filter spots and genes, rescale coordinates and draw the held-out split.
+
+    Parameters
+    ----------
+    data : SpatialCounts
+        Counts (N0, D0), coordinates (N0, 2), optional groups (N0,).
+    cfg : PreprocessingConfig
+        The settings (see the module docstring for the order of the steps).
+    seed : int
+        Seed of the held-out split.
+
+    Returns
+    -------
+    PreprocessResult
+        Filtered data (N, D), held-out mask (N,) and the report, with keys
+        ``{spots,genes,counts}_input``; ``genes_mt``/``counts_mt``;
+        ``spots_min_counts``/``counts_min_counts``; ``genes_min_cells``/``counts_min_cells``;
+        ``genes_top_k``/``counts_top_k``; ``{spots,genes,counts}_kept``;
+        ``coordinate_center`` [2] and ``coordinate_scale`` (new = (old - center) * scale);
+        ``group_sizes`` (name -> kept spots, or None) and ``n_heldout``.
+    """
+    Y = data.counts.tocsr()
+    report: dict[str, Any] = {
+        "settings": dataclasses.asdict(cfg),
+        "spots_input": int(Y.shape[0]),
+        "genes_input": int(Y.shape[1]),
+        "counts_input": _total(Y),
+    }
+    spots = np.arange(Y.shape[0])
+    genes = np.arange(Y.shape[1])
+
+    # (a) mitochondrial genes
+    if cfg.filter_mt:
+        names = np.asarray(data.gene_names).astype(str)
+        is_mt = np.char.startswith(names, MT_PREFIXES[0]) | np.char.startswith(names, MT_PREFIXES[1])
+        dropped = Y[:, is_mt]
+        report["genes_mt"] = int(is_mt.sum())
+        report["counts_mt"] = _total(dropped)
+        if is_mt.all():
+            raise DataError(f"preprocessing.filter_mt = true removed all {len(is_mt)} genes "
+                            f"(every name starts with {' or '.join(MT_PREFIXES)}); set "
+                            "preprocessing.filter_mt: false")
+        genes = genes[~is_mt]
+        Y = Y[:, ~is_mt]
+    else:
+        report["genes_mt"] = 0
+        report["counts_mt"] = 0
+
+    # (b) low-count spots, using totals over the genes that survived (a)
+    totals = np.asarray(Y.sum(axis=1)).ravel()
+    low = totals < cfg.min_counts
+    report["spots_min_counts"] = int(low.sum())
+    report["counts_min_counts"] = int(round(float(totals[low].sum())))
+    if low.all():
+        raise DataError(f"preprocessing.min_counts = {cfg.min_counts} removed all {len(low)} spots "
+                        f"(the largest spot total is {totals.max():g}); lower "
+                        "preprocessing.min_counts")
+    spots = spots[~low]
+    Y = Y[~low]
+
+    # (c) rarely detected genes, counted in the spots that survived (b)
+    detected = np.asarray((Y > 0).sum(axis=0)).ravel()
+    rare = detected < cfg.min_cells
+    gene_totals = np.asarray(Y.sum(axis=0)).ravel()
+    report["genes_min_cells"] = int(rare.sum())
+    report["counts_min_cells"] = int(round(float(gene_totals[rare].sum())))
+    if rare.all():
+        raise DataError(f"preprocessing.min_cells = {cfg.min_cells} removed all {len(rare)} genes "
+                        f"(the most widely detected gene is in {detected.max()} of {Y.shape[0]} "
+                        "spots); lower preprocessing.min_cells")
+    genes = genes[~rare]
+    Y = Y[:, ~rare].tocsr()
+
+    # (d) most informative genes by null-model deviance
+    k = cfg.n_top_genes
+    if k is not None and k < Y.shape[1]:
+        dev = poisson_null_deviance(Y)
+        # stable sort: among equal deviances the earlier gene wins, so selection is reproducible
+        top = np.sort(np.argsort(-dev, kind="stable")[:k])
+        keep = np.zeros(Y.shape[1], dtype=bool)
+        keep[top] = True
+        gene_totals = np.asarray(Y.sum(axis=0)).ravel()
+        report["genes_top_k"] = int((~keep).sum())
+        report["counts_top_k"] = int(round(float(gene_totals[~keep].sum())))
+        genes = genes[keep]
+    else:
+        report["genes_top_k"] = 0
+        report["counts_top_k"] = 0
+
+    out = data.subset(spots=spots, genes=genes)
+    report["spots_kept"] = int(out.n_spots)
+    report["genes_kept"] = int(out.n_genes)
+    report["counts_kept"] = _total(out.counts)
+
+    # (e) coordinates: bounding-box centre, longest side -> spatial_scale
+    X = np.asarray(out.coordinates, dtype=np.float64)
+    lo, hi = X.min(axis=0), X.max(axis=0)
+    center = (lo + hi) / 2.0
+    extent = float((hi - lo).max())
+    # all spots at one point: only centre them, a scale would divide by zero
+    scale = cfg.spatial_scale / extent if extent > 0 else 1.0
+    out.coordinates = (X - center) * scale
+    report["coordinate_center"] = [float(c) for c in center]
+    report["coordinate_scale"] = float(scale)
+
+    if out.groups is not None:
+        sizes = np.bincount(out.groups, minlength=out.n_groups)
+        report["group_sizes"] = {name: int(s) for name, s in zip(out.group_names, sizes)}
+    else:
+        report["group_sizes"] = None
+
+    # (f) held-out split
+    heldout = heldout_split(out.n_spots, cfg.holdout_fraction, seed, out.groups)
+    report["n_heldout"] = int(heldout.sum())
+    return PreprocessResult(data=out, heldout=heldout, report=report)

@@ -1,0 +1,202 @@
+"""Preprocessing: exact filter accounting, deviance gene selection, scaling and the split."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import scipy.sparse as sp
+
+from sf_mlflow.config import PreprocessingConfig
+from sf_mlflow.data.counts import SpatialCounts
+from sf_mlflow.data.preprocess import heldout_split, poisson_null_deviance, preprocess
+from sf_mlflow.data.sources import read_h5ad_counts
+from sf_mlflow.data.synthetic import make_synthetic
+from sf_mlflow.errors import DataError
+
+GENES = ["mt-Co1", "Actb", "MT-ND1", "Gfap", "Mtor", "Rare"]
+COUNTS = np.array([
+    [5, 10, 1, 0, 3, 0],   # s0 non-mt total 13
+    [50, 2, 0, 1, 0, 0],   # s1 3: mostly mitochondrial, dropped by min_counts
+    [0, 7, 0, 4, 2, 1],    # s2 14
+    [1, 0, 0, 6, 5, 0],    # s3 11
+    [0, 1, 2, 0, 0, 0],    # s4 1
+    [3, 8, 0, 2, 9, 0],    # s5 19
+])
+COORDS = np.array([[0, 0], [100, 100], [10, 0], [0, 4], [-50, -50], [10, 4]], dtype=float)
+
+
+def tiny() -> SpatialCounts:
+    return SpatialCounts(
+        counts=sp.csr_matrix(COUNTS.astype(float)),
+        coordinates=COORDS.copy(),
+        gene_names=np.array(GENES, dtype=object),
+        spot_names=np.array([f"s{i}" for i in range(6)], dtype=object),
+        groups=np.array([0, 1, 0, 2, 1, 2]),
+        group_names=["a", "b", "c"],
+    )
+
+
+def test_hand_made_example_exact_report():
+    cfg = PreprocessingConfig(spatial_scale=50.0, filter_mt=True, min_counts=10, min_cells=2)
+    res = preprocess(tiny(), cfg)
+    r = res.report
+    assert r["spots_input"] == 6 and r["genes_input"] == 6 and r["counts_input"] == 123
+    # mt-Co1 (59) and MT-ND1 (3); "Mtor" is not mitochondrial
+    assert (r["genes_mt"], r["counts_mt"]) == (2, 62)
+    assert (r["spots_min_counts"], r["counts_min_counts"]) == (2, 4)  # s1 (3) and s4 (1)
+    assert (r["genes_min_cells"], r["counts_min_cells"]) == (1, 1)  # "Rare", in one spot
+    assert (r["genes_top_k"], r["counts_top_k"]) == (0, 0)
+    assert (r["spots_kept"], r["genes_kept"], r["counts_kept"]) == (4, 3, 56)
+    d = res.data
+    assert list(d.gene_names) == ["Actb", "Gfap", "Mtor"]
+    assert list(d.spot_names) == ["s0", "s2", "s3", "s5"]
+    np.testing.assert_array_equal(d.counts.toarray(), COUNTS[[0, 2, 3, 5]][:, [1, 3, 4]])
+    # bounding box [0, 10] x [0, 4]: centre (5, 2), longest side 10 -> 50
+    assert r["coordinate_center"] == [5.0, 2.0] and r["coordinate_scale"] == 5.0
+    np.testing.assert_array_equal(d.coordinates, [[-25, -10], [25, -10], [-25, 10], [25, 10]])
+    # group "b" lost both its spots but keeps its code and name
+    assert d.group_names == ["a", "b", "c"]
+    assert r["group_sizes"] == {"a": 2, "b": 0, "c": 2}
+    np.testing.assert_array_equal(d.groups, [0, 0, 2, 2])
+    assert r["n_heldout"] == 0 and not res.heldout.any()
+
+
+def test_without_mt_filter_the_mt_counts_stay():
+    cfg = PreprocessingConfig(filter_mt=False, min_counts=10, min_cells=2)
+    r = preprocess(tiny(), cfg).report
+    assert (r["genes_mt"], r["counts_mt"]) == (0, 0)
+    # totals now include mt: s4 (3) is the only spot below 10
+    assert (r["spots_min_counts"], r["counts_min_counts"]) == (1, 3)
+
+
+def _reference_filters(Y: np.ndarray, names: np.ndarray, min_counts: int, min_cells: int):
+    """Plain dense numpy version of steps a-c, written independently of the package."""
+    out = {}
+    mt = np.array([n.startswith("mt-") or n.startswith("MT-") for n in names])
+    out["genes_mt"], out["counts_mt"] = int(mt.sum()), int(Y[:, mt].sum())
+    Y, names = Y[:, ~mt], names[~mt]
+    tot = Y.sum(axis=1)
+    out["spots_min_counts"] = int((tot < min_counts).sum())
+    out["counts_min_counts"] = int(tot[tot < min_counts].sum())
+    Y = Y[tot >= min_counts]
+    det = (Y > 0).sum(axis=0)
+    out["genes_min_cells"] = int((det < min_cells).sum())
+    out["counts_min_cells"] = int(Y[:, det < min_cells].sum())
+    Y, names = Y[:, det >= min_cells], names[det >= min_cells]
+    return out, Y, names
+
+
+def _full_deviance(Y: np.ndarray) -> np.ndarray:
+    """Per-gene deviance by the full formula, including the sum of (y - mu) that cancels."""
+    n = Y.sum(axis=1, keepdims=True).astype(float)
+    p = Y.sum(axis=0) / Y.sum()
+    dev = np.empty(Y.shape[1])
+    for s in range(0, Y.shape[1], 2000):
+        y = Y[:, s:s + 2000].astype(float)
+        mu = n * p[s:s + 2000]
+        with np.errstate(divide="ignore", invalid="ignore"):
+            t = np.where(y > 0, y * np.log(y / mu), 0.0)
+        dev[s:s + 2000] = 2 * (t - (y - mu)).sum(axis=0)
+    return dev
+
+
+def test_real_window_matches_independent_computation(shared_file):
+    data = read_h5ad_counts(shared_file("slideseqv2_hippocampus_window.h5ad"))
+    Y = data.counts.toarray().astype(np.int32)  # 1,052 x 23,264
+    names = np.asarray(data.gene_names, dtype=str)
+    cfg = PreprocessingConfig(min_counts=100, min_cells=10, filter_mt=True, n_top_genes=2000)
+    res = preprocess(data, cfg)
+    expected, Yk, kept_names = _reference_filters(Y, names, 100, 10)
+    del Y
+    r = res.report
+    for key, value in expected.items():
+        assert r[key] == value, key
+    assert r["genes_mt"] > 10 and r["spots_min_counts"] > 0 and r["genes_min_cells"] > 1000
+    top = np.sort(np.argsort(-_full_deviance(Yk), kind="stable")[:2000])
+    assert r["spots_kept"] == Yk.shape[0]
+    assert (r["genes_kept"], r["genes_top_k"]) == (2000, Yk.shape[1] - 2000)
+    assert r["counts_top_k"] == int(Yk.sum()) - int(Yk[:, top].sum())
+    assert r["counts_kept"] == int(Yk[:, top].sum())
+    assert r["counts_input"] == (r["counts_mt"] + r["counts_min_counts"] + r["counts_min_cells"]
+                                 + r["counts_top_k"] + r["counts_kept"])
+    np.testing.assert_array_equal(res.data.gene_names, kept_names[top])
+    np.testing.assert_array_equal(res.data.counts.toarray(), Yk[:, top])
+
+
+def test_null_deviance_equals_full_formula():
+    d = make_synthetic(n_spots=300, n_genes=40, seed=2)
+    Y = d.counts.toarray()
+    np.testing.assert_allclose(poisson_null_deviance(d.counts), _full_deviance(Y), rtol=1e-10)
+
+
+def test_top_k_picks_planted_spatially_variable_genes():
+    rng = np.random.default_rng(0)
+    n, d = 500, 120
+    size = rng.lognormal(0, 0.5, size=(n, 1)) * 200  # spot depth varies, as in real data
+    share = rng.dirichlet(np.ones(d) * 2)
+    planted = np.array([3, 17, 42, 77, 110])
+    # typical (median) expression, so the signal is not hidden by sampling noise
+    share[planted] = np.median(share)
+    share /= share.sum()
+    rate = size * share
+    # planted genes vary ~5-fold across spots beyond depth; all others follow the null model
+    x = rng.uniform(0, 1, size=n)
+    rate[:, planted] *= np.exp(1.6 * np.sin(2 * np.pi * x))[:, None]
+    # the planted genes are not simply the most expressed ones
+    assert (share[planted] < np.sort(share)[-10]).all()
+    Y = rng.poisson(rate)
+    data = SpatialCounts(sp.csr_matrix(Y.astype(float)), np.column_stack([x, x ** 2]),
+                         np.array([f"g{j}" for j in range(d)], dtype=object),
+                         np.array([f"s{i}" for i in range(n)], dtype=object))
+    res = preprocess(data, PreprocessingConfig(min_counts=0, min_cells=0, n_top_genes=5))
+    assert list(res.data.gene_names) == [f"g{j}" for j in planted]
+    assert res.report["genes_top_k"] == d - 5
+
+
+def test_empty_after_filter_errors_name_the_setting():
+    with pytest.raises(DataError, match=r"min_counts = 1000 removed all 6 spots \(the largest "
+                       r"spot total is 19\); lower preprocessing.min_counts"):
+        preprocess(tiny(), PreprocessingConfig(min_counts=1000))
+    with pytest.raises(DataError, match=r"min_cells = 50 removed all 4 genes \(the most widely "
+                       r"detected gene is in 5 of 6 spots\); lower preprocessing.min_cells"):
+        preprocess(tiny(), PreprocessingConfig(min_counts=0, min_cells=50))
+    only_mt = tiny().subset(genes=[0, 2])
+    with pytest.raises(DataError, match="filter_mt = true removed all 2 genes"):
+        preprocess(only_mt, PreprocessingConfig(min_counts=0, min_cells=0))
+
+
+def test_coordinate_scaling_maps_back():
+    d = make_synthetic(n_spots=400, n_genes=30, seed=1)
+    d.coordinates = d.coordinates * [3000.0, 1000.0] + [500.0, -200.0]
+    res = preprocess(d, PreprocessingConfig(spatial_scale=20.0, min_counts=0, min_cells=0))
+    X = res.data.coordinates
+    extent = X.max(axis=0) - X.min(axis=0)
+    assert extent.max() == pytest.approx(20.0, rel=1e-12)
+    np.testing.assert_allclose((X.max(axis=0) + X.min(axis=0)) / 2, 0.0, atol=1e-12)
+    c, s = np.array(res.report["coordinate_center"]), res.report["coordinate_scale"]
+    np.testing.assert_allclose((d.coordinates - c) * s, X, atol=1e-12)
+    # the aspect ratio is kept: the short side is ~1/3 of the long one
+    assert extent.min() == pytest.approx(20.0 / 3, rel=0.02)
+
+
+def test_heldout_split_seeded_stratified_and_sized():
+    d = make_synthetic(n_spots=1001, n_genes=20, n_groups=4, seed=0)
+    cfg = PreprocessingConfig(min_counts=0, min_cells=0, holdout_fraction=0.2)
+    a = preprocess(d, cfg, seed=11)
+    b = preprocess(d, cfg, seed=11)
+    c = preprocess(d, cfg, seed=12)
+    assert a.heldout.dtype == bool and a.heldout.shape == (1001,)
+    assert a.heldout.sum() == round(0.2 * 1001) == a.report["n_heldout"]
+    np.testing.assert_array_equal(a.heldout, b.heldout)
+    assert (a.heldout != c.heldout).any()
+    sizes = np.bincount(d.groups)
+    held = np.bincount(d.groups[a.heldout], minlength=4)
+    assert (np.abs(held - 0.2 * sizes) <= 1).all()
+
+
+def test_heldout_split_without_groups_and_edge_cases():
+    m = heldout_split(10, 0.3, seed=0)
+    assert m.sum() == 3
+    assert heldout_split(10, 0.0, seed=0).sum() == 0
+    assert heldout_split(3, 0.9, seed=0).sum() == 2  # at least one training spot remains
+    assert heldout_split(1, 0.5, seed=0).sum() == 0
