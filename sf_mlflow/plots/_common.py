@@ -1,0 +1,267 @@
+"""Shared figure plumbing: pyplot-free figures, tissue panels, marker sizes, colour limits.
+
+Figures are built as :class:`matplotlib.figure.Figure` objects with an Agg canvas attached
+directly, never through pyplot, so nothing here changes the user's backend or leaves
+figures open in a notebook; the caller saves them (``fig.savefig(path)``) or passes
+``path=`` to the plotting function.
+"""
+
+from __future__ import annotations
+
+import os
+import textwrap
+from typing import Optional, Sequence
+
+import numpy as np
+import scipy.sparse as sp
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+from scipy.spatial import cKDTree
+
+from sf_mlflow.errors import DataError
+
+#: Resolution of saved PNGs: 150 dpi keeps 8-pt text crisp and files small.
+DPI = 150
+
+#: Font sizes (points): panel titles, axis labels, tick labels, figure title.
+TITLE_SIZE = 9
+LABEL_SIZE = 8
+TICK_SIZE = 7
+SUPTITLE_SIZE = 11
+
+#: Marker area bounds (points^2): 0.05 pt^2 is still drawn (about one pixel at 150 dpi),
+#: 60 pt^2 stops a few hundred spots turning into large blobs.
+MIN_MARKER = 0.05
+MAX_MARKER = 60.0
+
+#: Colour maps (perceptually uniform; the diverging one for signed log-ratios).
+FACTOR_CMAP = "viridis"
+SCALE_CMAP = "cividis"
+GENE_CMAP = "magma"
+DIVERGING_CMAP = "RdBu_r"
+
+#: Colour-blind-safe qualitative colours (Okabe-Ito) for model comparisons.
+QUALITATIVE = ["#0072B2", "#D55E00", "#009E73", "#CC79A7", "#E69F00", "#56B4E9", "#F0E442",
+               "#000000"]
+
+
+def new_figure(width: float, height: float) -> Figure:
+    """A constrained-layout Figure of about ``width`` x ``height`` inches, Agg canvas.
+
+    The size is rounded to whole pixels at :data:`DPI`, so a saved PNG has exactly
+    ``fig.get_size_inches() * DPI`` pixels.
+    """
+    width, height = (max(1, round(v * DPI)) / DPI for v in (width, height))
+    fig = Figure(figsize=(width, height), dpi=DPI, layout="constrained")
+    FigureCanvasAgg(fig)
+    fig.get_layout_engine().set(w_pad=0.03, h_pad=0.03, wspace=0.02, hspace=0.02)
+    return fig
+
+
+def finish(fig: Figure, path: Optional[str | os.PathLike] = None) -> Figure:
+    """Save ``fig`` to ``path`` (format from the extension) if given; return ``fig``.
+
+    Saved at the figure's size and :data:`DPI` without tight cropping, so a PNG has
+    exactly ``width * DPI`` x ``height * DPI`` pixels.
+    """
+    if path is not None:
+        fig.savefig(os.fspath(path), dpi=DPI, facecolor="white")
+    return fig
+
+
+# ---------------------------------------------------------------------------- checking
+
+def as_coordinates(coordinates) -> np.ndarray:
+    """Validated coordinates, ndarray (N, 2) float64."""
+    X = np.asarray(coordinates, dtype=np.float64)
+    if X.ndim != 2 or X.shape[1] != 2 or X.shape[0] == 0:
+        raise DataError(f"coordinates have shape {X.shape}; expected (N, 2) with N >= 1")
+    if not np.isfinite(X).all():
+        raise DataError("coordinates contain NaN or infinite values; drop those spots first")
+    return X
+
+
+def as_matrix(values, n_rows: int, name: str, what: str = "(N, L)") -> np.ndarray:
+    """Validated 2-D array with ``n_rows`` rows (a 1-D array becomes one column)."""
+    V = np.asarray(values, dtype=np.float64)
+    if V.ndim == 1:
+        V = V[:, None]
+    if V.ndim != 2 or V.shape[0] != n_rows:
+        raise DataError(f"{name} has shape {np.shape(values)}; expected {what} with "
+                        f"{n_rows} rows like coordinates")
+    return V
+
+
+def as_titles(titles: Optional[Sequence[str]], n: int, default: str, name: str = "titles") -> list[str]:
+    """``n`` panel titles: the given ones, or ``"<default> k"`` numbered from 1."""
+    if titles is None:
+        return [f"{default} {k + 1}" for k in range(n)]
+    out = [str(t) for t in titles]
+    if len(out) != n:
+        raise DataError(f"{name} has {len(out)} entries; expected {n}, one per panel")
+    return out
+
+
+def wrap(text: str, width_in: float, size: float = TITLE_SIZE) -> str:
+    """Wrap each line of ``text`` to fit ``width_in`` inches at font ``size`` points."""
+    chars = max(8, int(width_in * 72 / (0.55 * size)))
+    return "\n".join(textwrap.fill(line, chars) if len(line) > chars else line
+                     for line in str(text).split("\n"))
+
+
+# ------------------------------------------------------------------------- tissue maps
+
+def tissue_aspect(coords: np.ndarray) -> float:
+    """Height / width of the coordinates' bounding box, limited to [0.4, 2.5]."""
+    span = np.ptp(coords, axis=0)
+    if span[0] <= 0 or span[1] <= 0:
+        return 1.0
+    return float(np.clip(span[1] / span[0], 0.4, 2.5))
+
+
+def area_per_spot(coords: np.ndarray, k: int = 6, max_queries: int = 5000,
+                  seed: int = 0) -> float:
+    """Typical area around one spot, in squared coordinate units.
+
+    The median over spots of pi r_k^2 / k, with r_k the distance to the k-th nearest
+    neighbour: the local density, robust to the tissue's outline and to empty regions
+    (a bounding-box estimate would count the holes). Queried at most ``max_queries`` spots.
+    """
+    n = coords.shape[0]
+    if n <= 1:
+        span = np.ptp(coords, axis=0)
+        return float(max(span.max(), 1.0) ** 2)
+    k = min(k, n - 1)
+    rng = np.random.default_rng(seed)
+    q = coords if n <= max_queries else coords[rng.choice(n, max_queries, replace=False)]
+    dist, _ = cKDTree(coords).query(q, k=k + 1)
+    r = dist[:, -1]
+    r = r[r > 0]
+    if r.size == 0:  # all positions duplicated
+        return 1.0
+    return float(np.median(np.pi * r ** 2 / k))
+
+
+def marker_size(coords: np.ndarray, panel_width_in: float, panel_height_in: float,
+                fill: float = 2.8, area: Optional[float] = None) -> float:
+    """Scatter marker area (points^2) so spots tile the tissue without heavy overlap.
+
+    ``s = clip(fill * A * scale^2, MIN_MARKER, MAX_MARKER)``, with A the area per spot
+    (:func:`area_per_spot`) and ``scale`` the points per coordinate unit when the
+    coordinates' bounding box is fitted, at equal aspect, into the panel's drawing area
+    (taken as 85% of the panel's width and height, the rest being title and colour bar).
+    A circle of area ``s`` covers ``pi / 4 * s``, so ``fill = 1.3`` would just cover the
+    area of a regular lattice; but spots placed irregularly (beads, or a Poisson layout)
+    leave a fraction of about ``exp(-pi / 4 * fill)`` uncovered, and one-pixel markers
+    are drawn faint by anti-aliasing, hence the default 2.8 (about 10% white in the worst,
+    Poisson, case; neighbouring markers overlap a little on a lattice).
+    """
+    span = np.ptp(coords, axis=0)
+    span = np.where(span > 0, span, max(span.max(), 1.0))
+    w_pt, h_pt = 0.85 * panel_width_in * 72, 0.85 * panel_height_in * 72
+    scale = min(w_pt / span[0], h_pt / span[1])
+    a = area_per_spot(coords) if area is None else area
+    return float(np.clip(fill * a * scale ** 2, MIN_MARKER, MAX_MARKER))
+
+
+def robust_limits(values: np.ndarray, low: float = 0.5, high: float = 99.5,
+                  symmetric: bool = False) -> tuple[float, float, str]:
+    """Colour limits at percentiles, ignoring NaN, and the colour bar's ``extend``.
+
+    A few extreme spots would otherwise stretch the scale and leave every other spot
+    one colour. ``symmetric`` gives ``(-m, m)`` with m the ``high`` percentile of |values|,
+    for diverging maps centred at 0.
+    """
+    v = np.asarray(values, dtype=np.float64)
+    v = v[np.isfinite(v)]
+    if v.size == 0:
+        return (-1.0, 1.0, "neither") if symmetric else (0.0, 1.0, "neither")
+    if symmetric:
+        m = float(np.percentile(np.abs(v), high))
+        if m <= 0:
+            m = float(np.abs(v).max()) or 1.0
+        over = np.abs(v).max() > m
+        return -m, m, "both" if over else "neither"
+    lo, hi = (float(x) for x in np.percentile(v, [low, high]))
+    if hi <= lo:  # e.g. a sparse gene whose 99.5th percentile is 0
+        lo, hi = float(v.min()), float(v.max())
+    if hi <= lo:
+        hi = lo + 1.0
+    ext = {(False, False): "neither", (True, False): "min", (False, True): "max",
+           (True, True): "both"}[(bool(v.min() < lo), bool(v.max() > hi))]
+    return lo, hi, ext
+
+
+def clean_tissue_axes(ax) -> None:
+    """Equal aspect, no ticks or frame; the tissue is the picture."""
+    ax.set_aspect("equal", adjustable="box")
+    ax.set_xticks([])
+    ax.set_yticks([])
+    for spine in ax.spines.values():
+        spine.set_visible(False)
+    ax.margins(0.02)
+
+
+def tissue_scatter(ax, coords: np.ndarray, values: np.ndarray, s: float, cmap: str,
+                   vmin: float, vmax: float, invert_y: bool = False):
+    """Draw one tissue map; returns the PathCollection (for a colour bar).
+
+    Spots are drawn in increasing order of value so high values (small hot spots, sparse
+    genes) are on top; NaN values are drawn first in light grey.
+    """
+    v = np.asarray(values, dtype=np.float64)
+    nan = ~np.isfinite(v)
+    if nan.any():
+        ax.scatter(coords[nan, 0], coords[nan, 1], s=s, c="#dddddd", linewidths=0,
+                   rasterized=True)
+    idx = np.flatnonzero(~nan)
+    idx = idx[np.argsort(v[idx], kind="stable")]
+    sc = ax.scatter(coords[idx, 0], coords[idx, 1], c=v[idx], s=s, cmap=cmap, vmin=vmin,
+                    vmax=vmax, linewidths=0, marker="o", rasterized=True, plotnonfinite=False)
+    clean_tissue_axes(ax)
+    # keep the full tissue extent even when every value is NaN
+    x0, y0 = coords.min(axis=0)
+    x1, y1 = coords.max(axis=0)
+    padx, pady = 0.02 * max(x1 - x0, 1e-12), 0.02 * max(y1 - y0, 1e-12)
+    ax.set_xlim(x0 - padx, x1 + padx)
+    if invert_y:
+        ax.set_ylim(y1 + pady, y0 - pady)
+    else:
+        ax.set_ylim(y0 - pady, y1 + pady)
+    return sc
+
+
+def colorbar(fig: Figure, mappable, ax, label: str = "", extend: str = "neither",
+             **kwargs):
+    """A slim colour bar beside ``ax`` (or a list of axes) with small tick labels."""
+    opts = dict(shrink=0.85, pad=0.01, fraction=0.05, aspect=22)
+    opts.update(kwargs)
+    cb = fig.colorbar(mappable, ax=ax, extend=extend, **opts)
+    cb.ax.tick_params(labelsize=TICK_SIZE, length=2)
+    cb.outline.set_linewidth(0.4)
+    if label:
+        cb.set_label(label, fontsize=LABEL_SIZE)
+    return cb
+
+
+def grid_shape(n: int, max_cols: int = 5) -> tuple[int, int]:
+    """(rows, cols) for n panels: at most ``max_cols`` columns, rows balanced."""
+    n = max(int(n), 1)
+    rows = -(-n // max_cols)
+    cols = -(-n // rows)
+    return rows, cols
+
+
+def panel_axes(fig: Figure, n: int, rows: int, cols: int) -> list:
+    """The first n axes of a rows x cols grid; the unused ones are removed."""
+    axes = fig.subplots(rows, cols, squeeze=False).ravel()
+    for ax in axes[n:]:
+        ax.remove()
+    return list(axes[:n])
+
+
+def dense_columns(counts, columns: Sequence[int]) -> np.ndarray:
+    """Selected columns of a sparse or dense (N, D) matrix as a dense (N, len(columns))."""
+    if sp.issparse(counts):
+        return np.asarray(sp.csc_matrix(counts[:, list(columns)]).toarray(), dtype=np.float64)
+    return np.asarray(counts, dtype=np.float64)[:, list(columns)]

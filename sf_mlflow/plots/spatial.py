@@ -1,0 +1,213 @@
+"""Factors and their uncertainties on the tissue: one panel per factor, or per group x factor."""
+
+from __future__ import annotations
+
+import os
+from typing import Optional, Sequence
+
+import numpy as np
+from matplotlib.figure import Figure
+
+from sf_mlflow.errors import DataError
+from sf_mlflow.plots._common import (FACTOR_CMAP, LABEL_SIZE, SCALE_CMAP, SUPTITLE_SIZE,
+                                     TITLE_SIZE, as_coordinates, as_matrix, as_titles,
+                                     area_per_spot, colorbar, finish, grid_shape,
+                                     marker_size, new_figure, panel_axes, robust_limits,
+                                     tissue_aspect, tissue_scatter, wrap)
+
+__all__ = ["spatial_grid", "factors_spatial", "scales_spatial", "groupwise_factors"]
+
+
+def spatial_grid(coordinates: np.ndarray, values: np.ndarray,
+                 titles: Optional[Sequence[str]] = None, *, cmap: str = FACTOR_CMAP,
+                 colorbar_label: str = "", title: Optional[str] = None, max_cols: int = 5,
+                 panel_width: float = 2.6, invert_y: bool = False, panel_label: str = "panel",
+                 path: Optional[str | os.PathLike] = None) -> Figure:
+    """Several spatial variables on the tissue, one panel each with its own colour bar.
+
+    Parameters
+    ----------
+    coordinates : ndarray, (N, 2)
+        Spot positions.
+    values : ndarray, (N, L) or (N,)
+        One column per panel.
+    titles : sequence of str, (L,), optional
+        Panel titles; long ones are wrapped to the panel width. Default
+        ``"<panel_label> k"``, k from 1.
+    cmap : str
+        Matplotlib colour map.
+    colorbar_label : str
+        Label of every colour bar (e.g. units).
+    title : str, optional
+        Figure title.
+    max_cols : int
+        Panels per row at most.
+    panel_width : float
+        Width of one panel in inches; the height follows the tissue's aspect ratio.
+    invert_y : bool
+        Draw y downwards (image convention).
+    panel_label : str
+        Word used in default titles.
+    path : str or path-like, optional
+        Save the figure there too.
+
+    Returns
+    -------
+    matplotlib.figure.Figure
+        Colour limits are the 0.5th and 99.5th percentiles of each column (an arrow on the
+        colour bar marks values beyond them).
+    """
+    X = as_coordinates(coordinates)
+    V = as_matrix(values, X.shape[0], "values")
+    L = V.shape[1]
+    names = as_titles(titles, L, panel_label)
+    rows, cols = grid_shape(L, max_cols)
+    pw = panel_width
+    ph = pw * tissue_aspect(X) + 0.35  # room for a two-line title
+    fig = new_figure(cols * (pw + 0.45), rows * ph + (0.35 if title else 0.0))
+    s = marker_size(X, pw, ph - 0.35, area=area_per_spot(X))
+    for l, ax in enumerate(panel_axes(fig, L, rows, cols)):
+        lo, hi, ext = robust_limits(V[:, l])
+        sc = tissue_scatter(ax, X, V[:, l], s, cmap, lo, hi, invert_y)
+        ax.set_title(wrap(names[l], pw), fontsize=TITLE_SIZE)
+        colorbar(fig, sc, ax, colorbar_label, ext)
+    if title:
+        fig.suptitle(title, fontsize=SUPTITLE_SIZE)
+    return finish(fig, path)
+
+
+def factors_spatial(coordinates: np.ndarray, factors: np.ndarray,
+                    titles: Optional[Sequence[str]] = None, *, title: Optional[str] = "Factors",
+                    log: bool = False, max_cols: int = 5, invert_y: bool = False,
+                    path: Optional[str | os.PathLike] = None) -> Figure:
+    """All factors on the tissue, in a grid (viridis, one colour bar per factor).
+
+    Parameters
+    ----------
+    coordinates : ndarray, (N, 2)
+        Spot positions.
+    factors : ndarray, (N, L)
+        Factor values ``exp(F)`` per spot, columns in display order (e.g. sorted by
+        Moran's I with :func:`sf_mlflow.analysis.ordering.order_by`).
+    titles : sequence of str, (L,), optional
+        e.g. from :func:`sf_mlflow.analysis.ordering.factor_titles`:
+        ``"factor 1 (orig 7)\\nMoran's I 0.84"``. Default "factor k".
+    title : str, optional
+        Figure title.
+    log : bool
+        Show ``log(factors)`` (the log-factors F) instead.
+    max_cols, invert_y, path
+        See :func:`spatial_grid`.
+
+    Returns
+    -------
+    matplotlib.figure.Figure
+    """
+    F = np.asarray(factors, dtype=np.float64)
+    if log:
+        if (F <= 0).any():
+            raise DataError("log=True needs positive factors; pass exp(F) or use log=False")
+        F = np.log(F)
+    return spatial_grid(coordinates, F, titles, cmap=FACTOR_CMAP,
+                        colorbar_label="log factor" if log else "", title=title,
+                        max_cols=max_cols, invert_y=invert_y, panel_label="factor", path=path)
+
+
+def scales_spatial(coordinates: np.ndarray, scales: np.ndarray,
+                   titles: Optional[Sequence[str]] = None, *,
+                   title: Optional[str] = "Posterior standard deviation of the log-factors",
+                   max_cols: int = 5, invert_y: bool = False,
+                   path: Optional[str | os.PathLike] = None) -> Figure:
+    """Posterior scales (standard deviations) of the factors on the tissue (cividis).
+
+    Parameters
+    ----------
+    coordinates : ndarray, (N, 2)
+        Spot positions.
+    scales : ndarray, (N, L)
+        Non-negative posterior standard deviations, columns in the same order as the
+        factors figure.
+    titles : sequence of str, (L,), optional
+        Default "factor k".
+    title, max_cols, invert_y, path
+        See :func:`spatial_grid`.
+
+    Returns
+    -------
+    matplotlib.figure.Figure
+    """
+    S = np.asarray(scales, dtype=np.float64)
+    if (S[np.isfinite(S)] < 0).any():
+        raise DataError("scales must be non-negative standard deviations")
+    return spatial_grid(coordinates, S, titles, cmap=SCALE_CMAP, colorbar_label="sd",
+                        title=title, max_cols=max_cols, invert_y=invert_y,
+                        panel_label="factor", path=path)
+
+
+def groupwise_factors(coordinates: np.ndarray, factors: np.ndarray, groupwise: np.ndarray,
+                      group_names: Sequence[str], titles: Optional[Sequence[str]] = None, *,
+                      title: Optional[str] = "Factors as seen by each group's GP",
+                      panel_width: float = 1.8, invert_y: bool = False,
+                      path: Optional[str | os.PathLike] = None) -> Figure:
+    """Factors overall and as predicted for every group, on a shared scale per factor.
+
+    Parameters
+    ----------
+    coordinates : ndarray, (N, 2)
+        Spot positions.
+    factors : ndarray, (N, L)
+        The factors of all spots (each spot under its own group): the first row of panels.
+    groupwise : ndarray, (G, L, N)
+        ``groupwise[g, l]``: factor l at every spot as if all spots belonged to group g
+        (the multi-group GP's prediction for group g).
+    group_names : sequence of str, (G,)
+        Row labels.
+    titles : sequence of str, (L,), optional
+        Column titles. Default "factor k".
+    title : str, optional
+        Figure title.
+    panel_width : float
+        Inches per panel.
+    invert_y : bool
+        Draw y downwards.
+    path : str or path-like, optional
+        Save the figure there too.
+
+    Returns
+    -------
+    matplotlib.figure.Figure
+        Rows: "all groups", then each group; columns: factors. Every column has one colour
+        scale (0.5th to 99.5th percentile over all its panels) and one colour bar below,
+        so differences between groups are differences in colour.
+    """
+    X = as_coordinates(coordinates)
+    F = as_matrix(factors, X.shape[0], "factors")
+    N, L = F.shape
+    Gw = np.asarray(groupwise, dtype=np.float64)
+    if Gw.ndim != 3 or Gw.shape[1:] != (L, N):
+        raise DataError(f"groupwise has shape {Gw.shape}; expected (G, L, N) = (G, {L}, {N})")
+    G = Gw.shape[0]
+    groups = as_titles(group_names, G, "group", "group_names")
+    cols = as_titles(titles, L, "factor")
+    pw = panel_width
+    ph = pw * tissue_aspect(X)
+    fig = new_figure(L * pw + 0.5, (G + 1) * ph + 0.9 + (0.3 if title else 0.0))
+    axes = fig.subplots(G + 1, L, squeeze=False)
+    s = marker_size(X, pw, ph, area=area_per_spot(X))
+    row_labels = ["all groups"] + groups
+    for l in range(L):
+        stack = np.concatenate([F[:, l], Gw[:, l, :].ravel()])
+        lo, hi, ext = robust_limits(stack)
+        sc = None
+        for r in range(G + 1):
+            vals = F[:, l] if r == 0 else Gw[r - 1, l]
+            sc = tissue_scatter(axes[r, l], X, vals, s, FACTOR_CMAP, lo, hi, invert_y)
+            if l == 0:
+                axes[r, l].set_ylabel(wrap(row_labels[r], ph, LABEL_SIZE), fontsize=TITLE_SIZE,
+                                     fontweight="bold")
+        axes[0, l].set_title(wrap(cols[l], pw), fontsize=TITLE_SIZE)
+        colorbar(fig, sc, list(axes[:, l]), "", ext, location="bottom", shrink=0.8,
+                 aspect=12, pad=0.01)
+    if title:
+        fig.suptitle(title, fontsize=SUPTITLE_SIZE)
+    return finish(fig, path)
