@@ -1,0 +1,881 @@
+"""PNMF: probabilistic non-negative matrix factorisation with a variational prior.
+
+``Y_nd ~ Poisson(sum_l W_dl exp(F_ln))`` with non-negative loadings W (D, L) and
+log-factors F (L, N) under a Gaussian (non-spatial) or SVGP (spatial) prior. The
+estimator follows scikit-learn's conventions: hyperparameters are only stored by
+``__init__``, validated by :meth:`PNMF.fit`, and learned attributes end in ``_``.
+
+Training maximises the ELBO ``E_q[log p(Y | F, W)] - KL(q(F) || p(F))``:
+
+* the variational parameters of the prior module take optimiser steps (Adam by
+  default) on ``-ELBO / N``, the per-spot loss, as is usual for variational GPs;
+* the loadings either take a multiplicative minorise-maximise step every
+  iteration (``loadings_mode="multiplicative"``), computed from the same factors
+  (or Monte Carlo draws) as that iteration's ELBO, i.e. before the optimiser
+  step, which lets both share one sparse evaluation of R; or are ``softplus`` of
+  raw parameters optimised with the rest (``"gradient"``). On spot mini-batches
+  the step goes through running averages of its statistics (online EM), see
+  ``_Trainer._init_statistics``;
+* mini-batches of spots and genes are drawn in a fresh order every epoch; the
+  likelihood is scaled by ``N/B * D/Db`` so the ELBO estimate is unbiased.
+
+Initialisation runs a few sparse KL-NMF multiplicative iterations (Lee & Seung)
+from a seeded random start, then sets ``mu = log H`` shifted per factor to mean
+zero (the shift moved into W, so ``W exp(mu)`` is unchanged), and the variances
+to the fixed point of the lower bound, ``v = 1 / (1 + sum_d W_dl exp(mu_ln))``.
+A spatial prior cannot take mu directly; its mean is regressed onto it instead
+(``_warm_start``).
+"""
+
+from __future__ import annotations
+
+import inspect
+import math
+import time
+from pathlib import Path
+from typing import Any, Callable, Iterator, Optional
+
+import numpy as np
+import scipy.sparse as sp
+import torch
+from torch import Tensor
+
+from sf_mlflow.errors import ConfigError, DataError, ModelError
+from sf_mlflow.models.device import resolve_device
+from sf_mlflow.models.likelihood import (
+    MODES,
+    CountBatch,
+    _csr,
+    expected_log_likelihood,
+    likelihood_and_update,
+)
+from sf_mlflow.models.priors import FactorPrior, GaussianPrior
+
+__all__ = ["PNMF"]
+
+#: Version of the file layout written by :meth:`PNMF.save`.
+FORMAT_VERSION = 1
+
+#: KL-NMF multiplicative iterations of the initialisation. Each costs two sparse
+#: sampled products and two sparse-dense products; 20 put W and H close enough that
+#: the variational optimiser starts in the right basin.
+INIT_ITER = 20
+
+#: Floor on initial factors, relative to the factor's mean over spots, before the log:
+#: spots where KL-NMF drove a factor to ~0 start at mean - 6.9 rather than -inf.
+INIT_FLOOR = 1e-3
+
+#: Warm start of a spatial prior: Adam steps, step size and spots per step of a
+#: least-squares fit of its mean to the KL-NMF log-factors (see ``_warm_start``).
+WARM_ITER = 100
+WARM_LR = 0.05
+WARM_BATCH = 2000
+
+PRIORS = ("gaussian", "svgp")
+LOADINGS_MODES = ("multiplicative", "gradient")
+OPTIMIZERS = {"adam": "Adam", "adamw": "AdamW", "sgd": "SGD"}
+DTYPES = {"float32": torch.float32, "float64": torch.float64}
+
+Callback = Callable[[int, float], Optional[bool]]
+
+
+# ---- input checking --------------------------------------------------------------------------
+
+def _check_counts(Y: Any, name: str = "Y") -> sp.csr_matrix:
+    """Non-negative integer counts (N, D) as CSR float64 without explicit zeros."""
+    if sp.issparse(Y):
+        if Y.ndim != 2:
+            raise DataError(f"{name} must be 2-D (n_spots, n_genes), got shape {Y.shape}")
+        X = sp.csr_matrix(Y, dtype=np.float64, copy=True)
+    else:
+        try:
+            arr = np.asarray(Y, dtype=np.float64)
+        except (TypeError, ValueError):
+            raise DataError(f"{name} must be a numeric array or scipy sparse matrix of counts, "
+                            f"got {type(Y).__name__}") from None
+        if arr.ndim != 2:
+            raise DataError(f"{name} must be 2-D (n_spots, n_genes), got an array of shape {arr.shape}")
+        X = sp.csr_matrix(arr)
+    if X.shape[0] < 1 or X.shape[1] < 1:
+        raise DataError(f"{name} is empty: shape {X.shape}, expected at least one spot and one gene")
+    X.sum_duplicates()
+    vals = X.data
+    if vals.size:
+        if not np.isfinite(vals).all():
+            raise DataError(f"{name} contains NaN or infinite values; expected raw non-negative integer counts")
+        if vals.min() < 0:
+            raise DataError(f"{name} contains negative values (minimum {vals.min():g}); "
+                            "expected raw non-negative integer counts")
+        frac = vals != np.round(vals)
+        if frac.any():
+            raise DataError(f"{name} contains {int(frac.sum())} non-integer values (e.g. "
+                            f"{vals[frac][0]:g}); expected raw integer counts, not normalised data")
+    X.eliminate_zeros()
+    X.sort_indices()
+    return X
+
+
+def _check_coordinates(coordinates: Any, n: int, name: str = "coordinates") -> Optional[np.ndarray]:
+    if coordinates is None:
+        return None
+    X = np.asarray(coordinates, dtype=np.float64)
+    if X.shape != (n, 2):
+        raise DataError(f"{name} must have shape (n_spots, 2) = ({n}, 2), got {X.shape}")
+    if not np.isfinite(X).all():
+        raise DataError(f"{name} contain NaN or infinite values")
+    return X
+
+
+def _check_groups(groups: Any, n: int, name: str = "groups") -> Optional[np.ndarray]:
+    if groups is None:
+        return None
+    g = np.asarray(groups)
+    if g.shape != (n,):
+        raise DataError(f"{name} must have shape (n_spots,) = ({n},), got {g.shape}")
+    if g.size and not (np.issubdtype(g.dtype, np.integer)
+                       or (np.issubdtype(g.dtype, np.floating) and np.all(g == np.round(g)))):
+        raise DataError(f"{name} must be integer group codes 0..G-1, got dtype {g.dtype}")
+    g = g.astype(np.int64)
+    if g.size and g.min() < 0:
+        raise DataError(f"{name} must be integer group codes 0..G-1, got a minimum of {g.min()}")
+    return g
+
+
+def _choice(name: str, value: Any, allowed) -> str:
+    key = str(value).lower() if isinstance(value, str) else value
+    if key not in allowed:
+        raise ConfigError(f"{name} = {value!r} is not recognised; expected one of "
+                          + ", ".join(repr(a) for a in allowed))
+    return key
+
+
+def _integer(name: str, value: Any, lo: int, allow_none: bool = False) -> Optional[int]:
+    if value is None and allow_none:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < lo:
+        raise ConfigError(f"{name} = {value!r} is invalid; expected an integer >= {lo}"
+                          + (" or None" if allow_none else ""))
+    return int(value)
+
+
+def _number(name: str, value: Any, lo: float, lo_open: bool) -> float:
+    ok = isinstance(value, (int, float, np.number)) and not isinstance(value, bool) and math.isfinite(value)
+    if not ok or (value <= lo if lo_open else value < lo):
+        raise ConfigError(f"{name} = {value!r} is invalid; expected a number {'>' if lo_open else '>='} {lo:g}")
+    return float(value)
+
+
+def _flag(name: str, value: Any) -> bool:
+    if not isinstance(value, (bool, np.bool_)):
+        raise ConfigError(f"{name} = {value!r} is invalid; expected True or False")
+    return bool(value)
+
+
+# ---- batching --------------------------------------------------------------------------------
+
+def _index_batches(n: int, size: Optional[int], shuffle: bool,
+                   rng: np.random.Generator) -> Iterator[np.ndarray]:
+    """Endless stream of index batches covering 0..n-1 once per epoch.
+
+    Batches of one epoch differ in size by at most one (``array_split``), so every
+    batch of a shuffled epoch is a uniformly random subset and the N/B scaling
+    keeps the ELBO estimate unbiased.
+    """
+    if size is None or size >= n:
+        while True:
+            yield np.arange(n)
+    n_batches = -(-n // size)
+    while True:
+        order = rng.permutation(n) if shuffle else np.arange(n)
+        for part in np.array_split(order, n_batches):
+            yield np.sort(part)   # sorted indices make the CSR row gather contiguous-ish
+
+
+# ---- initialisation --------------------------------------------------------------------------
+
+@torch.no_grad()
+def _kl_nmf(batch: CountBatch, H: Tensor, W: Tensor, n_iter: int, update_w: bool = True,
+            eps: float = 1e-10) -> tuple[Tensor, Tensor]:
+    """Lee-Seung multiplicative updates for KL-NMF, ``Y ~= H W^T``, sparse throughout.
+
+    H: (N, L) and W: (D, L) positive, updated in place and returned.
+    """
+    crow_t, col_t, perm = batch.csr_t_structure()
+    y = batch.values
+    pattern = _csr(*batch.csr_structure(), y, (batch.n_spots, batch.n_genes))
+
+    def ratio() -> Tensor:  # y / (H W^T) at the non-zeros
+        rate = torch.sparse.sampled_addmm(pattern, H, W.T, beta=0.0).values()
+        return y / rate.clamp_min(eps)
+
+    for _ in range(n_iter):
+        s = ratio()
+        H.mul_((_csr(*batch.csr_structure(), s, pattern.shape) @ W) / W.sum(0).clamp_min(eps))
+        if update_w:
+            s = ratio()
+            W.mul_((_csr(crow_t, col_t, torch.index_select(s, 0, perm), (batch.n_genes, batch.n_spots)) @ H)
+                   / H.sum(0).clamp_min(eps))
+    return H, W
+
+
+def _log_factors_from_nmf(H: Tensor) -> Tensor:
+    """log H with a relative floor, (L, N)."""
+    floor = INIT_FLOOR * H.mean(dim=0, keepdim=True).clamp_min(torch.finfo(H.dtype).tiny)
+    return torch.log(torch.maximum(H, floor)).T.contiguous()
+
+
+def _fixed_point_scale(mu: Tensor, W: Tensor) -> Tensor:
+    """Posterior sd where the lower bound is stationary in v for small v: (L, N)."""
+    return torch.rsqrt(1.0 + W.sum(0)[:, None] * torch.exp(mu))
+
+
+def _warm_start(prior: FactorPrior, mu0: Tensor, coords: Tensor, groups: Optional[Tensor],
+                gen: torch.Generator) -> None:
+    """Fit the prior's inducing means ``mu`` so its q(F) mean matches mu0 (L, N), least squares.
+
+    A spatial prior starts at mean zero, i.e. flat factors, and the ELBO optimiser
+    then has to discover the factors from scratch, which is slow and often ends in a
+    poor local optimum (a factor that never separates). Regressing the GP mean on
+    the KL-NMF log-factors first hands it the factors the initial W was fitted to.
+    Only ``mu`` moves (the mean is linear in it, so this is a convex problem); kernel
+    hyperparameters stay put so they cannot shrink to fit noise. Priors without a
+    ``mu`` parameter are left as they are.
+    """
+    params = [p for name, p in prior.named_parameters() if name == "mu"]
+    if not params:
+        return
+    n = mu0.shape[1]
+    opt = torch.optim.Adam(params, lr=WARM_LR)
+    for _ in range(WARM_ITER):
+        idx = (torch.randperm(n, generator=gen, device=mu0.device)[:WARM_BATCH] if n > WARM_BATCH
+               else torch.arange(n, device=mu0.device))
+        mean, _ = prior.marginals(idx, coords[idx], None if groups is None else groups[idx])
+        loss = (mean - mu0[:, idx]).square().mean()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+    opt.zero_grad(set_to_none=True)
+    if hasattr(prior, "clear_cache"):
+        prior.clear_cache()
+
+
+# ---- the estimator ---------------------------------------------------------------------------
+
+class PNMF:
+    """Poisson factor model with non-negative loadings and a variational factor prior.
+
+    Parameters
+    ----------
+    n_components : int
+        Number of factors L.
+    prior : {"gaussian", "svgp"}
+        Independent N(0, 1) log-factors, or a multi-group sparse variational GP over
+        the spot coordinates (:class:`sf_mlflow.models.svgp.SVGPPrior`).
+    mode : {"lower-bound", "expanded", "simple"}
+        How ``E_q[log p(Y | F, W)]`` is computed, see
+        :func:`sf_mlflow.models.likelihood.expected_log_likelihood`. The KL term is
+        always analytic.
+    num_samples : int
+        Monte Carlo draws per iteration for the expanded and simple modes.
+    loadings_mode : {"multiplicative", "gradient"}
+        Multiplicative minorise-maximise updates of W, or ``W = softplus(raw)``
+        optimised with the variational parameters.
+    kernel, num_inducing, lengthscale, sigma, group_diff_param, use_groups,
+    train_lengthscale, per_factor_lengthscale, cholesky_mode, diagonal_only,
+    inducing_allocation, jitter
+        Settings of the spatial prior, passed to ``SVGPPrior`` when
+        ``prior="svgp"`` (``use_groups=False`` ignores the groups). Ignored otherwise.
+    kl_weight : float
+        Weight of the KL term for either prior; 1 (default) is the true ELBO.
+    max_iter : int
+        Maximum number of iterations (one mini-batch each).
+    learning_rate : float
+        Step size of the optimiser. The loss is ``-ELBO / N``; SGD steps scale
+        with it, Adam's do not.
+    optimizer : {"Adam", "AdamW", "SGD"}
+    tol : float
+        Stop when ``|mean(last w) - mean(previous w)| / |mean(previous w)| < tol``
+        over the ELBO history, ``w = tol_window``. 0 disables the test.
+    tol_window : int
+    batch_size, y_batch_size : int or None
+        Spots and genes per mini-batch; ``None`` uses all.
+    shuffle : bool
+        Draw mini-batches in a new random order every epoch.
+    device : {"cpu", "gpu", "cuda", "auto"}
+    dtype : {"float32", "float64"}
+    random_state : int
+        Seeds the initialisation, mini-batch order, Monte Carlo draws and inducing
+        points. Torch's and numpy's global generators are not touched.
+    verbose : bool
+        Print a progress line every ``log_every`` iterations and at the end.
+    log_every : int
+
+    Attributes
+    ----------
+    loadings_ : ndarray, (D, L)
+    prior_ : FactorPrior
+        The fitted prior module, holding q(F) of the training spots.
+    elbo_history_ : ndarray, (n_iter_,)
+        ELBO estimate at every iteration, scaled to the full data and including
+        ``-sum lgamma(Y + 1)``, so it bounds the log marginal likelihood.
+    n_iter_ : int
+    converged_ : bool
+        The tolerance test passed.
+    stopped_early_ : bool
+        The callback asked to stop.
+    fit_time_ : float
+        Seconds spent in :meth:`fit`, initialisation included.
+    device_ : torch.device
+    n_features_in_ : int
+        D.
+    n_spots_ : int
+        N.
+    """
+
+    def __init__(self, n_components=10, *, prior="gaussian", mode="lower-bound", num_samples=8,
+                 loadings_mode="multiplicative",
+                 kernel="Matern32", num_inducing=3000, lengthscale=4.0, sigma=1.0,
+                 group_diff_param=10.0, use_groups=True, train_lengthscale=False,
+                 per_factor_lengthscale=False, cholesky_mode="exp", diagonal_only=False,
+                 inducing_allocation="proportional", jitter=1e-5, kl_weight=1.0,
+                 max_iter=1000, learning_rate=0.1, optimizer="Adam", tol=1e-4, tol_window=10,
+                 batch_size=None, y_batch_size=None, shuffle=True,
+                 device="cpu", dtype="float32", random_state=0, verbose=False, log_every=50):
+        self.n_components = n_components
+        self.prior = prior
+        self.mode = mode
+        self.num_samples = num_samples
+        self.loadings_mode = loadings_mode
+        self.kernel = kernel
+        self.num_inducing = num_inducing
+        self.lengthscale = lengthscale
+        self.sigma = sigma
+        self.group_diff_param = group_diff_param
+        self.use_groups = use_groups
+        self.train_lengthscale = train_lengthscale
+        self.per_factor_lengthscale = per_factor_lengthscale
+        self.cholesky_mode = cholesky_mode
+        self.diagonal_only = diagonal_only
+        self.inducing_allocation = inducing_allocation
+        self.jitter = jitter
+        self.kl_weight = kl_weight
+        self.max_iter = max_iter
+        self.learning_rate = learning_rate
+        self.optimizer = optimizer
+        self.tol = tol
+        self.tol_window = tol_window
+        self.batch_size = batch_size
+        self.y_batch_size = y_batch_size
+        self.shuffle = shuffle
+        self.device = device
+        self.dtype = dtype
+        self.random_state = random_state
+        self.verbose = verbose
+        self.log_every = log_every
+
+    # ---- scikit-learn parameter protocol -----------------------------------------------------
+
+    @classmethod
+    def _param_names(cls) -> list[str]:
+        sig = inspect.signature(cls.__init__)
+        return [p.name for p in sig.parameters.values() if p.name != "self"]
+
+    def get_params(self, deep: bool = True) -> dict[str, Any]:
+        """Hyperparameters as a dict (``deep`` is accepted for scikit-learn compatibility)."""
+        return {name: getattr(self, name) for name in self._param_names()}
+
+    def set_params(self, **params) -> "PNMF":
+        """Set hyperparameters by name; unknown names raise ConfigError."""
+        valid = set(self._param_names())
+        for key, value in params.items():
+            if key not in valid:
+                raise ConfigError(f"PNMF has no hyperparameter {key!r}; valid: {', '.join(sorted(valid))}")
+            setattr(self, key, value)
+        return self
+
+    def __repr__(self) -> str:
+        default = {p.name: p.default for p in inspect.signature(type(self).__init__).parameters.values()}
+        changed = [f"{k}={v!r}" for k, v in self.get_params().items() if v != default.get(k)]
+        return f"{type(self).__name__}({', '.join(changed)})"
+
+    # ---- validation --------------------------------------------------------------------------
+
+    def _validated(self) -> dict[str, Any]:
+        """Checked and normalised hyperparameters; raises ConfigError naming the bad one."""
+        p = {
+            "n_components": _integer("n_components", self.n_components, 1),
+            "prior": _choice("prior", self.prior, PRIORS),
+            "mode": _choice("mode", self.mode, MODES),
+            "num_samples": _integer("num_samples", self.num_samples, 1),
+            "loadings_mode": _choice("loadings_mode", self.loadings_mode, LOADINGS_MODES),
+            "max_iter": _integer("max_iter", self.max_iter, 1),
+            "learning_rate": _number("learning_rate", self.learning_rate, 0.0, True),
+            "optimizer": OPTIMIZERS[_choice("optimizer", self.optimizer, tuple(OPTIMIZERS))],
+            "tol": _number("tol", self.tol, 0.0, False),
+            "tol_window": _integer("tol_window", self.tol_window, 1),
+            "batch_size": _integer("batch_size", self.batch_size, 1, allow_none=True),
+            "y_batch_size": _integer("y_batch_size", self.y_batch_size, 1, allow_none=True),
+            "log_every": _integer("log_every", self.log_every, 1),
+            "random_state": _integer("random_state", self.random_state, 0),
+            "kl_weight": _number("kl_weight", self.kl_weight, 0.0, False),
+            "shuffle": _flag("shuffle", self.shuffle),
+            "verbose": _flag("verbose", self.verbose),
+        }
+        if isinstance(self.dtype, torch.dtype) and self.dtype in DTYPES.values():
+            p["dtype"] = self.dtype
+        else:
+            p["dtype"] = DTYPES[_choice("dtype", self.dtype, tuple(DTYPES))]
+        return p
+
+    # ---- fitting -----------------------------------------------------------------------------
+
+    def fit(self, Y, coordinates=None, groups=None, callback: Optional[Callback] = None) -> "PNMF":
+        """Fit the model to counts.
+
+        Parameters
+        ----------
+        Y : scipy sparse matrix or array-like, (N, D)
+            Raw non-negative integer counts, spots in rows.
+        coordinates : array-like, (N, 2), optional
+            Spot positions; required by ``prior="svgp"``.
+        groups : array-like of int, (N,), optional
+            Group codes ``0..G-1`` for the multi-group kernel.
+        callback : callable ``(iteration, elbo) -> bool | None``, optional
+            Called after every iteration with the 1-based iteration count and that
+            iteration's ELBO estimate; returning True stops training
+            (``stopped_early_`` is then True).
+
+        Returns
+        -------
+        self
+        """
+        start = time.perf_counter()
+        p = self._validated()
+        Yc = _check_counts(Y)
+        n, d = Yc.shape
+        X = _check_coordinates(coordinates, n)
+        g = _check_groups(groups, n)
+        if p["prior"] == "svgp" and X is None:
+            raise DataError("coordinates = None, but prior = 'svgp' needs the spot coordinates: "
+                            f"pass an array of shape (n_spots, 2) = ({n}, 2)")
+        if callback is not None and not callable(callback):
+            raise ConfigError(f"callback = {callback!r} is not callable; expected f(iteration, elbo) -> bool")
+        device = resolve_device(self.device)
+        dtype = p["dtype"]
+        gen = torch.Generator(device=device).manual_seed(p["random_state"])
+
+        full = CountBatch.from_scipy(Yc, device=device, dtype=dtype)
+        L = p["n_components"]
+        W0, mu0 = self._initial_state(full, L, gen, dtype, device)
+        coords_t = None if X is None else torch.as_tensor(X, dtype=dtype, device=device)
+        groups_t = None if g is None else torch.as_tensor(g, device=device)
+        if p["prior"] == "gaussian":
+            prior = GaussianPrior(n, L, mean=mu0, scale=_fixed_point_scale(mu0, W0),
+                                  kl_weight=p["kl_weight"])
+        else:
+            prior = self._build_svgp(coords_t, groups_t, L, p["random_state"]).to(device=device, dtype=dtype)
+            _warm_start(prior, mu0, coords_t, groups_t if self.use_groups else None, gen)
+        prior = prior.to(device=device, dtype=dtype)
+
+        # The model is usable from inside ``callback``: prior_ and loadings_ are the
+        # live training state (e.g. for checkpoints or a validation score).
+        self.device_ = device
+        self.n_spots_, self.n_features_in_ = n, d
+        self._coordinates = coords_t
+        self._groups = groups_t if self.use_groups else None
+        self.prior_ = prior
+        self._loadings_t = W0
+        result = _Trainer(self, p, prior, W0, Yc, full, gen, coords_t, self._groups,
+                          train_loadings=True).run(callback, start)
+        self._loadings_t = result.loadings
+        self.elbo_history_ = np.asarray(result.history, dtype=np.float64)
+        self.n_iter_ = len(result.history)
+        self.converged_ = result.converged
+        self.stopped_early_ = result.stopped
+        self.fit_time_ = time.perf_counter() - start
+        return self
+
+    def _initial_state(self, full: CountBatch, L: int, gen: torch.Generator, dtype, device,
+                       W_fixed: Optional[Tensor] = None) -> tuple[Tensor, Tensor]:
+        """KL-NMF start: loadings W (D, L) and log-factors mu (L, N) with per-factor mean 0.
+
+        With ``W_fixed`` (transform) only the factors are fitted and W is kept.
+        """
+        N, D = full.n_spots, full.n_genes
+        # sklearn's "random" NMF init scale: entries of H W^T average the data mean
+        scale = math.sqrt(max(float(full.values.sum()) / (N * D), 1e-12) / L)
+        H = scale * (0.5 + torch.rand((N, L), generator=gen, device=device, dtype=dtype))
+        if W_fixed is None:
+            W = scale * (0.5 + torch.rand((D, L), generator=gen, device=device, dtype=dtype))
+        else:
+            W = W_fixed.clone()
+            H.fill_(1.0)
+        H, W = _kl_nmf(full, H, W, INIT_ITER, update_w=W_fixed is None)
+        mu = _log_factors_from_nmf(H)
+        if W_fixed is None:
+            # Centre each factor: the prior N(0, 1) sees mean-zero log-factors and W
+            # absorbs the shift, leaving the rates W exp(mu) unchanged.
+            shift = mu.mean(dim=1)
+            mu = mu - shift[:, None]
+            W = W * torch.exp(shift)[None, :]
+        return W, mu
+
+    def _build_svgp(self, coords: Tensor, groups: Optional[Tensor], L: int, seed: int,
+                    inducing_points: Optional[Tensor] = None,
+                    inducing_groups: Optional[Tensor] = None) -> FactorPrior:
+        from sf_mlflow.models.svgp import SVGPPrior  # optional module, imported on use
+
+        use = groups if self.use_groups else None
+        n_groups = None if use is None else int(use.max().item()) + 1
+        return SVGPPrior(coords, use, L, num_inducing=self.num_inducing, kernel=self.kernel,
+                         lengthscale=self.lengthscale, sigma=self.sigma,
+                         group_diff_param=self.group_diff_param, n_groups=n_groups,
+                         train_lengthscale=self.train_lengthscale,
+                         per_factor_lengthscale=self.per_factor_lengthscale,
+                         cholesky_mode=self.cholesky_mode, diagonal_only=self.diagonal_only,
+                         inducing_allocation=self.inducing_allocation, jitter=self.jitter,
+                         kl_weight=self.kl_weight, seed=seed, inducing_points=inducing_points,
+                         inducing_groups=inducing_groups)
+
+    # ---- results -----------------------------------------------------------------------------
+
+    @property
+    def loadings_(self) -> np.ndarray:
+        """Loadings W, (D, L), non-negative."""
+        if "_loadings_t" not in self.__dict__:
+            raise AttributeError("loadings_ is set by fit()")
+        return self._loadings_t.detach().cpu().numpy()
+
+    def _check_fitted(self, what: str) -> None:
+        if not hasattr(self, "prior_"):
+            raise ModelError(f"PNMF.{what}() needs a fitted model; call fit(Y) first")
+
+    @torch.no_grad()
+    def _marginals(self, chunk_size: int = 10000) -> tuple[Tensor, Tensor]:
+        """q(F) of all training spots: mean (L, N), var (L, N)."""
+        means, variances = [], []
+        for s in range(0, self.n_spots_, chunk_size):
+            idx = torch.arange(s, min(s + chunk_size, self.n_spots_), device=self.device_)
+            c = None if self._coordinates is None else self._coordinates[idx]
+            g = None if self._groups is None else self._groups[idx]
+            m, v = self.prior_.marginals(idx, c, g)
+            means.append(m)
+            variances.append(v)
+        return torch.cat(means, dim=1), torch.cat(variances, dim=1)
+
+    def get_factors(self, exp_mean: bool = False) -> np.ndarray:
+        """Factors of the training spots, (N, L).
+
+        ``exp(E[F])`` (the posterior median of the log-normal factor) by default;
+        with ``exp_mean=True`` the posterior mean ``E[exp F] = exp(m + v / 2)``.
+        """
+        self._check_fitted("get_factors")
+        m, v = self._marginals()
+        return torch.exp(m + 0.5 * v if exp_mean else m).T.cpu().double().numpy()
+
+    def get_factor_scales(self) -> np.ndarray:
+        """Posterior standard deviation of the log-factors F, (N, L)."""
+        self._check_fitted("get_factor_scales")
+        _, v = self._marginals()
+        return torch.sqrt(v).T.cpu().double().numpy()
+
+    def expected_counts(self, genes=None) -> np.ndarray:
+        """Posterior mean rates ``E[R] = exp(m + v/2) W^T`` of the training spots, (N, Dsel).
+
+        ``genes``: indices or a boolean mask of the genes to return (default all);
+        the result is dense, so select genes for large data.
+        """
+        self._check_fitted("expected_counts")
+        W = self.loadings_ if genes is None else self.loadings_[np.asarray(genes)]
+        return self.get_factors(exp_mean=True) @ W.T
+
+    def transform(self, Y_new, coordinates=None, groups=None) -> np.ndarray:
+        """Factors ``exp(E[F])`` of new spots with the loadings fixed, (N_new, L).
+
+        Gaussian prior: q(F) of the new spots is fitted from scratch to ``Y_new``
+        with the same mode, optimiser and stopping rule, W frozen. SVGP prior: the
+        GP predictive at ``coordinates`` (``Y_new`` only checked for its width).
+        """
+        self._check_fitted("transform")
+        p = self._validated()
+        Yc = _check_counts(Y_new, "Y_new")
+        if Yc.shape[1] != self.n_features_in_:
+            raise DataError(f"Y_new has {Yc.shape[1]} genes, the model was fitted with "
+                            f"{self.n_features_in_}; expected shape (n_spots, {self.n_features_in_})")
+        if p["prior"] == "svgp":
+            if coordinates is None:
+                raise DataError("coordinates = None, but the svgp prior predicts factors from "
+                                f"coordinates: pass an array of shape ({Yc.shape[0]}, 2)")
+            return self.predict_factors(coordinates, groups)
+        device, dtype = self.device_, p["dtype"]
+        gen = torch.Generator(device=device).manual_seed(p["random_state"])
+        full = CountBatch.from_scipy(Yc, device=device, dtype=dtype)
+        W = self._loadings_t.to(device=device, dtype=dtype)
+        _, mu0 = self._initial_state(full, self.n_components, gen, dtype, device, W_fixed=W)
+        prior = GaussianPrior(Yc.shape[0], p["n_components"], mean=mu0, scale=_fixed_point_scale(mu0, W),
+                              kl_weight=p["kl_weight"]).to(device=device, dtype=dtype)
+        _Trainer(self, p, prior, W, Yc, full, gen, None, None, train_loadings=False).run(None, time.perf_counter())
+        with torch.no_grad():
+            return torch.exp(prior.mu).T.cpu().double().numpy()
+
+    def predict_factors(self, coordinates, groups=None, return_std: bool = False,
+                        chunk_size: int = 10000):
+        """GP predictive factors ``exp(E[F])`` at new coordinates (svgp prior only), (M, L).
+
+        With ``return_std`` also the predictive standard deviation of F, (M, L).
+        """
+        self._check_fitted("predict_factors")
+        if _choice("prior", self.prior, PRIORS) != "svgp":
+            raise ModelError(f"predict_factors() needs prior = 'svgp'; this model has prior = {self.prior!r} "
+                             "(use transform(Y_new) for the Gaussian prior)")
+        X = np.asarray(coordinates, dtype=np.float64)
+        if X.ndim != 2 or X.shape[1] != 2:
+            raise DataError(f"coordinates must have shape (n_spots, 2), got {X.shape}")
+        g = _check_groups(groups, X.shape[0]) if self.use_groups else None
+        dtype = _validated_dtype(self.dtype)
+        c = torch.as_tensor(X, dtype=dtype, device=self.device_)
+        gg = None if g is None else torch.as_tensor(g, device=self.device_)
+        with torch.no_grad():
+            m, v = self.prior_.predict(c, gg, chunk_size=chunk_size)
+        factors = torch.exp(m).T.cpu().double().numpy()
+        if return_std:
+            return factors, torch.sqrt(v).T.cpu().double().numpy()
+        return factors
+
+    def elbo(self) -> float:
+        """The last ELBO estimate of training (see ``elbo_history_``)."""
+        self._check_fitted("elbo")
+        return float(self.elbo_history_[-1])
+
+    # ---- persistence -------------------------------------------------------------------------
+
+    def save(self, path) -> None:
+        """Write hyperparameters, learned state and attributes with ``torch.save``.
+
+        Only tensors, numbers, strings, lists and dicts are stored, so
+        :meth:`load` can read the file with ``weights_only=True``.
+        """
+        self._check_fitted("save")
+        params = self.get_params()
+        if isinstance(params["dtype"], torch.dtype):
+            params["dtype"] = str(params["dtype"]).replace("torch.", "")
+        state = {
+            "prior": {k: v.detach().cpu() for k, v in self.prior_.state_dict().items()},
+            "loadings": self._loadings_t.detach().cpu(),
+            "coordinates": None if self._coordinates is None else self._coordinates.cpu(),
+            "groups": None if self._groups is None else self._groups.cpu(),
+        }
+        # The SVGP prior's inducing points (buffers Z, g_Z) are passed back to its
+        # constructor at load time, so loading does not rerun k-means.
+        for name, attr in (("inducing_points", "Z"), ("inducing_groups", "g_Z")):
+            value = getattr(self.prior_, attr, None)
+            state[name] = value.detach().cpu() if isinstance(value, Tensor) else None
+        attributes = {
+            "elbo_history_": torch.as_tensor(self.elbo_history_, dtype=torch.float64),
+            "n_iter_": int(self.n_iter_), "converged_": bool(self.converged_),
+            "stopped_early_": bool(self.stopped_early_), "fit_time_": float(self.fit_time_),
+            "n_features_in_": int(self.n_features_in_), "n_spots_": int(self.n_spots_),
+        }
+        torch.save({"format_version": FORMAT_VERSION, "hyperparameters": params,
+                    "state": state, "attributes": attributes}, Path(path))
+
+    @classmethod
+    def load(cls, path, device: str = "cpu") -> "PNMF":
+        """Read a model written by :meth:`save` onto ``device``."""
+        blob = torch.load(Path(path), map_location="cpu", weights_only=True)
+        version = blob.get("format_version") if isinstance(blob, dict) else None
+        if version != FORMAT_VERSION:
+            raise ModelError(f"{path}: format_version = {version!r}, expected {FORMAT_VERSION} "
+                             "(not a PNMF file, or written by an incompatible version)")
+        model = cls(**blob["hyperparameters"])
+        model.device = device
+        p = model._validated()
+        dev = resolve_device(device)
+        dtype = p["dtype"]
+        st, at = blob["state"], blob["attributes"]
+        n, L = int(at["n_spots_"]), p["n_components"]
+        model._coordinates = None if st["coordinates"] is None else st["coordinates"].to(dev, dtype)
+        model._groups = None if st["groups"] is None else st["groups"].to(dev)
+        if p["prior"] == "gaussian":
+            prior = GaussianPrior(n, L, dtype=dtype, kl_weight=p["kl_weight"])
+        else:
+            ip, ig = st.get("inducing_points"), st.get("inducing_groups")
+            prior = model._build_svgp(model._coordinates, model._groups, L, p["random_state"],
+                                      inducing_points=None if ip is None else ip.to(dev, dtype),
+                                      inducing_groups=None if ig is None else ig.to(dev))
+        prior = prior.to(device=dev, dtype=dtype)
+        prior.load_state_dict(st["prior"])
+        model.prior_ = prior
+        model._loadings_t = st["loadings"].to(dev, dtype)
+        model.device_ = dev
+        model.elbo_history_ = at["elbo_history_"].numpy()
+        for key in ("n_iter_", "converged_", "stopped_early_", "fit_time_", "n_features_in_", "n_spots_"):
+            setattr(model, key, at[key])
+        return model
+
+
+def _validated_dtype(value) -> torch.dtype:
+    if isinstance(value, torch.dtype) and value in DTYPES.values():
+        return value
+    return DTYPES[_choice("dtype", value, tuple(DTYPES))]
+
+
+# ---- the optimisation loop -------------------------------------------------------------------
+
+class _Result:
+    def __init__(self, loadings: Tensor, history: list[float], converged: bool, stopped: bool):
+        self.loadings, self.history, self.converged, self.stopped = loadings, history, converged, stopped
+
+
+class _Trainer:
+    """One optimisation run of a prior's variational parameters (and of W, if trained)."""
+
+    def __init__(self, model: PNMF, p: dict, prior: FactorPrior, W0: Tensor, Y: sp.csr_matrix,
+                 full: CountBatch, gen: torch.Generator, coords: Optional[Tensor],
+                 groups: Optional[Tensor], train_loadings: bool):
+        self.model, self.p, self.prior, self.Y, self.full, self.gen = model, p, prior, Y, full, gen
+        self.coords, self.groups = coords, groups
+        self.N, self.D = Y.shape
+        self.device, self.dtype = full.device, full.values.dtype
+        self.train_loadings = train_loadings
+        self.gradient_loadings = train_loadings and p["loadings_mode"] == "gradient"
+        params = list(prior.parameters())
+        if self.gradient_loadings:
+            # softplus^{-1}(W) = W + log(1 - exp(-W)), written stably
+            W0 = W0.clamp_min(1e-6)
+            self.raw_loadings = torch.nn.Parameter(W0 + torch.log(-torch.expm1(-W0)))
+            params.append(self.raw_loadings)
+        else:
+            self.W = W0.detach().clone()
+        opt_cls = getattr(torch.optim, p["optimizer"])
+        self.optimizer = opt_cls(params, lr=p["learning_rate"])
+
+    def loadings(self) -> Tensor:
+        """Current W, (D, L)."""
+        if self.gradient_loadings:
+            return torch.nn.functional.softplus(self.raw_loadings)
+        return self.W
+
+    def _batches(self) -> Iterator[tuple[CountBatch, Tensor, Optional[Tensor]]]:
+        """(counts block, spot index (B,), gene index (Db,) or None for all genes)."""
+        p = self.p
+        rng = np.random.default_rng(p["random_state"])
+        spots = _index_batches(self.N, p["batch_size"], p["shuffle"], rng)
+        genes = _index_batches(self.D, p["y_batch_size"], p["shuffle"], rng)
+        all_spots = p["batch_size"] is None or p["batch_size"] >= self.N
+        all_genes = p["y_batch_size"] is None or p["y_batch_size"] >= self.D
+        if all_spots and all_genes:
+            idx = torch.arange(self.N, device=self.device)
+            while True:
+                yield self.full, idx, None
+        while True:
+            si, gi = next(spots), next(genes)
+            block = self.Y[si]
+            if not all_genes:
+                block = block[:, gi]
+            batch = CountBatch.from_scipy(block, device=self.device, dtype=self.dtype)
+            yield (batch, torch.as_tensor(si, device=self.device),
+                   None if all_genes else torch.as_tensor(gi, device=self.device))
+
+    def _step(self, batch: CountBatch, idx: Tensor, gidx: Optional[Tensor]) -> float:
+        p, prior = self.p, self.prior
+        coords = None if self.coords is None else self.coords[idx]
+        groups = None if self.groups is None else self.groups[idx]
+        mean, var = prior.marginals(idx, coords, groups)
+        W_all = self.loadings()
+        W = W_all if gidx is None else W_all[gidx]
+        multiplicative = self.train_loadings and not self.gradient_loadings
+        new_W = None
+        if multiplicative:
+            ll, new_W = likelihood_and_update(batch, mean, var, W, mode=p["mode"],
+                                              num_samples=p["num_samples"], generator=self.gen)
+        else:
+            ll = expected_log_likelihood(batch, mean, var, W, mode=p["mode"],
+                                         num_samples=p["num_samples"], generator=self.gen)
+        scale = (self.N / batch.n_spots) * (self.D / batch.n_genes)
+        elbo = scale * ll - prior.kl(idx)
+        self.optimizer.zero_grad(set_to_none=True)
+        (-elbo / self.N).backward()
+        self.optimizer.step()
+        if new_W is not None:
+            self._update_loadings(new_W, mean.detach(), var.detach(), gidx, batch.n_spots)
+        if self.train_loadings:
+            with torch.no_grad():
+                self.model._loadings_t = self.loadings().detach()
+        return float(elbo.detach())
+
+    @torch.no_grad()
+    def _init_statistics(self) -> None:
+        """Running sufficient statistics of the loadings' update, for spot mini-batches.
+
+        The update is ``W = s / t`` with ``s_dl = W_dl sum_n (Y_dn / R_dn) exp(m_ln)``
+        (counts of gene d attributed to factor l) and ``t_dl = sum_n exp(m_ln + v_ln/2)``.
+        On a full batch this is the exact minorise-maximise step. On a spot batch
+        alone it is degenerate: a gene without counts in the batch would get W_d = 0
+        (and then NaN once it has counts again). So, as in online EM, s and t are
+        exponential moving averages of their N/B-scaled batch values with weight
+        ``rho = B / N``, i.e. a memory of about one epoch; ``rho = 1`` on a full batch.
+        """
+        sums = torch.zeros(self.prior.n_components, dtype=self.dtype, device=self.device)
+        for start in range(0, self.N, 10000):
+            idx = torch.arange(start, min(start + 10000, self.N), device=self.device)
+            c = None if self.coords is None else self.coords[idx]
+            g = None if self.groups is None else self.groups[idx]
+            m, v = self.prior.marginals(idx, c, g)
+            sums += torch.exp(m + 0.5 * v).sum(dim=1)
+        self.stat_t = sums.expand(self.D, -1).clone()            # (D, L)
+        self.stat_s = self.W * self.stat_t                        # (D, L)
+
+    @torch.no_grad()
+    def _update_loadings(self, new_W: Tensor, mean: Tensor, var: Tensor, gidx: Optional[Tensor],
+                         n_batch: int) -> None:
+        """Apply the multiplicative step to the gene batch's rows (all rows when gidx is None)."""
+        rho = n_batch / self.N
+        if rho >= 1.0:
+            # Full spot batch: the exact maximiser for the factors this ELBO was evaluated at.
+            if gidx is None:
+                self.W = new_W
+            else:
+                self.W[gidx] = new_W
+            return
+        if not hasattr(self, "stat_s"):
+            self._init_statistics()
+        t_batch = torch.exp(mean + 0.5 * var).sum(dim=1) / rho    # (L,), scaled to N spots
+        rows = slice(None) if gidx is None else gidx
+        s = (1 - rho) * self.stat_s[rows] + rho * (new_W * t_batch)
+        t = (1 - rho) * self.stat_t[rows] + rho * t_batch
+        self.stat_s[rows], self.stat_t[rows] = s, t
+        self.W[rows] = s / t
+
+    def run(self, callback: Optional[Callback], start: float) -> _Result:
+        p, verbose = self.p, self.p["verbose"]
+        w, tol = p["tol_window"], p["tol"]
+        history: list[float] = []
+        converged = stopped = False
+        batches = self._batches()
+        t_loop = time.perf_counter()
+        rel = float("nan")
+        for it in range(1, p["max_iter"] + 1):
+            batch, idx, gidx = next(batches)
+            value = self._step(batch, idx, gidx)
+            if not math.isfinite(value):
+                raise ModelError(f"the ELBO became {value} at iteration {it}; lower learning_rate "
+                                 f"(now {p['learning_rate']:g}) or use dtype='float64'")
+            history.append(value)
+            if len(history) >= 2 * w:
+                prev = sum(history[-2 * w:-w]) / w
+                last = sum(history[-w:]) / w
+                rel = abs(last - prev) / max(abs(prev), 1e-300)
+                converged = tol > 0 and rel < tol
+            if callback is not None and callback(it, value) is True:
+                stopped = True
+            done = converged or stopped or it == p["max_iter"]
+            if verbose and (it % p["log_every"] == 0 or done):
+                rate = it / max(time.perf_counter() - t_loop, 1e-9)
+                print(f"iter {it:>5d}/{p['max_iter']}  ELBO {value: .4e}  rel.change {rel:.1e}  "
+                      f"{rate:.1f} it/s", flush=True)
+            if done:
+                break
+        with torch.no_grad():
+            W = self.loadings().detach().clone()
+        return _Result(W, history, converged, stopped)

@@ -1,0 +1,321 @@
+"""PNMF estimator with the Gaussian (non-spatial) prior, on synthetic data with known truth."""
+
+from __future__ import annotations
+
+import re
+import warnings
+
+import numpy as np
+import pytest
+import scipy.sparse as sp
+import torch
+from scipy.optimize import linear_sum_assignment
+from scipy.special import gammaln
+
+from sf_mlflow.data.synthetic import make_synthetic
+from sf_mlflow.errors import ConfigError, DataError, ModelError
+from sf_mlflow.models.device import resolve_device
+from sf_mlflow.models.pnmf import PNMF
+from sf_mlflow.models.priors import GaussianPrior
+
+L = 5
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_torch_thread():
+    """Run this module's many small torch ops on one thread, restoring the setting after.
+
+    On a shared machine a busy core stalls every OpenMP parallel region, which can make
+    thousands of tiny ops 10-30x slower with two threads than with one.
+    """
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def data():
+    return make_synthetic(n_spots=1500, n_genes=300, n_components=L, n_groups=3, mean_counts=300.0, seed=0)
+
+
+@pytest.fixture(scope="module")
+def fitted(data):
+    return PNMF(L, max_iter=400, random_state=0).fit(data.counts)
+
+
+def matched_correlations(est: np.ndarray, truth: np.ndarray) -> np.ndarray:
+    """Pearson correlation of each true column with its Hungarian-matched estimated column."""
+    k = truth.shape[1]
+    C = np.corrcoef(truth.T, est.T)[:k, k:]
+    r, c = linear_sum_assignment(-C)
+    return C[r, c]
+
+
+# ---- fitting -----------------------------------------------------------------------------
+
+def test_recovers_true_log_factors(fitted, data):
+    """Matched Pearson correlation on the log scale (log-factors are what the prior models)."""
+    corr = matched_correlations(np.log(fitted.get_factors()), data.truth["log_factors"])
+    assert corr.min() >= 0.9, corr
+    corr_w = matched_correlations(fitted.loadings_, data.truth["loadings"])
+    assert corr_w.min() >= 0.9, corr_w
+
+
+def test_learned_attributes(fitted, data):
+    N, D = data.counts.shape
+    assert fitted.loadings_.shape == (D, L) and (fitted.loadings_ >= 0).all()
+    assert fitted.get_factors().shape == (N, L)
+    assert fitted.get_factors(exp_mean=True).shape == (N, L)
+    assert (fitted.get_factors(exp_mean=True) > fitted.get_factors()).all()
+    scales = fitted.get_factor_scales()
+    assert scales.shape == (N, L) and (scales > 0).all()
+    assert fitted.elbo_history_.shape == (fitted.n_iter_,)
+    assert fitted.converged_ and not fitted.stopped_early_ and fitted.n_iter_ < 400
+    assert (fitted.n_spots_, fitted.n_features_in_) == (N, D)
+    assert fitted.device_ == torch.device("cpu") and fitted.fit_time_ > 0
+    assert isinstance(fitted.prior_, GaussianPrior)
+
+
+def test_elbo_rises_and_is_a_true_bound(fitted, data):
+    h = fitted.elbo_history_
+    assert h[-1] > h[0]
+    assert h[-10:].mean() > h[:10].mean()
+    # ELBO <= max_F log p(Y | F) <= the saturated Poisson log-likelihood (lgamma included)
+    y = data.counts.data
+    saturated = float((y * np.log(y) - y - gammaln(y + 1)).sum())
+    assert h.max() < saturated
+    # and not absurdly far below: within the deviance of the truth plus a generous KL allowance
+    assert h[-1] > saturated - 2.0 * data.counts.sum()
+
+
+def test_expected_counts_match_the_data_total(fitted, data):
+    """At a fixed point of the multiplicative update, sum E[R] equals sum Y."""
+    mu = fitted.expected_counts()
+    assert mu.shape == data.counts.shape
+    assert mu.sum() == pytest.approx(data.counts.sum(), rel=0.01)
+    assert fitted.expected_counts(genes=[0, 3]).shape == (data.counts.shape[0], 2)
+
+
+def test_minibatch_training_increases_the_elbo(data):
+    m = PNMF(L, batch_size=500, y_batch_size=150, max_iter=600, tol=0, random_state=1).fit(data.counts)
+    h = m.elbo_history_
+    assert len(h) == 600
+    assert h[-30:].mean() > h[:30].mean()
+    corr = matched_correlations(np.log(m.get_factors()), data.truth["log_factors"])
+    assert corr.min() >= 0.85, corr
+
+
+@pytest.mark.parametrize("kwargs, n_iter", [
+    ({"loadings_mode": "gradient"}, 120),
+    ({"optimizer": "AdamW"}, 120),
+    # Monte Carlo gradients are noisier, so these get more steps
+    ({"mode": "expanded", "num_samples": 3}, 200),
+    ({"mode": "simple", "num_samples": 3}, 200),
+])
+def test_other_modes_fit(data, kwargs, n_iter):
+    m = PNMF(L, max_iter=n_iter, tol=0, random_state=0, **kwargs).fit(data.counts)
+    h = m.elbo_history_
+    assert np.isfinite(h).all()
+    assert h[-12:].mean() > h[:12].mean()
+    corr = matched_correlations(np.log(m.get_factors()), data.truth["log_factors"])
+    assert corr.min() >= 0.85, (kwargs, corr)
+
+
+def test_sgd_runs(data):
+    m = PNMF(L, optimizer="SGD", learning_rate=0.5, max_iter=30, tol=0).fit(data.counts)
+    assert np.isfinite(m.elbo_history_).all()
+
+
+def test_float64_and_dense_input(data):
+    Y = data.counts[:300].toarray()
+    m = PNMF(3, dtype="float64", max_iter=20).fit(Y)
+    assert m.prior_.mu.dtype == torch.float64 and m.loadings_.dtype == np.float64
+
+
+def test_same_seed_gives_bitwise_identical_results(data):
+    Y = data.counts[:600]
+    kw = dict(max_iter=40, batch_size=200, mode="expanded", num_samples=2)
+    a = PNMF(L, random_state=3, **kw).fit(Y)
+    b = PNMF(L, random_state=3, **kw).fit(Y)
+    c = PNMF(L, random_state=4, **kw).fit(Y)
+    assert np.array_equal(a.get_factors(), b.get_factors())
+    assert np.array_equal(a.loadings_, b.loadings_)
+    assert np.array_equal(a.elbo_history_, b.elbo_history_)
+    assert not np.array_equal(a.get_factors(), c.get_factors())
+
+
+def test_fit_leaves_global_rngs_alone(data):
+    torch.manual_seed(123)
+    np.random.seed(123)
+    PNMF(L, max_iter=5, batch_size=300, mode="simple").fit(data.counts[:600])
+    t, n = torch.rand(1).item(), np.random.rand()
+    torch.manual_seed(123)
+    np.random.seed(123)
+    assert (torch.rand(1).item(), np.random.rand()) == (t, n)
+
+
+def test_callback_sees_every_iteration_and_can_stop(data):
+    seen = []
+
+    def cb(it, elbo):
+        seen.append((it, elbo))
+        return it == 7
+
+    m = PNMF(L, max_iter=100, tol=0).fit(data.counts[:500], callback=cb)
+    assert [it for it, _ in seen] == list(range(1, 8))
+    assert m.n_iter_ == 7 and m.stopped_early_ and not m.converged_
+    assert [e for _, e in seen] == list(m.elbo_history_)
+
+
+def test_verbose_progress_lines(data, capsys):
+    PNMF(L, max_iter=10, tol=0, verbose=True, log_every=5).fit(data.counts[:300])
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert len(lines) == 2
+    pattern = r"iter +10/10  ELBO -\d\.\d{4}e\+\d\d  rel\.change \S+  \d+\.\d it/s"
+    assert re.fullmatch(pattern, lines[-1]), lines[-1]
+
+
+# ---- persistence and new spots ---------------------------------------------------------------
+
+def test_save_load_roundtrip(fitted, tmp_path):
+    path = tmp_path / "model.pt"
+    fitted.save(path)
+    loaded = PNMF.load(path)
+    assert np.array_equal(loaded.get_factors(), fitted.get_factors())
+    assert np.array_equal(loaded.get_factor_scales(), fitted.get_factor_scales())
+    assert np.array_equal(loaded.loadings_, fitted.loadings_)
+    assert np.array_equal(loaded.elbo_history_, fitted.elbo_history_)
+    assert loaded.get_params() == {**fitted.get_params(), "device": "cpu"}
+    assert (loaded.n_iter_, loaded.converged_, loaded.n_spots_) == (fitted.n_iter_, fitted.converged_,
+                                                                    fitted.n_spots_)
+    blob = torch.load(path, weights_only=True)
+    assert set(blob) == {"format_version", "hyperparameters", "state", "attributes"}
+
+
+def test_load_rejects_other_files(tmp_path):
+    path = tmp_path / "other.pt"
+    torch.save({"weights": torch.zeros(2)}, path)
+    with pytest.raises(ModelError, match="format_version"):
+        PNMF.load(path)
+
+
+def test_transform_reproduces_the_fitted_factors(fitted, data):
+    """q(F) of a spot depends only on its counts and W, so refitting it alone lands in the same place."""
+    rows = np.arange(0, 1500, 5)
+    new = fitted.transform(data.counts[rows])
+    old = fitted.get_factors()[rows]
+    assert new.shape == (len(rows), L)
+    log_err = np.abs(np.log(new) - np.log(old))
+    assert np.median(log_err) < 0.05, np.median(log_err)
+    for l in range(L):
+        assert np.corrcoef(np.log(new[:, l]), np.log(old[:, l]))[0, 1] > 0.98
+
+
+def test_predict_factors_needs_the_spatial_prior(fitted):
+    with pytest.raises(ModelError, match="prior = 'svgp'"):
+        fitted.predict_factors(np.zeros((3, 2)))
+
+
+# ---- parameters and errors -------------------------------------------------------------------
+
+def test_get_and_set_params():
+    m = PNMF(4, learning_rate=0.05)
+    params = m.get_params()
+    assert params["n_components"] == 4 and params["learning_rate"] == 0.05
+    assert PNMF(**params).get_params() == params
+    assert m.set_params(max_iter=7) is m and m.max_iter == 7
+    with pytest.raises(ConfigError, match="max_iters"):
+        m.set_params(max_iters=7)
+    assert "learning_rate=0.05" in repr(m)
+
+
+def test_init_does_not_validate():
+    PNMF(n_components=-1, mode="nonsense")  # scikit-learn convention: checks happen in fit
+
+
+@pytest.mark.parametrize("params, match", [
+    ({"n_components": 0}, r"n_components = 0 .*integer >= 1"),
+    ({"mode": "exact"}, r"mode = 'exact' .*'lower-bound'"),
+    ({"prior": "gp"}, r"prior = 'gp' .*'gaussian', 'svgp'"),
+    ({"loadings_mode": "em"}, r"loadings_mode = 'em'"),
+    ({"optimizer": "LBFGS"}, r"optimizer = 'LBFGS'"),
+    ({"learning_rate": 0.0}, r"learning_rate = 0.0 .*> 0"),
+    ({"num_samples": 0}, r"num_samples = 0"),
+    ({"batch_size": 0}, r"batch_size = 0 .*or None"),
+    ({"tol_window": 0}, r"tol_window = 0"),
+    ({"dtype": "float16"}, r"dtype = 'float16'"),
+    ({"max_iter": 2.5}, r"max_iter = 2.5"),
+    ({"shuffle": "yes"}, r"shuffle = 'yes'"),
+    ({"kl_weight": -1.0}, r"kl_weight = -1.0"),
+])
+def test_bad_hyperparameters_are_named(params, match):
+    Y = np.ones((5, 4))
+    with pytest.raises(ConfigError, match=match):
+        PNMF(**{"n_components": 2, "max_iter": 2, **params}).fit(Y)
+
+
+@pytest.mark.parametrize("Y, kwargs, match", [
+    (np.ones(5), {}, r"Y must be 2-D .*shape \(5,\)"),
+    (np.ones((2, 3, 4)), {}, r"Y must be 2-D"),
+    (-np.ones((5, 4)), {}, r"Y contains negative values"),
+    (np.full((5, 4), 0.5), {}, r"Y contains 20 non-integer values"),
+    (np.full((5, 4), np.nan), {}, r"Y contains NaN"),
+    (np.ones((0, 4)), {}, r"Y is empty"),
+    ("counts", {}, r"Y must be a numeric array"),
+    (np.ones((5, 4)), {"coordinates": np.zeros((4, 2))}, r"coordinates must have shape .*\(5, 2\), got \(4, 2\)"),
+    (np.ones((5, 4)), {"coordinates": np.full((5, 2), np.inf)}, r"coordinates contain NaN"),
+    (np.ones((5, 4)), {"groups": np.zeros(3, dtype=int)}, r"groups must have shape .*\(5,\)"),
+    (np.ones((5, 4)), {"groups": -np.ones(5, dtype=int)}, r"groups must be integer group codes"),
+    (np.ones((5, 4)), {"callback": 3}, r"callback = 3 is not callable"),
+])
+def test_bad_inputs_are_named(Y, kwargs, match):
+    with pytest.raises((DataError, ConfigError), match=match):
+        PNMF(2, max_iter=2).fit(Y, **kwargs)
+
+
+def test_svgp_prior_needs_coordinates():
+    with pytest.raises(DataError, match=r"coordinates = None, but prior = 'svgp'.*\(5, 2\)"):
+        PNMF(2, prior="svgp", max_iter=2).fit(np.ones((5, 4)))
+
+
+def test_methods_need_a_fitted_model():
+    for call in (lambda m: m.get_factors(), lambda m: m.transform(np.ones((2, 3))),
+                 lambda m: m.save("x.pt")):
+        with pytest.raises(ModelError, match="fit"):
+            call(PNMF(2))
+
+
+def test_transform_checks_the_gene_count(fitted):
+    with pytest.raises(DataError, match="Y_new has 3 genes.*300"):
+        fitted.transform(np.ones((2, 3)))
+
+
+def test_sparse_input_with_empty_rows_and_columns():
+    Y = sp.random(60, 20, density=0.3, random_state=0, format="csr")
+    Y.data = np.ceil(Y.data * 4)
+    Y = Y.tolil()
+    Y[5, :] = 0
+    Y[:, 7] = 0
+    m = PNMF(3, max_iter=50).fit(Y.tocsr())
+    assert np.isfinite(m.get_factors()).all() and np.isfinite(m.elbo_history_).all()
+    assert m.loadings_[7].max() < 1e-3
+
+
+# ---- device --------------------------------------------------------------------------------
+
+def test_resolve_device():
+    assert resolve_device("cpu") == torch.device("cpu")
+    assert resolve_device("AUTO").type == ("cuda" if torch.cuda.is_available() else "cpu")
+    with pytest.raises(ConfigError, match="device = 'tpu'"):
+        resolve_device("tpu")
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="tests the fallback on machines without CUDA")
+@pytest.mark.parametrize("name", ["gpu", "cuda"])
+def test_gpu_falls_back_to_cpu_with_one_warning(name):
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert resolve_device(name) == torch.device("cpu")
+    assert len(caught) == 1
+    assert "CUDA is not available" in str(caught[0].message) and "CPU" in str(caught[0].message)
