@@ -136,7 +136,7 @@ def run_train(config: Config, preprocess_run_id: str | None = None) -> str:
             with open(out / "elbo_history.csv", "w", newline="") as fh:
                 w = csv.writer(fh)
                 w.writerow(["iteration", "elbo"])
-                w.writerows((i, repr(float(v))) for i, v in enumerate(history))
+                w.writerows((i, repr(float(v))) for i, v in enumerate(history, start=1))
             (out / "training.json").write_text(json.dumps(summary, indent=2))
             (out / "config.yaml").write_text(config.to_yaml())
             run.log_artifacts(out)

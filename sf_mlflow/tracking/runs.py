@@ -39,6 +39,8 @@ _PARAM_BATCH = 100  # ... and at most 100 params
 
 def configure_tracking() -> str:
     """Use ``MLFLOW_TRACKING_URI`` when set, else sqlite ``mlflow.db`` in the working directory."""
+    # Artifact progress bars would interleave with the stages' own progress lines.
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     uri = os.environ.get("MLFLOW_TRACKING_URI")
     if not uri:
         uri = f"sqlite:///{Path.cwd() / 'mlflow.db'}"

@@ -1,0 +1,73 @@
+"""The MLflow Project itself: `mlflow run . -e <stage> --env-manager local` end to end."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+from mlflow.tracking import MlflowClient
+
+REPO = Path(__file__).resolve().parents[1]
+
+pytestmark = pytest.mark.slow
+
+
+def mlflow_run(entry_point, params, tmp_path, uri):
+    cmd = [sys.executable, "-m", "mlflow", "run", str(REPO), "-e", entry_point,
+           "--env-manager", "local", "--experiment-name", "project_test"]
+    for k, v in params.items():
+        cmd += ["-P", f"{k}={v}"]
+    env = {**os.environ, "MLFLOW_TRACKING_URI": uri}
+    proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    return proc
+
+
+def test_preprocess_then_train_via_mlflow_run(tmp_path):
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    config = tmp_path / "small.yaml"
+    config.write_text(yaml.safe_dump({
+        "name": "project_test", "seed": 1, "dataset": "synthetic",
+        "output_dir": str(tmp_path / "outputs"),
+        "data": {"synthetic": {"n_spots": 400, "n_genes": 80, "n_components": 3}},
+        "preprocessing": {"min_counts": 5, "min_cells": 3, "holdout_fraction": 0.1},
+        "model": {"n_components": 3, "spatial": False},
+        "training": {"max_iter": 200, "tol": 0.0, "device": "cpu", "log_every": 10},
+    }))
+    pre = mlflow_run("preprocess", {"config": config}, tmp_path, uri)
+    assert pre.returncode == 0, pre.stderr[-3000:]
+    client = MlflowClient(uri)
+    exp = client.get_experiment_by_name("project_test")
+    (pre_run,) = client.search_runs([exp.experiment_id])
+    pre_id = pre_run.info.run_id
+    assert pre_run.info.status == "FINISHED" and pre_run.data.tags["sf.stage"] == "preprocess"
+
+    train = mlflow_run("train", {"config": config, "preprocess_run_id": pre_id,
+                                 "training.max_iter": 25}, tmp_path, uri)
+    assert train.returncode == 0, train.stderr[-3000:]
+    assert "[train] finished run" in train.stdout
+    assert "ELBO" in train.stdout  # progress lines
+    runs = client.search_runs([exp.experiment_id], "tags.`sf.stage` = 'train'")
+    (run,) = runs
+    assert run.info.status == "FINISHED"
+    p = run.data.params
+    assert p["training.max_iter"] == "25" and p["preprocess_run_id"] == pre_id
+    assert p["model.n_components"] == "3" and p["dataset"] == "synthetic"
+    history = client.get_metric_history(run.info.run_id, "elbo")
+    assert len(history) == 25 == int(run.data.metrics["n_iter"])
+    values = [m.value for m in sorted(history, key=lambda m: m.step)]
+    assert values[-1] > values[0]  # the ELBO went up
+    arts = {a.path for a in client.list_artifacts(run.info.run_id)}
+    assert {"model.pth", "elbo_history.csv", "training.json", "config.yaml"} <= arts
+
+    # A user error through `mlflow run`: one error line, the run FAILED.
+    bad = mlflow_run("train", {"config": config, "preprocess_run_id": run.info.run_id},
+                     tmp_path, uri)
+    assert bad.returncode != 0
+    assert "is a 'train' run, but a 'preprocess' run ID is required" in bad.stderr
+    assert "Traceback (most recent call last)" not in bad.stderr.split("error:")[0][-2000:]
+    failed = client.search_runs([exp.experiment_id], "attributes.status = 'FAILED'")
+    assert len(failed) == 1

@@ -1,0 +1,198 @@
+"""The preprocess and train stages in-process against a real sqlite MLflow store.
+
+Covers what each stage logs, upstream-run lookup, and every bad input of the
+foundation issue: one readable error line, the run ended FAILED (never RUNNING),
+and no artifacts presented as a result.
+"""
+
+from __future__ import annotations
+
+import json
+
+import anndata as ad
+import numpy as np
+import pandas as pd
+import pytest
+import scipy.sparse as sp
+import yaml
+from mlflow.tracking import MlflowClient
+
+from sf_mlflow.cli import main
+from sf_mlflow.config import config_from_dict
+from sf_mlflow.stages.preprocess import run_preprocess
+from sf_mlflow.stages.train import run_train
+
+SMALL = {
+    "name": "stage_tests",
+    "seed": 3,
+    "dataset": "synthetic",
+    "data": {"synthetic": {"n_spots": 300, "n_genes": 60, "n_components": 3, "n_groups": 2,
+                           "mean_counts": 200}},
+    "preprocessing": {"min_counts": 5, "min_cells": 3, "holdout_fraction": 0.1,
+                      "spatial_scale": 10.0},
+    "model": {"n_components": 3, "spatial": False},
+    "training": {"max_iter": 40, "device": "cpu", "log_every": 20},
+}
+
+
+def write_config(tmp_path, raw, name="config.yaml"):
+    path = tmp_path / name
+    path.write_text(yaml.safe_dump(raw))
+    return path
+
+
+def user_error(stderr: str) -> str:
+    """The CLI's error message (MLflow may log its own INFO lines to stderr too)."""
+    assert "Traceback" not in stderr
+    start = stderr.index("error: ")
+    return stderr[start:]
+
+
+def all_runs(client):
+    exps = [e.experiment_id for e in client.search_experiments()]
+    return client.search_runs(exps) if exps else []
+
+
+def test_preprocess_then_train_log_everything(mlflow_store, tmp_path):
+    cfg = config_from_dict(SMALL, "small.yaml")
+    pre_id = run_preprocess(cfg)
+    train_id = run_train(cfg)  # no run ID: finds the newest matching preprocess run
+    client = MlflowClient()
+
+    pre = client.get_run(pre_id)
+    assert pre.info.status == "FINISHED"
+    assert pre.data.tags["sf.stage"] == "preprocess"
+    assert pre.data.params["preprocessing.min_counts"] == "5"
+    assert pre.data.metrics["n_heldout"] == 30
+    files = {f.path for f in client.list_artifacts(pre_id, "data")}
+    assert {"data/X.npy", "data/Y.npz", "data/C.npy", "data/metadata.json"} <= files
+
+    run = client.get_run(train_id)
+    assert run.info.status == "FINISHED" and run.info.run_name == "train/pnmf/L3"
+    assert run.data.tags["sf.upstream_run_id"] == pre_id
+    assert run.data.params["upstream.preprocess_run_id"] == pre_id
+    assert run.data.params["model.n_components"] == "3"
+    assert run.data.params["training.max_iter"] == "40"
+    history = client.get_metric_history(train_id, "elbo")
+    n_iter = int(run.data.metrics["n_iter"])
+    assert len(history) == n_iter and sorted(m.step for m in history) == list(range(1, n_iter + 1))
+    assert run.data.metrics["final_elbo"] == pytest.approx(
+        max(history, key=lambda m: m.step).value, rel=1e-6)
+    names = {f.path for f in client.list_artifacts(train_id)}
+    assert {"model.pth", "elbo_history.csv", "training.json", "config.yaml"} <= names
+    local = client.download_artifacts(train_id, "training.json", str(tmp_path))
+    summary = json.loads(open(local).read())
+    assert summary["n_train_spots"] == 270 and summary["preprocess_run_id"] == pre_id
+    # Finished outputs also sit in output_dir, and no partial folder is left behind.
+    assert (tmp_path / cfg.output_dir / "train" / train_id / "model.pth").is_file()
+    assert not list((tmp_path / cfg.output_dir).rglob("*.partial"))
+
+
+def test_train_without_preprocess_run_says_what_to_run(mlflow_store, tmp_path, capsys):
+    path = write_config(tmp_path, SMALL)
+    assert main(["train", "-c", str(path)]) == 2
+    err = user_error(capsys.readouterr().err)
+    assert err.startswith("error: no FINISHED preprocess run matches dataset 'synthetic'")
+    assert f"mlflow run . -e preprocess --env-manager local -P config={path}" in err
+
+
+def test_run_id_checks(mlflow_store, tmp_path, capsys):
+    path = write_config(tmp_path, SMALL)
+    assert main(["preprocess", "-c", str(path)]) == 0
+    pre_id = [r for r in all_runs(MlflowClient()) if r.data.tags.get("sf.stage") == "preprocess"][0]
+    pre_id = pre_id.info.run_id
+    capsys.readouterr()
+
+    assert main(["train", "-c", str(path), "--preprocess-run-id", "0123456789abcdef"]) == 2
+    assert "preprocess run ID '0123456789abcdef' does not exist" in user_error(
+        capsys.readouterr().err)
+
+    assert main(["train", "-c", str(path), "--preprocess-run-id", pre_id, "--set",
+                 "training.max_iter=5"]) == 0
+    train_id = [r for r in all_runs(MlflowClient()) if r.data.tags.get("sf.stage") == "train"][0]
+    capsys.readouterr()
+    assert main(["train", "-c", str(path), "--preprocess-run-id", train_id.info.run_id]) == 2
+    err = user_error(capsys.readouterr().err)
+    assert "is a 'train' run, but a 'preprocess' run ID is required" in err
+
+
+def test_cli_overrides_in_mlflow_run_form(mlflow_store, tmp_path):
+    path = write_config(tmp_path, SMALL)
+    assert main(["preprocess", "-c", str(path), "--preprocessing.min_counts", "7"]) == 0
+    (run,) = all_runs(MlflowClient())
+    assert run.data.params["preprocessing.min_counts"] == "7"
+    with pytest.raises(SystemExit):
+        main(["preprocess", "-c", str(path), "--bogus"])
+
+
+def _h5ad(tmp_path, *, counts=None, coords=None, obs=None, name="bad.h5ad"):
+    rng = np.random.default_rng(0)
+    n, d = 60, 20
+    counts = rng.poisson(3.0, size=(n, d)).astype(np.float32) if counts is None else counts
+    coords = rng.uniform(size=(n, 2)) if coords is None else coords
+    obs = pd.DataFrame(index=[f"s{i}" for i in range(n)]) if obs is None else obs
+    adata = ad.AnnData(X=sp.csr_matrix(counts), obs=obs,
+                       var=pd.DataFrame(index=[f"g{j}" for j in range(d)]))
+    adata.obsm["spatial"] = coords
+    path = tmp_path / name
+    adata.write_h5ad(path)
+    return path
+
+
+def _bad_input_config(tmp_path, h5ad_path, **data):
+    raw = {**SMALL, "dataset": "h5ad",
+           "data": {"path": str(h5ad_path), **data},
+           "preprocessing": {"min_counts": 1, "min_cells": 1}}
+    return write_config(tmp_path, raw)
+
+
+def _bad_counts(tmp_path):
+    c = np.random.default_rng(1).poisson(3.0, size=(60, 20)).astype(np.float32)
+    c[4, 2] = -1
+    return _h5ad(tmp_path, counts=c)
+
+
+def _fractional_counts(tmp_path):
+    c = np.random.default_rng(1).poisson(3.0, size=(60, 20)).astype(np.float32)
+    c[5, 1] = 0.5
+    return _h5ad(tmp_path, counts=c)
+
+
+def _nan_coords(tmp_path):
+    xy = np.random.default_rng(2).uniform(size=(60, 2))
+    xy[7, 0] = np.nan
+    return _h5ad(tmp_path, coords=xy)
+
+
+@pytest.mark.parametrize("make, data, fragment", [
+    (_bad_counts, {}, "negative values"),
+    (_fractional_counts, {}, "non-integer values"),
+    (_nan_coords, {}, "NaN or infinite coordinates"),
+    (lambda p: _h5ad(p), {"group_key": "celltype"}, "celltype"),
+])
+def test_bad_inputs_fail_cleanly(mlflow_store, tmp_path, capsys, make, data, fragment):
+    path = _bad_input_config(tmp_path, make(tmp_path), **data)
+    assert main(["preprocess", "-c", str(path)]) == 2
+    err = user_error(capsys.readouterr().err)
+    assert fragment in err
+    (run,) = all_runs(MlflowClient())
+    assert run.info.status == "FAILED"
+    assert MlflowClient().list_artifacts(run.info.run_id) == []
+    assert not (tmp_path / "outputs").exists() or not list((tmp_path / "outputs").rglob("*.npy"))
+
+
+def test_empty_after_filtering_fails_cleanly(mlflow_store, tmp_path, capsys):
+    path = write_config(tmp_path, {**SMALL, "preprocessing": {"min_counts": 10**9}})
+    assert main(["preprocess", "-c", str(path)]) == 2
+    err = user_error(capsys.readouterr().err)
+    assert "min_counts" in err
+    (run,) = all_runs(MlflowClient())
+    assert run.info.status == "FAILED"
+
+
+def test_unknown_dataset_is_a_config_error(mlflow_store, tmp_path, capsys):
+    path = write_config(tmp_path, {**SMALL, "dataset": "merfish"})
+    assert main(["preprocess", "-c", str(path)]) == 2
+    err = user_error(capsys.readouterr().err)
+    assert "dataset = 'merfish'" in err and "'slideseq', 'h5ad', 'synthetic'" in err
+    assert all_runs(MlflowClient()) == []  # nothing started, nothing left RUNNING
