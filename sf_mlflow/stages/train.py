@@ -60,6 +60,23 @@ def build_model(config: Config) -> PNMF:
     )
 
 
+def gp_facts(model: PNMF) -> dict:
+    """Kernel facts of a fitted spatial model (empty for the non-spatial one)."""
+    prior = model.prior_
+    if not hasattr(prior, "num_inducing"):
+        return {}
+    ls = prior.lengthscale
+    facts = {"num_inducing": int(prior.num_inducing), "sigma": float(prior.sigma),
+             "group_diff_param": float(prior.group_diff_param),
+             "jitter_used": prior.jitter_used}
+    if isinstance(ls, (list, tuple)):
+        facts.update({f"lengthscale_{i}": float(v) for i, v in enumerate(ls)})
+        facts["lengthscale"] = float(sum(ls) / len(ls))
+    else:
+        facts["lengthscale"] = float(ls)
+    return {k: v for k, v in facts.items() if v is not None}
+
+
 def resolve_preprocess_run(config: Config, preprocess_run_id: str | None):
     """The upstream preprocess run: the one given, or the newest matching FINISHED one."""
     if preprocess_run_id:
@@ -130,6 +147,7 @@ def run_train(config: Config, preprocess_run_id: str | None = None) -> str:
             "n_genes": int(data.n_genes),
             "device": str(model.device_),
             "preprocess_run_id": upstream_id,
+            **gp_facts(model),
         }
         with staging_dir(config, STAGE, run.run_id) as out:
             model.save(out / "model.pth")
