@@ -71,3 +71,43 @@ def test_preprocess_then_train_via_mlflow_run(tmp_path):
     assert "Traceback (most recent call last)" not in bad.stderr.split("error:")[0][-2000:]
     failed = client.search_runs([exp.experiment_id], "attributes.status = 'FAILED'")
     assert len(failed) == 1
+
+
+def test_spatial_train_on_osmfish_via_mlflow_run(tmp_path, shared_file):
+    import torch
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    raw = yaml.safe_load((REPO / "configs/osmfish/svgp.yaml").read_text())
+    raw["data"]["path"] = str(shared_file("osmfish_sscortex.h5ad"))
+    raw["output_dir"] = str(tmp_path / "outputs")
+    config = tmp_path / "osmfish.yaml"
+    config.write_text(yaml.safe_dump(raw))
+
+    pre = mlflow_run("preprocess", {"config": config}, tmp_path, uri)
+    assert pre.returncode == 0, pre.stderr[-3000:]
+    train = mlflow_run("train", {"config": config, "training.max_iter": 20,
+                                 "model.num_inducing": 200}, tmp_path, uri)
+    assert train.returncode == 0, train.stderr[-3000:]
+
+    client = MlflowClient(uri)
+    exp = client.get_experiment_by_name("project_test")
+    (run,) = client.search_runs([exp.experiment_id], "tags.`sf.stage` = 'train'")
+    assert run.info.status == "FINISHED"
+    assert run.info.run_name == "train/svgp/L6/M200/l4"
+    assert run.data.tags["sf.model"] == "svgp"
+    p, m = run.data.params, run.data.metrics
+    assert p["model.num_inducing"] == "200" and p["model.kernel"] == "Matern32"
+    assert p["model.inducing_allocation"] == "proportional"
+    assert float(p["model.group_diff_param"]) == 10.0
+    assert m["num_inducing"] == 200 and m["lengthscale"] == 4.0 and m["sigma"] == 1.0
+    assert m["jitter_used"] > 0
+    assert len(client.get_metric_history(run.info.run_id, "elbo")) == 20
+
+    local = client.download_artifacts(run.info.run_id, "model.pth", str(tmp_path))
+    saved = torch.load(local, weights_only=True)
+    prior = saved["state"]["prior"]
+    assert prior["mu"].shape == (6, 200) and prior["Z"].shape == (200, 2)
+    assert prior["g_Z"].shape == (200,) and int(prior["g_Z"].max()) > 0  # several groups
+    assert any("lengthscale" in k for k in prior) and any("sigma" in k for k in prior)
+    assert any(k.startswith("Lu") for k in prior)
+    assert saved["state"]["loadings"].shape == (33, 6)
