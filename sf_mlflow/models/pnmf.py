@@ -872,7 +872,7 @@ class _Trainer:
             done = converged or stopped or it == p["max_iter"]
             if verbose and (it % p["log_every"] == 0 or done):
                 rate = it / max(time.perf_counter() - t_loop, 1e-9)
-                change = "   -   " if rel != rel else f"{rel:.1e}"  # NaN until 2 windows exist
+                change = "n/a    " if rel != rel else f"{rel:.1e}"  # undefined until 2 windows exist
                 print(f"iter {it:>5d}/{p['max_iter']}  ELBO {value: .4e}  rel.change {change}  "
                       f"{rate:.1f} it/s", flush=True)
             if done:

@@ -169,11 +169,16 @@ def test_callback_sees_every_iteration_and_can_stop(data):
 
 
 def test_verbose_progress_lines(data, capsys):
-    PNMF(L, max_iter=10, tol=0, verbose=True, log_every=5).fit(data.counts[:300])
+    PNMF(L, max_iter=30, tol=0, tol_window=10, verbose=True, log_every=10).fit(data.counts[:300])
     lines = capsys.readouterr().out.strip().splitlines()
-    assert len(lines) == 2
-    pattern = r"iter +10/10  ELBO -\d\.\d{4}e\+\d\d  rel\.change \S+  \d+\.\d it/s"
-    assert re.fullmatch(pattern, lines[-1]), lines[-1]
+    assert len(lines) == 3
+    pattern = r"iter +(\d+)/30  ELBO -\d\.\d{4}e\+\d\d  rel\.change (\S+) +\d+\.\d it/s"
+    matches = [re.fullmatch(pattern, line) for line in lines]
+    assert all(matches), lines
+    assert [int(m.group(1)) for m in matches] == [10, 20, 30]
+    # the relative change needs two full windows of history: undefined at 10, a number from 20
+    assert [m.group(2) for m in matches][0] == "n/a"
+    assert all(float(m.group(2)) >= 0 for m in matches[1:])
 
 
 # ---- persistence and new spots ---------------------------------------------------------------
