@@ -37,6 +37,7 @@ __all__ = [
     "PreprocessingConfig",
     "ModelConfig",
     "TrainingConfig",
+    "AnalysisConfig",
     "load_config",
     "config_from_dict",
     "parse_overrides",
@@ -153,6 +154,16 @@ class TrainingConfig:
 
 
 @dataclass
+class AnalysisConfig:
+    """What the analyze stage computes from a trained model."""
+
+    moran_k: int = _f(6, 1, doc="neighbours in the kNN graph of Moran's I")
+    exp_mean: bool = _f(False, doc="report E[exp F] instead of exp(E[F]) as the factors")
+    group_loadings_iter: int = _f(100, 1, doc="multiplicative updates when refitting W per group")
+    n_top_genes: int = _f(10, 1, doc="top and bottom genes per factor and group in the enrichment")
+
+
+@dataclass
 class Config:
     """A whole experiment: data, preprocessing, model and training."""
 
@@ -164,6 +175,7 @@ class Config:
     preprocessing: PreprocessingConfig = field(default_factory=PreprocessingConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     training: TrainingConfig = field(default_factory=TrainingConfig)
+    analysis: AnalysisConfig = field(default_factory=AnalysisConfig)
     source: Optional[str] = field(default=None, compare=False, repr=False,
                                   metadata={"internal": True})
 

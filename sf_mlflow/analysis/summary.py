@@ -1,0 +1,161 @@
+"""Everything a biologist reads off a fitted model, in one MLflow-free function.
+
+:func:`analyze_model` turns a fitted :class:`~sf_mlflow.models.pnmf.PNMF` plus its
+training (and held-out) spots into arrays, tables and scalar metrics. One code path
+serves the non-spatial and the spatial model; only the held-out prediction and the
+GP facts differ:
+
+* spatial model: held-out factors are the GP predictive at the held-out coordinates
+  and groups;
+* non-spatial model: the factors of a new spot are unknown without its counts, so
+  the honest prediction is the mean log-factor of its nearest training spots
+  (:func:`~sf_mlflow.analysis.heldout.nearest_neighbour_log_factors`); the held-out
+  counts are used only to score.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+import numpy as np
+import scipy.sparse as sp
+from scipy.spatial import cKDTree
+
+from sf_mlflow.analysis.deviance import poisson_deviance
+from sf_mlflow.analysis.enrichment import enrichment_summary, relative_enrichment, relevant_genes
+from sf_mlflow.analysis.group_loadings import group_loadings
+from sf_mlflow.analysis.heldout import nearest_neighbour_log_factors
+from sf_mlflow.analysis.moran import knn_weights, morans_i
+from sf_mlflow.analysis.ordering import order_by
+from sf_mlflow.data.counts import SpatialCounts
+
+
+@dataclass
+class AnalysisResult:
+    """Outputs of :func:`analyze_model`; factor axes are already in Moran's I order.
+
+    arrays : name -> ndarray, e.g. ``factors`` (N, L), ``scales`` (N, L), ``loadings`` (D, L),
+        ``group_loadings`` (G, D, L), ``groupwise_factors`` (G, L, N)
+    metrics : scalar metrics (Moran's I per rank, deviances, reconstruction error, GP facts)
+    order : (L,) original factor index of each rank
+    moran : (L,) Moran's I in rank order
+    enrichment : JSON-ready top and bottom genes per group and factor (or None)
+    """
+
+    arrays: dict[str, np.ndarray]
+    metrics: dict[str, float]
+    order: np.ndarray
+    moran: np.ndarray
+    enrichment: Optional[dict] = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def reconstruction_error(Y: sp.csr_matrix, factors: np.ndarray, loadings: np.ndarray) -> float:
+    """``||Y - F W^T||_F / ||Y||_F`` without forming the dense (N, D) product.
+
+    Uses ``||Y - M||^2 = ||Y||^2 - 2 <Y, M> + ||M||^2`` with ``||F W^T||^2 =
+    sum((F^T F) * (W^T W))`` and ``<Y, M>`` over the non-zeros of Y only.
+    """
+    Y = sp.csr_matrix(Y)
+    coo = Y.tocoo()
+    y2 = float(np.dot(coo.data, coo.data))
+    cross = 0.0
+    for start in range(0, coo.nnz, 2_000_000):
+        r = coo.row[start:start + 2_000_000]
+        c = coo.col[start:start + 2_000_000]
+        cross += float(np.dot(coo.data[start:start + 2_000_000],
+                              np.einsum("ij,ij->i", factors[r], loadings[c])))
+    m2 = float(np.sum((factors.T @ factors) * (loadings.T @ loadings)))
+    return float(np.sqrt(max(y2 - 2 * cross + m2, 0.0) / y2)) if y2 > 0 else float("nan")
+
+
+def _deviance_metrics(prefix: str, Y, factors, loadings) -> dict[str, float]:
+    dev = poisson_deviance(Y, factors=factors, loadings=loadings)
+    return {f"{prefix}_deviance": dev["total"], f"{prefix}_deviance_mean": dev["mean"],
+            f"{prefix}_deviance_nsf": dev["nsf"]}
+
+
+def analyze_model(model, train: SpatialCounts, heldout: Optional[SpatialCounts] = None, *,
+                  moran_k: int = 6, exp_mean: bool = False, group_loadings_iter: int = 100,
+                  n_top_genes: int = 10, chunk_size: int = 10000,
+                  verbose: bool = False) -> AnalysisResult:
+    """Compute factors, Moran's I, deviances, group loadings, enrichment and GP facts.
+
+    Parameters
+    ----------
+    model : PNMF, fitted on ``train``'s spots (in the same order).
+    train : SpatialCounts, N training spots.
+    heldout : SpatialCounts, optional, held-out spots for held-out deviance.
+    moran_k : neighbours of the binary, row-normalised kNN graph of Moran's I.
+    exp_mean : report ``E[exp F]`` instead of ``exp(E[F])`` as the factors.
+    """
+    say = print if verbose else (lambda *a, **k: None)
+    factors = model.get_factors(exp_mean=exp_mean)                 # (N, L)
+    scales = model.get_factor_scales()                               # (N, L)
+    loadings = np.asarray(model.loadings_, dtype=np.float64)         # (D, L)
+    L = factors.shape[1]
+    X = train.coordinates
+
+    say("Moran's I of every factor")
+    weights = knn_weights(X, k=moran_k)
+    moran_orig = np.atleast_1d(morans_i(factors, weights=weights))
+    order = order_by(moran_orig)
+    moran = moran_orig[order]
+    metrics: dict[str, float] = {f"moran_i_{r}": float(v) for r, v in enumerate(moran)}
+    metrics["moran_i_mean"] = float(np.nanmean(moran))
+
+    say("reconstruction error and deviance")
+    metrics["reconstruction_error"] = reconstruction_error(train.counts, factors, loadings)
+    metrics.update(_deviance_metrics("train", train.counts, factors, loadings))
+
+    arrays: dict[str, np.ndarray] = {
+        "factors": factors[:, order], "scales": scales[:, order], "loadings": loadings[:, order],
+        "factor_order": order,
+    }
+    spatial = hasattr(model.prior_, "num_inducing")
+
+    if heldout is not None and heldout.n_spots > 0:
+        say(f"held-out deviance on {heldout.n_spots:,} spots")
+        if spatial:
+            groups = heldout.groups if getattr(model, "_groups", None) is not None else None
+            held_factors = model.predict_factors(heldout.coordinates, groups=groups,
+                                                 chunk_size=chunk_size)
+        else:
+            held_log = nearest_neighbour_log_factors(X, np.log(factors), heldout.coordinates,
+                                                     k=moran_k)
+            held_factors = np.exp(held_log)
+        metrics.update(_deviance_metrics("heldout", heldout.counts, held_factors, loadings))
+
+    enrichment = None
+    if train.groups is not None and train.group_names:
+        say(f"group-specific loadings for {train.n_groups} groups")
+        Wg = group_loadings(train.counts, factors, loadings, train.groups,
+                            n_groups=train.n_groups, n_iter=group_loadings_iter)
+        Wg = Wg[:, :, order]
+        arrays["group_loadings"] = Wg
+        lfc = relative_enrichment(arrays["loadings"], Wg)
+        arrays["enrichment_lfc"] = lfc
+        mask = relevant_genes(arrays["loadings"], lfc)
+        enrichment = enrichment_summary(lfc, list(train.gene_names), list(train.group_names),
+                                        n=n_top_genes, mask=mask)
+
+    if spatial:
+        prior = model.prior_
+        if getattr(model, "_groups", None) is not None and train.group_names:
+            say(f"groupwise factors for {train.n_groups} groups")
+            import torch
+
+            with torch.no_grad():
+                coords = torch.as_tensor(X, dtype=prior.Z.dtype, device=prior.Z.device)
+                gw = prior.groupwise(coords, list(range(train.n_groups)), chunk_size=chunk_size)
+            arrays["groupwise_factors"] = np.exp(gw.detach().cpu().double().numpy())[:, order, :]
+        ls = prior.lengthscale
+        metrics["lengthscale"] = float(np.mean(ls))
+        metrics["sigma"] = float(prior.sigma)
+        metrics["num_inducing"] = float(prior.num_inducing)
+        Z = prior.Z.detach().cpu().double().numpy()
+        dist, _ = cKDTree(Z).query(X, k=1)
+        metrics["mean_distance_to_inducing"] = float(np.mean(dist))
+    return AnalysisResult(arrays=arrays, metrics=metrics, order=order, moran=moran,
+                          enrichment=enrichment)
