@@ -34,6 +34,13 @@ def _build_parser() -> argparse.ArgumentParser:
     p = stage("train", "fit the model on a preprocess run's data; log it as a train run")
     p.add_argument("--preprocess-run-id", default="",
                    help="upstream preprocess run (default: newest matching FINISHED run)")
+    p = stage("analyze", "compute factors, Moran's I, deviances and enrichment of a train run")
+    p.add_argument("--train-run-id", default="",
+                   help="upstream train run (default: newest FINISHED one of this config)")
+    p = stage("figures", "draw the figures of one analyze run, or compare several")
+    p.add_argument("--analyze-run-ids", default="",
+                   help="one or more analyze run IDs, comma- or space-separated "
+                        "(default: newest FINISHED one of this config)")
     return parser
 
 
@@ -73,6 +80,14 @@ def main(argv: Sequence[str] | None = None) -> int:
             from sf_mlflow.stages.train import run_train
 
             run_train(config, preprocess_run_id=args.preprocess_run_id or None)
+        elif args.stage == "analyze":
+            from sf_mlflow.stages.analyze import run_analyze
+
+            run_analyze(config, train_run_id=args.train_run_id or None)
+        elif args.stage == "figures":
+            from sf_mlflow.stages.figures import run_figures
+
+            run_figures(config, args.analyze_run_ids.replace(",", " ").split())
     except SfMlflowError as err:
         # User mistakes get one readable line, not a traceback.
         print(f"error: {err}", file=sys.stderr)

@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import yaml
 from mlflow.tracking import MlflowClient
+
+from sf_mlflow.stages.analyze import safe_name
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -111,3 +115,94 @@ def test_spatial_train_on_osmfish_via_mlflow_run(tmp_path, shared_file):
     assert any("lengthscale" in k for k in prior) and any("sigma" in k for k in prior)
     assert any(k.startswith("Lu") for k in prior)
     assert saved["state"]["loadings"].shape == (33, 6)
+
+    # analyze -> figures on the same run chain
+    analyze = mlflow_run("analyze", {"config": config, "train_run_id": run.info.run_id},
+                         tmp_path, uri)
+    assert analyze.returncode == 0, analyze.stderr[-3000:]
+    (an,) = client.search_runs([exp.experiment_id], "tags.`sf.stage` = 'analyze'")
+    groups = json.loads(Path(client.download_artifacts(
+        pre_run_id(client, exp), "data/metadata.json", str(tmp_path))).read_text())["group_names"]
+    expected = {"factors.npy", "scales.npy", "loadings.npy", "moran_i.csv", "metrics.json",
+                "gene_enrichment.json", "groupwise_factors.npz", "enrichment_lfc.npy"}
+    expected |= {f"loadings_group_{safe_name(g)}.npy" for g in groups}
+    assert expected <= {a.path for a in client.list_artifacts(an.info.run_id)}
+    check_analyze_metrics(client, an, tmp_path, spatial=True, n_factors=6)
+
+    figures = mlflow_run("figures", {"config": config, "analyze_run_ids": an.info.run_id},
+                         tmp_path, uri)
+    assert figures.returncode == 0, figures.stderr[-3000:]
+    (fig,) = client.search_runs([exp.experiment_id], "tags.`sf.stage` = 'figures'")
+    pngs = check_figures(client, fig, tmp_path)
+    assert "figures/groupwise_factors.png" in pngs
+    assert {f"figures/enrichment_by_group/{safe_name(g)}.png" for g in groups} <= pngs
+
+
+def pre_run_id(client, exp):
+    (pre,) = client.search_runs([exp.experiment_id], "tags.`sf.stage` = 'preprocess'")
+    return pre.info.run_id
+
+
+def check_analyze_metrics(client, run, tmp_path, *, spatial, n_factors):
+    """Every scalar of metrics.json is an MLflow metric, with the values of the plan."""
+    metrics = run.data.metrics
+    local = client.download_artifacts(run.info.run_id, "metrics.json", str(tmp_path / "m"))
+    saved = json.loads(Path(local).read_text())
+    for key, value in saved.items():
+        if isinstance(value, (int, float)):
+            assert metrics[key] == pytest.approx(value, rel=1e-9, abs=1e-12), key
+    morans = [metrics[f"moran_i_{r}"] for r in range(n_factors)]
+    assert morans == sorted(morans, reverse=True)
+    assert metrics["moran_i_mean"] == pytest.approx(np.mean(morans))
+    for key in ("reconstruction_error", "train_deviance", "train_deviance_mean",
+                "train_deviance_nsf", "heldout_deviance", "heldout_deviance_mean"):
+        assert np.isfinite(metrics[key]) and metrics[key] > 0, key
+    if spatial:
+        for key in ("lengthscale", "sigma", "num_inducing", "mean_distance_to_inducing"):
+            assert key in metrics
+
+
+def check_figures(client, run, tmp_path):
+    """Every figure of the plan exists, decodes and is not blank; returns the PNG paths."""
+    import matplotlib.image as mpimg
+
+    local = Path(client.download_artifacts(run.info.run_id, "figures", str(tmp_path / "f")))
+    pngs = {f"figures/{p.relative_to(local)}" for p in local.rglob("*.png")}
+    for name in ("factors_spatial", "scales_spatial", "elbo_curve", "top_genes",
+                 "factors_with_genes"):
+        assert f"figures/{name}.png" in pngs
+    for p in local.rglob("*.png"):
+        img = mpimg.imread(p)
+        assert img.ndim == 3 and img.shape[0] > 100 and img.shape[1] > 100
+        assert img[..., :3].var() > 1e-3, p  # not blank
+    return pngs
+
+
+def test_pnmf_pipeline_on_slideseq_window_via_mlflow_run(tmp_path, shared_file):
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    raw = yaml.safe_load((REPO / "configs/slideseq/window_pnmf.yaml").read_text())
+    raw["data"]["path"] = str(shared_file("slideseqv2_hippocampus_window.h5ad"))
+    raw["output_dir"] = str(tmp_path / "outputs")
+    raw["name"] = "project_test"
+    raw["training"]["max_iter"] = 150
+    config = tmp_path / "window.yaml"
+    config.write_text(yaml.safe_dump(raw))
+    for stage in ("preprocess", "train", "analyze", "figures"):
+        proc = mlflow_run(stage, {"config": config}, tmp_path, uri)
+        assert proc.returncode == 0, (stage, proc.stderr[-3000:])
+        # no run ID given: each stage finds the newest FINISHED upstream run of this config
+        assert "using the newest matching" in proc.stdout or stage == "preprocess"
+    client = MlflowClient(uri)
+    exp = client.get_experiment_by_name("project_test")
+    runs = {r.data.tags["sf.stage"]: r for r in client.search_runs([exp.experiment_id])}
+    assert set(runs) == {"preprocess", "train", "analyze", "figures"}
+    assert all(r.info.status == "FINISHED" for r in runs.values())
+    an = runs["analyze"]
+    arts = {a.path for a in client.list_artifacts(an.info.run_id)}
+    assert {"factors.npy", "scales.npy", "loadings.npy", "moran_i.csv", "metrics.json"} <= arts
+    assert not any(a.startswith("loadings_group_") for a in arts)  # the window has no groups
+    check_analyze_metrics(client, an, tmp_path, spatial=False, n_factors=10)
+    factors = np.load(client.download_artifacts(an.info.run_id, "factors.npy", str(tmp_path)))
+    assert factors.shape[1] == 10 and (factors > 0).all()
+    pngs = check_figures(client, runs["figures"], tmp_path)
+    assert "figures/groupwise_factors.png" not in pngs

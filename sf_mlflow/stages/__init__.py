@@ -3,4 +3,4 @@
 Imported lazily by the CLI so that ``spatial_factorization --help`` stays fast.
 """
 
-STAGES = ("preprocess", "train")
+STAGES = ("preprocess", "train", "analyze", "figures")

@@ -65,8 +65,8 @@ def describe_run(run) -> str:
 
 
 def download_artifacts(run_id: str, artifact_path: str, dst: str | Path) -> Path:
-    """Download one artifact folder of a run into ``dst``; return its local path."""
+    """Download one artifact (file or folder; ``""`` = all) of a run into ``dst``; return its path."""
     Path(dst).mkdir(parents=True, exist_ok=True)
-    local = mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path=artifact_path,
+    local = mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path=artifact_path or None,
                                                 dst_path=str(dst))
     return Path(local)

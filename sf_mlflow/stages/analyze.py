@@ -1,0 +1,119 @@
+"""The analyze stage: factors, Moran's I, deviances, group loadings and enrichment of a train run."""
+
+from __future__ import annotations
+
+import csv
+import json
+import re
+import tempfile
+from pathlib import Path
+
+import numpy as np
+
+from sf_mlflow.analysis.summary import analyze_model
+from sf_mlflow.config import Config
+from sf_mlflow.data.io import read_preprocessed
+from sf_mlflow.errors import RunLookupError
+from sf_mlflow.models.pnmf import PNMF
+from sf_mlflow.stages._common import base_tags, say, staging_dir
+from sf_mlflow.tracking import (
+    TAG_CONFIG_HASH,
+    TAG_MODEL,
+    TAG_UPSTREAM,
+    describe_run,
+    download_artifacts,
+    find_latest_run,
+    get_stage_run,
+    stage_run,
+)
+
+STAGE = "analyze"
+
+
+def resolve_upstream(stage: str, upstream: str, config: Config, run_id: str | None, entry: str):
+    """The given upstream run (checked), or the newest FINISHED one of the same config."""
+    if run_id:
+        return get_stage_run(run_id, upstream)
+    run = find_latest_run(upstream, {TAG_CONFIG_HASH: config.digest()})
+    if run is None:
+        src = config.source or "<your config>"
+        raise RunLookupError(
+            f"no FINISHED {upstream} run was made with the config {src}; run it first:\n"
+            f"  mlflow run . -e {upstream} --env-manager local -P config={src}\n"
+            f"or pass one with -P {entry}=<run id>")
+    say(stage, f"using the newest matching {upstream} run {describe_run(run)}")
+    return run
+
+
+def safe_name(name: str) -> str:
+    """A group name usable in a file name (``L2/3 IT`` -> ``L2_3_IT``)."""
+    return re.sub(r"[^A-Za-z0-9._-]+", "_", str(name)).strip("_") or "group"
+
+
+def load_lineage(train_run, tmp: Path):
+    """The fitted model of a train run and the preprocessed data of its preprocess run."""
+    pre_id = train_run.data.tags[TAG_UPSTREAM]
+    model_dir = download_artifacts(train_run.info.run_id, "model.pth", tmp / "train")
+    model = PNMF.load(model_dir if model_dir.is_file() else model_dir / "model.pth")
+    pre = read_preprocessed(download_artifacts(pre_id, "data", tmp / "preprocess"))
+    return model, pre, pre_id
+
+
+def run_analyze(config: Config, train_run_id: str | None = None) -> str:
+    """Analyze a train run and log arrays, tables and metrics. Returns the run ID.
+
+    Artifacts: ``factors.npy`` (N, L), ``scales.npy`` (N, L), ``loadings.npy`` (D, L),
+    ``moran_i.csv`` (rank, original factor, Moran's I), ``metrics.json``, and with groups
+    ``loadings_group_<g>.npy`` (D, L) and ``gene_enrichment.json``; spatial models add
+    ``groupwise_factors.npz``. Factor axes are in descending Moran's I order.
+    """
+    train_run = resolve_upstream(STAGE, "train", config, train_run_id, "train_run_id")
+    train_id = train_run.info.run_id
+    kind = train_run.data.tags.get(TAG_MODEL, "pnmf")
+    a = config.analysis
+    params = {**config.flat("analysis"), "upstream.train_run_id": train_id}
+    tags = {**base_tags(config), TAG_UPSTREAM: train_id, TAG_MODEL: kind}
+    description = f"Analyze {kind.upper()} train run {train_id} ({config.dataset})"
+    with stage_run(STAGE, experiment=config.name, params=params, tags=tags,
+                   run_name=f"analyze/{kind}/L{config.model.n_components}",
+                   description=description) as run:
+        say(STAGE, f"run {run.run_id}: {description}")
+        with tempfile.TemporaryDirectory() as tmp:
+            model, pre, pre_id = load_lineage(train_run, Path(tmp))
+        train = pre.data.subset(spots=np.flatnonzero(~pre.heldout))
+        held = pre.data.subset(spots=np.flatnonzero(pre.heldout)) if pre.heldout.any() else None
+        result = analyze_model(model, train, held, moran_k=a.moran_k, exp_mean=a.exp_mean,
+                               group_loadings_iter=a.group_loadings_iter,
+                               n_top_genes=a.n_top_genes, verbose=True)
+        with staging_dir(config, STAGE, run.run_id) as out:
+            write_outputs(out, result, train)
+            (out / "metrics.json").write_text(json.dumps(
+                {**result.metrics, "train_run_id": train_id, "preprocess_run_id": pre_id},
+                indent=2))
+            run.log_artifacts(out)
+        run.log_metrics(result.metrics)
+        say(STAGE, f"mean Moran's I {result.metrics['moran_i_mean']:.3f}; train deviance "
+                   f"{result.metrics['train_deviance']:.6g}"
+                   + (f"; held-out deviance {result.metrics['heldout_deviance']:.6g}"
+                      if "heldout_deviance" in result.metrics else ""))
+    say(STAGE, f"finished run {run.run_id}")
+    return run.run_id
+
+
+def write_outputs(out: Path, result, train) -> None:
+    arrays = result.arrays
+    for name in ("factors", "scales", "loadings"):
+        np.save(out / f"{name}.npy", arrays[name])
+    with open(out / "moran_i.csv", "w", newline="") as fh:
+        w = csv.writer(fh)
+        w.writerow(["rank", "original_factor", "moran_i"])
+        w.writerows((r, int(o), repr(float(v)))
+                    for r, (o, v) in enumerate(zip(result.order, result.moran)))
+    if "group_loadings" in arrays:
+        for g, name in enumerate(train.group_names):
+            np.save(out / f"loadings_group_{safe_name(name)}.npy", arrays["group_loadings"][g])
+        (out / "gene_enrichment.json").write_text(json.dumps(result.enrichment, indent=1))
+        np.save(out / "enrichment_lfc.npy", arrays["enrichment_lfc"])
+    if "groupwise_factors" in arrays:
+        np.savez_compressed(out / "groupwise_factors.npz", factors=arrays["groupwise_factors"],
+                            group_names=np.asarray(train.group_names, dtype=str))
