@@ -76,6 +76,40 @@ def _deviance_metrics(prefix: str, Y, factors, loadings) -> dict[str, float]:
             f"{prefix}_deviance_nsf": dev["nsf"]}
 
 
+def heldout_factors(model, train_coordinates: np.ndarray, heldout: SpatialCounts, *, k: int = 6,
+                    chunk_size: int = 10000, train_factors: Optional[np.ndarray] = None,
+                    exp_mean: bool = False) -> np.ndarray:
+    """Predicted factors of held-out spots from their positions (and groups), (Nh, L).
+
+    Spatial model: the GP predictive at the held-out coordinates and groups. Non-spatial
+    model: the mean log-factor of the ``k`` nearest training spots (see
+    :mod:`sf_mlflow.analysis.heldout`). The held-out counts are never used. Works on a
+    model in the middle of training too (e.g. from a fit callback).
+
+    train_coordinates : (N, 2) coordinates of the spots the model was fitted on.
+    train_factors : (N, L) their factors, when already computed.
+    """
+    if hasattr(model.prior_, "num_inducing"):
+        groups = heldout.groups if getattr(model, "_groups", None) is not None else None
+        return model.predict_factors(heldout.coordinates, groups=groups, chunk_size=chunk_size)
+    if train_factors is None:
+        train_factors = model.get_factors(exp_mean=exp_mean)
+    held_log = nearest_neighbour_log_factors(train_coordinates, np.log(train_factors),
+                                             heldout.coordinates, k=k)
+    return np.exp(held_log)
+
+
+def heldout_deviance(model, train_coordinates: np.ndarray, heldout: SpatialCounts, *,
+                     k: int = 6) -> dict[str, float]:
+    """Poisson deviance of held-out counts under the model's prediction from position alone.
+
+    Returns ``{"total", "mean", "nsf"}`` as :func:`~sf_mlflow.analysis.deviance.poisson_deviance`.
+    """
+    factors = heldout_factors(model, train_coordinates, heldout, k=k)
+    return poisson_deviance(heldout.counts, factors=factors,
+                            loadings=np.asarray(model.loadings_, dtype=np.float64))
+
+
 def analyze_model(model, train: SpatialCounts, heldout: Optional[SpatialCounts] = None, *,
                   moran_k: int = 6, exp_mean: bool = False, group_loadings_iter: int = 100,
                   n_top_genes: int = 10, chunk_size: int = 10000,
@@ -117,14 +151,8 @@ def analyze_model(model, train: SpatialCounts, heldout: Optional[SpatialCounts] 
 
     if heldout is not None and heldout.n_spots > 0:
         say(f"held-out deviance on {heldout.n_spots:,} spots")
-        if spatial:
-            groups = heldout.groups if getattr(model, "_groups", None) is not None else None
-            held_factors = model.predict_factors(heldout.coordinates, groups=groups,
-                                                 chunk_size=chunk_size)
-        else:
-            held_log = nearest_neighbour_log_factors(X, np.log(factors), heldout.coordinates,
-                                                     k=moran_k)
-            held_factors = np.exp(held_log)
+        held_factors = heldout_factors(model, X, heldout, k=moran_k, chunk_size=chunk_size,
+                                       train_factors=factors)
         metrics.update(_deviance_metrics("heldout", heldout.counts, held_factors, loadings))
 
     enrichment = None

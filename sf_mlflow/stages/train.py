@@ -6,6 +6,7 @@ import csv
 import json
 import tempfile
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 
@@ -107,13 +108,19 @@ def training_inputs(config: Config, pre: PreprocessedData):
     return data, groups
 
 
-def run_train(config: Config, preprocess_run_id: str | None = None) -> str:
+def run_train(config: Config, preprocess_run_id: str | None = None, *,
+              parent_run_id: str | None = None,
+              on_iteration: Callable[[PNMF, int, float], bool | None] | None = None) -> str:
     """Fit the configured model on a preprocess run's training spots and log everything.
 
     Logs the resolved config as params, the ELBO curve as the step metric ``elbo``,
     final ELBO, time and convergence as metrics, and ``model.pth``,
     ``elbo_history.csv``, ``training.json`` and ``config.yaml`` as artifacts.
     Returns the run ID.
+
+    ``parent_run_id`` makes the run a child (nested) run of that run.
+    ``on_iteration(model, iteration, elbo)`` is called after every iteration with the
+    live model (usable for predictions); returning True stops training early.
     """
     upstream = resolve_preprocess_run(config, preprocess_run_id)
     upstream_id = upstream.info.run_id
@@ -123,7 +130,8 @@ def run_train(config: Config, preprocess_run_id: str | None = None) -> str:
     description = (f"Train {kind.upper()} with L={config.model.n_components} on preprocess run "
                    f"{upstream_id} ({config.dataset})")
     with stage_run(STAGE, experiment=config.name, params=params, tags=tags,
-                   run_name=run_name(config), description=description) as run:
+                   run_name=run_name(config), description=description,
+                   parent_run_id=parent_run_id) as run:
         say(STAGE, f"run {run.run_id}: {description}")
         with tempfile.TemporaryDirectory() as tmp:
             pre = read_preprocessed(download_artifacts(upstream_id, "data", tmp))
@@ -131,8 +139,12 @@ def run_train(config: Config, preprocess_run_id: str | None = None) -> str:
         say(STAGE, f"fitting on {data.n_spots:,} spots x {data.n_genes:,} genes")
         model = build_model(config)
         elbo_stream = run.metric_stream("elbo", flush_every=100)
-        model.fit(data.counts, coordinates=data.coordinates, groups=groups,
-                  callback=lambda it, elbo: elbo_stream.append(it, elbo))
+
+        def callback(it: int, elbo: float) -> bool | None:
+            elbo_stream.append(it, elbo)
+            return on_iteration(model, it, elbo) if on_iteration is not None else None
+
+        model.fit(data.counts, coordinates=data.coordinates, groups=groups, callback=callback)
         elbo_stream.flush()
 
         history = np.asarray(model.elbo_history_, dtype=float)

@@ -159,7 +159,9 @@ def stage_run(stage: str, *, experiment: str, params: Mapping[str, Any], tags: M
 
     Attaches to the run ``mlflow run`` created when ``MLFLOW_RUN_ID`` is set (its
     experiment is the one ``mlflow run --experiment-name`` chose), otherwise creates a
-    run in ``experiment``. Tags every run with the stage, the code version and git commit.
+    run in ``experiment`` (or, with ``parent_run_id``, a child run in the parent's
+    experiment, tagged ``mlflow.parentRunId``). Tags every run with the stage, the code
+    version and git commit.
     """
     configure_tracking()
     client = MlflowClient()
@@ -174,7 +176,10 @@ def stage_run(stage: str, *, experiment: str, params: Mapping[str, Any], tags: M
         run_id = env_run_id
         client.update_run(run_id, name=run_name)
     else:
-        exp_id = _experiment_id(client, experiment)
+        # A child run lives in its parent's experiment, wherever the parent was put
+        # (e.g. by ``mlflow run --experiment-name``), so the UI shows them together.
+        exp_id = (client.get_run(parent_run_id).info.experiment_id if parent_run_id
+                  else _experiment_id(client, experiment))
         run_id = client.create_run(exp_id, run_name=run_name).info.run_id
     handle = StageRun(client, run_id)
     try:
