@@ -29,6 +29,7 @@ A spatial prior cannot take mu directly; its mean is regressed onto it instead
 
 from __future__ import annotations
 
+import copy
 import inspect
 import math
 import time
@@ -173,22 +174,49 @@ def _flag(name: str, value: Any) -> bool:
 
 # ---- batching --------------------------------------------------------------------------------
 
-def _index_batches(n: int, size: Optional[int], shuffle: bool,
-                   rng: np.random.Generator) -> Iterator[np.ndarray]:
-    """Endless stream of index batches covering 0..n-1 once per epoch.
+def _literal_state(text: str) -> dict:
+    """Parse a numpy bit-generator state saved with ``repr`` (a dict of str and int)."""
+    import ast
+
+    return ast.literal_eval(text)
+
+
+class _IndexStream:
+    """Endless stream of index batches covering 0..n-1 once per epoch, with savable state.
 
     Batches of one epoch differ in size by at most one (``array_split``), so every
     batch of a shuffled epoch is a uniformly random subset and the N/B scaling
-    keeps the ELBO estimate unbiased.
+    keeps the ELBO estimate unbiased. The state (the current epoch's order and the
+    position in it) is saved in checkpoints so a resumed fit draws the same batches.
     """
-    if size is None or size >= n:
-        while True:
-            yield np.arange(n)
-    n_batches = -(-n // size)
-    while True:
-        order = rng.permutation(n) if shuffle else np.arange(n)
-        for part in np.array_split(order, n_batches):
-            yield np.sort(part)   # sorted indices make the CSR row gather contiguous-ish
+
+    def __init__(self, n: int, size: Optional[int], shuffle: bool, rng: np.random.Generator):
+        self.n, self.shuffle, self.rng = n, shuffle, rng
+        self.full = size is None or size >= n
+        self.n_batches = 1 if self.full else -(-n // size)
+        self.order: Optional[np.ndarray] = None
+        self.pos = self.n_batches   # forces a new epoch on the first draw
+
+    def __iter__(self) -> "_IndexStream":
+        return self
+
+    def __next__(self) -> np.ndarray:
+        if self.full:
+            return np.arange(self.n)
+        if self.pos >= self.n_batches:
+            self.order = self.rng.permutation(self.n) if self.shuffle else np.arange(self.n)
+            self.pos = 0
+        part = np.array_split(self.order, self.n_batches)[self.pos]
+        self.pos += 1
+        return np.sort(part)   # sorted indices make the CSR row gather contiguous-ish
+
+    def state_dict(self) -> dict:
+        return {"order": None if self.order is None else torch.tensor(self.order),
+                "pos": int(self.pos)}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.order = None if state["order"] is None else state["order"].numpy()
+        self.pos = int(state["pos"])
 
 
 # ---- initialisation --------------------------------------------------------------------------
@@ -429,7 +457,8 @@ class PNMF:
 
     # ---- fitting -----------------------------------------------------------------------------
 
-    def fit(self, Y, coordinates=None, groups=None, callback: Optional[Callback] = None) -> "PNMF":
+    def fit(self, Y, coordinates=None, groups=None, callback: Optional[Callback] = None,
+            resume: Any = None) -> "PNMF":
         """Fit the model to counts.
 
         Parameters
@@ -444,6 +473,12 @@ class PNMF:
             Called after every iteration with the 1-based iteration count and that
             iteration's ELBO estimate; returning True stops training
             (``stopped_early_`` is then True).
+        resume : dict or path, optional
+            A checkpoint from :meth:`checkpoint` / :meth:`save_checkpoint` of a fit of the
+            same model on the same data: training continues from its iteration and, on the
+            CPU, ends with the same result as a fit that was never interrupted.
+            ``max_iter``, ``tol``, ``verbose`` and ``log_every`` may differ from the
+            checkpoint's; every other hyperparameter must match.
 
         Returns
         -------
@@ -485,8 +520,17 @@ class PNMF:
         self._groups = groups_t if self.use_groups else None
         self.prior_ = prior
         self._loadings_t = W0
-        result = _Trainer(self, p, prior, W0, Yc, full, gen, coords_t, self._groups,
-                          train_loadings=True).run(callback, start)
+        trainer = _Trainer(self, p, prior, W0, Yc, full, gen, coords_t, self._groups,
+                           train_loadings=True)
+        if resume is not None:
+            trainer.load_state_dict(self._checked_checkpoint(resume, n, d)["trainer"])
+        self._trainer = trainer
+        try:
+            result = trainer.run(callback, start)
+            # Kept only when the fit may be continued, so a finished model stays small.
+            self._stopped_state = trainer.state_dict() if result.stopped else None
+        finally:
+            del self._trainer
         self._loadings_t = result.loadings
         self.elbo_history_ = np.asarray(result.history, dtype=np.float64)
         self.n_iter_ = len(result.history)
@@ -647,6 +691,64 @@ class PNMF:
         self._check_fitted("elbo")
         return float(self.elbo_history_[-1])
 
+    # ---- checkpoints -------------------------------------------------------------------------
+
+    #: Hyperparameters that may change between a checkpoint and the fit resuming from it.
+    _RESUMABLE_CHANGES = ("max_iter", "tol", "verbose", "log_every")
+
+    def checkpoint(self) -> dict:
+        """The full training state, to continue this fit later with ``fit(..., resume=...)``.
+
+        Call it from inside a fit ``callback`` (the live state after that iteration) or
+        after a fit the callback stopped. Holds tensors, numbers and strings only.
+        """
+        trainer = self.__dict__.get("_trainer")
+        if trainer is not None:
+            state = trainer.state_dict()
+        elif self.__dict__.get("_stopped_state") is not None:
+            state = self._stopped_state
+        else:
+            raise ModelError("PNMF.checkpoint() needs a fit in progress (call it from the fit "
+                             "callback) or a fit that the callback stopped early")
+        return {"format_version": FORMAT_VERSION, "kind": "pnmf-checkpoint",
+                "hyperparameters": self._portable_params(), "n_spots": int(self.n_spots_),
+                "n_features": int(self.n_features_in_), "trainer": state}
+
+    def save_checkpoint(self, path) -> None:
+        """Write :meth:`checkpoint` to ``path`` (readable with ``weights_only=True``)."""
+        torch.save(self.checkpoint(), Path(path))
+
+    @staticmethod
+    def load_checkpoint(path) -> dict:
+        """Read a checkpoint written by :meth:`save_checkpoint`."""
+        blob = torch.load(Path(path), map_location="cpu", weights_only=True)
+        if not isinstance(blob, dict) or blob.get("kind") != "pnmf-checkpoint":
+            raise ModelError(f"{path} is not a PNMF checkpoint (written by save_checkpoint)")
+        return blob
+
+    def _checked_checkpoint(self, resume: Any, n: int, d: int) -> dict:
+        blob = resume if isinstance(resume, dict) else self.load_checkpoint(resume)
+        if blob.get("kind") != "pnmf-checkpoint" or blob.get("format_version") != FORMAT_VERSION:
+            raise ModelError("resume is not a PNMF checkpoint of this format version "
+                             f"({FORMAT_VERSION}); pass the output of PNMF.checkpoint()")
+        if (blob["n_spots"], blob["n_features"]) != (n, d):
+            raise DataError(f"the checkpoint was taken on Y of shape ({blob['n_spots']}, "
+                            f"{blob['n_features']}), but Y has shape ({n}, {d}); resume on "
+                            "the same data")
+        mine = self._portable_params()
+        diff = {k: (v, mine.get(k)) for k, v in blob["hyperparameters"].items()
+                if k not in self._RESUMABLE_CHANGES and mine.get(k) != v}
+        if diff:
+            detail = ", ".join(f"{k}: checkpoint {a!r}, now {b!r}" for k, (a, b) in sorted(diff.items()))
+            raise ConfigError(f"cannot resume: hyperparameters differ from the checkpoint's ({detail})")
+        return blob
+
+    def _portable_params(self) -> dict[str, Any]:
+        params = self.get_params()
+        if isinstance(params["dtype"], torch.dtype):
+            params["dtype"] = str(params["dtype"]).replace("torch.", "")
+        return params
+
     # ---- persistence -------------------------------------------------------------------------
 
     def save(self, path) -> None:
@@ -656,9 +758,7 @@ class PNMF:
         :meth:`load` can read the file with ``weights_only=True``.
         """
         self._check_fitted("save")
-        params = self.get_params()
-        if isinstance(params["dtype"], torch.dtype):
-            params["dtype"] = str(params["dtype"]).replace("torch.", "")
+        params = self._portable_params()
         state = {
             "prior": {k: v.detach().cpu() for k, v in self.prior_.state_dict().items()},
             "loadings": self._loadings_t.detach().cpu(),
@@ -749,6 +849,60 @@ class _Trainer:
             self.W = W0.detach().clone()
         opt_cls = getattr(torch.optim, p["optimizer"])
         self.optimizer = opt_cls(params, lr=p["learning_rate"])
+        # spots and genes draw from one generator, in a fixed interleaving
+        self.rng = np.random.default_rng(p["random_state"])
+        self.spot_stream = _IndexStream(self.N, p["batch_size"], p["shuffle"], self.rng)
+        self.gene_stream = _IndexStream(self.D, p["y_batch_size"], p["shuffle"], self.rng)
+        self.history: list[float] = []
+
+    # ---- checkpoints -------------------------------------------------------------------------
+
+    def state_dict(self) -> dict:
+        """Everything needed to continue this optimisation exactly where it stands.
+
+        Variational parameters (the prior's state), loadings, the optimiser's moments, the
+        loadings' running statistics, both random generators, the mini-batch position
+        and the ELBO history: a fit resumed from it takes the same steps as one that was
+        never interrupted.
+        """
+        state = {
+            "iteration": len(self.history),
+            "history": torch.as_tensor(self.history, dtype=torch.float64),
+            "prior": {k: v.detach().cpu().clone() for k, v in self.prior.state_dict().items()},
+            # deep copy: the optimiser's state dict references its live moment tensors
+            "optimizer": copy.deepcopy(self.optimizer.state_dict()),
+            "torch_generator": self.gen.get_state(),
+            # PCG64's 128-bit state words do not fit a tensor; a decimal string keeps them exact
+            "numpy_generator": repr(self.rng.bit_generator.state),
+            "spot_stream": self.spot_stream.state_dict(),
+            "gene_stream": self.gene_stream.state_dict(),
+        }
+        if self.gradient_loadings:
+            state["raw_loadings"] = self.raw_loadings.detach().cpu().clone()
+        else:
+            state["loadings"] = self.W.detach().cpu().clone()
+        if hasattr(self, "stat_s"):
+            state["stat_s"], state["stat_t"] = self.stat_s.cpu().clone(), self.stat_t.cpu().clone()
+        return state
+
+    def load_state_dict(self, state: dict) -> None:
+        dev, dt = self.device, self.dtype
+        self.prior.load_state_dict(state["prior"])
+        if self.gradient_loadings:
+            with torch.no_grad():
+                self.raw_loadings.copy_(state["raw_loadings"].to(dev, dt))
+        else:
+            self.W = state["loadings"].to(dev, dt)
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.gen.set_state(state["torch_generator"])
+        self.rng.bit_generator.state = _literal_state(state["numpy_generator"])
+        self.spot_stream.load_state_dict(state["spot_stream"])
+        self.gene_stream.load_state_dict(state["gene_stream"])
+        if "stat_s" in state:
+            self.stat_s, self.stat_t = state["stat_s"].to(dev, dt), state["stat_t"].to(dev, dt)
+        self.history = [float(v) for v in state["history"]]
+        if self.train_loadings:
+            self.model._loadings_t = self.loadings().detach()
 
     def loadings(self) -> Tensor:
         """Current W, (D, L)."""
@@ -759,9 +913,7 @@ class _Trainer:
     def _batches(self) -> Iterator[tuple[CountBatch, Tensor, Optional[Tensor]]]:
         """(counts block, spot index (B,), gene index (Db,) or None for all genes)."""
         p = self.p
-        rng = np.random.default_rng(p["random_state"])
-        spots = _index_batches(self.N, p["batch_size"], p["shuffle"], rng)
-        genes = _index_batches(self.D, p["y_batch_size"], p["shuffle"], rng)
+        spots, genes = self.spot_stream, self.gene_stream
         all_spots = p["batch_size"] is None or p["batch_size"] >= self.N
         all_genes = p["y_batch_size"] is None or p["y_batch_size"] >= self.D
         if all_spots and all_genes:
@@ -850,12 +1002,13 @@ class _Trainer:
     def run(self, callback: Optional[Callback], start: float) -> _Result:
         p, verbose = self.p, self.p["verbose"]
         w, tol = p["tol_window"], p["tol"]
-        history: list[float] = []
+        history = self.history    # non-empty when resuming from a checkpoint
+        first = len(history) + 1
         converged = stopped = False
         batches = self._batches()
         t_loop = time.perf_counter()
         rel = float("nan")
-        for it in range(1, p["max_iter"] + 1):
+        for it in range(first, p["max_iter"] + 1):
             batch, idx, gidx = next(batches)
             value = self._step(batch, idx, gidx)
             if not math.isfinite(value):
@@ -871,7 +1024,7 @@ class _Trainer:
                 stopped = True
             done = converged or stopped or it == p["max_iter"]
             if verbose and (it % p["log_every"] == 0 or done):
-                rate = it / max(time.perf_counter() - t_loop, 1e-9)
+                rate = (it - first + 1) / max(time.perf_counter() - t_loop, 1e-9)
                 change = "n/a    " if rel != rel else f"{rel:.1e}"  # undefined until 2 windows exist
                 print(f"iter {it:>5d}/{p['max_iter']}  ELBO {value: .4e}  rel.change {change}  "
                       f"{rate:.1f} it/s", flush=True)

@@ -1,0 +1,98 @@
+"""Checkpoints: a fit stopped part-way and resumed equals one that was never stopped."""
+
+import numpy as np
+import pytest
+
+from sf_mlflow.data.synthetic import make_synthetic
+from sf_mlflow.errors import ConfigError, DataError, ModelError
+from sf_mlflow.models.pnmf import PNMF
+
+
+@pytest.fixture(scope="module")
+def data():
+    return make_synthetic(n_spots=400, n_genes=60, n_components=3, n_groups=2, seed=3)
+
+
+CASES = {
+    # mini-batches over spots and genes, shuffled: the batch order must be restored
+    "gaussian-minibatch": dict(prior="gaussian", batch_size=150, y_batch_size=40),
+    # Monte Carlo ELBO: the torch generator must be restored
+    "gaussian-simple": dict(prior="gaussian", mode="simple", num_samples=3),
+    # spatial prior with groups, expanded mode, spot mini-batches
+    "svgp-expanded": dict(prior="svgp", mode="expanded", num_samples=2, num_inducing=40,
+                          lengthscale=0.3, batch_size=200),
+    "svgp-gradient-loadings": dict(prior="svgp", num_inducing=30, lengthscale=0.3,
+                                   loadings_mode="gradient"),
+}
+
+
+def _fit(data, params, **kw):
+    model = PNMF(3, max_iter=24, tol=0, random_state=5, **params)
+    groups = data.groups if params["prior"] == "svgp" else None
+    coords = data.coordinates if params["prior"] == "svgp" else None
+    return model.fit(data.counts, coordinates=coords, groups=groups, **kw)
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_resumed_fit_equals_uninterrupted_fit(data, case, tmp_path):
+    params = CASES[case]
+    reference = _fit(data, params)
+
+    stopped = _fit(data, params, callback=lambda it, elbo: it == 10)
+    assert stopped.n_iter_ == 10 and stopped.stopped_early_
+    path = tmp_path / "ckpt.pt"
+    stopped.save_checkpoint(path)
+
+    resumed = _fit(data, params, resume=PNMF.load_checkpoint(path))
+    assert resumed.n_iter_ == reference.n_iter_ == 24
+    np.testing.assert_allclose(resumed.elbo_history_, reference.elbo_history_, rtol=1e-10)
+    np.testing.assert_allclose(resumed.loadings_, reference.loadings_, rtol=1e-9, atol=1e-12)
+    np.testing.assert_allclose(resumed.get_factors(), reference.get_factors(), rtol=1e-9)
+
+
+def test_checkpoint_from_inside_the_callback(data):
+    params = CASES["gaussian-minibatch"]
+    reference = _fit(data, params)
+    saved = {}
+
+    def cb(it, elbo):
+        if it == 7:
+            saved["ckpt"] = model.checkpoint()
+
+    model = PNMF(3, max_iter=24, tol=0, random_state=5, **params)
+    model.fit(data.counts, callback=cb)
+    np.testing.assert_allclose(model.elbo_history_, reference.elbo_history_, rtol=1e-12)
+    resumed = _fit(data, params, resume=saved["ckpt"])
+    np.testing.assert_allclose(resumed.elbo_history_, reference.elbo_history_, rtol=1e-10)
+
+
+def test_resume_may_extend_max_iter(data):
+    params = CASES["gaussian-minibatch"]
+    stopped = _fit(data, params, callback=lambda it, elbo: it == 10)
+    longer = PNMF(3, max_iter=30, tol=0, random_state=5, **params)
+    longer.fit(data.counts, resume=stopped.checkpoint())
+    assert longer.n_iter_ == 30
+    np.testing.assert_array_equal(longer.elbo_history_[:10], stopped.elbo_history_)
+
+
+def test_resume_rejects_other_hyperparameters_and_data(data):
+    params = CASES["gaussian-minibatch"]
+    ckpt = _fit(data, params, callback=lambda it, elbo: it == 3).checkpoint()
+    other = PNMF(3, max_iter=24, tol=0, random_state=6, **params)
+    with pytest.raises(ConfigError, match=r"random_state: checkpoint 5, now 6"):
+        other.fit(data.counts, resume=ckpt)
+    same = PNMF(3, max_iter=24, tol=0, random_state=5, **params)
+    with pytest.raises(DataError, match=r"shape \(400, 60\).*\(400, 59\)"):
+        same.fit(data.counts[:, :59], resume=ckpt)
+
+
+def test_checkpoint_needs_a_fit_in_progress_or_stopped(data, tmp_path):
+    finished = _fit(data, CASES["gaussian-minibatch"])
+    with pytest.raises(ModelError, match="fit in progress"):
+        finished.checkpoint()
+    (tmp_path / "x.pt").write_bytes(b"")
+    import torch
+
+    torch.save({"a": 1}, tmp_path / "x.pt")
+    with pytest.raises(ModelError, match="not a PNMF checkpoint"):
+        PNMF.load_checkpoint(tmp_path / "x.pt")
