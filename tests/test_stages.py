@@ -8,6 +8,7 @@ and no artifacts presented as a result.
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import anndata as ad
 import numpy as np
@@ -196,3 +197,35 @@ def test_unknown_dataset_is_a_config_error(mlflow_store, tmp_path, capsys):
     err = user_error(capsys.readouterr().err)
     assert "dataset = 'merfish'" in err and "'slideseq', 'h5ad', 'synthetic'" in err
     assert all_runs(MlflowClient()) == []  # nothing started, nothing left RUNNING
+
+
+def test_figures_compare_pnmf_and_svgp(mlflow_store, tmp_path):
+    """Several analyze run IDs: each run's figures plus the side-by-side comparisons."""
+    import matplotlib.image as mpimg
+
+    from sf_mlflow.stages.analyze import run_analyze
+    from sf_mlflow.stages.figures import run_figures
+
+    pnmf = config_from_dict({**SMALL, "training": {**SMALL["training"], "max_iter": 20}}, "p.yaml")
+    svgp = config_from_dict({**SMALL, "model": {"n_components": 3, "spatial": True,
+                                                "num_inducing": 25, "lengthscale": 2.0},
+                             "training": {**SMALL["training"], "max_iter": 20},
+                             "analysis": {"group_loadings_iter": 10}}, "s.yaml")
+    pre_id = run_preprocess(pnmf)
+    ids = [run_analyze(cfg, run_train(cfg, pre_id)) for cfg in (pnmf, svgp)]
+    fig_id = run_figures(svgp, ids)
+    client = MlflowClient()
+    run = client.get_run(fig_id)
+    assert run.data.tags["sf.upstream_run_id"] == ",".join(ids)
+    local = Path(client.download_artifacts(fig_id, "figures", str(tmp_path / "figs")))
+    names = {str(p.relative_to(local)) for p in local.rglob("*.png")}
+    assert {"compare_moran_i.png", "compare_factors.png"} <= names
+    for model, rid in zip(("pnmf", "svgp"), ids):
+        sub = f"{model}_{rid[:8]}"
+        assert f"{sub}/factors_spatial.png" in names and f"{sub}/elbo_curve.png" in names
+    assert f"svgp_{ids[1][:8]}/groupwise_factors.png" in names
+    assert not any(n.startswith(f"pnmf_{ids[0][:8]}/groupwise") for n in names)
+    assert run.data.metrics["n_figures"] == len(names)
+    for p in local.rglob("*.png"):
+        img = mpimg.imread(p)
+        assert img[..., :3].var() > 1e-3, p

@@ -118,12 +118,16 @@ def comparison_figures(analyses: list[Analysis], out: Path) -> list[Path]:
     paths = [out / "compare_moran_i.png", out / "compare_factors.png"]
     plots.compare_morans_i({lab: an.moran for lab, an in zip(labels, analyses)}).savefig(paths[0])
     plots.compare_factor_maps(first.data.coordinates,
-                              {lab: an.factors for lab, an in zip(labels, analyses)}
+                              {lab: an.factors for lab, an in zip(labels, analyses)},
+                              titles={lab: [f"factor {r + 1}, Moran's I {v:.2f}"
+                                            for r, v in enumerate(an.moran)]
+                                      for lab, an in zip(labels, analyses)}
                               ).savefig(paths[1])
     return paths
 
 
-def run_figures(config: Config, analyze_run_ids: list[str] | None = None) -> str:
+def run_figures(config: Config, analyze_run_ids: list[str] | None = None, *,
+                parent_run_id: str | None = None) -> str:
     """Draw every figure of the given analyze runs (or the newest for the config).
 
     One run: its figures under ``figures/``. Several: each run's figures under
@@ -133,10 +137,11 @@ def run_figures(config: Config, analyze_run_ids: list[str] | None = None) -> str
     if not ids:
         ids = [resolve_upstream(STAGE, "analyze", config, None, "analyze_run_ids").info.run_id]
     params = {"upstream.analyze_run_ids": ",".join(ids)}
-    tags = {**base_tags(config), TAG_UPSTREAM: ",".join(ids)}
+    tags = {**base_tags(config, STAGE), TAG_UPSTREAM: ",".join(ids)}
     with stage_run(STAGE, experiment=config.name, params=params, tags=tags,
                    run_name=f"figures/{len(ids)}-run" + ("s" if len(ids) > 1 else ""),
-                   description=f"Figures of analyze runs {', '.join(ids)}") as run:
+                   description=f"Figures of analyze runs {', '.join(ids)}",
+                   parent_run_id=parent_run_id) as run:
         say(STAGE, f"run {run.run_id}: figures of {', '.join(ids)}")
         with tempfile.TemporaryDirectory() as tmp:
             analyses = [load_analysis(i, Path(tmp)) for i in ids]
