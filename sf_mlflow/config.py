@@ -38,6 +38,8 @@ __all__ = [
     "ModelConfig",
     "TrainingConfig",
     "AnalysisConfig",
+    "TuningConfig",
+    "SearchParam",
     "load_config",
     "config_from_dict",
     "parse_overrides",
@@ -164,6 +166,69 @@ class AnalysisConfig:
 
 
 @dataclass
+class LengthscaleRange:
+    """Search range of ``model.lengthscale`` in the tune stage."""
+
+    low: float = _f(0.5, 0.0, lo_open=True, doc="smallest lengthscale tried, in scaled coordinates")
+    high: float = _f(20.0, 0.0, lo_open=True, doc="largest lengthscale tried")
+    log: bool = _f(True, doc="sample log-uniformly (true) or uniformly")
+
+
+@dataclass
+class InducingRange:
+    """Search range of ``model.num_inducing`` in the tune stage."""
+
+    low: int = _f(100, 1, doc="fewest inducing points tried")
+    high: int = _f(1000, 1, doc="most inducing points tried")
+    step: int = _f(1, 1, doc="only multiples of this step above low are tried")
+    log: bool = _f(False, doc="sample log-uniformly (true) or uniformly")
+
+
+@dataclass
+class SearchParam:
+    """One further search-space entry: ``tuning.search_space.<dotted config key>``."""
+
+    type: Literal["float", "int", "categorical"] = _f("float", doc="how the value is sampled")
+    low: Optional[float] = _f(None, doc="float/int: smallest value")
+    high: Optional[float] = _f(None, doc="float/int: largest value")
+    log: bool = _f(False, doc="float/int: sample log-uniformly")
+    step: Optional[float] = _f(None, 0.0, lo_open=True, doc="float/int: discretisation step")
+    choices: Optional[list] = _f(None, doc="categorical: the values tried")
+
+
+@dataclass
+class TuningConfig:
+    """The tune stage: an Optuna study over model.lengthscale, model.num_inducing and more.
+
+    Not part of the config hash (``Config.digest``) nor of other stages' params, so adding
+    or changing this block never changes which preprocess or train runs a config matches.
+    """
+
+    n_trials: int = _f(20, 1, doc="trials in the whole study (all workers together)")
+    lengthscale: LengthscaleRange = field(default_factory=LengthscaleRange)
+    num_inducing: InducingRange = field(default_factory=InducingRange)
+    search_space: dict[str, SearchParam] = field(default_factory=dict)
+    pruner: Literal["median", "percentile", "hyperband", "none"] = _f(
+        "median", doc="stops trials whose held-out deviance is poor part-way through")
+    n_startup_trials: int = _f(3, 0, doc="median/percentile: trials finished before any is pruned")
+    n_warmup_steps: int = _f(0, 0, doc="median/percentile: iterations before a trial can be pruned")
+    percentile: float = _f(25.0, 0.0, 100.0, lo_open=True, hi_open=True,
+                           doc="percentile pruner: keep trials in the best this-many percent")
+    report_every: int = _f(25, 1, doc="iterations between held-out deviance evaluations")
+    sampler: Literal["tpe", "random"] = _f("tpe", doc="Optuna sampler")
+    seed: Optional[int] = _f(None, 0, doc="sampler seed; null = the config's seed")
+    study_name: Optional[str] = _f(None, doc="null = <name>-<hash of config and search space>")
+    storage: Optional[str] = _f(
+        None, doc="Optuna storage URL; null = sqlite file <output_dir>/optuna.db")
+    register_as: Optional[str] = _f(None, doc="registered model name; null = <name>-tuned")
+    alias: str = _f("best", doc="alias set on the best trial's model version")
+
+
+#: Sections left out of ``Config.flat()`` and ``Config.digest()`` unless asked for by name.
+UNHASHED_SECTIONS = ("tuning",)
+
+
+@dataclass
 class Config:
     """A whole experiment: data, preprocessing, model and training."""
 
@@ -176,6 +241,7 @@ class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     training: TrainingConfig = field(default_factory=TrainingConfig)
     analysis: AnalysisConfig = field(default_factory=AnalysisConfig)
+    tuning: TuningConfig = field(default_factory=TuningConfig)
     source: Optional[str] = field(default=None, compare=False, repr=False,
                                   metadata={"internal": True})
 
@@ -187,10 +253,15 @@ class Config:
         return d
 
     def flat(self, *sections: str) -> dict[str, Any]:
-        """Dotted-key view, e.g. ``{"model.lengthscale": 4.0}``, optionally of some sections only."""
+        """Dotted-key view, e.g. ``{"model.lengthscale": 4.0}``, optionally of some sections only.
+
+        Without sections: every section but ``tuning`` (see ``UNHASHED_SECTIONS``).
+        """
         d = self.to_dict()
         if sections:
             d = {k: v for k, v in d.items() if k in sections}
+        else:
+            d = {k: v for k, v in d.items() if k not in UNHASHED_SECTIONS}
         return _flatten(d)
 
     def preprocess_settings(self) -> dict[str, Any]:
@@ -198,7 +269,7 @@ class Config:
         return {k: v for k, v in self.flat("seed", "dataset", "data", "preprocessing").items()}
 
     def digest(self, *sections: str) -> str:
-        """Short stable hash of the given sections (all when none), for tags and lookups."""
+        """Short stable hash of the given sections (all but ``tuning`` when none), for tags and lookups."""
         payload = json.dumps(self.flat(*sections), sort_keys=True, default=str)
         return hashlib.sha256(payload.encode()).hexdigest()[:12]
 
@@ -231,7 +302,8 @@ def _describe(tp: Any) -> str:
     if origin in (Union, types.UnionType):
         args = [a for a in typing.get_args(tp) if a is not type(None)]
         return " or ".join(_describe(a) for a in args) + " or null"
-    return {int: "an integer", float: "a number", bool: "true or false", str: "a string"}.get(
+    return {int: "an integer", float: "a number", bool: "true or false", str: "a string",
+            list: "a list"}.get(
         tp, getattr(tp, "__name__", str(tp)))
 
 
@@ -307,6 +379,11 @@ def _coerce(value: Any, tp: Any) -> Any:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             return str(value)
         raise _Invalid("a string")
+    if tp is list:
+        if isinstance(value, (list, tuple)) and all(
+                v is None or isinstance(v, (bool, int, float, str)) for v in value):
+            return list(value)
+        raise _Invalid("a list of plain values, e.g. [1, 2, 3]")
     raise TypeError(f"unsupported config type {tp!r}")
 
 
@@ -342,6 +419,10 @@ def _build(cls: type, raw: Any, source: str, prefix: str) -> Any:
         if dataclasses.is_dataclass(tp):
             kwargs[name] = _build(tp, raw.get(name), source, f"{prefix}{name}.")
             continue
+        if typing.get_origin(tp) is dict:  # {name: dataclass}, e.g. tuning.search_space
+            kwargs[name] = _build_mapping(typing.get_args(tp)[1], raw.get(name), source,
+                                          f"{prefix}{name}.")
+            continue
         if name not in raw:
             continue
         value = raw[name]
@@ -355,6 +436,122 @@ def _build(cls: type, raw: Any, source: str, prefix: str) -> Any:
             raise ConfigError(f"{source}: {prefix}{name} = {value!r} is out of range: expected {problem}")
         kwargs[name] = coerced
     return cls(**kwargs)
+
+
+def _build_mapping(cls: type, raw: Any, source: str, prefix: str) -> dict:
+    if raw is None:
+        return {}
+    if not isinstance(raw, Mapping):
+        raise ConfigError(f"{source}: {prefix.rstrip('.')} must be a mapping of names to "
+                          f"settings, got {raw!r}")
+    return {str(k): _build(cls, v, source, f"{prefix}{k}.") for k, v in raw.items()}
+
+
+def _schema_field(key: str):
+    """(type, field) of a dotted config key such as ``model.sigma``, or None."""
+    cls: Any = Config
+    parts = key.split(".")
+    for i, part in enumerate(parts):
+        fields = {f.name: f for f in dataclasses.fields(cls) if not f.metadata.get("internal")}
+        if part not in fields:
+            return None
+        tp = typing.get_type_hints(cls)[part]
+        if i == len(parts) - 1:
+            return (None if dataclasses.is_dataclass(tp) or typing.get_origin(tp) is dict
+                    else (tp, fields[part]))
+        if not dataclasses.is_dataclass(tp):
+            return None
+        cls = tp
+    return None
+
+
+def _scalar_kind(tp: Any) -> Any:
+    """``int``, ``float``, ``bool``, ``str`` or Literal of a (possibly Optional) field type."""
+    if typing.get_origin(tp) in (Union, types.UnionType):
+        inner = [a for a in typing.get_args(tp) if a is not type(None)]
+        return inner[0] if len(inner) == 1 else tp
+    return tp
+
+
+#: Config sections whose keys the tune stage may search (the preprocess run is fixed).
+TUNABLE_SECTIONS = ("model", "training")
+
+
+def _check_tuning(cfg: Config, source: str) -> None:
+    t = cfg.tuning
+    for key, rng in (("lengthscale", t.lengthscale), ("num_inducing", t.num_inducing)):
+        if rng.low > rng.high:
+            raise ConfigError(f"{source}: tuning.{key}.low = {rng.low!r} is larger than "
+                              f"tuning.{key}.high = {rng.high!r}")
+    if t.num_inducing.log and t.num_inducing.step != 1:
+        raise ConfigError(f"{source}: tuning.num_inducing.step = {t.num_inducing.step!r} cannot "
+                          "be combined with tuning.num_inducing.log: true (use step: 1)")
+    for key, sp in t.search_space.items():
+        where = f"tuning.search_space.{key}"
+        target = _schema_field(key)
+        if target is None or key.split(".")[0] not in TUNABLE_SECTIONS:
+            hint = difflib.get_close_matches(key, list(cfg.flat(*TUNABLE_SECTIONS)), n=1)
+            raise ConfigError(
+                f"{source}: {where}: {key!r} is not a setting that can be searched"
+                + (f" (did you mean {hint[0]!r}?)" if hint else "")
+                + f"; expected a dotted key of a {' or '.join(TUNABLE_SECTIONS)} setting such as "
+                "model.sigma (the preprocess run is fixed during tuning)")
+        if key in ("model.lengthscale", "model.num_inducing"):
+            raise ConfigError(f"{source}: {where}: set its range in tuning.{key.split('.')[1]} "
+                              "instead (low, high)")
+        tp, fld = target
+        kind = _scalar_kind(tp)
+        if sp.type == "categorical":
+            if not sp.choices:
+                raise ConfigError(f"{source}: {where}.choices = {sp.choices!r} is invalid: a "
+                                  "categorical entry needs a non-empty list of choices")
+            if sp.low is not None or sp.high is not None:
+                raise ConfigError(f"{source}: {where}: a categorical entry takes choices, "
+                                  "not low/high")
+            for c in sp.choices:
+                try:
+                    value = _coerce(c, tp)
+                except _Invalid as e:
+                    raise ConfigError(f"{source}: {where}.choices: {c!r} is invalid for {key}: "
+                                      f"expected {e.expected}") from None
+                problem = _check_range(value, fld.metadata)
+                if problem:
+                    raise ConfigError(f"{source}: {where}.choices: {c!r} is out of range for "
+                                      f"{key}: expected {problem}")
+            continue
+        if sp.choices is not None:
+            raise ConfigError(f"{source}: {where}.choices is only for type: categorical "
+                              f"(this entry has type: {sp.type})")
+        wanted = int if sp.type == "int" else float
+        if kind is not wanted:
+            raise ConfigError(f"{source}: {where}.type = {sp.type!r} does not fit {key}, which "
+                              f"expects {_describe(tp)}"
+                              + ("; use type: categorical with choices" if kind not in (int, float)
+                                 else f"; use type: {'int' if kind is int else 'float'}"))
+        for end in ("low", "high"):
+            v = getattr(sp, end)
+            if v is None:
+                raise ConfigError(f"{source}: {where}.{end} is missing: a {sp.type} entry needs "
+                                  "low and high")
+            if wanted is int and not float(v).is_integer():
+                raise ConfigError(f"{source}: {where}.{end} = {v!r} is invalid: expected an "
+                                  "integer")
+            problem = _check_range(wanted(v), fld.metadata)
+            if problem:
+                raise ConfigError(f"{source}: {where}.{end} = {v!r} is out of range for {key}: "
+                                  f"expected {problem}")
+        if sp.low > sp.high:
+            raise ConfigError(f"{source}: {where}.low = {sp.low!r} is larger than "
+                              f"{where}.high = {sp.high!r}")
+        if sp.log and sp.low <= 0:
+            raise ConfigError(f"{source}: {where}.low = {sp.low!r} is invalid with log: true: "
+                              "expected a value > 0")
+        if sp.step is not None:
+            if sp.log:
+                raise ConfigError(f"{source}: {where}: step and log: true cannot be combined")
+            if wanted is int and not float(sp.step).is_integer():
+                raise ConfigError(f"{source}: {where}.step = {sp.step!r} is invalid: expected "
+                                  "an integer")
 
 
 def _check_consistency(cfg: Config, source: str) -> None:
@@ -425,6 +622,7 @@ def config_from_dict(raw: Mapping[str, Any] | None, source: str = "<config>",
     label = source + (" (with overrides)" if ov else "")
     cfg = _build(Config, merged, label, "")
     _check_consistency(cfg, label)
+    _check_tuning(cfg, label)
     cfg.source = source
     return cfg
 

@@ -8,9 +8,23 @@ from pathlib import Path
 from typing import Iterator
 
 from sf_mlflow.config import Config
-from sf_mlflow.tracking import TAG_CONFIG_HASH, TAG_DATASET, TAG_PREPROCESS_HASH
+from sf_mlflow.tracking import (
+    TAG_CONFIG_HASH,
+    TAG_DATASET,
+    TAG_PREPROCESS_HASH,
+    TAG_REUSABLE,
+    TAG_STAGE_HASH,
+)
 
 PREPROCESS_SECTIONS = ("seed", "dataset", "data", "preprocessing")
+
+#: The config sections that determine each stage's output (its upstream run carries the rest).
+STAGE_SECTIONS: dict[str, tuple[str, ...]] = {
+    "preprocess": PREPROCESS_SECTIONS,
+    "train": ("seed", "model", "training"),
+    "analyze": ("analysis",),
+    "figures": (),
+}
 
 
 def preprocess_hash(config: Config) -> str:
@@ -18,9 +32,25 @@ def preprocess_hash(config: Config) -> str:
     return config.digest(*PREPROCESS_SECTIONS)
 
 
-def base_tags(config: Config) -> dict[str, str]:
-    return {TAG_DATASET: config.dataset, TAG_CONFIG_HASH: config.digest(),
+def stage_hash(config: Config, stage: str) -> str:
+    """Hash of the settings a stage's output depends on, besides its upstream run.
+
+    Two runs of a stage with the same stage hash, upstream run and code version
+    compute the same thing, so the ``main`` pipeline reuses the finished one.
+    """
+    sections = STAGE_SECTIONS.get(stage)
+    if sections is None:
+        raise KeyError(f"unknown stage {stage!r}")
+    return config.digest(*sections) if sections else "none"
+
+
+def base_tags(config: Config, stage: str | None = None) -> dict[str, str]:
+    tags = {TAG_DATASET: config.dataset, TAG_CONFIG_HASH: config.digest(),
             TAG_PREPROCESS_HASH: preprocess_hash(config)}
+    if stage is not None:
+        tags[TAG_STAGE_HASH] = stage_hash(config, stage)
+        tags[TAG_REUSABLE] = "true"
+    return tags
 
 
 def say(stage: str, message: str) -> None:

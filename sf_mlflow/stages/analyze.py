@@ -59,7 +59,8 @@ def load_lineage(train_run, tmp: Path):
     return model, pre, pre_id
 
 
-def run_analyze(config: Config, train_run_id: str | None = None) -> str:
+def run_analyze(config: Config, train_run_id: str | None = None, *,
+                parent_run_id: str | None = None) -> str:
     """Analyze a train run and log arrays, tables and metrics. Returns the run ID.
 
     Artifacts: ``factors.npy`` (N, L), ``scales.npy`` (N, L), ``loadings.npy`` (D, L),
@@ -72,11 +73,12 @@ def run_analyze(config: Config, train_run_id: str | None = None) -> str:
     kind = train_run.data.tags.get(TAG_MODEL, "pnmf")
     a = config.analysis
     params = {**config.flat("analysis"), "upstream.train_run_id": train_id}
-    tags = {**base_tags(config), TAG_UPSTREAM: train_id, TAG_MODEL: kind}
+    tags = {**base_tags(config, STAGE), TAG_UPSTREAM: train_id, TAG_MODEL: kind}
     description = f"Analyze {kind.upper()} train run {train_id} ({config.dataset})"
     with stage_run(STAGE, experiment=config.name, params=params, tags=tags,
                    run_name=f"analyze/{kind}/L{config.model.n_components}",
-                   description=description) as run:
+                   description=description,
+                   parent_run_id=parent_run_id) as run:
         say(STAGE, f"run {run.run_id}: {description}")
         with tempfile.TemporaryDirectory() as tmp:
             model, pre, pre_id = load_lineage(train_run, Path(tmp))

@@ -12,7 +12,7 @@ from sf_mlflow.tracking import stage_run
 STAGE = "preprocess"
 
 
-def run_preprocess(config: Config) -> str:
+def run_preprocess(config: Config, *, parent_run_id: str | None = None) -> str:
     """Load ``config.dataset``, apply QC, gene selection, scaling and the held-out split.
 
     Logs ``data/X.npy``, ``data/Y.npz``, ``data/C.npy``, ``data/metadata.json`` and
@@ -24,8 +24,9 @@ def run_preprocess(config: Config) -> str:
                    f"{config.preprocessing.min_counts}, min_cells={config.preprocessing.min_cells}, "
                    f"filter_mt={config.preprocessing.filter_mt}, "
                    f"holdout={config.preprocessing.holdout_fraction:g}")
-    with stage_run(STAGE, experiment=config.name, params=params, tags=base_tags(config),
-                   run_name=f"preprocess/{config.dataset}", description=description) as run:
+    with stage_run(STAGE, experiment=config.name, params=params, tags=base_tags(config, STAGE),
+                   run_name=f"preprocess/{config.dataset}", description=description,
+                   parent_run_id=parent_run_id) as run:
         say(STAGE, f"run {run.run_id}: loading dataset '{config.dataset}'")
         raw = load_dataset(config)
         say(STAGE, f"loaded {raw.n_spots:,} spots x {raw.n_genes:,} genes"

@@ -15,9 +15,12 @@ from sf_mlflow.data.io import PreprocessedData, read_preprocessed
 from sf_mlflow.errors import ConfigError, RunLookupError
 from sf_mlflow.models.pnmf import PNMF
 from sf_mlflow.stages._common import base_tags, preprocess_hash, say, staging_dir
+from sf_mlflow.stages._signals import StopRequests
 from sf_mlflow.tracking import (
     TAG_MODEL,
     TAG_PREPROCESS_HASH,
+    TAG_RESUMED_FROM,
+    TAG_REUSABLE,
     TAG_UPSTREAM,
     describe_run,
     download_artifacts,
@@ -27,6 +30,8 @@ from sf_mlflow.tracking import (
 )
 
 STAGE = "train"
+CHECKPOINT_DIR = "checkpoint"
+CHECKPOINT_FILE = "checkpoint.pt"
 
 
 def model_kind(config: Config) -> str:
@@ -108,9 +113,37 @@ def training_inputs(config: Config, pre: PreprocessedData):
     return data, groups
 
 
+def load_checkpoint(run, tmp: Path) -> dict:
+    """The checkpoint an interrupted train run logged."""
+    try:
+        path = download_artifacts(run.info.run_id, f"{CHECKPOINT_DIR}/{CHECKPOINT_FILE}",
+                                  tmp / "checkpoint")
+    except Exception as err:  # the artifact store's own error type differs by backend
+        raise RunLookupError(
+            f"train run {run.info.run_id} ({run.info.status}) has no {CHECKPOINT_DIR}/"
+            f"{CHECKPOINT_FILE} artifact to resume from (it was not stopped by SIGINT/SIGTERM "
+            f"during the fit): {err}") from None
+    return PNMF.load_checkpoint(path)
+
+
+def save_checkpoint_and_stop(run, model: PNMF) -> None:
+    """Log the training state of an interrupted fit, then end the run as KILLED."""
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / CHECKPOINT_FILE
+        model.save_checkpoint(path)
+        run.log_artifact(path, CHECKPOINT_DIR)
+    run.log_metrics({"interrupted_at_iteration": model.n_iter_})
+    say(STAGE, f"interrupted at iteration {model.n_iter_}; checkpoint logged. Continue with\n"
+               f"  mlflow run . -e train --env-manager local -P config=<same config> "
+               f"-P resume_from={run.run_id}")
+    raise KeyboardInterrupt
+
+
 def run_train(config: Config, preprocess_run_id: str | None = None, *,
               parent_run_id: str | None = None,
-              on_iteration: Callable[[PNMF, int, float], bool | None] | None = None) -> str:
+              on_iteration: Callable[[PNMF, int, float], bool | None] | None = None,
+              resume_from: str | None = None, register_as: str | None = None,
+              register_alias: str = "latest") -> str:
     """Fit the configured model on a preprocess run's training spots and log everything.
 
     Logs the resolved config as params, the ELBO curve as the step metric ``elbo``,
@@ -121,12 +154,33 @@ def run_train(config: Config, preprocess_run_id: str | None = None, *,
     ``parent_run_id`` makes the run a child (nested) run of that run.
     ``on_iteration(model, iteration, elbo)`` is called after every iteration with the
     live model (usable for predictions); returning True stops training early.
+
+    SIGINT or SIGTERM during the fit stops it after the current iteration, logs
+    ``checkpoint/checkpoint.pt`` and ends the run KILLED (:class:`KeyboardInterrupt`
+    is raised). ``resume_from=<that run's ID>`` continues from the checkpoint in a new
+    run and reaches the result of an uninterrupted fit with the same seed.
+
+    ``register_as=<name>`` also logs the fitted model as an MLflow pyfunc model and
+    registers it as a new version of ``<name>`` with alias ``register_alias`` (see
+    :mod:`sf_mlflow.tracking.registry`); the run is tagged ``sf.registered_model`` and
+    ``sf.registered_model_version``.
     """
+    checkpoint, resumed = None, None
+    if resume_from:
+        resumed = get_stage_run(resume_from, STAGE, statuses=("KILLED", "FAILED"))
+        if preprocess_run_id and preprocess_run_id != resumed.data.tags.get(TAG_UPSTREAM):
+            raise ConfigError(
+                f"preprocess_run_id {preprocess_run_id} differs from the preprocess run "
+                f"{resumed.data.tags.get(TAG_UPSTREAM)} of the run to resume ({resume_from}); "
+                "leave preprocess_run_id empty when resuming")
+        preprocess_run_id = resumed.data.tags.get(TAG_UPSTREAM)
     upstream = resolve_preprocess_run(config, preprocess_run_id)
     upstream_id = upstream.info.run_id
     kind = model_kind(config)
     params = {**config.flat(), "upstream.preprocess_run_id": upstream_id}
-    tags = {**base_tags(config), TAG_UPSTREAM: upstream_id, TAG_MODEL: kind}
+    tags = {**base_tags(config, STAGE), TAG_UPSTREAM: upstream_id, TAG_MODEL: kind}
+    if resume_from:
+        tags[TAG_RESUMED_FROM] = resume_from
     description = (f"Train {kind.upper()} with L={config.model.n_components} on preprocess run "
                    f"{upstream_id} ({config.dataset})")
     with stage_run(STAGE, experiment=config.name, params=params, tags=tags,
@@ -135,17 +189,32 @@ def run_train(config: Config, preprocess_run_id: str | None = None, *,
         say(STAGE, f"run {run.run_id}: {description}")
         with tempfile.TemporaryDirectory() as tmp:
             pre = read_preprocessed(download_artifacts(upstream_id, "data", tmp))
+            if resumed is not None:
+                checkpoint = load_checkpoint(resumed, Path(tmp))
         data, groups = training_inputs(config, pre)
-        say(STAGE, f"fitting on {data.n_spots:,} spots x {data.n_genes:,} genes")
         model = build_model(config)
         elbo_stream = run.metric_stream("elbo", flush_every=100)
+        if checkpoint is not None:
+            done = checkpoint["trainer"]["history"].tolist()
+            say(STAGE, f"resuming run {resume_from} from iteration {len(done)}")
+            run.log_metric_history("elbo", done, range(1, len(done) + 1))
+        say(STAGE, f"fitting on {data.n_spots:,} spots x {data.n_genes:,} genes")
 
-        def callback(it: int, elbo: float) -> bool | None:
-            elbo_stream.append(it, elbo)
-            return on_iteration(model, it, elbo) if on_iteration is not None else None
+        with StopRequests() as stop:
+            def callback(it: int, elbo: float) -> bool | None:
+                elbo_stream.append(it, elbo)
+                if stop.requested:
+                    return True
+                return on_iteration(model, it, elbo) if on_iteration is not None else None
 
-        model.fit(data.counts, coordinates=data.coordinates, groups=groups, callback=callback)
+            model.fit(data.counts, coordinates=data.coordinates, groups=groups,
+                      callback=callback, resume=checkpoint)
         elbo_stream.flush()
+        if stop.requested:
+            save_checkpoint_and_stop(run, model)
+        if model.stopped_early_:
+            # stopped by on_iteration (e.g. a pruned tuning trial): not a finished fit
+            run.set_tags({TAG_REUSABLE: "false"})
 
         history = np.asarray(model.elbo_history_, dtype=float)
         summary = {
@@ -174,5 +243,16 @@ def run_train(config: Config, preprocess_run_id: str | None = None, *,
                          if isinstance(v, (int, float))})
         say(STAGE, f"final ELBO {summary['final_elbo']:.6g} after {summary['n_iter']} iterations "
                    f"({summary['training_time_s']:.1f} s, converged={summary['converged']})")
+        if register_as:
+            from sf_mlflow.tracking.registry import register_fitted_model
+
+            alias = register_alias or "latest"
+            version = register_fitted_model(
+                run.run_id, Path(config.output_dir) / STAGE / run.run_id / "model.pth",
+                pre.metadata, name=register_as, alias=alias, model_kind=kind,
+                neighbours=config.analysis.moran_k, preprocess_run_id=upstream_id,
+                train_coordinates=data.coordinates)
+            say(STAGE, f"registered model {register_as!r} version {version}; load it with "
+                       f"mlflow.pyfunc.load_model('models:/{register_as}@{alias}')")
     say(STAGE, f"finished run {run.run_id}")
     return run.run_id

@@ -4,23 +4,38 @@ Stages wrap their work in :func:`stage_run`; lineage helpers find and check
 upstream runs. The model, data and analysis code know nothing of MLflow.
 """
 
-from sf_mlflow.tracking.lineage import describe_run, download_artifacts, find_latest_run, get_stage_run
+from sf_mlflow.tracking.existing import alias_run_id, existing_run
+from sf_mlflow.tracking.lineage import (
+    describe_run,
+    download_artifacts,
+    find_latest_run,
+    find_reusable_run,
+    get_stage_run,
+    run_metrics,
+)
 from sf_mlflow.tracking.runs import (
     TAG_CODE_VERSION,
     TAG_CONFIG_HASH,
     TAG_DATASET,
     TAG_MODEL,
     TAG_PREPROCESS_HASH,
+    TAG_RESUMED_FROM,
+    TAG_REUSABLE,
     TAG_STAGE,
+    TAG_STAGE_HASH,
     TAG_UPSTREAM,
     MetricStream,
     StageRun,
     configure_tracking,
     stage_run,
 )
+from sf_mlflow.tracking.registry import register_train_run
 
 __all__ = [
     "TAG_CODE_VERSION", "TAG_CONFIG_HASH", "TAG_DATASET", "TAG_MODEL", "TAG_PREPROCESS_HASH",
     "TAG_STAGE", "TAG_UPSTREAM", "MetricStream", "StageRun", "configure_tracking", "stage_run",
     "describe_run", "download_artifacts", "find_latest_run", "get_stage_run",
+    "TAG_RESUMED_FROM", "TAG_REUSABLE", "TAG_STAGE_HASH", "find_reusable_run", "run_metrics",
+    "alias_run_id", "existing_run",
+    "register_train_run",
 ]

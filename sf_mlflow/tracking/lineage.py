@@ -11,18 +11,25 @@ from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
 from sf_mlflow.errors import RunLookupError
-from sf_mlflow.tracking.runs import TAG_STAGE, configure_tracking
+from sf_mlflow.tracking.runs import (
+    TAG_CODE_VERSION,
+    TAG_REUSABLE,
+    TAG_STAGE,
+    TAG_STAGE_HASH,
+    TAG_UPSTREAM,
+    configure_tracking,
+)
 
 
 def _quote(value: str) -> str:
     return "'" + str(value).replace("'", "\\'") + "'"
 
 
-def get_stage_run(run_id: str, stage: str):
-    """Return the MLflow run ``run_id``, checking it is a FINISHED run of ``stage``.
+def get_stage_run(run_id: str, stage: str, statuses: tuple[str, ...] = ("FINISHED",)):
+    """Return the MLflow run ``run_id``, checking it is a run of ``stage`` in one of ``statuses``.
 
     Raises :class:`RunLookupError` when it does not exist, belongs to another stage or
-    did not finish.
+    has another status (by default: did not finish).
     """
     uri = configure_tracking()
     client = MlflowClient()
@@ -37,9 +44,10 @@ def get_stage_run(run_id: str, stage: str):
     if actual != stage:
         what = f"a '{actual}' run" if actual else "not a run of this pipeline"
         raise RunLookupError(f"run ID {run_id!r} is {what}, but a '{stage}' run ID is required here")
-    if run.info.status != "FINISHED":
-        raise RunLookupError(f"{stage} run {run_id!r} is {run.info.status}, not FINISHED; "
-                             f"run the {stage} stage again or pass another run ID")
+    if run.info.status not in statuses:
+        raise RunLookupError(f"{stage} run {run_id!r} is {run.info.status}, not "
+                             f"{' or '.join(statuses)}; run the {stage} stage again or pass "
+                             "another run ID")
     return run
 
 
@@ -55,6 +63,26 @@ def find_latest_run(stage: str, tags: dict[str, str]):
     runs = client.search_runs(exp_ids, " and ".join(clauses), run_view_type=ViewType.ACTIVE_ONLY,
                               order_by=["attributes.start_time DESC"], max_results=1)
     return runs[0] if runs else None
+
+
+def find_reusable_run(stage: str, stage_hash: str, code_version: str,
+                      upstream_run_id: str | None = None):
+    """Newest FINISHED run of ``stage`` that computed the same thing, or None.
+
+    Same thing = the same stage hash (the settings the stage depends on), the same
+    upstream run (none for preprocess) and the same code version; runs tagged
+    ``sf.reusable = false`` (work that stopped short) never qualify.
+    """
+    tags = {TAG_STAGE_HASH: stage_hash, TAG_CODE_VERSION: code_version, TAG_REUSABLE: "true"}
+    if upstream_run_id:
+        tags[TAG_UPSTREAM] = upstream_run_id
+    return find_latest_run(stage, tags)
+
+
+def run_metrics(run_id: str) -> dict[str, float]:
+    """The latest value of every metric of a run."""
+    configure_tracking()
+    return dict(MlflowClient().get_run(run_id).data.metrics)
 
 
 def describe_run(run) -> str:

@@ -30,6 +30,10 @@ TAG_MODEL = "sf.model"
 TAG_CONFIG_HASH = "sf.config_hash"
 TAG_PREPROCESS_HASH = "sf.preprocess_hash"
 TAG_UPSTREAM = "sf.upstream_run_id"
+TAG_STAGE_HASH = "sf.stage_hash"
+#: "false" on a run whose work stopped short (e.g. a pruned tuning trial): never reused.
+TAG_REUSABLE = "sf.reusable"
+TAG_RESUMED_FROM = "sf.resumed_from"
 TAG_CODE_VERSION = "sf.code_version"
 TAG_GIT_COMMIT = "sf.git_commit"
 
@@ -45,7 +49,33 @@ def configure_tracking() -> str:
     if not uri:
         uri = f"sqlite:///{Path.cwd() / 'mlflow.db'}"
     mlflow.set_tracking_uri(uri)
+    _initialise_sqlite_store(uri)
     return uri
+
+
+_INITIALISED: set[str] = set()
+
+
+def _initialise_sqlite_store(uri: str) -> None:
+    """Create (or migrate) a sqlite store under a file lock, once per process.
+
+    Two pipelines started at once on a new ``mlflow.db`` would otherwise both run
+    MLflow's schema migrations and one of them fail; later writes are serialised by
+    sqlite itself.
+    """
+    if not uri.startswith("sqlite:///") or uri in _INITIALISED:
+        return
+    import fcntl
+
+    db = Path(uri[len("sqlite:///"):])
+    db.parent.mkdir(parents=True, exist_ok=True)
+    with open(db.with_name(db.name + ".init-lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            MlflowClient(uri).search_experiments(max_results=1)
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+    _INITIALISED.add(uri)
 
 
 def _experiment_id(client: MlflowClient, name: str) -> str:

@@ -1,0 +1,51 @@
+"""Graceful interruption: SIGINT / SIGTERM become a request to stop at the next safe point."""
+
+from __future__ import annotations
+
+import signal
+import sys
+import threading
+from types import FrameType
+from typing import Optional
+
+
+class StopRequests:
+    """Context manager that turns SIGINT and SIGTERM into a flag.
+
+    A training loop checks :attr:`requested` after each iteration and stops there,
+    so the state it saves is consistent (a signal in the middle of an optimiser step
+    would leave parameters and moments out of step). A second signal while the first
+    is pending raises :class:`KeyboardInterrupt` at once, for a user who really wants
+    out. Outside the main thread signal handlers cannot be installed; then nothing
+    changes and the default behaviour applies.
+    """
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+    def __init__(self, what: str = "training"):
+        self.what = what
+        self.signal: Optional[int] = None
+        self._previous: dict[int, object] = {}
+
+    @property
+    def requested(self) -> bool:
+        return self.signal is not None
+
+    def _handle(self, signum: int, frame: Optional[FrameType]) -> None:
+        if self.signal is not None:
+            raise KeyboardInterrupt
+        self.signal = signum
+        print(f"\n{signal.Signals(signum).name} received: stopping {self.what} after the current "
+              "iteration and saving a checkpoint (send it again to abort at once)",
+              file=sys.stderr, flush=True)
+
+    def __enter__(self) -> "StopRequests":
+        if threading.current_thread() is threading.main_thread():
+            for sig in self.SIGNALS:
+                self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+        self._previous.clear()

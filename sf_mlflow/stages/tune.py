@@ -1,0 +1,486 @@
+"""The tune stage: an Optuna study over the spatial model's lengthscale and inducing points.
+
+Each trial is a train run (a child of the tune run) with the trial's settings. The
+objective is the mean Poisson deviance of the held-out spots, predicted from their
+positions alone: the ELBO is not comparable across numbers of inducing points M (its KL
+term and its bound both change with M), the held-out deviance is. The deviance is
+reported to Optuna every ``tuning.report_every`` iterations, so the pruner can stop a
+poor trial early.
+
+Several processes running the same command against the same storage share one study:
+``create_study(load_if_exists=True)``, and each worker stops once the study holds
+``n_trials`` trials that count (complete, pruned, running or waiting; failed ones do not).
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import json
+import math
+import random
+import tempfile
+import time
+import warnings
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from sf_mlflow.analysis.summary import heldout_deviance
+from sf_mlflow.config import Config, config_from_dict
+from sf_mlflow.data.io import read_preprocessed
+from sf_mlflow.errors import ConfigError, SfMlflowError
+from sf_mlflow.stages._common import base_tags, say, staging_dir
+from sf_mlflow.stages.train import model_kind, resolve_preprocess_run, run_train
+from sf_mlflow.tracking import (
+    TAG_MODEL,
+    TAG_UPSTREAM,
+    alias_run_id,
+    download_artifacts,
+    existing_run,
+    stage_run,
+)
+
+STAGE = "tune"
+
+TAG_STUDY = "sf.tune.study"
+TAG_TRIAL = "sf.tune.trial_number"
+TAG_TRIAL_STATE = "sf.tune.state"
+TAG_TUNE_RUN = "sf.tune.run_id"
+
+#: Objective: mean Poisson deviance per held-out count (lower is better).
+OBJECTIVE = "heldout_deviance"
+
+#: Trial user attributes written by this stage.
+ATTR_TRAIN_RUN = "train_run_id"
+ATTR_TUNE_RUN = "tune_run_id"
+ATTR_PRUNED_AT = "pruned_at_iteration"
+ATTR_SURPLUS = "surplus"
+
+
+# ---- study set-up -----------------------------------------------------------------------------
+
+def searched_keys(config: Config) -> list[str]:
+    """Dotted config keys the study searches, in a fixed order."""
+    return ["model.lengthscale", "model.num_inducing", *config.tuning.search_space]
+
+
+def default_storage(config: Config) -> str:
+    """``sqlite:///<output_dir>/optuna.db`` (absolute, so workers in any folder agree)."""
+    path = Path(config.output_dir).resolve() / "optuna.db"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return f"sqlite:///{path}"
+
+
+def default_study_name(config: Config) -> str:
+    """``<name>-<hash>`` of everything but the searched keys and output_dir, plus the search space.
+
+    Workers started with the same config (on any machine) land in the same study;
+    changing the data, the fixed settings or the search space starts a new one.
+    """
+    searched = {*searched_keys(config), "output_dir"}  # output_dir: where, not what
+    fixed = {k: v for k, v in config.flat().items() if k not in searched}
+    space = {k: v for k, v in config.flat("tuning").items()
+             if k.startswith(("tuning.lengthscale.", "tuning.num_inducing.", "tuning.search_space."))}
+    payload = json.dumps({"fixed": fixed, "space": space}, sort_keys=True, default=str)
+    return f"{config.name}-{hashlib.sha256(payload.encode()).hexdigest()[:12]}"
+
+
+def redact(url: str) -> str:
+    """A storage URL without its password, for logs and params."""
+    try:
+        from sqlalchemy.engine import make_url
+
+        return make_url(url).render_as_string(hide_password=True)
+    except Exception:  # not a database URL: nothing to hide
+        return url
+
+
+def with_driver(url: str) -> str:
+    """``postgresql://`` with the PostgreSQL driver that is installed.
+
+    SQLAlchemy 2.1 reads a bare ``postgresql://`` as psycopg 3; the dev extras install
+    psycopg2 (``psycopg2-binary``), so a bare URL uses it when psycopg 3 is absent.
+    """
+    import importlib.util
+
+    for bare in ("postgresql://", "postgres://"):
+        if url.startswith(bare):
+            if importlib.util.find_spec("psycopg") is not None:
+                return "postgresql+psycopg://" + url[len(bare):]
+            if importlib.util.find_spec("psycopg2") is not None:
+                return "postgresql+psycopg2://" + url[len(bare):]
+            raise ConfigError(f"storage {redact(url)!r} needs a PostgreSQL driver: "
+                              "pip install psycopg2-binary (or psycopg[binary])")
+    return url
+
+
+def make_storage(url: str):
+    """Optuna RDB storage; sqlite gets a generous busy timeout for concurrent workers."""
+    import optuna
+
+    url = with_driver(url)
+    if url.startswith("sqlite"):
+        kwargs: dict[str, Any] = {"connect_args": {"timeout": 120}}
+    else:
+        kwargs = {"pool_pre_ping": True}
+    last = None
+    # Workers starting at the same moment may race to create the tables of a fresh
+    # database; the loser sees an error from the table creation and simply retries.
+    for attempt in range(8):
+        try:
+            return optuna.storages.RDBStorage(url, engine_kwargs=kwargs)
+        except ImportError as err:
+            raise ConfigError(f"storage {redact(url)!r} needs a database driver that is not "
+                              f"installed: {err}") from None
+        except Exception as err:  # sqlalchemy / optuna errors of table creation
+            if "Could not parse" in str(err) or "Can't load plugin" in str(err):
+                raise ConfigError(f"storage = {redact(url)!r} is not a valid database URL "
+                                  "(e.g. sqlite:///optuna.db or "
+                                  "postgresql://user@host:5432/db): " + str(err)) from None
+            last = err
+            time.sleep(0.2 + random.random() * (attempt + 1))
+    raise ConfigError(f"cannot open the Optuna storage {redact(url)}: {last}") from None
+
+
+def make_pruner(config: Config):
+    import optuna
+
+    t = config.tuning
+    if t.pruner == "none":
+        return optuna.pruners.NopPruner()
+    if t.pruner == "median":
+        return optuna.pruners.MedianPruner(n_startup_trials=t.n_startup_trials,
+                                           n_warmup_steps=t.n_warmup_steps)
+    if t.pruner == "percentile":
+        return optuna.pruners.PercentilePruner(t.percentile, n_startup_trials=t.n_startup_trials,
+                                               n_warmup_steps=t.n_warmup_steps)
+    return optuna.pruners.HyperbandPruner(min_resource=t.report_every,
+                                          max_resource=config.training.max_iter)
+
+
+def make_sampler(config: Config, n_existing: int):
+    """A sampler seeded from the tuning seed and the number of trials already in the study.
+
+    Re-made before every trial: one worker alone is reproducible, and workers sharing a
+    study do not draw the same random start-up points from identically seeded samplers.
+    """
+    import optuna
+
+    base = config.tuning.seed if config.tuning.seed is not None else config.seed
+    seed = (base * 1_000_003 + n_existing) % (2**32)
+    if config.tuning.sampler == "random":
+        return optuna.samplers.RandomSampler(seed=seed)
+    return optuna.samplers.TPESampler(seed=seed)
+
+
+def suggest(trial, config: Config) -> dict[str, Any]:
+    """The trial's settings as dotted-key overrides."""
+    t = config.tuning
+    out: dict[str, Any] = {
+        "model.lengthscale": trial.suggest_float("model.lengthscale", t.lengthscale.low,
+                                                 t.lengthscale.high, log=t.lengthscale.log),
+        "model.num_inducing": trial.suggest_int("model.num_inducing", t.num_inducing.low,
+                                                t.num_inducing.high, step=t.num_inducing.step,
+                                                log=t.num_inducing.log),
+    }
+    for key, sp in t.search_space.items():
+        if sp.type == "categorical":
+            out[key] = trial.suggest_categorical(key, list(sp.choices))
+        elif sp.type == "int":
+            out[key] = trial.suggest_int(key, int(sp.low), int(sp.high),
+                                         step=int(sp.step or 1), log=sp.log)
+        else:
+            out[key] = trial.suggest_float(key, float(sp.low), float(sp.high), step=sp.step,
+                                           log=sp.log)
+    return out
+
+
+def _fmt(params: dict[str, Any]) -> str:
+    return " ".join(f"{k.split('.')[-1]}={v:.4g}" if isinstance(v, float) else
+                    f"{k.split('.')[-1]}={v}" for k, v in params.items())
+
+
+# ---- one trial --------------------------------------------------------------------------------
+
+class _Trial:
+    """Runs one Optuna trial as a child train run and reports the held-out deviance."""
+
+    def __init__(self, config: Config, preprocess_run_id: str, parent_run_id: str,
+                 train_xy: np.ndarray, heldout, study_name: str):
+        self.config, self.pre_id, self.parent = config, preprocess_run_id, parent_run_id
+        self.train_xy, self.heldout, self.study_name = train_xy, heldout, study_name
+
+    def run(self, trial) -> tuple[str, float, str | None, int | None]:
+        """Train; return (state "complete" | "pruned", value, train run ID, pruned-at iteration)."""
+        overrides = suggest(trial, self.config)
+        trial.set_user_attr(ATTR_TUNE_RUN, self.parent)
+        say(STAGE, f"trial {trial.number}: {_fmt(overrides)}")
+        cfg = config_from_dict(self.config.to_dict(), self.config.source or "<config>",
+                               overrides=overrides)
+        every = self.config.tuning.report_every
+        curve: list[tuple[int, float]] = []
+        state: dict[str, Any] = {"model": None, "pruned_at": None}
+
+        def on_iteration(model, it: int, elbo: float) -> bool | None:
+            state["model"] = model
+            if it % every:
+                return None
+            value = heldout_deviance(model, self.train_xy, self.heldout)["mean"]
+            curve.append((it, value))
+            trial.report(value, it)
+            # at max_iter the fit is over anyway: the trial completes with this value
+            if it < cfg.training.max_iter and trial.should_prune():
+                state["pruned_at"] = it
+                return True
+            return None
+
+        try:
+            train_id = run_train(cfg, self.pre_id, parent_run_id=self.parent,
+                                 on_iteration=on_iteration)
+        except SfMlflowError as err:
+            # e.g. more inducing points than spots: name the trial and its settings
+            raise type(err)(f"tuning trial {trial.number} ({_fmt(overrides)}): {err}") from None
+        trial.set_user_attr(ATTR_TRAIN_RUN, train_id)
+        pruned_at = state["pruned_at"]
+        model = state["model"]
+        if pruned_at is None and model is not None and (not curve or curve[-1][0] != model.n_iter_):
+            # the final model (converged or max_iter between two reports)
+            value = heldout_deviance(model, self.train_xy, self.heldout)["mean"]
+            curve.append((int(model.n_iter_), value))
+        value = curve[-1][1] if curve else float("nan")
+        outcome = "pruned" if pruned_at is not None else "complete"
+        run = existing_run(train_id)
+        # the curve's last point (the highest step) is the trial's value, so the run's
+        # latest `heldout_deviance` is what Optuna got
+        run.log_metric_history(OBJECTIVE, [v for _, v in curve], [s for s, _ in curve])
+        run.log_metrics({"trial_number": trial.number,
+                         **({ATTR_PRUNED_AT: pruned_at} if pruned_at is not None else {})})
+        run.log_params({"tune.trial_number": trial.number, "tune.study_name": self.study_name})
+        run.set_tags({TAG_TRIAL: trial.number, TAG_TRIAL_STATE: outcome,
+                      TAG_STUDY: self.study_name, TAG_TUNE_RUN: self.parent})
+        return outcome, value, train_id, pruned_at
+
+
+# ---- outputs ----------------------------------------------------------------------------------
+
+def write_trials_csv(study, path: Path) -> None:
+    """One row per trial: number, state, value, params, train run, worker run, times."""
+    trials = sorted(study.get_trials(deepcopy=False), key=lambda t: t.number)
+    keys = sorted({k for t in trials for k in t.params})
+    with open(path, "w", newline="") as fh:
+        w = csv.writer(fh)
+        w.writerow(["number", "state", OBJECTIVE, *keys, "last_reported_iteration",
+                    ATTR_PRUNED_AT, ATTR_TRAIN_RUN, ATTR_TUNE_RUN, "datetime_start",
+                    "datetime_complete", "duration_s"])
+        for t in trials:
+            dur = ((t.datetime_complete - t.datetime_start).total_seconds()
+                   if t.datetime_complete and t.datetime_start else "")
+            w.writerow([t.number, t.state.name, "" if t.value is None else repr(float(t.value)),
+                        *[t.params.get(k, "") for k in keys],
+                        max(t.intermediate_values) if t.intermediate_values else "",
+                        t.user_attrs.get(ATTR_PRUNED_AT, ""), t.user_attrs.get(ATTR_TRAIN_RUN, ""),
+                        t.user_attrs.get(ATTR_TUNE_RUN, ""), t.datetime_start or "",
+                        t.datetime_complete or "", dur])
+
+
+def draw_plots(study, out: Path, seed: int) -> dict[str, str]:
+    """``optimization_history.png`` and ``param_importances.png``; returns what was skipped, why."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import optuna
+    from optuna.trial import TrialState
+
+    skipped: dict[str, str] = {}
+    complete = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # optuna.visualization.matplotlib is "experimental"
+        if not complete:
+            skipped["optimization_history.png"] = "no complete trial yet"
+        else:
+            ax = optuna.visualization.matplotlib.plot_optimization_history(
+                study, target_name="held-out deviance (mean per count)")
+            ax.figure.savefig(out / "optimization_history.png", dpi=120, bbox_inches="tight")
+            plt.close(ax.figure)
+        varied = [k for k in complete[0].params
+                  if len({repr(t.params.get(k)) for t in complete}) > 1] if complete else []
+        if len(complete) < 2 or not varied:
+            skipped["param_importances.png"] = (
+                f"needs at least 2 complete trials with different settings "
+                f"(the study has {len(complete)} complete)")
+        else:
+            try:
+                ax = optuna.visualization.matplotlib.plot_param_importances(
+                    study, evaluator=optuna.importance.FanovaImportanceEvaluator(seed=seed),
+                    target_name="held-out deviance")
+            except (ValueError, RuntimeError) as err:
+                skipped["param_importances.png"] = f"importance evaluation failed: {err}"
+            else:
+                ax.figure.savefig(out / "param_importances.png", dpi=120, bbox_inches="tight")
+                plt.close(ax.figure)
+    return skipped
+
+
+def register_best(train_run_id: str, name: str, alias: str):
+    """Register the best trial's model (the registry module is imported only when needed)."""
+    from sf_mlflow.tracking.registry import register_train_run
+
+    return register_train_run(train_run_id, name, alias)
+
+
+# ---- the stage --------------------------------------------------------------------------------
+
+def _counted(study) -> list:
+    from optuna.trial import TrialState
+
+    return study.get_trials(deepcopy=False, states=(
+        TrialState.COMPLETE, TrialState.PRUNED, TrialState.RUNNING, TrialState.WAITING))
+
+
+def parse_n_trials(text: str | int | None) -> int | None:
+    """``-P n_trials=...`` as given (empty: take tuning.n_trials from the config)."""
+    if text is None or str(text).strip() == "":
+        return None
+    try:
+        value = float(str(text).strip())
+    except ValueError:
+        value = float("nan")
+    if not value.is_integer() or value < 1:
+        raise ConfigError(f"n_trials = {text!r} is invalid: expected a whole number >= 1")
+    return int(value)
+
+
+def check_tunable(config: Config) -> None:
+    if config.model.resolved_prior != "SVGP":
+        raise ConfigError(
+            f"{config.source}: the tune stage searches model.lengthscale and model.num_inducing, "
+            "which only the spatial model has; set model.spatial: true (model.prior: SVGP)")
+
+
+def run_tune(config: Config, preprocess_run_id: str | None = None, n_trials: int | None = None,
+             storage: str | None = None, study_name: str | None = None) -> str:
+    """Run (or join) an Optuna study of train runs and log its outcome. Returns the run ID.
+
+    ``n_trials``, ``storage`` and ``study_name`` override the config's ``tuning`` block.
+    Logs ``trials.csv``, ``optimization_history.png`` and ``param_importances.png``, the
+    best trial's settings as ``best.<key>`` params and its held-out deviance as
+    ``best_heldout_deviance``, and registers the best trial's model under ``tuning.alias``.
+    """
+    import optuna
+    from optuna.trial import TrialState
+
+    check_tunable(config)
+    t = config.tuning
+    if n_trials is not None and n_trials < 1:
+        raise ConfigError(f"n_trials = {n_trials!r} is out of range: expected a value >= 1")
+    n_trials = int(n_trials or t.n_trials)
+    storage_url = storage or t.storage or default_storage(config)
+    study_name = study_name or t.study_name or default_study_name(config)
+    register_as = t.register_as or f"{config.name}-tuned"
+
+    upstream = resolve_preprocess_run(config, preprocess_run_id)
+    upstream_id = upstream.info.run_id
+    with tempfile.TemporaryDirectory() as tmp:
+        pre = read_preprocessed(download_artifacts(upstream_id, "data", tmp))
+    if not pre.heldout.any():
+        raise ConfigError(
+            f"preprocess run {upstream_id} has no held-out spots, and tuning scores trials by "
+            f"their held-out deviance; set preprocessing.holdout_fraction > 0 (e.g. 0.1) in "
+            f"{config.source or 'the config'} and run preprocess again")
+    train_xy = pre.data.coordinates[~pre.heldout]
+    heldout = pre.data.subset(spots=np.flatnonzero(pre.heldout))
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    rdb = make_storage(storage_url)
+    study = optuna.create_study(storage=rdb, study_name=study_name, direction="minimize",
+                                pruner=make_pruner(config), load_if_exists=True)
+
+    params = {**config.flat(), **config.flat("tuning"), "upstream.preprocess_run_id": upstream_id,
+              "tune.n_trials": n_trials, "tune.storage": redact(storage_url),
+              "tune.study_name": study_name, "tune.register_as": register_as}
+    tags = {**base_tags(config), TAG_UPSTREAM: upstream_id, TAG_MODEL: model_kind(config),
+            TAG_STUDY: study_name}
+    description = (f"Optuna study {study_name}: {n_trials} trials over "
+                   f"{', '.join(searched_keys(config))}, minimising held-out deviance")
+    with stage_run(STAGE, experiment=config.name, params=params, tags=tags,
+                   run_name=f"tune/{model_kind(config)}/L{config.model.n_components}",
+                   description=description) as run:
+        say(STAGE, f"run {run.run_id}: {description}")
+        say(STAGE, f"study {study_name!r} in {redact(storage_url)} "
+                   f"({len(_counted(study))} of {n_trials} trials already there)")
+        trainer = _Trial(config, upstream_id, run.run_id, train_xy, heldout, study_name)
+        mine = {"complete": 0, "pruned": 0}
+        while len(_counted(study)) < n_trials:
+            study.sampler = make_sampler(config, len(study.get_trials(deepcopy=False)))
+            trial = study.ask()
+            earlier = [x for x in _counted(study) if x.number < trial.number]
+            if len(earlier) >= n_trials:
+                # another worker took the last slot between our count and our ask
+                trial.set_user_attr(ATTR_SURPLUS, True)
+                study.tell(trial, state=TrialState.FAIL)
+                break
+            try:
+                outcome, value, train_id, pruned_at = trainer.run(trial)
+            except BaseException:
+                study.tell(trial, state=TrialState.FAIL)
+                raise
+            if outcome == "pruned":
+                trial.set_user_attr(ATTR_PRUNED_AT, pruned_at)
+                study.tell(trial, state=TrialState.PRUNED)
+                say(STAGE, f"trial {trial.number}: pruned at iteration {pruned_at} "
+                           f"(held-out deviance {value:.5g}; run {train_id})")
+            elif not math.isfinite(value):
+                # a diverged fit (NaN) or a zero rate where counts are positive (inf): the
+                # worst possible score, so the sampler steers away from these settings
+                study.tell(trial, float("inf"))
+                say(STAGE, f"trial {trial.number}: held-out deviance is {value}; scored as inf "
+                           f"(run {train_id})")
+            else:
+                study.tell(trial, value)
+                say(STAGE, f"trial {trial.number}: held-out deviance {value:.5g} (run {train_id})")
+            mine[outcome] = mine.get(outcome, 0) + 1
+
+        trials = study.get_trials(deepcopy=False)
+        by_state = {s: sum(x.state == s for x in trials) for s in TrialState}
+        metrics = {"n_trials_complete": by_state[TrialState.COMPLETE],
+                   "n_trials_pruned": by_state[TrialState.PRUNED],
+                   "n_trials_failed": sum(x.state == TrialState.FAIL
+                                          and not x.user_attrs.get(ATTR_SURPLUS) for x in trials),
+                   "n_trials_running": by_state[TrialState.RUNNING],
+                   "n_trials_this_worker": mine["complete"] + mine["pruned"],
+                   "n_trials_pruned_this_worker": mine["pruned"]}
+        complete = [x for x in trials if x.state == TrialState.COMPLETE]
+        best = min(complete, key=lambda x: x.value) if complete else None
+        with staging_dir(config, STAGE, run.run_id) as out:
+            write_trials_csv(study, out / "trials.csv")
+            seed = t.seed if t.seed is not None else config.seed
+            for name, why in draw_plots(study, out, seed).items():
+                say(STAGE, f"{name} not drawn: {why}")
+                run.set_tags({f"sf.tune.skipped.{name}": why})
+            run.log_artifacts(out)
+        if best is None:
+            run.log_metrics(metrics)
+            say(STAGE, "no complete trial: nothing to register")
+        else:
+            best_train = best.user_attrs[ATTR_TRAIN_RUN]
+            metrics.update({"best_heldout_deviance": float(best.value),
+                            "best_trial_number": best.number})
+            run.log_metrics(metrics)
+            run.log_params({**{f"best.{k}": v for k, v in best.params.items()},
+                            "best.train_run_id": best_train})
+            run.set_tags({"sf.tune.best_train_run_id": best_train})
+            say(STAGE, f"best: trial {best.number} ({_fmt(best.params)}) held-out deviance "
+                       f"{best.value:.5g}, train run {best_train}")
+            if alias_run_id(register_as, t.alias) == best_train:
+                # e.g. another worker of this study registered it already
+                say(STAGE, f"{register_as}@{t.alias} already is train run {best_train}")
+            else:
+                version = register_best(best_train, register_as, t.alias)
+                say(STAGE, f"registered {register_as} version {version} with alias {t.alias!r}")
+        say(STAGE, f"{metrics['n_trials_complete']} complete, {metrics['n_trials_pruned']} "
+                   f"pruned in the study; this worker ran {metrics['n_trials_this_worker']}")
+    say(STAGE, f"finished run {run.run_id}")
+    return run.run_id

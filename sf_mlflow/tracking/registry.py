@@ -1,0 +1,484 @@
+"""Train runs as registered MLflow models: factors (or expected counts) from positions.
+
+A train run is logged as an MLflow *pyfunc* model and registered under a name; it is
+then loaded anywhere, without the training data or this checkout, with::
+
+    import mlflow
+    model = mlflow.pyfunc.load_model("models:/<name>@<alias>")
+    factors = model.predict(frame)                               # (M, L) DataFrame
+
+Input ``frame`` (a pandas DataFrame, one row per query spot):
+
+``x``, ``y`` (float)
+    Spot coordinates in the ORIGINAL units of the data set (the units of the ``.h5ad``
+    ``obsm`` / the generated data, before preprocessing). The model applies the
+    preprocess run's transform ``scaled = (raw - center) * scale`` itself. With
+    ``params={"coordinates": "scaled"}`` they are taken as already scaled (the units
+    of the preprocess run's ``data/X.npy``).
+``group`` (str)
+    The spot's group (cell type) name as in the data set. Required by a spatial model
+    fitted with groups (multi-group kernel); otherwise not part of the signature and
+    ignored.
+
+Output: a DataFrame with the input's index and columns ``factor_0 .. factor_{L-1}``:
+the factors ``exp(E[F])`` in the model's own factor order (NOT the descending Moran's I
+order of the analyze stage's arrays; the analyze run's ``moran_i.csv`` maps its ranks to
+these indices through its ``original_factor`` column).
+
+* spatial (SVGP) model: the GP predictive at the positions (and groups);
+* non-spatial model: the mean log-factor of the ``neighbours`` nearest training spots
+  (the held-out prediction of the analyze stage). ``neighbours=1`` at a training
+  spot's own position returns that spot's fitted factors.
+
+Params (``model.predict(frame, params={...})``, declared in the signature):
+
+``output``: ``"factors"`` (default) or ``"expected_counts"``: the rates
+    ``factors @ W[genes].T``, one column per gene, named by gene;
+``genes``: gene names for ``expected_counts`` (default ``[]`` = all genes);
+``coordinates``: ``"raw"`` (default) or ``"scaled"``;
+``neighbours``: k of the non-spatial nearest-neighbour prediction (default: the train
+    config's ``analysis.moran_k``, as analyze uses); ignored by spatial models;
+``exp_mean``: factors ``E[exp F]`` instead of ``exp(E[F])`` (default false).
+
+Aliases, not stages: :func:`register_train_run` creates a new model version and points
+an alias at it. ``latest`` is MLflow's built-in alias for the newest version; any other
+alias (e.g. ``best``, ``champion``) is set explicitly and moves on each registration.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import tempfile
+from importlib.metadata import PackageNotFoundError, version as _pkg_version
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any, Mapping, Optional
+
+import mlflow
+import mlflow.pyfunc
+import numpy as np
+import pandas as pd
+from mlflow.exceptions import MlflowException
+from mlflow.models import Model, infer_signature
+from mlflow.tracking import MlflowClient
+from mlflow.types.schema import ParamSchema, ParamSpec
+
+import sf_mlflow
+from sf_mlflow.errors import DataError, ModelError, RunLookupError
+from sf_mlflow.tracking.lineage import download_artifacts, get_stage_run
+from sf_mlflow.tracking.runs import TAG_MODEL, TAG_UPSTREAM, configure_tracking
+
+__all__ = [
+    "DEFAULT_PARAMS", "FactorPredictor", "SpatialFactorModel", "prediction_info",
+    "log_pyfunc_model", "register_logged_model", "register_fitted_model", "register_train_run",
+    "TAG_REGISTERED_MODEL", "TAG_REGISTERED_VERSION", "TAG_PYFUNC_MODEL_ID",
+]
+
+#: Tags written on the train run when its model is logged / registered.
+TAG_PYFUNC_MODEL_ID = "sf.pyfunc_model_id"
+TAG_REGISTERED_MODEL = "sf.registered_model"
+TAG_REGISTERED_VERSION = "sf.registered_model_version"
+TAG_REGISTERED_ALIAS = "sf.registered_model_alias"
+
+#: Name of the logged model inside its run, and the files it carries.
+LOGGED_MODEL_NAME = "spatial_factors"
+INFO_FILE = "prediction.json"
+TRAIN_COORDINATES_FILE = "train_coordinates.npy"
+INFO_FORMAT = 1
+MODEL_SCRIPT = "spatial_factor_model.py"
+_MODEL_SCRIPT_TEXT = '''\
+"""MLflow model-from-code entry: the sf_mlflow pyfunc wrapper (sf_mlflow ships in code/)."""
+import mlflow.models
+
+from sf_mlflow.tracking.registry import SpatialFactorModel
+
+mlflow.models.set_model(SpatialFactorModel())
+'''
+
+#: Defaults of the predict params (``neighbours`` is replaced by the model's own k).
+DEFAULT_PARAMS: dict[str, Any] = {"output": "factors", "genes": [], "coordinates": "raw",
+                                  "neighbours": 6, "exp_mean": False}
+OUTPUTS = ("factors", "expected_counts")
+COORDINATE_MODES = ("raw", "scaled")
+INPUT_EXAMPLE_ROWS = 5
+
+
+# ---- prediction (no MLflow needed below the PythonModel wrapper) -----------------------------
+
+def prediction_info(model, metadata: Mapping[str, Any], *, model_kind: str, neighbours: int,
+                    train_run_id: str | None = None,
+                    preprocess_run_id: str | None = None) -> dict[str, Any]:
+    """What predictions need besides ``model.pth``, as a JSON-ready dict.
+
+    model : fitted PNMF (its L and whether it uses groups).
+    metadata : the preprocess run's ``data/metadata.json`` (gene and group names, the
+        coordinate transform ``scaled = (raw - center) * scale``).
+    """
+    transform = metadata.get("coordinate_transform") or {}
+    report = metadata.get("preprocessing") or {}
+    center = transform.get("center", report.get("coordinate_center"))
+    scale = transform.get("scale", report.get("coordinate_scale"))
+    if center is None or scale is None:
+        raise DataError("the preprocess metadata has no coordinate transform (center, scale); "
+                        "run the preprocess stage again with this version of the package")
+    spatial = hasattr(model.prior_, "num_inducing")
+    uses_groups = bool(spatial and getattr(model, "_groups", None) is not None)
+    group_names = metadata.get("group_names")
+    if uses_groups and not group_names:
+        raise DataError("the model uses groups but the preprocess metadata names none")
+    return {
+        "format_version": INFO_FORMAT,
+        "model_kind": str(model_kind),
+        "spatial": bool(spatial),
+        "uses_groups": uses_groups,
+        "n_components": int(model.n_components),
+        "factor_columns": [f"factor_{i}" for i in range(int(model.n_components))],
+        "factor_order": "model (not Moran's I order)",
+        "gene_names": [str(g) for g in metadata["gene_names"]],
+        "group_names": [str(g) for g in group_names] if group_names else None,
+        "coordinate_transform": {"center": [float(c) for c in center], "scale": float(scale),
+                                 "formula": "scaled = (raw - center) * scale"},
+        "neighbours": int(neighbours),
+        "dataset": metadata.get("dataset"),
+        "train_run_id": train_run_id,
+        "preprocess_run_id": preprocess_run_id,
+    }
+
+
+def _choice(name: str, value: Any, allowed) -> str:
+    if value not in allowed:
+        raise DataError(f"param {name} = {value!r} is not one of {', '.join(map(repr, allowed))}")
+    return value
+
+
+class FactorPredictor:
+    """Factors (or expected counts) of spots from their positions and groups.
+
+    Parameters
+    ----------
+    model : PNMF, fitted.
+    info : dict from :func:`prediction_info`.
+    train_coordinates : (N, 2) scaled coordinates of the training spots (float64), used by
+        the non-spatial model's nearest-neighbour prediction; default the ones stored in
+        the model (in the model's dtype).
+    """
+
+    def __init__(self, model, info: Mapping[str, Any], train_coordinates: Optional[np.ndarray] = None):
+        self.model = model
+        self.info = dict(info)
+        t = self.info["coordinate_transform"]
+        self.center = np.asarray(t["center"], dtype=np.float64)      # (2,)
+        self.scale = float(t["scale"])
+        self.gene_index = {g: i for i, g in enumerate(self.info["gene_names"])}
+        names = self.info.get("group_names") or []
+        self.group_index = {g: i for i, g in enumerate(names)}
+        self.loadings = np.asarray(model.loadings_, dtype=np.float64)  # (D, L)
+        if train_coordinates is None and model._coordinates is not None:
+            train_coordinates = model._coordinates.detach().cpu().double().numpy()
+        self.train_coordinates = train_coordinates
+        self._train_factors: dict[bool, np.ndarray] = {}
+
+    @property
+    def columns(self) -> list[str]:
+        return list(self.info["factor_columns"])
+
+    def positions(self, frame: pd.DataFrame, mode: str = "raw") -> np.ndarray:
+        """Scaled (M, 2) coordinates from the ``x``, ``y`` columns."""
+        missing = [c for c in ("x", "y") if c not in frame.columns]
+        if missing:
+            raise DataError(f"input lacks column(s) {missing}; expected columns 'x', 'y'"
+                            + (" and 'group'" if self.info["uses_groups"] else "")
+                            + f", got {list(frame.columns)}")
+        try:
+            X = frame[["x", "y"]].to_numpy(dtype=np.float64)
+        except (TypeError, ValueError) as e:
+            raise DataError(f"columns 'x' and 'y' must be numbers ({e})") from None
+        if not np.isfinite(X).all():
+            bad = int((~np.isfinite(X).all(axis=1)).sum())
+            raise DataError(f"columns 'x'/'y' contain NaN or infinite values in {bad} row(s)")
+        mode = _choice("coordinates", mode, COORDINATE_MODES)
+        return X if mode == "scaled" else (X - self.center) * self.scale
+
+    def group_codes(self, frame: pd.DataFrame) -> Optional[np.ndarray]:
+        """(M,) group codes from the ``group`` column, or None for a model without groups."""
+        if not self.info["uses_groups"]:
+            return None
+        known = list(self.group_index)
+        if "group" not in frame.columns:
+            raise DataError(f"input lacks column 'group', which this model needs (one of "
+                            f"{known}); got columns {list(frame.columns)}")
+        values = frame["group"].astype(object).to_numpy()
+        unknown = sorted({str(v) for v in values if not isinstance(v, str)
+                          or v not in self.group_index})
+        if unknown:
+            raise DataError(f"column 'group' has unknown group(s) {unknown[:10]}"
+                            + (f" (and {len(unknown) - 10} more)" if len(unknown) > 10 else "")
+                            + f"; this model knows {known}")
+        return np.array([self.group_index[v] for v in values], dtype=np.int64)
+
+    def _train_factors_of(self, exp_mean: bool) -> np.ndarray:
+        if exp_mean not in self._train_factors:
+            self._train_factors[exp_mean] = self.model.get_factors(exp_mean=exp_mean)
+        return self._train_factors[exp_mean]
+
+    def factors(self, X: np.ndarray, groups: Optional[np.ndarray], *, neighbours: int,
+                exp_mean: bool = False) -> np.ndarray:
+        """(M, L) factors at scaled coordinates X (M, 2) and group codes (M,) or None."""
+        # Imported here so that this module loads with the MLflow-free analysis code only
+        # when predicting.
+        from sf_mlflow.analysis.summary import heldout_factors
+
+        if X.shape[0] == 0:
+            return np.empty((0, int(self.info["n_components"])))
+        if self.info["spatial"]:
+            if exp_mean:
+                f, s = self.model.predict_factors(X, groups=groups, return_std=True)
+                return f * np.exp(0.5 * s * s)
+            return heldout_factors(self.model, self.train_coordinates,
+                                   SimpleNamespace(coordinates=X, groups=groups))
+        k = int(neighbours)
+        n = self.train_coordinates.shape[0]
+        if not 1 <= k <= n:
+            raise DataError(f"param neighbours = {k} needs 1 <= neighbours <= {n} training spots")
+        # The same nearest-training-spot prediction the analyze stage uses for held-out spots.
+        return heldout_factors(self.model, self.train_coordinates,
+                               SimpleNamespace(coordinates=X, groups=None), k=k,
+                               train_factors=self._train_factors_of(exp_mean), exp_mean=exp_mean)
+
+    def predict(self, frame: pd.DataFrame, params: Optional[Mapping[str, Any]] = None) -> pd.DataFrame:
+        """Factors (M, L) or expected counts (M, G) of the spots in ``frame`` (see the module doc)."""
+        if not isinstance(frame, pd.DataFrame):
+            frame = pd.DataFrame(frame)
+        p = {**DEFAULT_PARAMS, "neighbours": self.info["neighbours"],
+             **{k: v for k, v in (params or {}).items() if v is not None}}
+        output = _choice("output", p["output"], OUTPUTS)
+        X = self.positions(frame, p["coordinates"])
+        groups = self.group_codes(frame)
+        F = self.factors(X, groups, neighbours=p["neighbours"], exp_mean=bool(p["exp_mean"]))
+        if output == "factors":
+            return pd.DataFrame(F, index=frame.index, columns=self.columns)
+        genes = p["genes"]
+        genes = [genes] if isinstance(genes, str) else [str(g) for g in np.ravel(genes)]
+        if not genes:
+            genes = list(self.gene_index)
+        unknown = [g for g in genes if g not in self.gene_index]
+        if unknown:
+            raise DataError(f"param genes has unknown gene(s) {unknown[:10]}; this model has "
+                            f"{len(self.gene_index)} genes, e.g. {list(self.gene_index)[:5]}")
+        W = self.loadings[[self.gene_index[g] for g in genes]]      # (G, L)
+        return pd.DataFrame(F @ W.T, index=frame.index, columns=genes)
+
+
+class SpatialFactorModel(mlflow.pyfunc.PythonModel):
+    """The pyfunc wrapper: loads ``model.pth`` and ``prediction.json``, predicts from positions.
+
+    See the module docstring for the input, output and params.
+    """
+
+    def load_context(self, context) -> None:
+        from sf_mlflow.models.pnmf import PNMF
+
+        info = json.loads(Path(context.artifacts["info"]).read_text())
+        if info.get("format_version") != INFO_FORMAT:
+            raise ModelError(f"{INFO_FILE}: format_version {info.get('format_version')!r}, "
+                             f"expected {INFO_FORMAT}")
+        model = PNMF.load(context.artifacts["model"], device="cpu")
+        coords = context.artifacts.get("train_coordinates")
+        self.predictor = FactorPredictor(model, info, None if coords is None else np.load(coords))
+
+    def predict(self, context, model_input: pd.DataFrame, params=None) -> pd.DataFrame:
+        # (A DataFrame type hint: MLflow validates the input against the logged signature
+        # rather than inferring one from hints.)
+        return self.predictor.predict(model_input, params)
+
+
+# ---- logging and registering --------------------------------------------------------------
+
+def _requirement(pkg: str) -> str:
+    try:
+        v = _pkg_version(pkg)
+    except PackageNotFoundError:
+        return pkg
+    return f"{pkg}=={v.split('+')[0]}"  # drop local builds such as torch's +cpu
+
+
+def pip_requirements() -> list[str]:
+    """The model's runtime requirements, pinned to this environment (MLflow does not infer them)."""
+    return [_requirement(p) for p in ("mlflow", "torch", "numpy", "scipy", "pandas", "cloudpickle")]
+
+
+def params_schema(neighbours: int) -> ParamSchema:
+    """The predict params with their types and defaults (see the module docstring)."""
+    return ParamSchema([
+        ParamSpec("output", "string", DEFAULT_PARAMS["output"]),
+        ParamSpec("genes", "string", [], (-1,)),  # [] = all genes
+        ParamSpec("coordinates", "string", DEFAULT_PARAMS["coordinates"]),
+        ParamSpec("neighbours", "long", int(neighbours)),
+        ParamSpec("exp_mean", "boolean", bool(DEFAULT_PARAMS["exp_mean"])),
+    ])
+
+
+def _raw_coordinates(info: Mapping[str, Any], X_scaled: np.ndarray) -> np.ndarray:
+    t = info["coordinate_transform"]
+    return np.asarray(X_scaled, dtype=np.float64) / float(t["scale"]) + np.asarray(t["center"])
+
+
+def _input_example(predictor: FactorPredictor) -> pd.DataFrame:
+    """A few training spots, in raw units, as a predict input."""
+    n = min(INPUT_EXAMPLE_ROWS, predictor.train_coordinates.shape[0])
+    xy = _raw_coordinates(predictor.info, predictor.train_coordinates[:n])
+    frame = pd.DataFrame({"x": xy[:, 0], "y": xy[:, 1]})
+    if predictor.info["uses_groups"]:
+        codes = predictor.model._groups[:n].cpu().numpy()
+        frame["group"] = [predictor.info["group_names"][int(c)] for c in codes]
+    return frame
+
+
+def log_pyfunc_model(run_id: str, model_path: str | Path, info: Mapping[str, Any],
+                     train_coordinates: Optional[np.ndarray] = None) -> str:
+    """Log a fitted PNMF file as a pyfunc model of run ``run_id``; return the model ID.
+
+    The model (an MLflow 3 LoggedModel in the run's experiment) carries ``model.pth``,
+    ``prediction.json`` (``info``), for the non-spatial model the (N, 2) scaled training
+    coordinates, and a copy of the ``sf_mlflow`` package (``code_paths``), so loading it
+    needs neither the run's artifacts nor this checkout. The signature (from an input
+    example of training spots) declares the params. Tags the run ``sf.pyfunc_model_id``.
+    """
+    from sf_mlflow.models.pnmf import PNMF
+
+    configure_tracking()
+    client = MlflowClient()
+    run = client.get_run(run_id)
+    model = PNMF.load(model_path)
+    predictor = FactorPredictor(model, info, train_coordinates)
+    example = _input_example(predictor)
+    params = {**DEFAULT_PARAMS, "neighbours": int(info["neighbours"])}
+    signature = infer_signature(example, predictor.predict(example, params))
+    signature.params = params_schema(int(info["neighbours"]))
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        (tmp / INFO_FILE).write_text(json.dumps(dict(info), indent=1))
+        artifacts = {"model": str(model_path), "info": str(tmp / INFO_FILE)}
+        if not info["spatial"]:
+            np.save(tmp / TRAIN_COORDINATES_FILE, np.asarray(predictor.train_coordinates, np.float64))
+            artifacts["train_coordinates"] = str(tmp / TRAIN_COORDINATES_FILE)
+        code = tmp / "code" / "sf_mlflow"
+        shutil.copytree(Path(sf_mlflow.__file__).resolve().parent, code,
+                        ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
+        # "Models from code": the model is this small script, run at load time (after
+        # the shipped package is put on sys.path), rather than a pickled object.
+        (tmp / MODEL_SCRIPT).write_text(_MODEL_SCRIPT_TEXT)
+        logged = client.create_logged_model(
+            experiment_id=run.info.experiment_id, name=LOGGED_MODEL_NAME, source_run_id=run_id,
+            tags={"sf.model": str(info["model_kind"]), "sf.train_run_id": run_id},
+            params={"n_components": str(info["n_components"]), "spatial": str(info["spatial"]),
+                    "uses_groups": str(info["uses_groups"])})
+        Model.log(artifact_path=None, name=LOGGED_MODEL_NAME, flavor=mlflow.pyfunc, run_id=run_id,
+                  model_id=logged.model_id, python_model=str(tmp / MODEL_SCRIPT), artifacts=artifacts,
+                  code_paths=[str(code)], signature=signature, input_example=example,
+                  pip_requirements=pip_requirements())
+    client.set_tag(run_id, TAG_PYFUNC_MODEL_ID, logged.model_id)
+    return logged.model_id
+
+
+def register_logged_model(model_id: str, name: str, alias: str = "latest", *,
+                          run_id: str | None = None) -> str:
+    """Register a logged model as a new version of ``name`` and point ``alias`` at it.
+
+    ``latest`` is MLflow's reserved alias that always resolves to the newest version, so
+    it is not set; any other alias is (re)assigned to the new version. Tags ``run_id``
+    (when given) with the model name, version and alias. Returns the version.
+    """
+    if not name or not str(name).strip():
+        raise ModelError("the registered model name is empty; pass a name, e.g. register_as=sf_slideseq")
+    configure_tracking()
+    client = MlflowClient()
+    try:
+        mv = mlflow.register_model(f"models:/{model_id}", name,
+                                   tags={"sf.train_run_id": run_id} if run_id else None)
+        if alias and alias.lower() != "latest":
+            client.set_registered_model_alias(name, alias, mv.version)
+    except MlflowException as e:
+        raise ModelError(f"registering model {name!r} (alias {alias!r}) failed: {e.message}") from None
+    if run_id:
+        client.set_tag(run_id, TAG_REGISTERED_MODEL, name)
+        client.set_tag(run_id, TAG_REGISTERED_VERSION, str(mv.version))
+        client.set_tag(run_id, TAG_REGISTERED_ALIAS, alias or "latest")
+    return str(mv.version)
+
+
+def register_fitted_model(run_id: str, model_path: str | Path, metadata: Mapping[str, Any], *,
+                          name: str, alias: str = "latest", model_kind: str, neighbours: int,
+                          preprocess_run_id: str | None = None,
+                          train_coordinates: Optional[np.ndarray] = None) -> str:
+    """Log ``model_path`` as run ``run_id``'s pyfunc model and register it; return the version.
+
+    For the train stage, inside its (still running) run. ``metadata`` is the preprocess
+    run's ``metadata.json``; ``train_coordinates`` (N, 2) the scaled training coordinates.
+    """
+    from sf_mlflow.models.pnmf import PNMF
+
+    info = prediction_info(PNMF.load(model_path), metadata, model_kind=model_kind,
+                           neighbours=neighbours, train_run_id=run_id,
+                           preprocess_run_id=preprocess_run_id)
+    model_id = log_pyfunc_model(run_id, model_path, info, train_coordinates)
+    return register_logged_model(model_id, name, alias, run_id=run_id)
+
+
+def _logged_model_of(client: MlflowClient, run) -> Optional[str]:
+    """The READY pyfunc model already logged for a train run, or None."""
+    model_id = run.data.tags.get(TAG_PYFUNC_MODEL_ID)
+    if not model_id:
+        return None
+    try:
+        logged = client.get_logged_model(model_id)
+    except MlflowException:
+        return None
+    return model_id if str(logged.status).upper().endswith("READY") else None
+
+
+def _train_neighbours(run) -> int:
+    """The train config's ``analysis.moran_k``: the k analyze uses for held-out spots."""
+    value = run.data.params.get("analysis.moran_k")
+    try:
+        return int(float(value)) if value is not None else DEFAULT_PARAMS["neighbours"]
+    except ValueError:
+        return DEFAULT_PARAMS["neighbours"]
+
+
+def register_train_run(train_run_id: str, name: str, alias: str = "latest") -> str:
+    """Register a FINISHED train run's model under ``name`` and alias ``alias``; return the version.
+
+    Logs the pyfunc model first when the run has none yet (from the run's ``model.pth``
+    and its preprocess run's ``data/metadata.json`` and ``data/X.npy``), then registers a
+    new version and points ``alias`` at it (``latest`` always means the newest version).
+    """
+    from sf_mlflow.models.pnmf import PNMF
+
+    run = get_stage_run(train_run_id, "train")
+    client = MlflowClient()
+    model_id = _logged_model_of(client, run)
+    if model_id is None:
+        pre_id = run.data.tags.get(TAG_UPSTREAM)
+        if not pre_id:
+            raise RunLookupError(f"train run {train_run_id!r} has no {TAG_UPSTREAM} tag naming "
+                                 "its preprocess run")
+        with tempfile.TemporaryDirectory() as tmp:
+            tmp = Path(tmp)
+            path = download_artifacts(train_run_id, "model.pth", tmp / "train")
+            path = path if path.is_file() else path / "model.pth"
+            meta = json.loads(download_artifacts(pre_id, "data/metadata.json",
+                                                 tmp / "pre").read_text())
+            model = PNMF.load(path)
+            info = prediction_info(model, meta, model_kind=run.data.tags.get(TAG_MODEL, "pnmf"),
+                                   neighbours=_train_neighbours(run),
+                                   train_run_id=train_run_id, preprocess_run_id=pre_id)
+            coords = None
+            if not info["spatial"]:
+                X = np.load(download_artifacts(pre_id, "data/X.npy", tmp / "pre"))
+                held = np.zeros(X.shape[0], dtype=bool)
+                held[np.asarray(meta["split"]["heldout_indices"], dtype=np.int64)] = True
+                coords = X[~held]
+            model_id = log_pyfunc_model(train_run_id, path, info, coords)
+    return register_logged_model(model_id, name, alias, run_id=train_run_id)
