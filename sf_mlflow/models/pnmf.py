@@ -607,6 +607,17 @@ class PNMF:
             variances.append(v)
         return torch.cat(means, dim=1), torch.cat(variances, dim=1)
 
+    @torch.no_grad()
+    def _means(self, chunk_size: int = 10000) -> Tensor:
+        """Mean of q(F) at all training spots, (L, N) (no variances computed)."""
+        means = []
+        for s in range(0, self.n_spots_, chunk_size):
+            idx = torch.arange(s, min(s + chunk_size, self.n_spots_), device=self.device_)
+            c = None if self._coordinates is None else self._coordinates[idx]
+            g = None if self._groups is None else self._groups[idx]
+            means.append(self.prior_.means(idx, c, g))
+        return torch.cat(means, dim=1)
+
     def get_factors(self, exp_mean: bool = False) -> np.ndarray:
         """Factors of the training spots, (N, L).
 
@@ -614,8 +625,10 @@ class PNMF:
         with ``exp_mean=True`` the posterior mean ``E[exp F] = exp(m + v / 2)``.
         """
         self._check_fitted("get_factors")
+        if not exp_mean:
+            return torch.exp(self._means()).T.cpu().double().numpy()
         m, v = self._marginals()
-        return torch.exp(m + 0.5 * v if exp_mean else m).T.cpu().double().numpy()
+        return torch.exp(m + 0.5 * v).T.cpu().double().numpy()
 
     def get_factor_scales(self) -> np.ndarray:
         """Posterior standard deviation of the log-factors F, (N, L)."""
@@ -680,11 +693,11 @@ class PNMF:
         c = torch.as_tensor(X, dtype=dtype, device=self.device_)
         gg = None if g is None else torch.as_tensor(g, device=self.device_)
         with torch.no_grad():
+            if not return_std:
+                m = self.prior_.predict(c, gg, chunk_size=chunk_size, return_var=False)
+                return torch.exp(m).T.cpu().double().numpy()
             m, v = self.prior_.predict(c, gg, chunk_size=chunk_size)
-        factors = torch.exp(m).T.cpu().double().numpy()
-        if return_std:
-            return factors, torch.sqrt(v).T.cpu().double().numpy()
-        return factors
+        return torch.exp(m).T.cpu().double().numpy(), torch.sqrt(v).T.cpu().double().numpy()
 
     def elbo(self) -> float:
         """The last ELBO estimate of training (see ``elbo_history_``)."""

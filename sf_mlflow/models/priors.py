@@ -45,6 +45,14 @@ class FactorPrior(nn.Module):
         """
         raise NotImplementedError
 
+    def means(self, index: Tensor, coordinates: Optional[Tensor] = None,
+              groups: Optional[Tensor] = None) -> Tensor:
+        """Mean of q(F) alone at a mini-batch of spots, (L, B); inputs as :meth:`marginals`.
+
+        Subclasses override it where the mean is much cheaper than the variance.
+        """
+        return self.marginals(index, coordinates, groups)[0]
+
     def kl(self, index: Tensor) -> Tensor:
         """KL(q || p) term of the ELBO for a mini-batch, scaled to the whole data set.
 
@@ -110,6 +118,11 @@ class GaussianPrior(FactorPrior):
                   groups: Optional[Tensor] = None) -> tuple[Tensor, Tensor]:
         """(mean (L, B), var (L, B)) of q at the spots ``index`` (B,); other inputs ignored."""
         return self.mu[:, index], torch.exp(2.0 * self.log_scale[:, index])
+
+    def means(self, index: Tensor, coordinates: Optional[Tensor] = None,
+              groups: Optional[Tensor] = None) -> Tensor:
+        """Mean of q at the spots ``index`` (B,), (L, B)."""
+        return self.mu[:, index]
 
     def kl(self, index: Tensor) -> Tensor:
         """kl_weight * (N / B) * sum over the batch of KL(N(mu, s^2) || N(0, 1)), a scalar.

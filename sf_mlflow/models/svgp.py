@@ -410,6 +410,34 @@ class SVGPPrior(FactorPrior):
             return (At @ self.mu.T).T                                     # (L, B)
         return torch.bmm(At, self.mu[:, :, None]).squeeze(-1)
 
+    def _mean_weights(self) -> Tensor:
+        """``Lzz^{-T} mu^T``: (M, L), or (L, M, 1) with per-factor lengthscales.
+
+        The predictive mean ``A^T mu = Kxz Lzz^{-T} mu`` then costs O(B M L) per batch
+        instead of the O(B M^2) triangular solve for A. Solved in float64: it is
+        small (M x L) and its rounding would otherwise reach every prediction.
+        """
+        Lzz = self.chol_kzz().to(torch.float64)
+        mu = self.mu.to(torch.float64)
+        if Lzz.dim() == 2:
+            w = torch.linalg.solve_triangular(Lzz.mT, mu.T, upper=True)        # (M, L)
+        else:
+            w = torch.linalg.solve_triangular(Lzz.mT, mu[:, :, None], upper=True)  # (L, M, 1)
+        return w.to(self.mu.dtype)
+
+    def _mean_only(self, x: Tensor, g: Optional[Tensor], weights: Tensor) -> Tensor:
+        """Predictive mean (L, B) from precomputed :meth:`_mean_weights`."""
+        Kxz = self.kernel(x, self.Z, g, self.g_Z)                  # (B, M) or (L, B, M)
+        if Kxz.dim() == 2:
+            return (Kxz @ weights).T
+        return torch.bmm(Kxz, weights).squeeze(-1)
+
+    def means(self, index: Tensor, coordinates: Optional[Tensor] = None,
+              groups: Optional[Tensor] = None) -> Tensor:
+        """Mean of q(F) alone at a batch of spots, (L, B); inputs as :meth:`marginals`."""
+        x, g = self._inputs(coordinates, groups)
+        return self._mean_only(x, g, self._mean_weights())
+
     def _marginals(self, x: Tensor, g: Optional[Tensor]) -> tuple[Tensor, Tensor]:
         At = self._interp(x, g)
         mean = self._mean(At)
@@ -461,8 +489,11 @@ class SVGPPrior(FactorPrior):
     # ---- prediction ---------------------------------------------------------------------
     @torch.no_grad()
     def predict(self, coordinates: Tensor, groups: Optional[Tensor] = None,
-                chunk_size: int = 10000) -> tuple[Tensor, Tensor]:
+                chunk_size: int = 10000, return_var: bool = True):
         """Marginals of q(F) at new spots, in chunks of ``chunk_size`` (bounded memory).
+
+        With ``return_var=False`` only the mean is computed and returned (much cheaper:
+        no (B, M) triangular solve).
 
         Parameters
         ----------
@@ -481,15 +512,21 @@ class SVGPPrior(FactorPrior):
         if int(chunk_size) < 1:
             raise ModelError(f"chunk_size = {chunk_size!r} must be a positive integer")
         means, vars_ = [], []
+        weights = None if return_var else self._mean_weights()
         for s in range(0, x.shape[0], int(chunk_size)):
             sl = slice(s, s + int(chunk_size))
-            m, v = self._marginals(x[sl], None if g is None else g[sl])
+            gs = None if g is None else g[sl]
+            if return_var:
+                m, v = self._marginals(x[sl], gs)
+                vars_.append(v)
+            else:
+                m = self._mean_only(x[sl], gs, weights)
             means.append(m)
-            vars_.append(v)
         if not means:
             empty = x.new_zeros(self.n_components, 0)
-            return empty, empty.clone()
-        return torch.cat(means, dim=1), torch.cat(vars_, dim=1)
+            return (empty, empty.clone()) if return_var else empty
+        mean = torch.cat(means, dim=1)
+        return (mean, torch.cat(vars_, dim=1)) if return_var else mean
 
     @torch.no_grad()
     def groupwise(self, coordinates: Tensor, group_codes: Optional[Sequence[int]] = None,
@@ -513,11 +550,12 @@ class SVGPPrior(FactorPrior):
         if int(chunk_size) < 1:
             raise ModelError(f"chunk_size = {chunk_size!r} must be a positive integer")
         out = x.new_empty(len(codes), self.n_components, x.shape[0])
+        weights = self._mean_weights()
         for i, code in enumerate(codes):
             for s in range(0, x.shape[0], int(chunk_size)):
                 xs = x[s:s + int(chunk_size)]
                 gs = torch.full((xs.shape[0],), code, dtype=torch.int64, device=x.device)
-                out[i, :, s:s + xs.shape[0]] = self._mean(self._interp(xs, gs))
+                out[i, :, s:s + xs.shape[0]] = self._mean_only(xs, gs, weights)
         return out
 
     # ---- state ----------------------------------------------------------------------------

@@ -384,3 +384,22 @@ def test_blocked_triangular_quad_and_norm(shared, block):
     assert torch.allclose(strict_lower_sq_norm(storage, layout), (torch.tril(Lu, -1) ** 2).sum(), rtol=1e-12)
     assert torch.autograd.gradcheck(lambda a, s, dd: triangular_quad(a, s, dd, layout), (At, storage, d))
     assert torch.autograd.gradcheck(lambda s: strict_lower_sq_norm(s, layout), (storage,))
+
+
+@pytest.mark.parametrize("per_factor", [False, True])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_mean_only_path_equals_the_marginal_mean(per_factor, dtype):
+    """means() / predict(return_var=False) use Kxz (Lzz^-T mu): the same mean, cheaper."""
+    x, g = _data(120, seed=21, dtype=dtype)
+    prior = _randomise(_prior(x, g, L=3, num_inducing=40, per_factor_lengthscale=per_factor)
+                       .to(dtype))
+    if per_factor:
+        with torch.no_grad():
+            prior.kernel.raw_lengthscale.add_(torch.tensor([0.0, 0.3, -0.3], dtype=dtype))
+        prior.clear_cache()
+    xs, gs = _data(75, seed=22, dtype=dtype)
+    full_mean, _ = prior.predict(xs, gs)
+    tol = dict(rtol=1e-10, atol=1e-12) if dtype == torch.float64 else dict(rtol=2e-4, atol=2e-5)
+    torch.testing.assert_close(prior.predict(xs, gs, return_var=False, chunk_size=20),
+                               full_mean, **tol)
+    torch.testing.assert_close(prior.means(torch.arange(75), xs, gs), full_mean, **tol)
