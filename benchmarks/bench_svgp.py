@@ -98,15 +98,14 @@ def count_flops(B: int, M: int, L: int, nnz: int, Db: int, mggp: bool, n_params:
 def prepare(args, workdir: Path) -> list[dict]:
     """Generate the data, choose inducing points and write one input file per case."""
     import torch  # noqa: F401
+    from sf_mlflow.data.preprocess import rescale_coordinates
     from sf_mlflow.data.synthetic import make_synthetic
     from sf_mlflow.models.inducing import select_inducing_points
 
     t0 = time.perf_counter()
     data = make_synthetic(n_spots=args.n_spots, n_genes=args.n_genes, n_components=args.n_components,
                           n_groups=args.n_groups, mean_counts=args.mean_counts, seed=args.seed)
-    X = np.asarray(data.coordinates, dtype=np.float64)
-    lo, hi = X.min(0), X.max(0)
-    X = (X - (lo + hi) / 2.0) * (50.0 / float((hi - lo).max()))   # as the preprocess stage
+    X, _, _ = rescale_coordinates(data.coordinates, 50.0)   # as the preprocess stage
     Y = data.counts.tocsr()
     emit({"case": "data", "n_spots": Y.shape[0], "n_genes": Y.shape[1], "nnz": int(Y.nnz),
           "n_components": args.n_components, "n_groups": args.n_groups,

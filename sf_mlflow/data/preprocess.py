@@ -27,6 +27,7 @@ from sf_mlflow.data.counts import SpatialCounts
 from sf_mlflow.errors import DataError
 
 __all__ = ["PreprocessResult", "preprocess", "poisson_null_deviance", "heldout_split",
+           "rescale_coordinates",
            "MT_PREFIXES"]
 
 #: Mitochondrial gene prefixes: mouse (mt-) and human (MT-) symbol conventions.
@@ -85,6 +86,20 @@ def poisson_null_deviance(counts: sp.spmatrix) -> np.ndarray:
     r, c, y = rows[pos], Y.indices[pos], y[pos]
     contrib = y * np.log(y / (n[r] * p[c]))
     return 2.0 * np.bincount(c, weights=contrib, minlength=Y.shape[1])
+
+
+def rescale_coordinates(coordinates, spatial_scale: float) -> tuple[np.ndarray, np.ndarray, float]:
+    """Centre coordinates on their bounding box and scale its longest side to ``spatial_scale``.
+
+    Returns ``(scaled (N, 2), center (2,), scale)`` with ``scaled = (raw - center) * scale``.
+    All spots at one point are only centred (a scale would divide by zero).
+    """
+    X = np.asarray(coordinates, dtype=np.float64)
+    lo, hi = X.min(axis=0), X.max(axis=0)
+    center = (lo + hi) / 2.0
+    extent = float((hi - lo).max())
+    scale = float(spatial_scale) / extent if extent > 0 else 1.0
+    return (X - center) * scale, center, scale
 
 
 def heldout_split(n_spots: int, fraction: float, seed: int,
@@ -231,13 +246,7 @@ def preprocess(data: SpatialCounts, cfg: PreprocessingConfig, seed: int = 0) -> 
     report["counts_kept"] = _total(out.counts)
 
     # (e) coordinates: bounding-box centre, longest side -> spatial_scale
-    X = np.asarray(out.coordinates, dtype=np.float64)
-    lo, hi = X.min(axis=0), X.max(axis=0)
-    center = (lo + hi) / 2.0
-    extent = float((hi - lo).max())
-    # all spots at one point: only centre them, a scale would divide by zero
-    scale = cfg.spatial_scale / extent if extent > 0 else 1.0
-    out.coordinates = (X - center) * scale
+    out.coordinates, center, scale = rescale_coordinates(out.coordinates, cfg.spatial_scale)
     report["coordinate_center"] = [float(c) for c in center]
     report["coordinate_scale"] = float(scale)
 
