@@ -191,6 +191,7 @@ def test_sigterm_saves_a_checkpoint_and_resume_matches_an_uninterrupted_fit(mlfl
     assert "checkpoint logged" in rest
     killed = [r for r in all_runs(client) if r.data.tags.get("sf.stage") == "train"]
     assert len(killed) == 1 and killed[0].info.status == "KILLED"
+    assert killed[0].data.tags["sf.interrupted"] == "true"
     killed_id = killed[0].info.run_id
     stopped_at = int(killed[0].data.metrics["interrupted_at_iteration"])
     assert 20 <= stopped_at < 400

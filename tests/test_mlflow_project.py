@@ -206,3 +206,61 @@ def test_pnmf_pipeline_on_slideseq_window_via_mlflow_run(tmp_path, shared_file):
     assert factors.shape[1] == 10 and (factors > 0).all()
     pngs = check_figures(client, runs["figures"], tmp_path)
     assert "figures/groupwise_factors.png" not in pngs
+
+
+def test_ctrl_c_on_mlflow_run_train_checkpoints_and_resume_from_finishes(tmp_path):
+    """SIGINT to `mlflow run` (what Ctrl-C sends) reaches training as one SIGTERM."""
+    import signal
+    import time
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    raw = {"name": "ctrl_c", "seed": 1, "dataset": "synthetic", "output_dir": str(tmp_path / "out"),
+           "data": {"synthetic": {"n_spots": 300, "n_genes": 50, "n_components": 3}},
+           "preprocessing": {"min_counts": 5, "min_cells": 3},
+           "model": {"n_components": 3, "spatial": False},
+           "training": {"max_iter": 3000, "tol": 0, "device": "cpu", "log_every": 1,
+                        "batch_size": 100}}
+    config = tmp_path / "c.yaml"
+    config.write_text(yaml.safe_dump(raw))
+    assert mlflow_run("preprocess", {"config": config}, tmp_path, uri).returncode == 0
+
+    cmd = [sys.executable, "-m", "mlflow", "run", str(REPO), "-e", "train", "--env-manager",
+           "local", "--experiment-name", "project_test", "-P", f"config={config}"]
+    env = {**os.environ, "MLFLOW_TRACKING_URI": uri, "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.Popen(cmd, cwd=tmp_path, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+    seen = []
+    try:
+        deadline = time.monotonic() + 300
+        while time.monotonic() < deadline:
+            line = proc.stdout.readline()
+            seen.append(line)
+            if not line or "iter    10/3000" in line:
+                break
+        assert "iter    10/3000" in seen[-1], "".join(seen)[-3000:]
+        proc.send_signal(signal.SIGINT)
+        rest, _ = proc.communicate(timeout=300)
+    finally:
+        proc.kill()
+    assert proc.returncode != 0
+    assert "checkpoint logged" in rest, rest[-3000:]
+    client = MlflowClient(uri)
+    exp = client.get_experiment_by_name("project_test")
+    killed = client.search_runs([exp.experiment_id], "tags.`sf.stage` = 'train'")
+    # The stage ends the run KILLED; MLflow's launcher then overwrites it with FAILED
+    # (mlflow.projects._maybe_set_run_terminated passes the status string to
+    # RunStatus.is_terminated, which expects the integer code). The tag tells the truth.
+    assert len(killed) == 1 and killed[0].info.status in ("KILLED", "FAILED")
+    assert killed[0].data.tags["sf.interrupted"] == "true"
+    assert [a.path for a in client.list_artifacts(killed[0].info.run_id, "checkpoint")] == [
+        "checkpoint/checkpoint.pt"]
+
+    raw["training"]["max_iter"] = int(killed[0].data.metrics["interrupted_at_iteration"]) + 20
+    config.write_text(yaml.safe_dump(raw))   # max_iter may change on resume
+    out = mlflow_run("train", {"config": config, "resume_from": killed[0].info.run_id},
+                     tmp_path, uri)
+    assert out.returncode == 0, out.stderr[-3000:]
+    resumed = client.search_runs([exp.experiment_id],
+                                 f"tags.`sf.resumed_from` = '{killed[0].info.run_id}'")
+    assert len(resumed) == 1 and resumed[0].info.status == "FINISHED"
+    assert resumed[0].data.metrics["n_iter"] == raw["training"]["max_iter"]

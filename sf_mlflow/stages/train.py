@@ -18,6 +18,7 @@ from sf_mlflow.stages._common import base_tags, preprocess_hash, say, staging_di
 from sf_mlflow.stages._signals import StopRequests
 from sf_mlflow.tracking import (
     TAG_MODEL,
+    TAG_INTERRUPTED,
     TAG_PREPROCESS_HASH,
     TAG_RESUMED_FROM,
     TAG_REUSABLE,
@@ -133,6 +134,10 @@ def save_checkpoint_and_stop(run, model: PNMF) -> None:
         model.save_checkpoint(path)
         run.log_artifact(path, CHECKPOINT_DIR)
     run.log_metrics({"interrupted_at_iteration": model.n_iter_})
+    # The status alone cannot say it: under `mlflow run`, MLflow's launcher overwrites our
+    # KILLED with FAILED after the process exits (its _maybe_set_run_terminated compares
+    # the status string with integer codes), so the tag is what marks a resumable run.
+    run.set_tags({TAG_INTERRUPTED: "true"})
     say(STAGE, f"interrupted at iteration {model.n_iter_}; checkpoint logged. Continue with\n"
                f"  mlflow run . -e train --env-manager local -P config=<same config> "
                f"-P resume_from={run.run_id}")

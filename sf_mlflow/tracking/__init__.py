@@ -17,6 +17,7 @@ from sf_mlflow.tracking.runs import (
     TAG_CODE_VERSION,
     TAG_CONFIG_HASH,
     TAG_DATASET,
+    TAG_INTERRUPTED,
     TAG_MODEL,
     TAG_PREPROCESS_HASH,
     TAG_RESUMED_FROM,
@@ -32,10 +33,15 @@ from sf_mlflow.tracking.runs import (
 from sf_mlflow.tracking.registry import register_train_run
 
 __all__ = [
-    "TAG_CODE_VERSION", "TAG_CONFIG_HASH", "TAG_DATASET", "TAG_MODEL", "TAG_PREPROCESS_HASH",
-    "TAG_STAGE", "TAG_UPSTREAM", "MetricStream", "StageRun", "configure_tracking", "stage_run",
-    "describe_run", "download_artifacts", "find_latest_run", "get_stage_run",
-    "TAG_RESUMED_FROM", "TAG_REUSABLE", "TAG_STAGE_HASH", "find_reusable_run", "run_metrics",
-    "alias_run_id", "existing_run",
-    "register_train_run",
+    # tags
+    "TAG_CODE_VERSION", "TAG_CONFIG_HASH", "TAG_DATASET", "TAG_INTERRUPTED", "TAG_MODEL",
+    "TAG_PREPROCESS_HASH", "TAG_RESUMED_FROM", "TAG_REUSABLE", "TAG_STAGE", "TAG_STAGE_HASH",
+    "TAG_UPSTREAM",
+    # runs
+    "MetricStream", "StageRun", "configure_tracking", "existing_run", "stage_run",
+    # lineage
+    "describe_run", "download_artifacts", "find_latest_run", "find_reusable_run",
+    "get_stage_run", "run_metrics",
+    # registry
+    "alias_run_id", "register_train_run",
 ]

@@ -34,6 +34,8 @@ TAG_STAGE_HASH = "sf.stage_hash"
 #: "false" on a run whose work stopped short (e.g. a pruned tuning trial): never reused.
 TAG_REUSABLE = "sf.reusable"
 TAG_RESUMED_FROM = "sf.resumed_from"
+#: "true" on a train run stopped by SIGINT/SIGTERM that logged a checkpoint.
+TAG_INTERRUPTED = "sf.interrupted"
 TAG_CODE_VERSION = "sf.code_version"
 TAG_GIT_COMMIT = "sf.git_commit"
 
