@@ -13,8 +13,6 @@ import sys
 import time
 
 import numpy as np
-import pytest
-import torch
 from mlflow.tracking import MlflowClient
 
 from sf_mlflow.config import config_from_dict

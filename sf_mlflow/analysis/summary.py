@@ -128,7 +128,6 @@ def analyze_model(model, train: SpatialCounts, heldout: Optional[SpatialCounts] 
     factors = model.get_factors(exp_mean=exp_mean)                 # (N, L)
     scales = model.get_factor_scales()                               # (N, L)
     loadings = np.asarray(model.loadings_, dtype=np.float64)         # (D, L)
-    L = factors.shape[1]
     X = train.coordinates
 
     say("Moran's I of every factor")
