@@ -31,7 +31,6 @@ from sf_mlflow.stages.train import model_kind, run_name, run_train
 from sf_mlflow.tracking import TAG_MODEL, describe_run, find_reusable_run, run_metrics, stage_run
 
 STAGE = "main"
-STAGES = ("preprocess", "train", "analyze", "figures")
 
 #: Metrics of the child runs copied onto the parent run (stage -> metric keys).
 HEADLINE_METRICS = {
