@@ -76,6 +76,28 @@ def _deviance_metrics(prefix: str, Y, factors, loadings) -> dict[str, float]:
             f"{prefix}_deviance_nsf": dev["nsf"]}
 
 
+def gp_facts(model) -> dict[str, float]:
+    """Kernel facts of a fitted spatial model (empty for the non-spatial one).
+
+    ``num_inducing``, ``sigma``, ``group_diff_param``, ``jitter_used`` (when a Cholesky
+    needed more than the configured jitter) and ``lengthscale`` (the mean, plus
+    ``lengthscale_<l>`` per factor when each factor has its own).
+    """
+    if not model.is_spatial:
+        return {}
+    prior = model.prior_
+    ls = prior.lengthscale
+    facts = {"num_inducing": int(prior.num_inducing), "sigma": float(prior.sigma),
+             "group_diff_param": float(prior.group_diff_param),
+             "jitter_used": prior.jitter_used}
+    if isinstance(ls, (list, tuple)):
+        facts.update({f"lengthscale_{i}": float(v) for i, v in enumerate(ls)})
+        facts["lengthscale"] = float(sum(ls) / len(ls))
+    else:
+        facts["lengthscale"] = float(ls)
+    return {k: v for k, v in facts.items() if v is not None}
+
+
 def heldout_factors(model, train_coordinates: np.ndarray, heldout: SpatialCounts, *, k: int = 6,
                     chunk_size: int = 10000, train_factors: Optional[np.ndarray] = None,
                     exp_mean: bool = False) -> np.ndarray:
@@ -89,8 +111,8 @@ def heldout_factors(model, train_coordinates: np.ndarray, heldout: SpatialCounts
     train_coordinates : (N, 2) coordinates of the spots the model was fitted on.
     train_factors : (N, L) their factors, when already computed.
     """
-    if hasattr(model.prior_, "num_inducing"):
-        groups = heldout.groups if getattr(model, "_groups", None) is not None else None
+    if model.is_spatial:
+        groups = heldout.groups if model.uses_groups_ else None
         return model.predict_factors(heldout.coordinates, groups=groups, chunk_size=chunk_size)
     if train_factors is None:
         train_factors = model.get_factors(exp_mean=exp_mean)
@@ -146,8 +168,6 @@ def analyze_model(model, train: SpatialCounts, heldout: Optional[SpatialCounts] 
         "factors": factors[:, order], "scales": scales[:, order], "loadings": loadings[:, order],
         "factor_order": order,
     }
-    spatial = hasattr(model.prior_, "num_inducing")
-
     if heldout is not None and heldout.n_spots > 0:
         say(f"held-out deviance on {heldout.n_spots:,} spots")
         held_factors = heldout_factors(model, X, heldout, k=moran_k, chunk_size=chunk_size,
@@ -167,9 +187,9 @@ def analyze_model(model, train: SpatialCounts, heldout: Optional[SpatialCounts] 
         enrichment = enrichment_summary(lfc, list(train.gene_names), list(train.group_names),
                                         n=n_top_genes, mask=mask)
 
-    if spatial:
+    if model.is_spatial:
         prior = model.prior_
-        if getattr(model, "_groups", None) is not None and train.group_names:
+        if model.uses_groups_ and train.group_names:
             say(f"groupwise factors for {train.n_groups} groups")
             import torch
 
@@ -177,10 +197,7 @@ def analyze_model(model, train: SpatialCounts, heldout: Optional[SpatialCounts] 
                 coords = torch.as_tensor(X, dtype=prior.Z.dtype, device=prior.Z.device)
                 gw = prior.groupwise(coords, list(range(train.n_groups)), chunk_size=chunk_size)
             arrays["groupwise_factors"] = np.exp(gw.detach().cpu().double().numpy())[:, order, :]
-        ls = prior.lengthscale
-        metrics["lengthscale"] = float(np.mean(ls))
-        metrics["sigma"] = float(prior.sigma)
-        metrics["num_inducing"] = float(prior.num_inducing)
+        metrics.update(gp_facts(model))
         Z = prior.Z.detach().cpu().double().numpy()
         dist, _ = cKDTree(Z).query(X, k=1)
         metrics["mean_distance_to_inducing"] = float(np.mean(dist))

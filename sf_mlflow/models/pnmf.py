@@ -584,6 +584,16 @@ class PNMF:
     # ---- results -----------------------------------------------------------------------------
 
     @property
+    def is_spatial(self) -> bool:
+        """True for the SVGP prior: factors are a function of position, predictable anywhere."""
+        return _choice("prior", self.prior, PRIORS) == "svgp"
+
+    @property
+    def uses_groups_(self) -> bool:
+        """Fitted with group codes for the multi-group kernel (predictions then need groups)."""
+        return self.__dict__.get("_groups") is not None
+
+    @property
     def loadings_(self) -> np.ndarray:
         """Loadings W, (D, L), non-negative."""
         if "_loadings_t" not in self.__dict__:
@@ -682,7 +692,7 @@ class PNMF:
         With ``return_std`` also the predictive standard deviation of F, (M, L).
         """
         self._check_fitted("predict_factors")
-        if _choice("prior", self.prior, PRIORS) != "svgp":
+        if not self.is_spatial:
             raise ModelError(f"predict_factors() needs prior = 'svgp'; this model has prior = {self.prior!r} "
                              "(use transform(Y_new) for the Gaussian prior)")
         X = np.asarray(coordinates, dtype=np.float64)

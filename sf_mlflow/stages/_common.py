@@ -29,7 +29,7 @@ STAGE_SECTIONS: dict[str, tuple[str, ...]] = {
 
 def preprocess_hash(config: Config) -> str:
     """Hash of every setting that determines a preprocess run's output."""
-    return config.digest(*PREPROCESS_SECTIONS)
+    return stage_hash(config, "preprocess")
 
 
 def stage_hash(config: Config, stage: str) -> str:

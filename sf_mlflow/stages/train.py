@@ -10,6 +10,7 @@ from typing import Callable
 
 import numpy as np
 
+from sf_mlflow.analysis.summary import gp_facts
 from sf_mlflow.config import Config
 from sf_mlflow.data.io import PreprocessedData, read_preprocessed
 from sf_mlflow.errors import ConfigError, RunLookupError
@@ -65,23 +66,6 @@ def build_model(config: Config) -> PNMF:
         shuffle=t.shuffle, device=t.device, random_state=config.seed, verbose=True,
         log_every=1 if t.verbose else t.log_every,
     )
-
-
-def gp_facts(model: PNMF) -> dict:
-    """Kernel facts of a fitted spatial model (empty for the non-spatial one)."""
-    prior = model.prior_
-    if not hasattr(prior, "num_inducing"):
-        return {}
-    ls = prior.lengthscale
-    facts = {"num_inducing": int(prior.num_inducing), "sigma": float(prior.sigma),
-             "group_diff_param": float(prior.group_diff_param),
-             "jitter_used": prior.jitter_used}
-    if isinstance(ls, (list, tuple)):
-        facts.update({f"lengthscale_{i}": float(v) for i, v in enumerate(ls)})
-        facts["lengthscale"] = float(sum(ls) / len(ls))
-    else:
-        facts["lengthscale"] = float(ls)
-    return {k: v for k, v in facts.items() if v is not None}
 
 
 def resolve_preprocess_run(config: Config, preprocess_run_id: str | None):

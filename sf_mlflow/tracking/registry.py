@@ -122,8 +122,8 @@ def prediction_info(model, metadata: Mapping[str, Any], *, model_kind: str, neig
     if center is None or scale is None:
         raise DataError("the preprocess metadata has no coordinate transform (center, scale); "
                         "run the preprocess stage again with this version of the package")
-    spatial = hasattr(model.prior_, "num_inducing")
-    uses_groups = bool(spatial and getattr(model, "_groups", None) is not None)
+    spatial = model.is_spatial
+    uses_groups = spatial and model.uses_groups_
     group_names = metadata.get("group_names")
     if uses_groups and not group_names:
         raise DataError("the model uses groups but the preprocess metadata names none")
