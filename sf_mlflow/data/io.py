@@ -62,6 +62,16 @@ class PreprocessedData:
     metadata: dict[str, Any]
     truth: Optional[dict[str, np.ndarray]] = None
 
+    def training_spots(self) -> SpatialCounts:
+        """The spots models are fitted on (all that were not held out)."""
+        return self.data.subset(spots=np.flatnonzero(~self.heldout))
+
+    def heldout_spots(self) -> Optional[SpatialCounts]:
+        """The held-out spots, or None when the preprocess run held none out."""
+        if not self.heldout.any():
+            return None
+        return self.data.subset(spots=np.flatnonzero(self.heldout))
+
 
 def _json_default(o: Any) -> Any:
     if isinstance(o, np.generic):

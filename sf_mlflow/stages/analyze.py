@@ -82,8 +82,7 @@ def run_analyze(config: Config, train_run_id: str | None = None, *,
         say(STAGE, f"run {run.run_id}: {description}")
         with tempfile.TemporaryDirectory() as tmp:
             model, pre, pre_id = load_lineage(train_run, Path(tmp))
-        train = pre.data.subset(spots=np.flatnonzero(~pre.heldout))
-        held = pre.data.subset(spots=np.flatnonzero(pre.heldout)) if pre.heldout.any() else None
+        train, held = pre.training_spots(), pre.heldout_spots()
         result = analyze_model(model, train, held, moran_k=a.moran_k, exp_mean=a.exp_mean,
                                group_loadings_iter=a.group_loadings_iter,
                                n_top_genes=a.n_top_genes, verbose=True)

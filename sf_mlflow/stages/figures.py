@@ -59,7 +59,7 @@ def load_analysis(run_id: str, tmp: Path) -> Analysis:
     lfc = np.load(a / "enrichment_lfc.npy") if (a / "enrichment_lfc.npy").is_file() else None
     return Analysis(
         run_id=run_id, model=run.data.tags.get(TAG_MODEL, "model"), preprocess_run_id=pre_id,
-        data=pre.data.subset(spots=np.flatnonzero(~pre.heldout)),
+        data=pre.training_spots(),
         factors=np.load(a / "factors.npy"), scales=np.load(a / "scales.npy"),
         loadings=np.load(a / "loadings.npy"),
         moran=np.array([float(r["moran_i"]) for r in rows]),

@@ -86,8 +86,7 @@ def resolve_preprocess_run(config: Config, preprocess_run_id: str | None):
 
 def training_inputs(config: Config, pre: PreprocessedData):
     """Counts, coordinates and groups of the training (not held-out) spots."""
-    train = ~pre.heldout
-    data = pre.data.subset(spots=np.flatnonzero(train))
+    data = pre.training_spots()
     groups = None
     if config.model.resolved_prior == "SVGP" and config.model.groups:
         if data.groups is None:

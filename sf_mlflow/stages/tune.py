@@ -385,13 +385,13 @@ def run_tune(config: Config, preprocess_run_id: str | None = None, n_trials: int
     upstream_id = upstream.info.run_id
     with tempfile.TemporaryDirectory() as tmp:
         pre = read_preprocessed(download_artifacts(upstream_id, "data", tmp))
-    if not pre.heldout.any():
+    heldout = pre.heldout_spots()
+    if heldout is None:
         raise ConfigError(
             f"preprocess run {upstream_id} has no held-out spots, and tuning scores trials by "
             f"their held-out deviance; set preprocessing.holdout_fraction > 0 (e.g. 0.1) in "
             f"{config.source or 'the config'} and run preprocess again")
-    train_xy = pre.data.coordinates[~pre.heldout]
-    heldout = pre.data.subset(spots=np.flatnonzero(pre.heldout))
+    train_xy = pre.training_spots().coordinates
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     rdb = make_storage(storage_url)
