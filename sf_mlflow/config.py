@@ -101,7 +101,7 @@ class PreprocessingConfig:
     min_counts: int = _f(100, 0, doc="drop spots with fewer total counts")
     min_cells: int = _f(10, 0, doc="drop genes detected in fewer spots")
     n_top_genes: Optional[int] = _f(None, 1, doc="keep the k genes of highest Poisson deviance; null = all")
-    holdout_fraction: float = _f(0.0, 0.0, 1.0, hi_open=True,
+    holdout_fraction: float = _f(0.05, 0.0, 1.0, hi_open=True,
                                  doc="seeded fraction of spots held out for validation")
 
 
@@ -119,7 +119,9 @@ class ModelConfig:
     loadings_mode: Literal["multiplicative", "gradient"] = _f(
         "multiplicative", doc="how loadings W are updated")
     kernel: Literal["Matern32", "Matern12", "Matern52", "RBF"] = _f("Matern32", doc="GP kernel")
-    num_inducing: int = _f(3000, 1, doc="number of inducing points M")
+    num_inducing: Union[Literal["auto"], int] = _f(
+        "auto", 1, doc="number of inducing points M; auto = a tenth of the distinct spot locations, "
+                       "at least 100 (or all of them), at most 3000")
     lengthscale: float = _f(4.0, 0.0, lo_open=True, doc="kernel lengthscale, in scaled coordinates")
     sigma: float = _f(1.0, 0.0, lo_open=True, doc="kernel amplitude")
     group_diff_param: float = _f(10.0, 0.0, doc="how different groups are in the MGGP kernel")
@@ -142,10 +144,18 @@ class TrainingConfig:
     """Optimisation settings."""
 
     max_iter: int = _f(2000, 1, doc="maximum number of iterations")
-    learning_rate: float = _f(0.1, 0.0, lo_open=True, doc="optimiser step size")
-    optimizer: Literal["Adam", "AdamW", "SGD"] = _f("Adam", doc="optimiser of the variational parameters")
-    tol: float = _f(1e-4, 0.0, doc="stop when the relative ELBO change stays below this")
-    tol_window: int = _f(10, 1, doc="iterations averaged on each side of the convergence test")
+    learning_rate: float = _f(0.1, 0.0, lo_open=True,
+                              doc="optimiser step size; with optimizer natural the natural-gradient "
+                                  "step in (0, 1]")
+    optimizer: Literal["auto", "natural", "Adam", "AdamW", "SGD"] = _f(
+        "auto", doc="optimiser of the variational parameters; auto = natural for SVGP, Adam for Gaussian")
+    tol: float = _f(1e-4, 0.0, doc="stop when two consecutive checks of the ELBO on a fixed "
+                                   "evaluation block change it by less than this, relative")
+    tol_window: int = _f(10, 1, doc="iterations between two checks of the stopping rule")
+    validation_every: int = _f(10, 0, doc="iterations between held-out deviance checks of a "
+                                          "spatial model (early stopping); 0 = none")
+    patience: int = _f(5, 1, doc="stop after this many held-out checks without improvement")
+    dtype: Literal["float32", "float64"] = _f("float32", doc="floating-point precision of the fit")
     verbose: bool = _f(False, doc="print every progress line instead of a sparser cadence")
     device: Literal["cpu", "gpu", "cuda", "auto"] = _f(
         "auto", doc="cpu; gpu/cuda (falls back to cpu with a warning); auto = cuda when present")

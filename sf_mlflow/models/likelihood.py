@@ -31,7 +31,8 @@ import torch
 from scipy.special import gammaln
 from torch import Tensor
 
-__all__ = ["CountBatch", "expected_log_likelihood", "multiplicative_update", "likelihood_and_update", "MODES"]
+__all__ = ["CountBatch", "expected_log_likelihood", "multiplicative_update", "likelihood_and_update",
+           "poisson_deviance", "MODES"]
 
 #: ELBO modes accepted by :func:`expected_log_likelihood`.
 MODES = ("lower-bound", "expanded", "simple")
@@ -439,3 +440,26 @@ def likelihood_and_update(batch: CountBatch, mean: Tensor, var: Tensor, loadings
         numer = sum(p.mm_numerator(batch) for p in parts) / len(parts)
         new = _mm_ratio(loadings, numer, spot_sums.detach())
     return ll, new
+
+
+@torch.no_grad()
+def poisson_deviance(batch: CountBatch, log_factors: Tensor, loadings: Tensor) -> float:
+    """Poisson deviance ``2 sum [y log(y / mu) - (y - mu)]`` of a block under ``mu = W exp(F)``.
+
+    Parameters
+    ----------
+    batch : CountBatch, B spots x Db genes
+    log_factors : Tensor, (L, B)
+    loadings : Tensor, (Db, L)
+
+    Sparse throughout: ``y log mu`` only at the non-zeros, ``sum mu`` factorised.
+    """
+    if log_factors.shape != (loadings.shape[1], batch.n_spots) or loadings.shape[0] != batch.n_genes:
+        raise ValueError(f"log_factors {tuple(log_factors.shape)} and loadings {tuple(loadings.shape)} "
+                         f"do not fit a block of {batch.n_spots} spots x {batch.n_genes} genes")
+    y = batch.values.double()
+    y_log_y = float((y * torch.log(y)).sum()) if batch.nnz else 0.0
+    y_log_mu = (float(_RateAtCounts.compute(batch, log_factors, loadings).sum_y_log_rate(batch))
+                if batch.nnz else 0.0)
+    total_mu = float(loadings.double().sum(dim=0) @ torch.exp(log_factors.double()).sum(dim=1))
+    return 2.0 * (y_log_y - y_log_mu - float(y.sum()) + total_mu)

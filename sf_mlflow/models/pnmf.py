@@ -33,6 +33,7 @@ import copy
 import inspect
 import math
 import time
+import warnings
 from pathlib import Path
 from typing import Any, Callable, Iterator, Optional
 
@@ -49,7 +50,9 @@ from sf_mlflow.models.likelihood import (
     _csr,
     expected_log_likelihood,
     likelihood_and_update,
+    poisson_deviance,
 )
+from sf_mlflow.models.inducing import auto_num_inducing
 from sf_mlflow.models.priors import FactorPrior, GaussianPrior
 
 __all__ = ["PNMF"]
@@ -74,10 +77,36 @@ WARM_BATCH = 2000
 
 PRIORS = ("gaussian", "svgp")
 LOADINGS_MODES = ("multiplicative", "gradient")
-OPTIMIZERS = {"adam": "Adam", "adamw": "AdamW", "sgd": "SGD"}
+#: "auto" is natural gradients for the SVGP prior and Adam for the Gaussian prior.
+OPTIMIZERS = {"auto": "auto", "natural": "natural", "adam": "Adam", "adamw": "AdamW", "sgd": "SGD"}
+
+#: Relative improvement a validation check must make over the best so far to count as one.
+VALIDATION_MIN_DELTA = 1e-4
 DTYPES = {"float32": torch.float32, "float64": torch.float64}
 
 Callback = Callable[[int, float], Optional[bool]]
+
+
+class ConvergenceWarning(UserWarning):
+    """A fit reached ``max_iter`` before its stopping rule was met."""
+
+
+class NonFiniteELBOError(ModelError):
+    """The ELBO became NaN or infinite; the model holds the last finite state.
+
+    Attributes
+    ----------
+    iteration : int
+        The iteration whose ELBO was not finite.
+    kept_iteration : int
+        Iterations of the state the model was rolled back to (its ELBO was finite);
+        :meth:`PNMF.checkpoint` returns that state, so the fit can be resumed from it
+        (e.g. with a smaller ``learning_rate``).
+    """
+
+    def __init__(self, message: str, iteration: int, kept_iteration: int):
+        super().__init__(message)
+        self.iteration, self.kept_iteration = iteration, kept_iteration
 
 
 # ---- input checking --------------------------------------------------------------------------
@@ -277,7 +306,7 @@ def _warm_start(prior: FactorPrior, mu0: Tensor, coords: Tensor, groups: Optiona
     for _ in range(WARM_ITER):
         idx = (torch.randperm(n, generator=gen, device=mu0.device)[:WARM_BATCH] if n > WARM_BATCH
                else torch.arange(n, device=mu0.device))
-        mean, _ = prior.marginals(idx, coords[idx], None if groups is None else groups[idx])
+        mean = prior.means(idx, coords[idx], None if groups is None else groups[idx])
         loss = (mean - mu0[:, idx]).square().mean()
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -313,18 +342,40 @@ class PNMF:
     inducing_allocation, jitter
         Settings of the spatial prior, passed to ``SVGPPrior`` when
         ``prior="svgp"`` (``use_groups=False`` ignores the groups). Ignored otherwise.
+        ``num_inducing="auto"`` picks M from the number of distinct spot locations
+        (:func:`sf_mlflow.models.inducing.auto_num_inducing`); the value used is
+        ``num_inducing_``.
     kl_weight : float
         Weight of the KL term for either prior; 1 (default) is the true ELBO.
     max_iter : int
         Maximum number of iterations (one mini-batch each).
     learning_rate : float
-        Step size of the optimiser. The loss is ``-ELBO / N``; SGD steps scale
-        with it, Adam's do not.
-    optimizer : {"Adam", "AdamW", "SGD"}
+        Step size of the optimiser. For ``"natural"`` it is the natural-gradient step
+        gamma in (0, 1] of q(v) (1 = the exact update of a conjugate model), and the
+        Adam step of any trained kernel hyperparameters. For the gradient optimisers
+        the loss is ``-ELBO / N``; SGD steps scale with it, Adam's do not.
+    optimizer : {"auto", "natural", "Adam", "AdamW", "SGD"}
+        How q(F) is optimised. ``"natural"``: natural-gradient steps on the SVGP
+        prior's q(v) (:mod:`sf_mlflow.models.natural`), stable at any step in (0, 1]
+        and converging in far fewer iterations than Adam. ``"auto"`` (default):
+        natural for the SVGP prior, Adam for the Gaussian prior.
     tol : float
-        Stop when ``|mean(last w) - mean(previous w)| / |mean(previous w)| < tol``
-        over the ELBO history, ``w = tol_window``. 0 disables the test.
+        Relative-change threshold of the stopping rule (0 disables it). Every
+        ``tol_window`` iterations the ELBO is evaluated on a fixed evaluation block
+        (the whole data for full-batch fits, a fixed spot x gene block of the
+        mini-batch size otherwise; deterministic in the lower-bound mode, common
+        random numbers otherwise), so mini-batch noise cannot fake a flat curve. The
+        fit has converged when two consecutive checks each changed it by less than
+        ``tol`` relative.
     tol_window : int
+        Iterations between two checks of the stopping rule.
+    validation_every : int
+        With ``fit(..., validation=...)``: iterations between held-out Poisson
+        deviance checks (0 = none). ``validation_history_`` records them.
+    patience : int
+        Stop (``stop_reason_ = "validation"``) once that many consecutive checks have
+        not improved the best held-out deviance by ``VALIDATION_MIN_DELTA``
+        relative; the model is rolled back to the best checked state.
     batch_size, y_batch_size : int or None
         Spots and genes per mini-batch; ``None`` uses all.
     shuffle : bool
@@ -348,9 +399,15 @@ class PNMF:
         ``-sum lgamma(Y + 1)``, so it bounds the log marginal likelihood.
     n_iter_ : int
     converged_ : bool
-        The tolerance test passed.
+        The stopping rule (tolerance, or held-out deviance with patience) was met.
+        A fit that reaches ``max_iter`` first warns with :class:`ConvergenceWarning`.
     stopped_early_ : bool
         The callback asked to stop.
+    stop_reason_ : {"tol", "validation", "max_iter", "callback"}
+    validation_history_ : ndarray, (n_checks, 2)
+        Rows of (iteration, held-out Poisson deviance); empty without validation.
+    num_inducing_ : int or None
+        M of the fitted SVGP prior (None for the Gaussian prior).
     fit_time_ : float
         Seconds spent in :meth:`fit`, initialisation included.
     device_ : torch.device
@@ -362,11 +419,12 @@ class PNMF:
 
     def __init__(self, n_components=10, *, prior="gaussian", mode="lower-bound", num_samples=8,
                  loadings_mode="multiplicative",
-                 kernel="Matern32", num_inducing=3000, lengthscale=4.0, sigma=1.0,
+                 kernel="Matern32", num_inducing="auto", lengthscale=4.0, sigma=1.0,
                  group_diff_param=10.0, use_groups=True, train_lengthscale=False,
                  per_factor_lengthscale=False, cholesky_mode="exp", diagonal_only=False,
                  inducing_allocation="proportional", jitter=1e-5, kl_weight=1.0,
-                 max_iter=1000, learning_rate=0.1, optimizer="Adam", tol=1e-4, tol_window=10,
+                 max_iter=1000, learning_rate=0.1, optimizer="auto", tol=1e-4, tol_window=10,
+                 validation_every=0, patience=5,
                  batch_size=None, y_batch_size=None, shuffle=True,
                  device="cpu", dtype="float32", random_state=0, verbose=False, log_every=50):
         self.n_components = n_components
@@ -392,6 +450,8 @@ class PNMF:
         self.optimizer = optimizer
         self.tol = tol
         self.tol_window = tol_window
+        self.validation_every = validation_every
+        self.patience = patience
         self.batch_size = batch_size
         self.y_batch_size = y_batch_size
         self.shuffle = shuffle
@@ -441,6 +501,8 @@ class PNMF:
             "optimizer": OPTIMIZERS[_choice("optimizer", self.optimizer, tuple(OPTIMIZERS))],
             "tol": _number("tol", self.tol, 0.0, False),
             "tol_window": _integer("tol_window", self.tol_window, 1),
+            "validation_every": _integer("validation_every", self.validation_every, 0),
+            "patience": _integer("patience", self.patience, 1),
             "batch_size": _integer("batch_size", self.batch_size, 1, allow_none=True),
             "y_batch_size": _integer("y_batch_size", self.y_batch_size, 1, allow_none=True),
             "log_every": _integer("log_every", self.log_every, 1),
@@ -449,16 +511,25 @@ class PNMF:
             "shuffle": _flag("shuffle", self.shuffle),
             "verbose": _flag("verbose", self.verbose),
         }
-        if isinstance(self.dtype, torch.dtype) and self.dtype in DTYPES.values():
-            p["dtype"] = self.dtype
-        else:
-            p["dtype"] = DTYPES[_choice("dtype", self.dtype, tuple(DTYPES))]
+        p["dtype"] = _validated_dtype(self.dtype)
+        if p["optimizer"] == "auto":
+            p["optimizer"] = "natural" if p["prior"] == "svgp" else "Adam"
+        if p["optimizer"] == "natural":
+            if p["prior"] != "svgp":
+                raise ConfigError("optimizer = 'natural' needs prior = 'svgp' (natural-gradient steps "
+                                  "act on the GP's q(v)); use optimizer = 'Adam' for the Gaussian prior")
+            if p["learning_rate"] > 1.0:
+                raise ConfigError(f"learning_rate = {self.learning_rate!r} is invalid with optimizer "
+                                  "'natural': it is the natural-gradient step, expected a number in "
+                                  "(0, 1] (1 = exact for a Gaussian likelihood; 0.1-0.5 for mini-batches)")
+        if not (isinstance(self.num_inducing, str) and self.num_inducing == "auto"):
+            _integer("num_inducing", self.num_inducing, 1)
         return p
 
     # ---- fitting -----------------------------------------------------------------------------
 
     def fit(self, Y, coordinates=None, groups=None, callback: Optional[Callback] = None,
-            resume: Any = None) -> "PNMF":
+            resume: Any = None, validation: Optional[tuple] = None) -> "PNMF":
         """Fit the model to counts.
 
         Parameters
@@ -479,10 +550,20 @@ class PNMF:
             CPU, ends with the same result as a fit that was never interrupted.
             ``max_iter``, ``tol``, ``verbose`` and ``log_every`` may differ from the
             checkpoint's; every other hyperparameter must match.
+        validation : tuple ``(Y_val, coordinates_val, groups_val)``, optional
+            Held-out spots (``groups_val`` may be None) scored every
+            ``validation_every`` iterations by the Poisson deviance of the GP's
+            predicted rates (svgp prior only); with ``patience`` this is early stopping.
 
         Returns
         -------
         self
+
+        Raises
+        ------
+        NonFiniteELBOError
+            The ELBO became NaN or infinite. The model is left fitted with the last state
+            whose ELBO was finite, and :meth:`checkpoint` resumes from it.
         """
         start = time.perf_counter()
         p = self._validated()
@@ -493,6 +574,7 @@ class PNMF:
         if p["prior"] == "svgp" and X is None:
             raise DataError("coordinates = None, but prior = 'svgp' needs the spot coordinates: "
                             f"pass an array of shape (n_spots, 2) = ({n}, 2)")
+        val = self._checked_validation(validation, p, d, g is not None)
         if callback is not None and not callable(callback):
             raise ConfigError(f"callback = {callback!r} is not callable; expected f(iteration, elbo) -> bool")
         device = resolve_device(self.device)
@@ -520,24 +602,62 @@ class PNMF:
         self._groups = groups_t if self.use_groups else None
         self.prior_ = prior
         self._loadings_t = W0
+        self.num_inducing_ = getattr(prior, "num_inducing", None)
         trainer = _Trainer(self, p, prior, W0, Yc, full, gen, coords_t, self._groups,
-                           train_loadings=True)
+                           train_loadings=True, validation=val)
         if resume is not None:
             trainer.load_state_dict(self._checked_checkpoint(resume, n, d)["trainer"])
         self._trainer = trainer
         try:
             result = trainer.run(callback, start)
-            # Kept only when the fit may be continued, so a finished model stays small.
-            self._stopped_state = trainer.state_dict() if result.stopped else None
+        except NonFiniteELBOError:
+            # The trainer rolled back to its last finite state: keep it as the fitted
+            # model and as a checkpoint to resume from, instead of losing the work.
+            self._stopped_state = trainer.state_dict()
+            self._finish(trainer.result(), start)
+            raise
         finally:
+            trainer.close()
             del self._trainer
+        # Kept only when the fit may be continued, so a finished model stays small.
+        self._stopped_state = trainer.state_dict() if result.stopped else None
+        self._finish(result, start)
+        if result.reason == "max_iter" and (p["tol"] > 0 or val is not None):
+            warnings.warn(f"PNMF did not converge: max_iter = {p['max_iter']} reached before the "
+                          f"stopping rule was met (tol = {p['tol']:g}); raise training.max_iter or "
+                          f"resume the fit", ConvergenceWarning, stacklevel=2)
+        return self
+
+    def _finish(self, result: "_Result", start: float) -> None:
         self._loadings_t = result.loadings
         self.elbo_history_ = np.asarray(result.history, dtype=np.float64)
         self.n_iter_ = len(result.history)
         self.converged_ = result.converged
         self.stopped_early_ = result.stopped
+        self.stop_reason_ = result.reason
+        self.validation_history_ = np.asarray(result.validation, dtype=np.float64).reshape(-1, 2)
         self.fit_time_ = time.perf_counter() - start
-        return self
+
+    def _checked_validation(self, validation, p: dict, d: int, grouped: bool):
+        """``(CountBatch, coordinates (Nv, 2), groups (Nv,) or None)`` of held-out spots, or None."""
+        if validation is None:
+            return None
+        if p["prior"] != "svgp":
+            raise ConfigError("validation needs prior = 'svgp': held-out spots are scored from "
+                              "factors predicted at their coordinates")
+        if not isinstance(validation, (tuple, list)) or len(validation) != 3:
+            raise ConfigError("validation must be a tuple (Y_val, coordinates_val, groups_val); "
+                              f"got {type(validation).__name__}")
+        Yv = _check_counts(validation[0], "validation Y_val")
+        if Yv.shape[1] != d:
+            raise DataError(f"validation Y_val has {Yv.shape[1]} genes, Y has {d}; expected "
+                            f"shape (n_val, {d})")
+        Xv = _check_coordinates(validation[1], Yv.shape[0], "validation coordinates_val")
+        gv = _check_groups(validation[2], Yv.shape[0], "validation groups_val")
+        if grouped and self.use_groups and gv is None:
+            raise DataError("validation groups_val = None, but the model is fitted with groups; "
+                            "pass the held-out spots' group codes")
+        return Yv, Xv, gv
 
     def _initial_state(self, full: CountBatch, L: int, gen: torch.Generator, dtype, device,
                        W_fixed: Optional[Tensor] = None) -> tuple[Tensor, Tensor]:
@@ -571,7 +691,10 @@ class PNMF:
 
         use = groups if self.use_groups else None
         n_groups = None if use is None else int(use.max().item()) + 1
-        return SVGPPrior(coords, use, L, num_inducing=self.num_inducing, kernel=self.kernel,
+        num_inducing = self.num_inducing
+        if inducing_points is None and num_inducing == "auto":
+            num_inducing = auto_num_inducing(coords.detach().cpu().numpy())
+        return SVGPPrior(coords, use, L, num_inducing=num_inducing, kernel=self.kernel,
                          lengthscale=self.lengthscale, sigma=self.sigma,
                          group_diff_param=self.group_diff_param, n_groups=n_groups,
                          train_lengthscale=self.train_lengthscale,
@@ -717,7 +840,8 @@ class PNMF:
     # ---- checkpoints -------------------------------------------------------------------------
 
     #: Hyperparameters that may change between a checkpoint and the fit resuming from it.
-    _RESUMABLE_CHANGES = ("max_iter", "tol", "verbose", "log_every")
+    _RESUMABLE_CHANGES = ("max_iter", "tol", "tol_window", "verbose", "log_every", "learning_rate",
+                          "validation_every", "patience")
 
     def checkpoint(self) -> dict:
         """The full training state, to continue this fit later with ``fit(..., resume=...)``.
@@ -797,6 +921,8 @@ class PNMF:
             "elbo_history_": torch.as_tensor(self.elbo_history_, dtype=torch.float64),
             "n_iter_": int(self.n_iter_), "converged_": bool(self.converged_),
             "stopped_early_": bool(self.stopped_early_), "fit_time_": float(self.fit_time_),
+            "stop_reason_": str(self.stop_reason_),
+            "validation_history_": torch.as_tensor(self.validation_history_, dtype=torch.float64),
             "n_features_in_": int(self.n_features_in_), "n_spots_": int(self.n_spots_),
         }
         torch.save({"format_version": FORMAT_VERSION, "hyperparameters": params,
@@ -834,6 +960,10 @@ class PNMF:
         model.elbo_history_ = at["elbo_history_"].numpy()
         for key in ("n_iter_", "converged_", "stopped_early_", "fit_time_", "n_features_in_", "n_spots_"):
             setattr(model, key, at[key])
+        model.stop_reason_ = at.get("stop_reason_", "tol" if model.converged_ else "max_iter")
+        vh = at.get("validation_history_")
+        model.validation_history_ = (np.empty((0, 2)) if vh is None else vh.numpy().reshape(-1, 2))
+        model.num_inducing_ = getattr(prior, "num_inducing", None)
         return model
 
 
@@ -846,23 +976,55 @@ def _validated_dtype(value) -> torch.dtype:
 # ---- the optimisation loop -------------------------------------------------------------------
 
 class _Result:
-    def __init__(self, loadings: Tensor, history: list[float], converged: bool, stopped: bool):
+    def __init__(self, loadings: Tensor, history: list[float], converged: bool, stopped: bool,
+                 reason: str, validation: list):
         self.loadings, self.history, self.converged, self.stopped = loadings, history, converged, stopped
+        self.reason, self.validation = reason, validation
+
+
+def _duration(seconds: float) -> str:
+    seconds = max(int(round(seconds)), 0)
+    h, rem = divmod(seconds, 3600)
+    m, s = divmod(rem, 60)
+    return f"{h}h{m:02d}m" if h else f"{m}m{s:02d}s"
 
 
 class _Trainer:
-    """One optimisation run of a prior's variational parameters (and of W, if trained)."""
+    """One optimisation run of a prior's variational parameters (and of W, if trained).
+
+    Holds the explicit fit state: the prior and loadings, the optimisers (natural
+    gradients for q(v) and/or a torch optimiser), the mini-batch streams, the ELBO
+    history, the stopping rule's checks and the last state known to be finite.
+    """
+
+    #: Iterations between the in-memory snapshots a non-finite ELBO rolls back to.
+    SNAPSHOT_EVERY = 10
 
     def __init__(self, model: PNMF, p: dict, prior: FactorPrior, W0: Tensor, Y: sp.csr_matrix,
                  full: CountBatch, gen: torch.Generator, coords: Optional[Tensor],
-                 groups: Optional[Tensor], train_loadings: bool):
+                 groups: Optional[Tensor], train_loadings: bool, validation=None):
         self.model, self.p, self.prior, self.Y, self.full, self.gen = model, p, prior, Y, full, gen
         self.coords, self.groups = coords, groups
         self.N, self.D = Y.shape
         self.device, self.dtype = full.device, full.values.dtype
         self.train_loadings = train_loadings
         self.gradient_loadings = train_loadings and p["loadings_mode"] == "gradient"
-        params = list(prior.parameters())
+        self.natural = None
+        self._frozen: list[Tensor] = []
+        if p["optimizer"] == "natural":
+            from sf_mlflow.models.natural import NaturalGradient
+
+            self.natural = NaturalGradient(prior, p["learning_rate"])
+            # q(v) moves by natural steps only; autograd then skips the costly backward
+            # pass through the variance term (restored by close()).
+            variational = [prm for name, prm in prior.named_parameters()
+                           if not name.startswith("kernel.")]
+            self._frozen = [prm for prm in variational if prm.requires_grad]
+            for prm in self._frozen:
+                prm.requires_grad_(False)
+            params = [prm for prm in prior.kernel.parameters() if prm.requires_grad]
+        else:
+            params = list(prior.parameters())
         if self.gradient_loadings:
             # softplus^{-1}(W) = W + log(1 - exp(-W)), written stably
             W0 = W0.clamp_min(1e-6)
@@ -870,30 +1032,47 @@ class _Trainer:
             params.append(self.raw_loadings)
         else:
             self.W = W0.detach().clone()
-        opt_cls = getattr(torch.optim, p["optimizer"])
-        self.optimizer = opt_cls(params, lr=p["learning_rate"])
+        self.params = params
+        opt_cls = getattr(torch.optim, "Adam" if p["optimizer"] == "natural" else p["optimizer"])
+        self.optimizer = opt_cls(params, lr=p["learning_rate"]) if params else None
         # spots and genes draw from one generator, in a fixed interleaving
         self.rng = np.random.default_rng(p["random_state"])
         self.spot_stream = _IndexStream(self.N, p["batch_size"], p["shuffle"], self.rng)
         self.gene_stream = _IndexStream(self.D, p["y_batch_size"], p["shuffle"], self.rng)
         self.history: list[float] = []
+        self.checks: list[float] = []          # ELBO on the fixed evaluation block
+        self.validation_history: list[tuple[int, float]] = []
+        self.validation = validation
+        self._eval = None
+        self._good: Optional[dict] = None      # last state whose ELBO was finite
+        self._best: Optional[dict] = None      # best state by held-out deviance
+        self._reason = "max_iter"
+
+    def close(self) -> None:
+        """Give the prior's variational parameters back their gradients."""
+        for prm in self._frozen:
+            prm.requires_grad_(True)
+        self._frozen = []
 
     # ---- checkpoints -------------------------------------------------------------------------
 
     def state_dict(self) -> dict:
         """Everything needed to continue this optimisation exactly where it stands.
 
-        Variational parameters (the prior's state), loadings, the optimiser's moments, the
-        loadings' running statistics, both random generators, the mini-batch position
-        and the ELBO history: a fit resumed from it takes the same steps as one that was
-        never interrupted.
+        Variational parameters (the prior's state), loadings, the optimisers' state, the
+        loadings' running statistics, both random generators, the mini-batch position,
+        the ELBO history and the stopping rule's checks: a fit resumed from it takes the
+        same steps as one that was never interrupted.
         """
         state = {
             "iteration": len(self.history),
             "history": torch.as_tensor(self.history, dtype=torch.float64),
+            "checks": torch.as_tensor(self.checks, dtype=torch.float64),
+            "validation": torch.as_tensor(self.validation_history, dtype=torch.float64).reshape(-1, 2),
             "prior": {k: v.detach().cpu().clone() for k, v in self.prior.state_dict().items()},
             # deep copy: the optimiser's state dict references its live moment tensors
-            "optimizer": copy.deepcopy(self.optimizer.state_dict()),
+            "optimizer": None if self.optimizer is None else copy.deepcopy(self.optimizer.state_dict()),
+            "natural": None if self.natural is None else self.natural.state_dict(),
             "torch_generator": self.gen.get_state(),
             # PCG64's 128-bit state words do not fit a tensor; a decimal string keeps them exact
             "numpy_generator": repr(self.rng.bit_generator.state),
@@ -916,14 +1095,24 @@ class _Trainer:
                 self.raw_loadings.copy_(state["raw_loadings"].to(dev, dt))
         else:
             self.W = state["loadings"].to(dev, dt)
-        self.optimizer.load_state_dict(state["optimizer"])
+        if self.optimizer is not None and state.get("optimizer") is not None:
+            self.optimizer.load_state_dict(state["optimizer"])
+        if self.natural is not None:
+            if state.get("natural") is not None:
+                self.natural.load_state_dict(state["natural"])
+            else:
+                self.natural.reset()
         self.gen.set_state(state["torch_generator"])
         self.rng.bit_generator.state = _literal_state(state["numpy_generator"])
         self.spot_stream.load_state_dict(state["spot_stream"])
         self.gene_stream.load_state_dict(state["gene_stream"])
         if "stat_s" in state:
             self.stat_s, self.stat_t = state["stat_s"].to(dev, dt), state["stat_t"].to(dev, dt)
+        elif hasattr(self, "stat_s"):
+            del self.stat_s, self.stat_t
         self.history = [float(v) for v in state["history"]]
+        self.checks = [float(v) for v in state.get("checks", [])]
+        self.validation_history = [(int(i), float(v)) for i, v in state.get("validation", torch.empty(0, 2)).tolist()]
         if self.train_loadings:
             self.model._loadings_t = self.loadings().detach()
 
@@ -945,17 +1134,28 @@ class _Trainer:
                 yield self.full, idx, None
         while True:
             si, gi = next(spots), next(genes)
-            block = self.Y[si]
-            if not all_genes:
-                block = block[:, gi]
-            batch = CountBatch.from_scipy(block, device=self.device, dtype=self.dtype)
-            yield (batch, torch.as_tensor(si, device=self.device),
-                   None if all_genes else torch.as_tensor(gi, device=self.device))
+            yield self._block(si, None if all_genes else gi)
+
+    def _block(self, si: np.ndarray, gi: Optional[np.ndarray]):
+        block = self.Y[si]
+        if gi is not None:
+            block = block[:, gi]
+        batch = CountBatch.from_scipy(block, device=self.device, dtype=self.dtype)
+        return (batch, torch.as_tensor(si, device=self.device),
+                None if gi is None else torch.as_tensor(gi, device=self.device))
+
+    def _at(self, idx: Tensor) -> tuple[Optional[Tensor], Optional[Tensor]]:
+        return (None if self.coords is None else self.coords[idx],
+                None if self.groups is None else self.groups[idx])
+
+    def _scale(self, batch: CountBatch) -> float:
+        return (self.N / batch.n_spots) * (self.D / batch.n_genes)
 
     def _step(self, batch: CountBatch, idx: Tensor, gidx: Optional[Tensor]) -> float:
+        if self.natural is not None:
+            return self._natural_step(batch, idx, gidx)
         p, prior = self.p, self.prior
-        coords = None if self.coords is None else self.coords[idx]
-        groups = None if self.groups is None else self.groups[idx]
+        coords, groups = self._at(idx)
         mean, var = prior.marginals(idx, coords, groups)
         W_all = self.loadings()
         W = W_all if gidx is None else W_all[gidx]
@@ -967,17 +1167,62 @@ class _Trainer:
         else:
             ll = expected_log_likelihood(batch, mean, var, W, mode=p["mode"],
                                          num_samples=p["num_samples"], generator=self.gen)
-        scale = (self.N / batch.n_spots) * (self.D / batch.n_genes)
-        elbo = scale * ll - prior.kl(idx)
+        elbo = self._scale(batch) * ll - prior.kl(idx)
+        if not torch.isfinite(elbo):
+            return float(elbo.detach())     # no step from a non-finite state
         self.optimizer.zero_grad(set_to_none=True)
         (-elbo / self.N).backward()
         self.optimizer.step()
         if new_W is not None:
             self._update_loadings(new_W, mean.detach(), var.detach(), gidx, batch.n_spots)
+        self._publish_loadings()
+        return float(elbo.detach())
+
+    def _natural_step(self, batch: CountBatch, idx: Tensor, gidx: Optional[Tensor]) -> float:
+        """Natural-gradient step of q(v); Adam on trained kernel hyperparameters (and raw W)."""
+        p, prior = self.p, self.prior
+        coords, groups = self._at(idx)
+        hyper = self.optimizer is not None and any(
+            prm is not getattr(self, "raw_loadings", None) for prm in self.params)
+        with torch.set_grad_enabled(hyper):
+            mean, var, At = prior.marginals_and_interp(coords, groups)
+        m = mean.detach().requires_grad_(True)
+        v = var.detach().requires_grad_(True)
+        W_all = self.loadings()
+        W = W_all if gidx is None else W_all[gidx]
+        new_W = None
+        if self.train_loadings and not self.gradient_loadings:
+            ll, new_W = likelihood_and_update(batch, m, v, W, mode=p["mode"],
+                                              num_samples=p["num_samples"], generator=self.gen)
+        else:
+            ll = expected_log_likelihood(batch, m, v, W, mode=p["mode"],
+                                         num_samples=p["num_samples"], generator=self.gen)
+        scaled = self._scale(batch) * ll
+        with torch.no_grad():
+            elbo = float(scaled.detach() - prior.kl(idx))
+        if not math.isfinite(elbo):
+            return elbo
+        leaves = [m, v] + ([self.raw_loadings] if self.gradient_loadings else [])
+        grads = torch.autograd.grad(scaled, leaves)
+        if self.optimizer is not None:
+            self.optimizer.zero_grad(set_to_none=True)
+            if self.gradient_loadings:
+                self.raw_loadings.grad = -grads[2] / self.N
+            if hyper:
+                torch.autograd.backward([mean, var], [-grads[0] / self.N, -grads[1] / self.N])
+            self.optimizer.step()
+        self.natural.step(At.detach(), grads[0], grads[1])
+        if hyper:
+            self.natural.reset()    # the kernel moved: Lzz and A change under q(v)
+        if new_W is not None:
+            self._update_loadings(new_W, m.detach(), v.detach(), gidx, batch.n_spots)
+        self._publish_loadings()
+        return elbo
+
+    def _publish_loadings(self) -> None:
         if self.train_loadings:
             with torch.no_grad():
                 self.model._loadings_t = self.loadings().detach()
-        return float(elbo.detach())
 
     @torch.no_grad()
     def _init_statistics(self) -> None:
@@ -994,8 +1239,7 @@ class _Trainer:
         sums = torch.zeros(self.prior.n_components, dtype=self.dtype, device=self.device)
         for start in range(0, self.N, 10000):
             idx = torch.arange(start, min(start + 10000, self.N), device=self.device)
-            c = None if self.coords is None else self.coords[idx]
-            g = None if self.groups is None else self.groups[idx]
+            c, g = self._at(idx)
             m, v = self.prior.marginals(idx, c, g)
             sums += torch.exp(m + 0.5 * v).sum(dim=1)
         self.stat_t = sums.expand(self.D, -1).clone()            # (D, L)
@@ -1022,37 +1266,154 @@ class _Trainer:
         self.stat_s[rows], self.stat_t[rows] = s, t
         self.W[rows] = s / t
 
+    # ---- stopping rules ------------------------------------------------------------------------
+
+    def _eval_block(self):
+        """The fixed block the stopping rule evaluates the ELBO on (drawn once, seeded)."""
+        if self._eval is None:
+            p = self.p
+            if (p["batch_size"] is None or p["batch_size"] >= self.N) and \
+                    (p["y_batch_size"] is None or p["y_batch_size"] >= self.D):
+                self._eval = (self.full, torch.arange(self.N, device=self.device), None)
+            else:
+                rng = np.random.default_rng([p["random_state"], 1])
+                si = np.sort(rng.permutation(self.N)[:min(p["batch_size"] or self.N, self.N)])
+                gi = (None if p["y_batch_size"] is None or p["y_batch_size"] >= self.D
+                      else np.sort(rng.permutation(self.D)[:p["y_batch_size"]]))
+                self._eval = self._block(si, gi)
+        return self._eval
+
+    @torch.no_grad()
+    def evaluate_elbo(self) -> float:
+        """ELBO estimate on the fixed evaluation block, scaled to the whole data.
+
+        Deterministic in the lower-bound mode; the Monte Carlo modes draw from a generator
+        seeded the same at every check (common random numbers).
+        """
+        p = self.p
+        batch, idx, gidx = self._eval_block()
+        coords, groups = self._at(idx)
+        mean, var = self.prior.marginals(idx, coords, groups)
+        W = self.loadings() if gidx is None else self.loadings()[gidx]
+        gen = torch.Generator(device=self.device).manual_seed(p["random_state"] + 1)
+        ll = expected_log_likelihood(batch, mean, var, W, mode=p["mode"],
+                                     num_samples=p["num_samples"], generator=gen)
+        return float(self._scale(batch) * ll - self.prior.kl(idx))
+
+    def _converged(self) -> bool:
+        """Two consecutive checks each changed the evaluation ELBO by less than tol, relative."""
+        c, tol = self.checks, self.p["tol"]
+        if tol <= 0 or len(c) < 3:
+            return False
+        rel = [abs(c[i] - c[i - 1]) / max(abs(c[i - 1]), 1e-300) for i in (-1, -2)]
+        return all(r < tol for r in rel)
+
+    def relative_change(self) -> float:
+        c = self.checks
+        if len(c) < 2:
+            return float("nan")
+        return abs(c[-1] - c[-2]) / max(abs(c[-2]), 1e-300)
+
+    @torch.no_grad()
+    def heldout_deviance(self) -> float:
+        """Poisson deviance of the validation spots under the GP's predicted mean factors."""
+        Yv, Xv, gv = self.validation
+        if not hasattr(self, "_val_batch"):
+            self._val_batch = CountBatch.from_scipy(Yv, device=self.device, dtype=self.dtype)
+            self._val_x = torch.as_tensor(Xv, dtype=self.dtype, device=self.device)
+            self._val_g = None if gv is None or self.groups is None else torch.as_tensor(gv, device=self.device)
+        F = self.prior.predict(self._val_x, self._val_g, return_var=False)
+        return poisson_deviance(self._val_batch, F, self.loadings())
+
+    def _patience_used(self) -> int:
+        """Checks since the last one that improved the best deviance by the minimum delta."""
+        best, since = math.inf, 0
+        for _, dev in self.validation_history:
+            if dev < best * (1 - VALIDATION_MIN_DELTA):
+                best, since = dev, 0
+            else:
+                since += 1
+        return since
+
+    def _validate(self, it: int) -> bool:
+        """Record a held-out check; True when patience has run out."""
+        self.validation_history.append((it, self.heldout_deviance()))
+        since = self._patience_used()
+        if since == 0:
+            self._best = self.state_dict()
+        return since >= self.p["patience"]
+
+    def result(self) -> _Result:
+        with torch.no_grad():
+            W = self.loadings().detach().clone()
+        converged = self._reason in ("tol", "validation")
+        return _Result(W, list(self.history), converged, self._reason == "callback", self._reason,
+                       list(self.validation_history))
+
+    def _roll_back(self, it: int, value: float) -> None:
+        """Restore the last state with a finite ELBO and raise :class:`NonFiniteELBOError`."""
+        p = self.p
+        good = self._good
+        if good is not None:
+            self.load_state_dict(good)
+        kept = len(self.history)
+        self._publish_loadings()
+        hint = ("a smaller training.learning_rate (now " f"{p['learning_rate']:g})"
+                + ("" if p["dtype"] == torch.float64 else " or training.dtype: float64"))
+        raise NonFiniteELBOError(
+            f"the ELBO became {value} at iteration {it}. The model keeps the last finite state "
+            f"(iteration {kept}); resume from its checkpoint with {hint}", it, kept)
+
     def run(self, callback: Optional[Callback], start: float) -> _Result:
         p, verbose = self.p, self.p["verbose"]
-        w, tol = p["tol_window"], p["tol"]
+        w = p["tol_window"]
         history = self.history    # non-empty when resuming from a checkpoint
         first = len(history) + 1
-        converged = stopped = False
         batches = self._batches()
         t_loop = time.perf_counter()
-        rel = float("nan")
+        val_every = p["validation_every"] if self.validation is not None else 0
+        self._reason = "max_iter"
         for it in range(first, p["max_iter"] + 1):
+            if self._good is None or it % self.SNAPSHOT_EVERY == 1:
+                pending = self.state_dict()
+            else:
+                pending = None
             batch, idx, gidx = next(batches)
             value = self._step(batch, idx, gidx)
             if not math.isfinite(value):
-                raise ModelError(f"the ELBO became {value} at iteration {it}; lower learning_rate "
-                                 f"(now {p['learning_rate']:g}) or use dtype='float64'")
+                self._roll_back(it, value)
+            if pending is not None:
+                self._good = pending     # its ELBO (this iteration's, before the step) is finite
             history.append(value)
-            if len(history) >= 2 * w:
-                prev = sum(history[-2 * w:-w]) / w
-                last = sum(history[-w:]) / w
-                rel = abs(last - prev) / max(abs(prev), 1e-300)
-                converged = tol > 0 and rel < tol
+            done = False
+            if it % w == 0:
+                check = self.evaluate_elbo() if self._eval_block()[0] is not self.full else \
+                    sum(history[-w:]) / len(history[-w:])
+                self.checks.append(check)
+                if self._converged():
+                    self._reason, done = "tol", True
+            if val_every and it % val_every == 0 and self._validate(it):
+                self._reason, done = "validation", True
             if callback is not None and callback(it, value) is True:
-                stopped = True
-            done = converged or stopped or it == p["max_iter"]
+                self._reason, done = "callback", True
+            if it == p["max_iter"]:
+                done = True
             if verbose and (it % p["log_every"] == 0 or done):
-                rate = (it - first + 1) / max(time.perf_counter() - t_loop, 1e-9)
-                change = "n/a    " if rel != rel else f"{rel:.1e}"  # undefined until 2 windows exist
-                print(f"iter {it:>5d}/{p['max_iter']}  ELBO {value: .4e}  rel.change {change}  "
-                      f"{rate:.1f} it/s", flush=True)
+                elapsed = time.perf_counter() - t_loop
+                rate = (it - first + 1) / max(elapsed, 1e-9)
+                rel = self.relative_change()
+                change = "n/a    " if rel != rel else f"{rel:.1e}"  # undefined until 2 checks exist
+                val = (f"  heldout dev {self.validation_history[-1][1]:.5g}"
+                       if self.validation_history else "")
+                eta = "" if done else f"  ETA <= {_duration((p['max_iter'] - it) / rate)}"
+                print(f"iter {it:>5d}/{p['max_iter']}  ELBO {value: .4e}  rel.change {change}"
+                      f"{val}  {rate:.2f} it/s{eta}", flush=True)
             if done:
                 break
-        with torch.no_grad():
-            W = self.loadings().detach().clone()
-        return _Result(W, history, converged, stopped)
+        if self._reason == "validation" and self._best is not None:
+            # early stopping keeps the best checked state (and the ELBO history up to it)
+            validation = self.validation_history
+            self.load_state_dict(self._best)
+            self.validation_history = validation
+        self._good = self._best = None
+        return self.result()

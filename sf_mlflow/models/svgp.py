@@ -380,6 +380,15 @@ class SVGPPrior(FactorPrior):
         if not self.diagonal_only:
             self.Lu_lower.copy_(self.layout.from_dense(Lu))
 
+    @torch.no_grad()
+    def set_lu_diagonal(self, d: Tensor) -> None:
+        """Set the positive diagonal of Lu, ``d: (L, M)``, leaving its strict lower part."""
+        d = torch.as_tensor(d, dtype=self.mu.dtype, device=self.mu.device)
+        if d.shape != self.mu.shape or not bool((d > 0).all()):
+            raise ModelError(f"the diagonal of Lu must be positive with shape (L, M) = "
+                             f"{tuple(self.mu.shape)}, got {tuple(d.shape)}")
+        self.Lu_diag_raw.copy_(torch.log(d) if self.cholesky_mode == "exp" else torch.log(torch.expm1(d)))
+
     def _inputs(self, coordinates: Optional[Tensor], groups: Optional[Tensor],
                 need_groups: bool = True) -> tuple[Tensor, Optional[Tensor]]:
         """Coordinates (B, 2) and, for a multi-group model, groups (B,) on the model's device."""
@@ -439,7 +448,10 @@ class SVGPPrior(FactorPrior):
         return self._mean_only(x, g, self._mean_weights())
 
     def _marginals(self, x: Tensor, g: Optional[Tensor]) -> tuple[Tensor, Tensor]:
-        At = self._interp(x, g)
+        return self._marginals_from(self._interp(x, g))
+
+    def _marginals_from(self, At: Tensor) -> tuple[Tensor, Tensor]:
+        """Mean and variance (L, B) of q(F) from ``A^T`` (B, M) or (L, B, M)."""
         mean = self._mean(At)
         d = self.lu_diagonal()
         if self.diagonal_only:
@@ -474,6 +486,22 @@ class SVGPPrior(FactorPrior):
         """
         x, g = self._inputs(coordinates, groups)
         return self._marginals(x, g)
+
+    def marginals_and_interp(self, coordinates: Tensor, groups: Optional[Tensor] = None
+                             ) -> tuple[Tensor, Tensor, Tensor]:
+        """:meth:`marginals` and the ``A^T = Kxz Lzz^{-T}`` they were computed from.
+
+        Returns
+        -------
+        mean, var : Tensor, (L, B)
+        At : Tensor, (B, M), or (L, B, M) with per-factor lengthscales
+            What a natural-gradient step (:mod:`sf_mlflow.models.natural`) needs to map
+            gradients in the marginals to gradients in q(v).
+        """
+        x, g = self._inputs(coordinates, groups)
+        At = self._interp(x, g)
+        mean, var = self._marginals_from(At)
+        return mean, var, At
 
     def kl(self, index: Optional[Tensor] = None) -> Tensor:
         """``kl_weight * sum_l KL(q(v_l) || N(0, I))``, a scalar (not scaled by the batch)."""

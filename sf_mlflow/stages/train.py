@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import json
 import tempfile
+import warnings
 from pathlib import Path
 from typing import Callable
 
@@ -14,10 +15,12 @@ from sf_mlflow.analysis.summary import gp_facts
 from sf_mlflow.config import Config
 from sf_mlflow.data.io import PreprocessedData, read_preprocessed
 from sf_mlflow.errors import ConfigError, RunLookupError
-from sf_mlflow.models.pnmf import PNMF
+from sf_mlflow.models.pnmf import PNMF, ConvergenceWarning, NonFiniteELBOError
 from sf_mlflow.stages._common import base_tags, preprocess_hash, say, staging_dir
 from sf_mlflow.stages._signals import StopRequests
 from sf_mlflow.tracking import (
+    TAG_CONVERGED,
+    TAG_DIVERGED,
     TAG_MODEL,
     TAG_INTERRUPTED,
     TAG_PREPROCESS_HASH,
@@ -62,7 +65,8 @@ def build_model(config: Config) -> PNMF:
         cholesky_mode=m.cholesky_mode, diagonal_only=m.diagonal_only,
         inducing_allocation=m.inducing_allocation, jitter=m.jitter, kl_weight=m.kl_weight,
         max_iter=t.max_iter, learning_rate=t.learning_rate, optimizer=t.optimizer, tol=t.tol,
-        tol_window=t.tol_window, batch_size=t.batch_size, y_batch_size=t.y_batch_size,
+        tol_window=t.tol_window, validation_every=t.validation_every, patience=t.patience,
+        batch_size=t.batch_size, y_batch_size=t.y_batch_size, dtype=t.dtype,
         shuffle=t.shuffle, device=t.device, random_state=config.seed, verbose=True,
         log_every=1 if t.verbose else t.log_every,
     )
@@ -110,12 +114,30 @@ def load_checkpoint(run, tmp: Path) -> dict:
     return PNMF.load_checkpoint(path)
 
 
-def save_checkpoint_and_stop(run, model: PNMF) -> None:
-    """Log the training state of an interrupted fit, then end the run as KILLED."""
+def log_checkpoint(run, model: PNMF) -> None:
+    """Log the model's resumable training state as ``checkpoint/checkpoint.pt``."""
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / CHECKPOINT_FILE
         model.save_checkpoint(path)
         run.log_artifact(path, CHECKPOINT_DIR)
+
+
+def validation_inputs(config: Config, pre: PreprocessedData, model: PNMF):
+    """``(Y, coordinates, groups)`` of the held-out spots for early stopping, or None.
+
+    Only spatial models predict held-out spots (from their coordinates), and only when
+    ``training.validation_every > 0`` and the preprocess run held spots out.
+    """
+    held = pre.heldout_spots()
+    if held is None or not model.is_spatial or config.training.validation_every == 0:
+        return None
+    groups = held.groups if config.model.groups else None
+    return held.counts, held.coordinates, groups
+
+
+def save_checkpoint_and_stop(run, model: PNMF) -> None:
+    """Log the training state of an interrupted fit, then end the run as KILLED."""
+    log_checkpoint(run, model)
     run.log_metrics({"interrupted_at_iteration": model.n_iter_})
     # The status alone cannot say it: under `mlflow run`, MLflow's launcher overwrites our
     # KILLED with FAILED after the process exits (its _maybe_set_run_terminated compares
@@ -195,20 +217,43 @@ def run_train(config: Config, preprocess_run_id: str | None = None, *,
                     return True
                 return on_iteration(model, it, elbo) if on_iteration is not None else None
 
-            model.fit(data.counts, coordinates=data.coordinates, groups=groups,
-                      callback=callback, resume=checkpoint)
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always", ConvergenceWarning)
+                try:
+                    model.fit(data.counts, coordinates=data.coordinates, groups=groups,
+                              callback=callback, resume=checkpoint,
+                              validation=validation_inputs(config, pre, model))
+                except NonFiniteELBOError as err:
+                    elbo_stream.flush()
+                    log_checkpoint(run, model)
+                    run.set_tags({TAG_DIVERGED: "true", TAG_CONVERGED: "false",
+                                  TAG_REUSABLE: "false"})
+                    say(STAGE, f"{err}. Its checkpoint is logged; continue with\n"
+                               f"  mlflow run . -e train --env-manager local -P config=<same config> "
+                               f"-P resume_from={run.run_id} -P training.learning_rate=<smaller>")
+                    raise
+        for w in caught:
+            if issubclass(w.category, ConvergenceWarning):
+                say(STAGE, f"warning: {w.message}")
+            else:
+                warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
         elbo_stream.flush()
         if stop.requested:
             save_checkpoint_and_stop(run, model)
         if model.stopped_early_:
             # stopped by on_iteration (e.g. a pruned tuning trial): not a finished fit
             run.set_tags({TAG_REUSABLE: "false"})
+        run.set_tags({TAG_CONVERGED: str(bool(model.converged_)).lower()})
+        if len(model.validation_history_):
+            run.log_metric_history("heldout_deviance", model.validation_history_[:, 1],
+                                   model.validation_history_[:, 0].astype(int))
 
         history = np.asarray(model.elbo_history_, dtype=float)
         summary = {
             "final_elbo": float(history[-1]),
             "n_iter": int(model.n_iter_),
             "converged": bool(model.converged_),
+            "stop_reason": str(model.stop_reason_),
             "training_time_s": float(model.fit_time_),
             "iterations_per_s": float(model.n_iter_ / max(model.fit_time_, 1e-9)),
             "n_train_spots": int(data.n_spots),

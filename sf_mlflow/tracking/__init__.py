@@ -16,7 +16,9 @@ from sf_mlflow.tracking.lineage import (
 from sf_mlflow.tracking.runs import (
     TAG_CODE_VERSION,
     TAG_CONFIG_HASH,
+    TAG_CONVERGED,
     TAG_DATASET,
+    TAG_DIVERGED,
     TAG_INTERRUPTED,
     TAG_MODEL,
     TAG_PREPROCESS_HASH,
@@ -34,7 +36,8 @@ from sf_mlflow.tracking.registry import register_train_run
 
 __all__ = [
     # tags
-    "TAG_CODE_VERSION", "TAG_CONFIG_HASH", "TAG_DATASET", "TAG_INTERRUPTED", "TAG_MODEL",
+    "TAG_CODE_VERSION", "TAG_CONFIG_HASH", "TAG_CONVERGED", "TAG_DATASET", "TAG_DIVERGED",
+    "TAG_INTERRUPTED", "TAG_MODEL",
     "TAG_PREPROCESS_HASH", "TAG_RESUMED_FROM", "TAG_REUSABLE", "TAG_STAGE", "TAG_STAGE_HASH",
     "TAG_UPSTREAM",
     # runs

@@ -36,6 +36,10 @@ TAG_REUSABLE = "sf.reusable"
 TAG_RESUMED_FROM = "sf.resumed_from"
 #: "true" on a train run stopped by SIGINT/SIGTERM that logged a checkpoint.
 TAG_INTERRUPTED = "sf.interrupted"
+#: "true"/"false" on a finished train run: did the fit meet its stopping rule before max_iter.
+TAG_CONVERGED = "sf.converged"
+#: "true" on a train run whose ELBO became non-finite; it logged the last finite state.
+TAG_DIVERGED = "sf.diverged"
 TAG_CODE_VERSION = "sf.code_version"
 TAG_GIT_COMMIT = "sf.git_commit"
 

@@ -172,10 +172,13 @@ def test_verbose_progress_lines(data, capsys):
     PNMF(L, max_iter=30, tol=0, tol_window=10, verbose=True, log_every=10).fit(data.counts[:300])
     lines = capsys.readouterr().out.strip().splitlines()
     assert len(lines) == 3
-    pattern = r"iter +(\d+)/30  ELBO -\d\.\d{4}e\+\d\d  rel\.change (\S+) +\d+\.\d it/s"
+    pattern = (r"iter +(\d+)/30  ELBO -\d\.\d{4}e\+\d\d  rel\.change (\S+) +\d+\.\d\d it/s"
+               r"(  ETA <= \d+m\d\ds)?")
     matches = [re.fullmatch(pattern, line) for line in lines]
     assert all(matches), lines
     assert [int(m.group(1)) for m in matches] == [10, 20, 30]
+    # an ETA until the last line
+    assert [m.group(3) is not None for m in matches] == [True, True, False]
     # the relative change needs two full windows of history: undefined at 10, a number from 20
     assert [m.group(2) for m in matches][0] == "n/a"
     assert all(float(m.group(2)) >= 0 for m in matches[1:])
