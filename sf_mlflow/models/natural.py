@@ -103,6 +103,9 @@ class NaturalGradient:
         Its ``mu`` and Lu (``Lu_diag_raw``, ``Lu_lower``) are overwritten by :meth:`step`.
     lr : float
         The step size gamma, in (0, 1]; 1 is the exact update for a Gaussian likelihood.
+    max_mean_step : float or None
+        Trust region on the change of the marginal means per step (log-rate units); None
+        turns it off (exact conjugate steps, for tests and Gaussian likelihoods).
 
     Attributes
     ----------
@@ -117,10 +120,11 @@ class NaturalGradient:
         Factor updates skipped because no halving gave a positive-definite precision.
     """
 
-    def __init__(self, prior, lr: float):
+    def __init__(self, prior, lr: float, max_mean_step: Optional[float] = MAX_MEAN_STEP):
         if not (0.0 < float(lr) <= 1.0):
             raise ModelError(f"natural-gradient step lr = {lr!r} must be in (0, 1]")
         self.prior, self.lr = prior, float(lr)
+        self.max_mean_step = None if max_mean_step is None else float(max_mean_step)
         self.precision: Optional[Tensor] = None
         self.halvings = 0
         self.shrinks = 0
@@ -201,12 +205,13 @@ class NaturalGradient:
 
     def _trust(self, A: Tensor, step: Tensor) -> Tensor:
         """``step`` (.., M) of whitened means, shrunk so that ``A step`` (the change of the
-        marginal means at the batch's spots, A: (B, M)) stays within MAX_MEAN_STEP."""
-        if A.shape[0] == 0:
+        marginal means at the batch's spots, A: (B, M)) stays within ``max_mean_step``."""
+        bound = self.max_mean_step
+        if A.shape[0] == 0 or bound is None:
             return step
         moved = (step.to(A.dtype) @ A.mT).abs().amax(dim=-1, keepdim=True).to(step.dtype)
-        factor = torch.where(moved > MAX_MEAN_STEP, MAX_MEAN_STEP / moved, torch.ones_like(moved))
-        self.shrinks += int((moved > MAX_MEAN_STEP).sum())
+        factor = torch.where(moved > bound, bound / moved, torch.ones_like(moved))
+        self.shrinks += int((moved > bound).sum())
         return step * torch.nan_to_num(factor, nan=0.0)
 
     def _positive_definite(self, P: Tensor, g_S: Tensor, eye: Tensor, gamma: float, w: float):

@@ -1,0 +1,307 @@
+"""Natural-gradient training of the SVGP prior, stopping rules, roll-back and defaults."""
+
+from __future__ import annotations
+
+import math
+import warnings
+
+import numpy as np
+import pytest
+import torch
+
+from sf_mlflow.analysis.deviance import poisson_deviance
+from sf_mlflow.analysis.heldout import nearest_neighbour_log_factors
+from sf_mlflow.data.preprocess import heldout_split
+from sf_mlflow.data.synthetic import make_synthetic
+from sf_mlflow.errors import ConfigError, ModelError
+from sf_mlflow.models.inducing import auto_num_inducing
+from sf_mlflow.models.likelihood import CountBatch, poisson_deviance as block_deviance
+from sf_mlflow.models.natural import MAX_MEAN_STEP, NaturalGradient
+from sf_mlflow.models.pnmf import VALIDATION_MIN_DELTA, PNMF, ConvergenceWarning, NonFiniteELBOError
+from sf_mlflow.models.svgp import SVGPPrior
+from test_spatial_recovery import matched_correlation
+
+
+# ---- the step itself -------------------------------------------------------------------------
+
+def _gaussian_problem(diagonal_only=False, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.rand(80, 2, generator=g, dtype=torch.float64) * 10
+    y = torch.sin(x[:, 0] / 3) + 0.3 * torch.randn(80, generator=g, dtype=torch.float64)
+    prior = SVGPPrior(x, None, 1, num_inducing=25, lengthscale=3.0, seed=0,
+                      diagonal_only=diagonal_only).double()
+    return x, y, prior
+
+
+def _gaussian_gradients(prior, x, y, noise):
+    """Gradients of sum_b E_q log N(y_b | f_b, noise) in the marginals, by autograd."""
+    mean, var, At = prior.marginals_and_interp(x)
+    m = mean.detach().requires_grad_(True)
+    v = var.detach().requires_grad_(True)
+    ell = (-0.5 * math.log(2 * math.pi * noise) - ((y - m) ** 2 + v) / (2 * noise)).sum()
+    g_mean, g_var = torch.autograd.grad(ell, [m, v])
+    return At.detach(), g_mean, g_var
+
+
+def test_one_step_of_size_one_is_the_exact_posterior_of_a_conjugate_model():
+    x, y, prior = _gaussian_problem()
+    noise = 0.09
+    At, g_mean, g_var = _gaussian_gradients(prior, x, y, noise)
+    NaturalGradient(prior, 1.0, max_mean_step=None).step(At, g_mean, g_var)
+    # whitened posterior: precision I + A A^T / noise, mean precision^{-1} A y / noise
+    A = At.T
+    precision = torch.eye(A.shape[0], dtype=torch.float64) + A @ A.T / noise
+    mean = torch.linalg.solve(precision, A @ y / noise)
+    with torch.no_grad():
+        Lu = prior.lu()[0]
+        torch.testing.assert_close(prior.mu[0], mean, rtol=1e-7, atol=1e-8)
+        torch.testing.assert_close(Lu @ Lu.T, torch.linalg.inv(precision), rtol=1e-7, atol=1e-9)
+    # the posterior is a fixed point: a second step leaves it where it is
+    At, g_mean, g_var = _gaussian_gradients(prior, x, y, noise)
+    NaturalGradient(prior, 1.0, max_mean_step=None).step(At, g_mean, g_var)
+    with torch.no_grad():
+        torch.testing.assert_close(prior.mu[0], mean, rtol=1e-7, atol=1e-8)
+
+
+def test_smaller_steps_converge_to_the_same_posterior():
+    x, y, prior = _gaussian_problem()
+    noise = 0.09
+    opt = NaturalGradient(prior, 0.5, max_mean_step=None)
+    for _ in range(40):
+        opt.step(*_gaussian_gradients(prior, x, y, noise))
+    A = prior.marginals_and_interp(x)[2].detach().T
+    precision = torch.eye(A.shape[0], dtype=torch.float64) + A @ A.T / noise
+    with torch.no_grad():
+        torch.testing.assert_close(prior.mu[0], torch.linalg.solve(precision, A @ y / noise),
+                                   rtol=1e-6, atol=1e-7)
+
+
+def test_diagonal_q_takes_the_mean_field_step():
+    x, y, prior = _gaussian_problem(diagonal_only=True)
+    noise = 0.09
+    opt = NaturalGradient(prior, 0.5, max_mean_step=None)
+    for _ in range(400):
+        opt.step(*_gaussian_gradients(prior, x, y, noise))
+    # stationary point of the mean-field ELBO: the exact posterior mean, and precisions
+    # 1 + diag(A A^T) / noise
+    A = prior.marginals_and_interp(x)[2].detach().T
+    precision = torch.eye(A.shape[0], dtype=torch.float64) + A @ A.T / noise
+    with torch.no_grad():
+        torch.testing.assert_close(prior.lu_diagonal()[0], torch.diagonal(precision).rsqrt(),
+                                   rtol=1e-7, atol=1e-9)
+        torch.testing.assert_close(prior.mu[0], torch.linalg.solve(precision, A @ y / noise),
+                                   rtol=1e-4, atol=1e-5)
+
+
+def test_trust_region_bounds_the_move_of_the_marginal_means():
+    x, y, prior = _gaussian_problem()
+    At, g_mean, g_var = _gaussian_gradients(prior, x, 50.0 * y, 0.01)   # a huge pull
+    before = prior.marginals_and_interp(x)[0].detach()
+    opt = NaturalGradient(prior, 1.0)
+    opt.step(At, g_mean, g_var)
+    after = prior.marginals_and_interp(x)[0].detach()
+    assert float((after - before).abs().max()) <= MAX_MEAN_STEP * (1 + 1e-6)
+    assert opt.shrinks == 1
+
+
+def test_a_precision_that_is_not_positive_definite_halves_the_step():
+    x, y, prior = _gaussian_problem()
+    At, g_mean, _ = _gaussian_gradients(prior, x, y, 0.09)
+    g_var = torch.full_like(g_mean, 40.0)   # a (Monte Carlo-like) positive curvature
+    opt = NaturalGradient(prior, 1.0)
+    opt.step(At, g_mean, g_var)
+    assert opt.halvings > 0
+    d = prior.lu_diagonal()
+    assert bool(torch.isfinite(prior.lu()).all()) and bool((d > 0).all())
+
+
+def test_step_size_must_lie_in_the_unit_interval():
+    _, _, prior = _gaussian_problem()
+    with pytest.raises(ModelError, match=r"lr = 1.5 must be in \(0, 1\]"):
+        NaturalGradient(prior, 1.5)
+
+
+# ---- the estimator with natural gradients ----------------------------------------------------
+
+@pytest.fixture(scope="module")
+def grouped():
+    return make_synthetic(n_spots=600, n_genes=80, n_components=3, n_groups=3, lengthscale=0.2,
+                          group_effect=0.5, mean_counts=200, seed=4)
+
+
+def _svgp(**kw):
+    params = dict(prior="svgp", num_inducing=60, lengthscale=4.0, random_state=0)
+    params.update(kw)
+    return PNMF(3, **params)
+
+
+@pytest.mark.parametrize("lr,batch_size", [(0.1, 300), (0.3, 300), (1.0, None)])
+def test_grouped_model_is_stable_at_any_step(grouped, lr, batch_size):
+    # a full step (1.0) replaces q(v) by one batch's estimate: for full batches only
+    X = grouped.coordinates * 20
+    m = _svgp(learning_rate=lr, max_iter=60, tol=0, batch_size=batch_size)
+    m.fit(grouped.counts, coordinates=X, groups=grouped.groups)
+    assert np.isfinite(m.elbo_history_).all()
+    assert m.elbo_history_[-10:].mean() > m.elbo_history_[:5].mean()
+
+
+def test_natural_needs_the_svgp_prior_and_a_step_in_the_unit_interval(grouped):
+    with pytest.raises(ConfigError, match="optimizer = 'natural' needs prior = 'svgp'"):
+        PNMF(3, optimizer="natural").fit(grouped.counts)
+    with pytest.raises(ConfigError, match=r"learning_rate = 2 is invalid with optimizer 'natural'"):
+        _svgp(optimizer="natural", learning_rate=2).fit(grouped.counts, coordinates=grouped.coordinates)
+
+
+def test_auto_optimizer_is_natural_for_svgp_and_adam_for_gaussian():
+    assert _svgp()._validated()["optimizer"] == "natural"
+    assert PNMF(3)._validated()["optimizer"] == "Adam"
+
+
+def test_trained_kernel_hyperparameters_move_by_adam(grouped):
+    m = _svgp(train_lengthscale=True, max_iter=15, tol=0)
+    m.fit(grouped.counts, coordinates=grouped.coordinates * 20, groups=grouped.groups)
+    assert np.isfinite(m.elbo_history_).all()
+    assert m.prior_.lengthscale != pytest.approx(4.0)
+    # q(v) is trainable again after the fit (natural steps froze it only during the fit)
+    assert m.prior_.mu.requires_grad
+
+
+def test_non_finite_elbo_rolls_back_to_the_last_finite_state_which_can_resume(grouped):
+    X = grouped.coordinates * 20
+    model = _svgp(max_iter=30, tol=0)
+
+    def corrupt(it, elbo):
+        if it == 15:
+            with torch.no_grad():
+                model.prior_.mu.fill_(float("nan"))
+
+    with pytest.raises(NonFiniteELBOError, match=r"became nan at iteration 16.*iteration 10") as err:
+        model.fit(grouped.counts, coordinates=X, groups=grouped.groups, callback=corrupt)
+    assert (err.value.iteration, err.value.kept_iteration) == (16, 10)
+    assert model.n_iter_ == 10 and np.isfinite(model.elbo_history_).all()
+    assert np.isfinite(model.get_factors()).all() and np.isfinite(model.loadings_).all()
+    reference = _svgp(max_iter=30, tol=0).fit(grouped.counts, coordinates=X, groups=grouped.groups)
+    # the rolled-back state is the uninterrupted fit's state at iteration 10
+    np.testing.assert_allclose(model.elbo_history_, reference.elbo_history_[:10], rtol=1e-10)
+    resumed = _svgp(max_iter=30, tol=0).fit(grouped.counts, coordinates=X, groups=grouped.groups,
+                                           resume=model.checkpoint())
+    np.testing.assert_allclose(resumed.elbo_history_, reference.elbo_history_, rtol=1e-6)
+
+
+def test_unconverged_fit_warns_and_says_why(grouped):
+    with pytest.warns(ConvergenceWarning, match="max_iter = 5 reached"):
+        m = _svgp(max_iter=5, tol=1e-4).fit(grouped.counts, coordinates=grouped.coordinates * 20,
+                                           groups=grouped.groups)
+    assert (m.converged_, m.stop_reason_) == (False, "max_iter")
+
+
+def test_converged_fit_does_not_warn(grouped):
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", ConvergenceWarning)
+        m = _svgp(max_iter=2000, tol=1e-3, learning_rate=1.0).fit(
+            grouped.counts, coordinates=grouped.coordinates * 20, groups=grouped.groups)
+    assert (m.converged_, m.stop_reason_) == (True, "tol")
+    assert m.n_iter_ < 2000
+
+
+def test_stopping_rule_reads_a_deterministic_evaluation_block(grouped):
+    seen = []
+    model = _svgp(max_iter=12, tol=0, batch_size=200, y_batch_size=40)
+
+    def check(it, elbo):
+        if it == 12:
+            seen.extend([model._trainer.evaluate_elbo(), model._trainer.evaluate_elbo()])
+
+    model.fit(grouped.counts, coordinates=grouped.coordinates * 20, groups=grouped.groups,
+              callback=check)
+    assert seen[0] == seen[1] and math.isfinite(seen[0])
+
+
+def test_early_stopping_keeps_the_best_heldout_state(grouped):
+    X = grouped.coordinates * 20
+    held = heldout_split(grouped.counts.shape[0], 0.15, 0, grouped.groups)
+    tr, te = ~held, held
+    model = _svgp(max_iter=400, tol=0, validation_every=2, patience=3, learning_rate=1.0)
+    model.fit(grouped.counts[tr], coordinates=X[tr], groups=grouped.groups[tr],
+              validation=(grouped.counts[te], X[te], grouped.groups[te]))
+    hist = model.validation_history_
+    assert model.stop_reason_ == "validation" and model.converged_
+    # rolled back to the last check that improved the best by the minimum delta, then
+    # `patience` checks without such an improvement
+    best = int(np.flatnonzero(hist[:, 0] == model.n_iter_)[0])
+    assert len(hist) - 1 - best == 3
+    assert hist[best, 1] <= hist[:, 1].min() * (1 + VALIDATION_MIN_DELTA)
+    batch = CountBatch.from_scipy(grouped.counts[te], dtype=torch.float32)
+    F = torch.as_tensor(np.log(model.predict_factors(X[te], grouped.groups[te])).T, dtype=torch.float32)
+    again = block_deviance(batch, F, torch.as_tensor(model.loadings_))
+    assert again == pytest.approx(hist[best, 1], rel=1e-5)
+
+
+def test_validation_errors_name_the_input(grouped):
+    X = grouped.coordinates
+    with pytest.raises(ConfigError, match="validation needs prior = 'svgp'"):
+        PNMF(3).fit(grouped.counts, validation=(grouped.counts, X, None))
+    with pytest.raises(Exception, match=r"validation Y_val has 5 genes, Y has 80"):
+        _svgp().fit(grouped.counts, coordinates=X, groups=grouped.groups,
+                    validation=(grouped.counts[:, :5], X, grouped.groups))
+    with pytest.raises(Exception, match="validation groups_val = None"):
+        _svgp().fit(grouped.counts, coordinates=X, groups=grouped.groups,
+                    validation=(grouped.counts, X, None))
+
+
+# ---- num_inducing = "auto" -------------------------------------------------------------------
+
+def test_auto_num_inducing_grows_with_distinct_locations_and_is_capped():
+    rng = np.random.default_rng(0)
+    assert auto_num_inducing(rng.random((50, 2))) == 50          # fewer locations than the floor
+    assert auto_num_inducing(rng.random((600, 2))) == 100        # the floor
+    assert auto_num_inducing(rng.random((5000, 2))) == 500       # a tenth
+    assert auto_num_inducing(rng.random((41786, 2))) == 3000     # the plan's cap
+    # duplicates count once
+    assert auto_num_inducing(np.repeat(rng.random((30, 2)), 4, axis=0)) == 30
+
+
+def test_auto_is_the_default_and_records_the_value_used(grouped):
+    model = PNMF(3, prior="svgp", max_iter=2, tol=0)
+    assert model.num_inducing == "auto"
+    model.fit(grouped.counts, coordinates=grouped.coordinates * 20, groups=grouped.groups)
+    assert model.num_inducing_ == auto_num_inducing(grouped.coordinates) == 100
+    assert model.prior_.num_inducing == 100
+
+
+def test_explicit_num_inducing_above_the_distinct_locations_is_still_an_error(grouped):
+    with pytest.raises(ModelError, match=r"num_inducing = 900 exceeds the number of distinct spot"):
+        _svgp(num_inducing=900, use_groups=False).fit(grouped.counts, coordinates=grouped.coordinates)
+    with pytest.raises(ConfigError, match=r"num_inducing = 'many' is invalid"):
+        _svgp(num_inducing="many").fit(grouped.counts, coordinates=grouped.coordinates)
+
+
+# ---- the grouped model earns its keep on group-specific fields ---------------------------------
+
+def test_grouped_model_recovers_group_specific_fields_and_predicts_heldout_spots_best():
+    data = make_synthetic(n_spots=1500, n_genes=150, n_components=3, n_groups=3, lengthscale=0.2,
+                          group_effect=0.6, mean_counts=150, seed=7)
+    X = data.coordinates * 20.0
+    held = heldout_split(data.counts.shape[0], 0.1, 0, data.groups)
+    tr, te = ~held, held
+    Y, g = data.counts[tr], data.groups[tr]
+    common = dict(max_iter=300, tol=1e-5, random_state=0)
+    mggp = PNMF(3, prior="svgp", num_inducing=300, **common).fit(Y, coordinates=X[tr], groups=g)
+    single = PNMF(3, prior="svgp", num_inducing=300, use_groups=False, **common).fit(
+        Y, coordinates=X[tr])
+    pnmf = PNMF(3, **common).fit(Y)
+    truth = data.truth["factors"][tr]
+    r = {name: matched_correlation(m.get_factors(), truth)
+         for name, m in (("mggp", mggp), ("single", single), ("pnmf", pnmf))}
+    assert r["mggp"] >= 0.95 and r["mggp"] > r["single"] and r["mggp"] > r["pnmf"], r
+
+    def heldout(model, log_factors):
+        return poisson_deviance(data.counts[te], factors=np.exp(log_factors),
+                                loadings=model.loadings_)["total"]
+
+    dev = {
+        "mggp": heldout(mggp, np.log(mggp.predict_factors(X[te], data.groups[te]))),
+        "single": heldout(single, np.log(single.predict_factors(X[te]))),
+        "pnmf": heldout(pnmf, nearest_neighbour_log_factors(X[tr], np.log(pnmf.get_factors()), X[te])),
+    }
+    assert dev["mggp"] < dev["single"] and dev["mggp"] < dev["pnmf"], dev
