@@ -69,7 +69,9 @@ class SyntheticConfig:
     n_components: int = _f(5, 1, doc="number of true factors L")
     n_groups: int = _f(3, 1, doc="number of cell-type groups G")
     lengthscale: float = _f(0.15, 0.0, lo_open=True,
-                            doc="smoothness of the true factor fields, relative to the unit square")
+                            doc="smoothness of the true factor fields, relative to the unit square "
+                                "(the default coordinate scaling makes that square 4 x "
+                                "spatial_scale wide, so l here is l x 4 x spatial_scale model units)")
     group_effect: float = _f(0.5, 0.0, 1.0,
                              doc="0: all groups share one pattern per factor; 1: independent patterns")
     mean_counts: float = _f(300.0, 0.0, lo_open=True, doc="expected total counts per spot")
@@ -96,7 +98,16 @@ class PreprocessingConfig:
     """Quality control, gene selection, coordinate scaling and the held-out split."""
 
     spatial_scale: float = _f(50.0, 0.0, lo_open=True,
-                              doc="coordinates are centred and the longest side scaled to this length")
+                              doc="coordinate scale: geometric_mean makes the geometric mean of the "
+                                  "two side lengths 4 x spatial_scale; longest_side makes the longest "
+                                  "side spatial_scale")
+    coordinate_scaling: Literal["geometric_mean", "longest_side"] = _f(
+        "geometric_mean", doc="geometric_mean: the plan's rule (centre at the mean, sqrt(side_x "
+                              "side_y) -> 4 x spatial_scale); longest_side: the pre-#13 rule (centre "
+                              "on the bounding box, longest side -> spatial_scale)")
+    max_mt_fraction: Optional[float] = _f(
+        0.2, 0.0, 1.0, doc="drop spots whose mitochondrial share of counts (genes mt-/MT-) exceeds "
+                           "this, before min_counts; null = keep all")
     filter_mt: bool = _f(True, doc="drop mitochondrial genes (names starting mt- or MT-)")
     min_counts: int = _f(100, 0, doc="drop spots with fewer total counts")
     min_cells: int = _f(10, 0, doc="drop genes detected in fewer spots")
