@@ -87,10 +87,20 @@ class DataConfig:
     coordinates_key: str = _f("spatial", doc="obsm key of the (N, 2) spot coordinates")
     group_key: Optional[str] = _f(
         "auto", doc="obs column of group labels; 'auto' = 'cluster' for slideseq, none for h5ad; null = no groups")
-    layer: Optional[str] = _f(None, doc="AnnData layer holding raw counts; null = X")
+    layer: Optional[str] = _f(None, doc="AnnData layer holding raw counts; null = X (or adata.raw, see use_raw)")
+    use_raw: Literal["auto", True, False] = _f(
+        "auto", doc="read the counts from adata.raw (all genes): true; from X or data.layer: false; "
+                    "'auto' = slideseq: raw when the file has it; h5ad: raw when present and X "
+                    "is not integral")
     missing_groups: Literal["drop", "unknown"] = _f(
         "drop", doc="spots whose group label is missing: drop them, or give them the group 'unknown'")
     synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
+
+    def __post_init__(self) -> None:
+        # the validator compares Literal choices with ==, so 0 and 1.0 pass as False and True;
+        # store the bool itself so equal settings hash (Config.digest) and log alike
+        if self.use_raw != "auto":
+            self.use_raw = bool(self.use_raw)
 
 
 @dataclass
