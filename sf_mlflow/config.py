@@ -188,10 +188,16 @@ class AnalysisConfig:
 
 @dataclass
 class LengthscaleRange:
-    """Search range of ``model.lengthscale`` in the tune stage."""
+    """Search range of ``model.lengthscale`` in the tune stage.
 
-    low: float = _f(0.5, 0.0, lo_open=True, doc="smallest lengthscale tried, in scaled coordinates")
-    high: float = _f(20.0, 0.0, lo_open=True, doc="largest lengthscale tried")
+    The defaults were 0.5-20 under the pre-#13 scaling (longest side -> spatial_scale = 50,
+    chosen on the default synthetic data, the unit square); the plan's rule makes that square
+    4 x 50 = 200 wide, a factor 4.000 (benchmarks/rescale_factors.py), so the same range of
+    tissue distances (1 % to 40 % of the square's side) is 2-80.
+    """
+
+    low: float = _f(2.0, 0.0, lo_open=True, doc="smallest lengthscale tried, in scaled coordinates")
+    high: float = _f(80.0, 0.0, lo_open=True, doc="largest lengthscale tried")
     log: bool = _f(True, doc="sample log-uniformly (true) or uniformly")
 
 

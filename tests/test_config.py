@@ -26,6 +26,10 @@ def test_slideseq_svgp_config_matches_the_plan():
     assert cfg.model.num_inducing == 3000 and cfg.model.kernel == "Matern32"
     assert cfg.model.resolved_prior == "SVGP"
     assert cfg.training.batch_size == 7000 and cfg.training.y_batch_size == 2000
+    # the plan's data: adata.raw, its QC, and its coordinates, in which lengthscale 4 is meant
+    assert cfg.data.use_raw == "auto" and cfg.preprocessing.max_mt_fraction == 0.2
+    assert cfg.preprocessing.coordinate_scaling == "geometric_mean"
+    assert cfg.preprocessing.spatial_scale == 50.0 and cfg.model.lengthscale == 4.0
     twin = load_config(REPO / "configs/slideseq/pnmf.yaml")
     assert twin.model.spatial is False and twin.model.resolved_prior == "Gaussian"
     # The twins differ only in the model's prior (and the experiment name).

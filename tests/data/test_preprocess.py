@@ -336,3 +336,46 @@ def test_heldout_split_without_groups_and_edge_cases():
     assert heldout_split(10, 0.0, seed=0).sum() == 0
     assert heldout_split(3, 0.9, seed=0).sum() == 2  # at least one training spot remains
     assert heldout_split(1, 0.5, seed=0).sum() == 0
+
+
+#: Shipped configs whose lengthscale was chosen for their data under the pre-#13 scaling:
+#: (config, model.lengthscale before #13, tuning.lengthscale low/high before #13 or None).
+REEXPRESSED = [("osmfish/svgp.yaml", 4.0, None), ("quickstart_tune.yaml", 4.0, (0.2, 50.0))]
+
+
+@pytest.mark.parametrize("name, old_ls, old_range", REEXPRESSED, ids=[r[0] for r in REEXPRESSED])
+def test_reexpressed_lengthscales_keep_their_tissue_distance(name, old_ls, old_range, shared_file):
+    import dataclasses
+    from pathlib import Path
+
+    from sf_mlflow.config import load_config
+    from sf_mlflow.data.sources import load_dataset
+
+    root = Path(__file__).resolve().parents[2]
+    cfg = load_config(root / "configs" / name)
+    if cfg.dataset == "h5ad":  # resolve the shared data folder as the other tests do
+        cfg.data.path = str(shared_file(Path(cfg.data.path).name))
+    data = load_dataset(cfg)
+    new = preprocess(data, cfg.preprocessing).report["coordinate_scale"]
+    old_pp = dataclasses.replace(cfg.preprocessing, coordinate_scaling="longest_side",
+                                 max_mt_fraction=None)
+    old = preprocess(data, old_pp).report["coordinate_scale"]
+    # lengthscale / scale is the lengthscale in raw (tissue) units: unchanged up to rounding
+    assert cfg.model.lengthscale / new == pytest.approx(old_ls / old, rel=2e-3)
+    if old_range is not None:
+        t = cfg.tuning.lengthscale
+        assert t.low / new == pytest.approx(old_range[0] / old, rel=2e-3)
+        assert t.high / new == pytest.approx(old_range[1] / old, rel=2e-3)
+
+
+def test_default_tune_range_keeps_its_meaning_on_the_default_data():
+    from sf_mlflow.config import Config
+    from sf_mlflow.data.sources import load_dataset
+
+    cfg = Config()
+    data = load_dataset(cfg)
+    new = preprocess(data, cfg.preprocessing).report["coordinate_scale"]
+    old = preprocess(data, PreprocessingConfig(coordinate_scaling="longest_side",
+                                               max_mt_fraction=None)).report["coordinate_scale"]
+    t = cfg.tuning.lengthscale
+    assert (t.low / new, t.high / new) == pytest.approx((0.5 / old, 20.0 / old), rel=1e-3)
