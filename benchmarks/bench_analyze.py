@@ -2,7 +2,8 @@
 
 Data: ``make_synthetic`` (default 41,786 spots x 4,000 genes, L = 10, 14 groups, ~3%
 non-zeros), generated once and seeded; coordinates rescaled as the preprocess stage does
-(bounding-box centre, longest side 50); a group-stratified 5% of spots held out
+(the plan's rule: mean centre, geometric-mean side 4 x 50 = 200, as on the Slide-seq puck, so
+lengthscale 4 spans 2 % of the side as it does there); a group-stratified 5% of spots held out
 (``heldout_split``) for the held-out deviance. ``analyze_model`` sees the other 95%.
 
 Models (``--models``): ``pnmf`` = Gaussian prior (non-spatial), ``svgp`` = MGGP-SVGP with
@@ -479,7 +480,7 @@ def prepare(args, workdir: Path) -> Path:
     t0 = time.perf_counter()
     data = make_synthetic(n_spots=args.n_spots, n_genes=args.n_genes, n_components=args.n_components,
                           n_groups=args.n_groups, mean_counts=args.mean_counts, seed=args.seed)
-    X, _, _ = rescale_coordinates(data.coordinates, 50.0)   # as the preprocess stage
+    X, _, _ = rescale_coordinates(data.coordinates, 50.0, "geometric_mean")  # as preprocess
     held = heldout_split(X.shape[0], args.holdout_fraction, args.seed, data.groups)
     Y = data.counts.tocsr()
     path = workdir / "data.npz"

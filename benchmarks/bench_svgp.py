@@ -1,8 +1,8 @@
 """Time one SVGP training step against its FLOP floor and against gpytorch.
 
 Data: a Slide-seq-sized synthetic matrix (default 41,786 spots x 4,000 genes, L = 10, 14
-groups), coordinates rescaled as the preprocess stage does (bounding-box centre, longest side
-50). A training step is: marginals of q(F) for a batch of B spots, the lower-bound expected
+groups), coordinates rescaled as the preprocess stage does (the plan's rule: mean centre,
+geometric-mean side 4 x 50 = 200, as on the Slide-seq puck). A training step is: marginals of q(F) for a batch of B spots, the lower-bound expected
 log-likelihood of its B x Db count block (``sf_mlflow.models.likelihood``), the KL, backward,
 and an Adam step on the variational parameters. Kernel hyperparameters are fixed, inducing
 points are fixed k-means centres (the same ones for every implementation of a case).
@@ -105,7 +105,7 @@ def prepare(args, workdir: Path) -> list[dict]:
     t0 = time.perf_counter()
     data = make_synthetic(n_spots=args.n_spots, n_genes=args.n_genes, n_components=args.n_components,
                           n_groups=args.n_groups, mean_counts=args.mean_counts, seed=args.seed)
-    X, _, _ = rescale_coordinates(data.coordinates, 50.0)   # as the preprocess stage
+    X, _, _ = rescale_coordinates(data.coordinates, 50.0, "geometric_mean")  # as preprocess
     Y = data.counts.tocsr()
     emit({"case": "data", "n_spots": Y.shape[0], "n_genes": Y.shape[1], "nnz": int(Y.nnz),
           "n_components": args.n_components, "n_groups": args.n_groups,

@@ -69,7 +69,9 @@ class SyntheticConfig:
     n_components: int = _f(5, 1, doc="number of true factors L")
     n_groups: int = _f(3, 1, doc="number of cell-type groups G")
     lengthscale: float = _f(0.15, 0.0, lo_open=True,
-                            doc="smoothness of the true factor fields, relative to the unit square")
+                            doc="smoothness of the true factor fields, relative to the unit square "
+                                "(the default coordinate scaling makes that square 4 x "
+                                "spatial_scale wide, so l here is l x 4 x spatial_scale model units)")
     group_effect: float = _f(0.5, 0.0, 1.0,
                              doc="0: all groups share one pattern per factor; 1: independent patterns")
     mean_counts: float = _f(300.0, 0.0, lo_open=True, doc="expected total counts per spot")
@@ -85,10 +87,20 @@ class DataConfig:
     coordinates_key: str = _f("spatial", doc="obsm key of the (N, 2) spot coordinates")
     group_key: Optional[str] = _f(
         "auto", doc="obs column of group labels; 'auto' = 'cluster' for slideseq, none for h5ad; null = no groups")
-    layer: Optional[str] = _f(None, doc="AnnData layer holding raw counts; null = X")
+    layer: Optional[str] = _f(None, doc="AnnData layer holding raw counts; null = X (or adata.raw, see use_raw)")
+    use_raw: Literal["auto", True, False] = _f(
+        "auto", doc="read the counts from adata.raw (all genes): true; from X or data.layer: false; "
+                    "'auto' = slideseq: raw when the file has it; h5ad: raw when present and X "
+                    "is not integral")
     missing_groups: Literal["drop", "unknown"] = _f(
         "drop", doc="spots whose group label is missing: drop them, or give them the group 'unknown'")
     synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
+
+    def __post_init__(self) -> None:
+        # the validator compares Literal choices with ==, so 0 and 1.0 pass as False and True;
+        # store the bool itself so equal settings hash (Config.digest) and log alike
+        if self.use_raw != "auto":
+            self.use_raw = bool(self.use_raw)
 
 
 @dataclass
@@ -96,7 +108,16 @@ class PreprocessingConfig:
     """Quality control, gene selection, coordinate scaling and the held-out split."""
 
     spatial_scale: float = _f(50.0, 0.0, lo_open=True,
-                              doc="coordinates are centred and the longest side scaled to this length")
+                              doc="coordinate scale: geometric_mean makes the geometric mean of the "
+                                  "two side lengths 4 x spatial_scale; longest_side makes the longest "
+                                  "side spatial_scale")
+    coordinate_scaling: Literal["geometric_mean", "longest_side"] = _f(
+        "geometric_mean", doc="geometric_mean: the plan's rule (centre at the mean, sqrt(side_x "
+                              "side_y) -> 4 x spatial_scale); longest_side: the pre-#13 rule (centre "
+                              "on the bounding box, longest side -> spatial_scale)")
+    max_mt_fraction: Optional[float] = _f(
+        0.2, 0.0, 1.0, doc="drop spots whose mitochondrial share of counts (genes mt-/MT-) exceeds "
+                           "this, before min_counts; null = keep all")
     filter_mt: bool = _f(True, doc="drop mitochondrial genes (names starting mt- or MT-)")
     min_counts: int = _f(100, 0, doc="drop spots with fewer total counts")
     min_cells: int = _f(10, 0, doc="drop genes detected in fewer spots")
@@ -177,10 +198,16 @@ class AnalysisConfig:
 
 @dataclass
 class LengthscaleRange:
-    """Search range of ``model.lengthscale`` in the tune stage."""
+    """Search range of ``model.lengthscale`` in the tune stage.
 
-    low: float = _f(0.5, 0.0, lo_open=True, doc="smallest lengthscale tried, in scaled coordinates")
-    high: float = _f(20.0, 0.0, lo_open=True, doc="largest lengthscale tried")
+    The defaults were 0.5-20 under the pre-#13 scaling (longest side -> spatial_scale = 50,
+    chosen on the default synthetic data, the unit square); the plan's rule makes that square
+    4 x 50 = 200 wide, a factor 4.000 (benchmarks/rescale_factors.py), so the same range of
+    tissue distances (1 % to 40 % of the square's side) is 2-80.
+    """
+
+    low: float = _f(2.0, 0.0, lo_open=True, doc="smallest lengthscale tried, in scaled coordinates")
+    high: float = _f(80.0, 0.0, lo_open=True, doc="largest lengthscale tried")
     log: bool = _f(True, doc="sample log-uniformly (true) or uniformly")
 
 

@@ -26,11 +26,39 @@ def test_slideseq_svgp_config_matches_the_plan():
     assert cfg.model.num_inducing == 3000 and cfg.model.kernel == "Matern32"
     assert cfg.model.resolved_prior == "SVGP"
     assert cfg.training.batch_size == 7000 and cfg.training.y_batch_size == 2000
+    # the plan's data: adata.raw, its QC, and its coordinates, in which lengthscale 4 is meant
+    assert cfg.data.use_raw == "auto" and cfg.preprocessing.max_mt_fraction == 0.2
+    assert cfg.preprocessing.coordinate_scaling == "geometric_mean"
+    assert cfg.preprocessing.spatial_scale == 50.0 and cfg.model.lengthscale == 4.0
     twin = load_config(REPO / "configs/slideseq/pnmf.yaml")
     assert twin.model.spatial is False and twin.model.resolved_prior == "Gaussian"
     # The twins differ only in the model's prior (and the experiment name).
     a, b = cfg.flat(), twin.flat()
     assert {k for k in a if a[k] != b[k]} == {"name", "model.spatial", "model.prior"}
+
+
+def test_data_and_preprocessing_defaults_are_the_plans():
+    cfg = config_from_dict({})
+    assert cfg.data.use_raw == "auto"
+    assert cfg.preprocessing.max_mt_fraction == 0.2
+    assert cfg.preprocessing.coordinate_scaling == "geometric_mean"
+
+
+@pytest.mark.parametrize("value, expected", [
+    ("auto", "auto"), ("AUTO", "auto"), (True, True), (False, False), ("true", True),
+    ("false", False), (1, True), (0, False)])
+def test_use_raw_values(value, expected):
+    got = config_from_dict({"data": {"use_raw": value}}).data.use_raw
+    assert got == expected and type(got) is type(expected)
+    # the same through an override string, as `mlflow run -P data.use_raw=...` passes it
+    got = config_from_dict({}, overrides=[f"data.use_raw={value}"]).data.use_raw
+    assert got == expected and type(got) is type(expected)
+
+
+def test_max_mt_fraction_null_switches_the_filter_off():
+    assert config_from_dict({"preprocessing": {"max_mt_fraction": None}}).preprocessing.max_mt_fraction is None
+    assert config_from_dict({}, overrides=["preprocessing.max_mt_fraction=null"]
+                            ).preprocessing.max_mt_fraction is None
 
 
 def test_scientific_notation_strings_are_numbers():
@@ -54,6 +82,13 @@ def test_scientific_notation_strings_are_numbers():
     ({"model": {"spatial": False, "prior": "SVGP"}}, ["model.prior = 'SVGP' needs model.spatial: true"]),
     ({"model": {"spatial": True, "prior": "Gaussian"}}, ["non-spatial prior", "model.spatial: false"]),
     ({"dataset": "visium"}, ["dataset = 'visium'", "'slideseq', 'h5ad', 'synthetic'"]),
+    ({"data": {"use_raw": "raw"}}, ["data.use_raw = 'raw'", "one of 'auto', True, False"]),
+    ({"data": {"use_raw": 2}}, ["data.use_raw = 2", "one of 'auto', True, False"]),
+    ({"preprocessing": {"coordinate_scaling": "longest"}},
+     ["preprocessing.coordinate_scaling = 'longest'", "'geometric_mean', 'longest_side'",
+      "did you mean 'longest_side'"]),
+    ({"preprocessing": {"max_mt_fraction": 20}}, ["preprocessing.max_mt_fraction = 20", "<= 1"]),
+    ({"preprocessing": {"max_mt_fraction": -0.1}}, ["preprocessing.max_mt_fraction = -0.1", ">= 0"]),
 ])
 def test_invalid_values_name_key_value_and_source(raw, fragments):
     with pytest.raises(ConfigError) as err:

@@ -97,13 +97,13 @@ def test_spatial_train_on_osmfish_via_mlflow_run(tmp_path, shared_file):
     exp = client.get_experiment_by_name("project_test")
     (run,) = client.search_runs([exp.experiment_id], "tags.`sf.stage` = 'train'")
     assert run.info.status == "FINISHED"
-    assert run.info.run_name == "train/svgp/L6/M200/l4"
+    assert run.info.run_name == "train/svgp/L6/M200/l20.35"  # osmFISH's lengthscale since #13
     assert run.data.tags["sf.model"] == "svgp"
     p, m = run.data.params, run.data.metrics
     assert p["model.num_inducing"] == "200" and p["model.kernel"] == "Matern32"
     assert p["model.inducing_allocation"] == "proportional"
     assert float(p["model.group_diff_param"]) == 10.0
-    assert m["num_inducing"] == 200 and m["lengthscale"] == 4.0 and m["sigma"] == 1.0
+    assert m["num_inducing"] == 200 and m["lengthscale"] == pytest.approx(20.35) and m["sigma"] == 1.0
     assert m["jitter_used"] > 0
     assert len(client.get_metric_history(run.info.run_id, "elbo")) == 20
 

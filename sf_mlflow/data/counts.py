@@ -36,6 +36,9 @@ class SpatialCounts:
     truth : dict, optional
         For generated data only: ``{"factors": (N, L), "log_factors": (N, L),
         "loadings": (D, L)}`` and any other known quantities, so tests and benchmarks can score recovery.
+    counts_source : str, optional
+        Which matrix of the source file the counts came from (e.g. ``"adata.raw"``, ``"X"``),
+        recorded by the loaders so a run shows which counts it used.
     """
 
     counts: sp.csr_matrix
@@ -45,6 +48,7 @@ class SpatialCounts:
     groups: Optional[np.ndarray] = None
     group_names: Optional[list[str]] = None
     truth: Optional[dict[str, Any]] = field(default=None, repr=False)
+    counts_source: Optional[str] = None
 
     @property
     def n_spots(self) -> int:
@@ -148,4 +152,5 @@ class SpatialCounts:
             groups=None if self.groups is None else self.groups[spots],
             group_names=self.group_names,
             truth=truth,
+            counts_source=self.counts_source,
         )

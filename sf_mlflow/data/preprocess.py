@@ -3,13 +3,17 @@
 The steps run in a fixed order and each one records in the report exactly how many spots,
 genes and counts it removed, so a run's data can be audited without re-running it:
 
+0. ``max_mt_fraction``: drop spots whose mitochondrial share of counts (genes ``mt-`` or
+   ``MT-``, over all genes) exceeds the threshold; first, as the plan's reference loader
+   filters on ``pct_counts_mt`` before ``min_counts``;
 a. ``filter_mt``: drop genes whose name starts with ``mt-`` or ``MT-``;
 b. ``min_counts``: drop spots whose total count (after a) is below the threshold;
 c. ``min_cells``: drop genes detected (count > 0) in fewer than that many remaining spots;
 d. ``n_top_genes``: keep the k genes of highest Poisson deviance under the null model
    ``mu_ij = n_i p_j`` (spot total times gene share; Townes et al. 2019);
-e. centre the coordinates on their bounding-box midpoint and scale the longest side to
-   ``spatial_scale``;
+e. rescale the coordinates (:func:`rescale_coordinates`): by default the plan's rule, which
+   makes the geometric mean of the two side lengths ``4 x spatial_scale`` and centres the
+   spots at their mean;
 f. hold out a seeded random fraction of spots, stratified by group when there are groups.
 """
 
@@ -27,11 +31,18 @@ from sf_mlflow.data.counts import SpatialCounts
 from sf_mlflow.errors import DataError
 
 __all__ = ["PreprocessResult", "preprocess", "poisson_null_deviance", "heldout_split",
-           "rescale_coordinates",
-           "MT_PREFIXES"]
+           "rescale_coordinates", "coordinate_side_lengths",
+           "MT_PREFIXES", "COORDINATE_SCALINGS", "GEOMETRIC_MEAN_SIDE"]
 
 #: Mitochondrial gene prefixes: mouse (mt-) and human (MT-) symbol conventions.
 MT_PREFIXES = ("mt-", "MT-")
+
+#: Rules of :func:`rescale_coordinates`; the first is the default.
+COORDINATE_SCALINGS = ("geometric_mean", "longest_side")
+
+#: The plan's reference scales the geometric mean of the side lengths to this before
+#: multiplying by ``spatial_scale`` (so its ``lengthscale: 4.0`` is "after spatial_scale = 50").
+GEOMETRIC_MEAN_SIDE = 4.0
 
 
 @dataclass
@@ -88,17 +99,88 @@ def poisson_null_deviance(counts: sp.spmatrix) -> np.ndarray:
     return 2.0 * np.bincount(c, weights=contrib, minlength=Y.shape[1])
 
 
-def rescale_coordinates(coordinates, spatial_scale: float) -> tuple[np.ndarray, np.ndarray, float]:
-    """Centre coordinates on their bounding box and scale its longest side to ``spatial_scale``.
+def _is_mt(gene_names) -> np.ndarray:
+    """True for mitochondrial gene names (prefix ``mt-`` or ``MT-``), (D,) bool."""
+    names = np.asarray(gene_names).astype(str)
+    return np.char.startswith(names, MT_PREFIXES[0]) | np.char.startswith(names, MT_PREFIXES[1])
 
-    Returns ``(scaled (N, 2), center (2,), scale)`` with ``scaled = (raw - center) * scale``.
-    All spots at one point are only centred (a scale would divide by zero).
-    """
+
+def _check_coordinates(coordinates) -> np.ndarray:
     X = np.asarray(coordinates, dtype=np.float64)
+    if X.ndim != 2 or X.shape[1] != 2 or X.shape[0] == 0:
+        raise DataError(f"coordinates has shape {X.shape}; expected (N, 2) with N >= 1 "
+                        "(one row of x, y per spot)")
+    if not np.isfinite(X).all():
+        raise DataError("coordinates contains NaN or infinite values; expected finite (N, 2) "
+                        "positions (remove those spots first)")
+    return X
+
+
+def coordinate_side_lengths(coordinates) -> np.ndarray:
+    """Side lengths of the coordinates' bounding box, ``max - min`` per axis, ndarray (2,).
+
+    These are the "side lengths" of the plan's rule: the x and y extents after shifting the
+    spots to the minimum.
+    """
+    X = _check_coordinates(coordinates)
+    return X.max(axis=0) - X.min(axis=0)
+
+
+def rescale_coordinates(coordinates, spatial_scale: float, method: str = "geometric_mean"
+                        ) -> tuple[np.ndarray, np.ndarray, float]:
+    """Map spot coordinates to model units, by the plan's rule or the pre-#13 one.
+
+    Parameters
+    ----------
+    coordinates : array-like, (N, 2)
+        Raw spot positions (pixels, micrometres, ...), finite.
+    spatial_scale : float
+        Positive; the plan's ``spatial_scale`` (50 in its configs).
+    method : {"geometric_mean", "longest_side"}
+        ``"geometric_mean"`` (the plan's reference): shift to the minimum, multiply by
+        ``4 / sqrt(side_x * side_y)``, centre at the mean, multiply by ``spatial_scale``; the
+        geometric-mean side becomes ``4 * spatial_scale`` (200 for 50) and the mean of the
+        spots sits at the origin. ``"longest_side"`` (before #13): centre on the
+        bounding-box midpoint and scale the longest side to ``spatial_scale``.
+
+    Returns
+    -------
+    scaled : ndarray, (N, 2)
+    center : ndarray, (2,)
+    scale : float
+        Both rules are one shift and one isotropic scale, ``scaled = (raw - center) * scale``,
+        so these two numbers reproduce and invert the mapping: for ``"geometric_mean"``
+        ``center`` is the mean of the raw coordinates and ``scale = 4 * spatial_scale /
+        sqrt(side_x * side_y)``; for ``"longest_side"`` ``center`` is the bounding-box
+        midpoint and ``scale = spatial_scale / max(side_x, side_y)``.
+
+    Notes
+    -----
+    Degenerate layouts: when all spots lie on one line (one side is 0, so the geometric mean
+    is 0) the other side stands in for the geometric mean; when all spots are at one point
+    they are only centred (``scale = 1``), since any scale would divide by zero.
+    """
+    X = _check_coordinates(coordinates)
+    if isinstance(spatial_scale, bool) or not np.isfinite(spatial_scale) or not spatial_scale > 0:
+        raise DataError(f"spatial_scale = {spatial_scale!r} is invalid; expected a positive number "
+                        "(preprocessing.spatial_scale)")
+    if method not in COORDINATE_SCALINGS:
+        raise DataError(f"coordinate scaling method = {method!r} is unknown; expected one of "
+                        f"{', '.join(COORDINATE_SCALINGS)} (preprocessing.coordinate_scaling)")
     lo, hi = X.min(axis=0), X.max(axis=0)
-    center = (lo + hi) / 2.0
-    extent = float((hi - lo).max())
-    scale = float(spatial_scale) / extent if extent > 0 else 1.0
+    sides = hi - lo
+    if method == "longest_side":
+        center = (lo + hi) / 2.0
+        extent = float(sides.max())
+        scale = float(spatial_scale) / extent if extent > 0 else 1.0
+        return (X - center) * scale, center, scale
+    # shift-to-minimum, scale and centre-at-mean compose to one affine map: the shift cancels
+    # against the centring, leaving (X - mean(X)) * 4 * spatial_scale / geometric mean
+    geo = float(np.sqrt(sides[0] * sides[1]))
+    if geo == 0.0:
+        geo = float(sides.max())  # a line of spots: its length plays the geometric mean
+    center = X.mean(axis=0)
+    scale = GEOMETRIC_MEAN_SIDE * float(spatial_scale) / geo if geo > 0 else 1.0
     return (X - center) * scale, center, scale
 
 
@@ -166,10 +248,12 @@ def preprocess(data: SpatialCounts, cfg: PreprocessingConfig, seed: int = 0) -> 
     -------
     PreprocessResult
         Filtered data (N, D), held-out mask (N,) and the report, with keys
-        ``{spots,genes,counts}_input``; ``genes_mt``/``counts_mt``;
+        ``{spots,genes,counts}_input``; ``spots_mt_fraction``/``counts_mt_fraction``;
+        ``genes_mt``/``counts_mt``;
         ``spots_min_counts``/``counts_min_counts``; ``genes_min_cells``/``counts_min_cells``;
         ``genes_top_k``/``counts_top_k``; ``{spots,genes,counts}_kept``;
-        ``coordinate_center`` [2] and ``coordinate_scale`` (new = (old - center) * scale);
+        ``coordinate_center`` [2] and ``coordinate_scale`` (new = (old - center) * scale),
+        ``coordinate_scaling`` (the rule), ``coordinate_side_lengths`` [2] (raw units);
         ``group_sizes`` (name -> kept spots, or None) and ``n_heldout``.
     """
     Y = data.counts.tocsr()
@@ -181,11 +265,30 @@ def preprocess(data: SpatialCounts, cfg: PreprocessingConfig, seed: int = 0) -> 
     }
     spots = np.arange(Y.shape[0])
     genes = np.arange(Y.shape[1])
+    is_mt = _is_mt(data.gene_names)
+
+    # (0) spots dominated by mitochondrial counts (damaged cells), judged on all genes as the
+    # reference's pct_counts_mt is; spots with no counts have share 0 and go at (b)
+    if cfg.max_mt_fraction is not None:
+        totals = np.asarray(Y.sum(axis=1)).ravel()
+        mt_totals = np.asarray(Y[:, is_mt].sum(axis=1)).ravel()
+        share = np.divide(mt_totals, totals, out=np.zeros_like(totals), where=totals > 0)
+        high = share > cfg.max_mt_fraction
+        report["spots_mt_fraction"] = int(high.sum())
+        report["counts_mt_fraction"] = int(round(float(totals[high].sum())))
+        if high.all():
+            raise DataError(f"preprocessing.max_mt_fraction = {cfg.max_mt_fraction:g} removed all "
+                            f"{len(high)} spots (the lowest mitochondrial share is "
+                            f"{share.min():.3g}); raise preprocessing.max_mt_fraction, or set it "
+                            "to null to keep every spot")
+        spots = spots[~high]
+        Y = Y[~high]
+    else:
+        report["spots_mt_fraction"] = 0
+        report["counts_mt_fraction"] = 0
 
     # (a) mitochondrial genes
     if cfg.filter_mt:
-        names = np.asarray(data.gene_names).astype(str)
-        is_mt = np.char.startswith(names, MT_PREFIXES[0]) | np.char.startswith(names, MT_PREFIXES[1])
         dropped = Y[:, is_mt]
         report["genes_mt"] = int(is_mt.sum())
         report["counts_mt"] = _total(dropped)
@@ -245,10 +348,14 @@ def preprocess(data: SpatialCounts, cfg: PreprocessingConfig, seed: int = 0) -> 
     report["genes_kept"] = int(out.n_genes)
     report["counts_kept"] = _total(out.counts)
 
-    # (e) coordinates: bounding-box centre, longest side -> spatial_scale
-    out.coordinates, center, scale = rescale_coordinates(out.coordinates, cfg.spatial_scale)
+    # (e) coordinates, by the configured rule (see rescale_coordinates)
+    sides = coordinate_side_lengths(out.coordinates)
+    out.coordinates, center, scale = rescale_coordinates(out.coordinates, cfg.spatial_scale,
+                                                         cfg.coordinate_scaling)
     report["coordinate_center"] = [float(c) for c in center]
     report["coordinate_scale"] = float(scale)
+    report["coordinate_scaling"] = cfg.coordinate_scaling
+    report["coordinate_side_lengths"] = [float(v) for v in sides]
 
     if out.groups is not None:
         sizes = np.bincount(out.groups, minlength=out.n_groups)

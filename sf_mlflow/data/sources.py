@@ -9,7 +9,7 @@ from __future__ import annotations
 import logging
 import numbers
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Optional, Union
 
 import numpy as np
 import pandas as pd
@@ -42,6 +42,9 @@ SLIDESEQ_DEFAULT_PATH = "data/slideseqv2.h5ad"
 SLIDESEQ_GROUP_KEY = "cluster"
 
 _MISSING_POLICIES = ("drop", "unknown")
+
+#: ``data.use_raw``: "auto", True or False.
+UseRaw = Union[str, bool]
 UNKNOWN_GROUP = "unknown"
 
 
@@ -63,14 +66,14 @@ def load_dataset(cfg: Config) -> SpatialCounts:
     if cfg.dataset == "slideseq":
         group_key = SLIDESEQ_GROUP_KEY if d.group_key == "auto" else d.group_key
         return load_slideseq(d.path, coordinates_key=d.coordinates_key, group_key=group_key,
-                             layer=d.layer, missing_groups=d.missing_groups)
+                             layer=d.layer, use_raw=d.use_raw, missing_groups=d.missing_groups)
     if cfg.dataset == "h5ad":
         if d.path is None:
             raise DataError("dataset 'h5ad' needs data.path: set it to the .h5ad file to read "
                             "(e.g. --set data.path=/path/to/file.h5ad)")
         group_key = None if d.group_key == "auto" else d.group_key
         return read_h5ad_counts(d.path, coordinates_key=d.coordinates_key, group_key=group_key,
-                                layer=d.layer, missing_groups=d.missing_groups)
+                                layer=d.layer, use_raw=d.use_raw, missing_groups=d.missing_groups)
     if cfg.dataset == "synthetic":
         return synthetic_from_config(d.synthetic, cfg.seed).validate(source="synthetic data")
     raise DataError(f"dataset = {cfg.dataset!r} is unknown; valid datasets: {', '.join(DATASETS)}")
@@ -78,8 +81,14 @@ def load_dataset(cfg: Config) -> SpatialCounts:
 
 def load_slideseq(path: Optional[str | Path] = None, *, coordinates_key: str = "spatial",
                   group_key: Optional[str] = SLIDESEQ_GROUP_KEY, layer: Optional[str] = None,
-                  missing_groups: str = "drop", download: bool = True) -> SpatialCounts:
-    """Read squidpy's Slide-seqV2 mouse hippocampus data (41,786 beads x 4,000 genes).
+                  use_raw: UseRaw = "auto", missing_groups: str = "drop",
+                  download: bool = True) -> SpatialCounts:
+    """Read squidpy's Slide-seqV2 mouse hippocampus data (41,786 beads, 14 cell types).
+
+    squidpy's file keeps 4,000 selected, log-normalised genes in ``X`` and the raw counts
+    of all genes in ``adata.raw``; the plan's reference reads ``adata.raw``, so that is
+    what ``use_raw="auto"`` reads here whenever the file has it (else ``X``, as for the
+    window file in the shared data, whose ``X`` is raw counts).
 
     Parameters
     ----------
@@ -87,6 +96,9 @@ def load_slideseq(path: Optional[str | Path] = None, *, coordinates_key: str = "
         The cached ``.h5ad`` file; default :data:`SLIDESEQ_DEFAULT_PATH`.
     coordinates_key, group_key, layer, missing_groups
         As in :func:`read_h5ad_counts`; ``group_key`` defaults to ``"cluster"``.
+    use_raw : {"auto", True, False}
+        ``"auto"`` = ``adata.raw`` when present (and ``layer`` is None), else ``X``; True =
+        ``adata.raw`` (an error if absent); False = ``X`` or ``layer``.
     download : bool
         When the file is absent, try ``squidpy.datasets.slideseqv2(path=...)`` first.
 
@@ -106,8 +118,8 @@ def load_slideseq(path: Optional[str | Path] = None, *, coordinates_key: str = "
                 f"internet access, fetch it with: python -c \"import squidpy; "
                 f"squidpy.datasets.slideseqv2(path='{p}')\" and copy it to {str(p)!r}, or set "
                 "data.path to where the file is (e.g. --set data.path=/path/to/slideseqv2.h5ad)")
-    return read_h5ad_counts(p, coordinates_key=coordinates_key, group_key=group_key,
-                            layer=layer, missing_groups=missing_groups)
+    return _read_h5ad(p, coordinates_key=coordinates_key, group_key=group_key, layer=layer,
+                      use_raw=use_raw, missing_groups=missing_groups, prefer_raw=True)
 
 
 def _download_slideseq(p: Path) -> str:
@@ -124,7 +136,7 @@ def _download_slideseq(p: Path) -> str:
 
 def read_h5ad_counts(path: str | Path, coordinates_key: str = "spatial",
                      group_key: Optional[str] = None, layer: Optional[str] = None,
-                     missing_groups: str = "drop") -> SpatialCounts:
+                     missing_groups: str = "drop", use_raw: UseRaw = "auto") -> SpatialCounts:
     """Read raw counts, spot coordinates and optional group labels from an AnnData file.
 
     Parameters
@@ -136,17 +148,33 @@ def read_h5ad_counts(path: str | Path, coordinates_key: str = "spatial",
     group_key : str, optional
         Column of ``obs`` with group (cell-type) labels; None = no groups.
     layer : str, optional
-        Layer holding the raw counts (N, D); None = ``X``.
+        Layer holding the raw counts (N, D); None = ``X`` (or ``adata.raw``, see ``use_raw``).
     missing_groups : {"drop", "unknown"}
         Spots with a missing label (NaN, None or empty string) are dropped, or put in a
         group named ``"unknown"``.
+    use_raw : {"auto", True, False}
+        Read ``adata.raw.X`` (N, D_raw) and its gene names: True = always (an error if the
+        file has none); False = never; ``"auto"`` = when the file has ``adata.raw``,
+        ``layer`` is None and ``X`` holds non-integer values (normalised data).
 
     Returns
     -------
     SpatialCounts
         ``counts`` CSR (N, D) float64, ``coordinates`` (N, 2) float64, ``groups`` (N,)
-        int64 codes into the sorted ``group_names`` (G,), validated with ``source=path``.
+        int64 codes into the sorted ``group_names`` (G,), validated with ``source=path``;
+        ``counts_source`` names the matrix read ("X", "layer 'counts'" or "adata.raw").
+        Counts stored as integral floats are accepted; any non-integer value is an error
+        that names the matrix read and the setting that picks another.
     """
+    return _read_h5ad(path, coordinates_key=coordinates_key, group_key=group_key, layer=layer,
+                      use_raw=use_raw, missing_groups=missing_groups, prefer_raw=False)
+
+
+def _read_h5ad(path: str | Path, *, coordinates_key: str, group_key: Optional[str],
+               layer: Optional[str], use_raw: UseRaw, missing_groups: str,
+               prefer_raw: bool) -> SpatialCounts:
+    """:func:`read_h5ad_counts`; ``prefer_raw`` makes ``use_raw="auto"`` read ``adata.raw``
+    whenever it is present (the Slide-seq source), not only when ``X`` is non-integral."""
     p = Path(path)
     if not p.is_file():
         where = "the folder does not exist" if not p.parent.is_dir() else "no such file"
@@ -160,17 +188,26 @@ def read_h5ad_counts(path: str | Path, coordinates_key: str = "spatial",
         raise DataError(f"{p}: cannot be read as an AnnData .h5ad file "
                         f"({type(e).__name__}: {e})") from None
     return counts_from_anndata(adata, source=str(p), coordinates_key=coordinates_key,
-                               group_key=group_key, layer=layer, missing_groups=missing_groups)
+                               group_key=group_key, layer=layer, missing_groups=missing_groups,
+                               use_raw=use_raw, prefer_raw=prefer_raw)
 
 
 def counts_from_anndata(adata: Any, source: str = "AnnData", coordinates_key: str = "spatial",
                         group_key: Optional[str] = None, layer: Optional[str] = None,
-                        missing_groups: str = "drop") -> SpatialCounts:
-    """:func:`read_h5ad_counts` for an in-memory ``anndata.AnnData``; ``source`` names it in errors."""
+                        missing_groups: str = "drop", use_raw: UseRaw = "auto",
+                        prefer_raw: bool = False) -> SpatialCounts:
+    """:func:`read_h5ad_counts` for an in-memory ``anndata.AnnData``; ``source`` names it in errors.
+
+    ``prefer_raw=True`` makes ``use_raw="auto"`` read ``adata.raw`` whenever it is present.
+    """
     if missing_groups not in _MISSING_POLICIES:
         raise DataError(f"{source}: missing_groups = {missing_groups!r} is unknown; use one of "
                         f"{', '.join(_MISSING_POLICIES)}")
-    counts = _counts_matrix(adata, source, layer)
+    if not (use_raw == "auto" or isinstance(use_raw, (bool, np.bool_))):
+        raise DataError(f"{source}: use_raw = {use_raw!r} is invalid; expected 'auto', true or "
+                        "false (data.use_raw)")
+    what = _which_counts(adata, source, layer, use_raw, prefer_raw)
+    counts, gene_names = _counts_matrix(adata, source, what, layer)
     coords = _coordinates(adata, source, coordinates_key)
     groups, names = None, None
     keep = None
@@ -179,10 +216,11 @@ def counts_from_anndata(adata: Any, source: str = "AnnData", coordinates_key: st
     data = SpatialCounts(
         counts=counts,
         coordinates=coords,
-        gene_names=np.asarray(adata.var_names, dtype=object),
+        gene_names=np.asarray(gene_names, dtype=object),
         spot_names=np.asarray(adata.obs_names, dtype=object),
         groups=groups,
         group_names=names,
+        counts_source=_describe(what, layer),
     )
     if keep is not None and not keep.all():
         log.warning("%s: dropped %d of %d spots whose obs[%r] label is missing "
@@ -192,32 +230,114 @@ def counts_from_anndata(adata: Any, source: str = "AnnData", coordinates_key: st
     return data.validate(source=source)
 
 
-def _counts_matrix(adata: Any, source: str, layer: Optional[str]) -> sp.csr_matrix:
-    """The count matrix as CSR (N, D) float64 (values are checked later by validate)."""
-    if layer is None:
+def _which_counts(adata: Any, source: str, layer: Optional[str], use_raw: UseRaw,
+                  prefer_raw: bool) -> str:
+    """Which matrix holds the counts: "raw", "layer" or "X"."""
+    has_raw = getattr(adata, "raw", None) is not None
+    if use_raw is True or use_raw is np.True_:
+        if layer is not None:
+            raise DataError(f"{source}: data.layer = {layer!r} and data.use_raw = true both pick "
+                            "the counts; set data.layer: null to read adata.raw, or "
+                            "data.use_raw: false to read the layer")
+        if not has_raw:
+            raise DataError(f"{source}: data.use_raw = true but the file has no adata.raw; set "
+                            "data.use_raw: false (or auto) to read X, or data.layer to a layer of "
+                            f"raw counts (available layers: {_listing(adata.layers.keys())})")
+        return "raw"
+    if layer is not None:
+        return "layer"
+    if use_raw == "auto" and has_raw:
+        if prefer_raw:
+            return "raw"
         X = adata.X
-        if X is None:
-            raise DataError(f"{source}: X is empty; set data.layer to the layer holding raw "
-                            f"counts (available layers: {_listing(adata.layers.keys())})")
-        what = "X"
+        if X is None or _first_non_integer(X) is not None:
+            log.info("%s: X is not integral, so the counts are read from adata.raw "
+                     "(set data.use_raw: false to read X)", source)
+            return "raw"
+    return "X"
+
+
+def _describe(what: str, layer: Optional[str]) -> str:
+    return {"raw": "adata.raw", "X": "X"}.get(what, f"layer {layer!r}")
+
+
+def _first_non_integer(X: Any) -> Optional[tuple[int, int, float, int]]:
+    """(row, column, value, how many) of the first finite non-integer entry, or None.
+
+    NaN and infinite values are left to ``SpatialCounts.validate``, whose message is about them.
+    """
+    if sp.issparse(X):
+        M = sp.csr_matrix(X)
+        v = M.data
     else:
+        M = None
+        v = np.asarray(X).ravel()
+    if v.dtype.kind in "iub":  # integer storage cannot hold fractions
+        return None
+    v = v.astype(np.float64, copy=False)
+    with np.errstate(invalid="ignore"):
+        bad = np.isfinite(v) & (v != np.round(v))
+    if not bad.any():
+        return None
+    k = int(np.flatnonzero(bad)[0])
+    if M is not None:
+        row = int(np.searchsorted(M.indptr, k, side="right") - 1)
+        col = int(M.indices[k])
+    else:
+        row, col = divmod(k, np.asarray(X).shape[1])
+    return row, col, float(v[k]), int(bad.sum())
+
+
+def _counts_matrix(adata: Any, source: str, what: str, layer: Optional[str]
+                   ) -> tuple[sp.csr_matrix, Any]:
+    """The count matrix as CSR (N, D) float64 and its gene names (D,).
+
+    Integral values in any numeric storage are accepted (squidpy stores raw counts as
+    float32); non-integer values are refused here with a hint at the setting that picks
+    another matrix. Negative and non-finite values are left to ``SpatialCounts.validate``.
+    """
+    has_raw = getattr(adata, "raw", None) is not None
+    genes = adata.var_names
+    if what == "raw":
+        X, genes, name = adata.raw.X, adata.raw.var_names, "adata.raw.X"
+    elif what == "layer":
         if layer not in adata.layers:
             raise DataError(f"{source}: layer {layer!r} not found; available layers: "
                             f"{_listing(adata.layers.keys())} (set data.layer to one of them, "
-                            "or to null to read X)")
-        X = adata.layers[layer]
-        what = f"layer {layer!r}"
+                            "or to null to read X" + (" or adata.raw)" if has_raw else ")"))
+        X, name = adata.layers[layer], f"layer {layer!r}"
+    else:
+        X, name = adata.X, "X"
+        if X is None:
+            raise DataError(f"{source}: X is empty; set data.layer to the layer holding raw "
+                            f"counts (available layers: {_listing(adata.layers.keys())})"
+                            + (" or data.use_raw: true to read adata.raw" if has_raw else ""))
     try:
         if sp.issparse(X):
             Y = sp.csr_matrix(X, dtype=np.float64)
         else:
             Y = sp.csr_matrix(np.asarray(X, dtype=np.float64))
     except (TypeError, ValueError) as e:
-        raise DataError(f"{source}: {what} cannot be read as a numeric count matrix "
+        raise DataError(f"{source}: {name} cannot be read as a numeric count matrix "
                         f"({type(X).__name__}: {e})") from None
     Y.sum_duplicates()
     Y.eliminate_zeros()  # explicit zeros would inflate detection counts in preprocessing
-    return Y
+    bad = _first_non_integer(Y)
+    if bad is not None:
+        row, col, value, n_bad = bad
+        fixes = []
+        if what != "raw" and has_raw:
+            fixes.append(f"set data.use_raw: true to read adata.raw ({adata.raw.n_vars:,} genes)")
+        others = [k for k in adata.layers.keys() if not (what == "layer" and k == layer)]
+        fixes.append("set data.layer to a layer of raw counts (available layers: "
+                     f"{_listing(others)})")
+        if what != "X":
+            fixes.append("data.use_raw: false and data.layer: null to read X")
+        raise DataError(
+            f"{source}: {name} holds {n_bad:,} non-integer values (first: spot "
+            f"{str(adata.obs_names[row])!r}, gene {str(genes[col])!r} = {value:g}), so it is "
+            "not raw counts (normalised or log-transformed?); " + ", or ".join(fixes))
+    return Y, genes
 
 
 def _coordinates(adata: Any, source: str, key: str) -> np.ndarray:

@@ -204,6 +204,7 @@ def make_synthetic(n_spots: int = 2000, n_genes: int = 300, n_components: int = 
         groups=groups,
         group_names=[f"group{g}" for g in range(n_groups)],
         truth={"factors": F, "log_factors": log_f, "loadings": W},
+        counts_source="generated",
     )
 
 

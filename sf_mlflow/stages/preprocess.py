@@ -23,6 +23,7 @@ def run_preprocess(config: Config, *, parent_run_id: str | None = None) -> str:
     description = (f"Preprocess {config.dataset} for '{config.name}': min_counts="
                    f"{config.preprocessing.min_counts}, min_cells={config.preprocessing.min_cells}, "
                    f"filter_mt={config.preprocessing.filter_mt}, "
+                   f"max_mt_fraction={config.preprocessing.max_mt_fraction}, "
                    f"holdout={config.preprocessing.holdout_fraction:g}")
     with stage_run(STAGE, experiment=config.name, params=params, tags=base_tags(config, STAGE),
                    run_name=f"preprocess/{config.dataset}", description=description,
@@ -30,6 +31,7 @@ def run_preprocess(config: Config, *, parent_run_id: str | None = None) -> str:
         say(STAGE, f"run {run.run_id}: loading dataset '{config.dataset}'")
         raw = load_dataset(config)
         say(STAGE, f"loaded {raw.n_spots:,} spots x {raw.n_genes:,} genes"
+                   + (f" from {raw.counts_source}" if raw.counts_source else "")
                    + (f", {raw.n_groups} groups" if raw.groups is not None else ", no groups"))
         result = preprocess(raw, config.preprocessing, seed=config.seed)
         kept = result.data
@@ -38,7 +40,8 @@ def run_preprocess(config: Config, *, parent_run_id: str | None = None) -> str:
         with staging_dir(config, STAGE, run.run_id) as out:
             write_preprocessed(out / "data", result, metadata={
                 "dataset": config.dataset, "experiment": config.name,
-                "preprocess_hash": preprocess_hash(config), "run_id": run.run_id})
+                "preprocess_hash": preprocess_hash(config), "run_id": run.run_id,
+                "counts_source": raw.counts_source})
             (out / "config.yaml").write_text(config.to_yaml())
             run.log_artifacts(out / "data", "data")
             run.log_artifact(out / "config.yaml")

@@ -46,7 +46,15 @@ def test_round_trip_synthetic(tmp_path, synthetic_result):
     assert m["split"]["holdout_fraction"] == 0.1
     assert m["split"]["heldout_indices"] == np.flatnonzero(res.heldout).tolist()
     assert m["preprocessing"]["genes_top_k"] == 20
-    assert m["coordinate_transform"]["scale"] == res.report["coordinate_scale"]
+    t = m["coordinate_transform"]
+    assert t["scale"] == res.report["coordinate_scale"]
+    # the record is enough to re-derive the mapping and to invert it
+    assert t["rule"] == "geometric_mean" and t["spatial_scale"] == CFG.spatial_scale
+    raw = d.coordinates / t["scale"] + np.array(t["center"])
+    sides = np.ptp(raw, axis=0)
+    np.testing.assert_allclose(t["side_lengths"], sides, rtol=1e-12)
+    assert t["scale"] == pytest.approx(4 * t["spatial_scale"] / np.sqrt(sides.prod()), rel=1e-12)
+    np.testing.assert_allclose(t["center"], raw.mean(axis=0), atol=1e-12)
     assert np.load(tmp_path / "pp" / "C.npy").dtype == np.int64
 
 

@@ -8,7 +8,8 @@ import scipy.sparse as sp
 
 from sf_mlflow.config import PreprocessingConfig
 from sf_mlflow.data.counts import SpatialCounts
-from sf_mlflow.data.preprocess import heldout_split, poisson_null_deviance, preprocess
+from sf_mlflow.data.preprocess import (coordinate_side_lengths, heldout_split,
+                                       poisson_null_deviance, preprocess, rescale_coordinates)
 from sf_mlflow.data.sources import read_h5ad_counts
 from sf_mlflow.data.synthetic import make_synthetic
 from sf_mlflow.errors import DataError
@@ -37,10 +38,13 @@ def tiny() -> SpatialCounts:
 
 
 def test_hand_made_example_exact_report():
-    cfg = PreprocessingConfig(spatial_scale=50.0, filter_mt=True, min_counts=10, min_cells=2)
+    # the pre-#13 steps alone: no mitochondrial-share filter, longest-side scaling
+    cfg = PreprocessingConfig(spatial_scale=50.0, filter_mt=True, min_counts=10, min_cells=2,
+                              max_mt_fraction=None, coordinate_scaling="longest_side")
     res = preprocess(tiny(), cfg)
     r = res.report
     assert r["spots_input"] == 6 and r["genes_input"] == 6 and r["counts_input"] == 123
+    assert (r["spots_mt_fraction"], r["counts_mt_fraction"]) == (0, 0)
     # mt-Co1 (59) and MT-ND1 (3); "Mtor" is not mitochondrial
     assert (r["genes_mt"], r["counts_mt"]) == (2, 62)
     assert (r["spots_min_counts"], r["counts_min_counts"]) == (2, 4)  # s1 (3) and s4 (1)
@@ -61,18 +65,45 @@ def test_hand_made_example_exact_report():
     assert r["n_heldout"] == 0 and not res.heldout.any()
 
 
+def test_mt_fraction_filter_runs_first_and_is_accounted():
+    # mitochondrial shares over all genes: s0 6/19, s1 50/53, s2 0/14, s3 1/12, s4 2/3, s5 3/22
+    cfg = PreprocessingConfig(filter_mt=True, min_counts=10, min_cells=2)
+    assert cfg.max_mt_fraction == 0.2  # the plan's default
+    r = preprocess(tiny(), cfg).report
+    # s0, s1 and s4 exceed 20 %; s0 would have passed min_counts (13 non-mt counts)
+    assert (r["spots_mt_fraction"], r["counts_mt_fraction"]) == (3, 19 + 53 + 3)
+    assert (r["genes_mt"], r["counts_mt"]) == (2, 4)  # mt-Co1 in s3 (1) and s5 (3)
+    assert (r["spots_min_counts"], r["counts_min_counts"]) == (0, 0)
+    assert (r["genes_min_cells"], r["counts_min_cells"]) == (1, 1)  # "Rare"
+    assert (r["spots_kept"], r["genes_kept"], r["counts_kept"]) == (3, 3, 43)
+    assert r["counts_input"] == (r["counts_mt_fraction"] + r["counts_mt"] + r["counts_min_counts"]
+                                 + r["counts_min_cells"] + r["counts_top_k"] + r["counts_kept"])
+    # a share equal to the maximum is kept (only shares that exceed it go): s3 is 1/12
+    res = preprocess(tiny(), PreprocessingConfig(min_counts=0, min_cells=0, max_mt_fraction=1 / 12))
+    assert "s3" in list(res.data.spot_names) and "s5" not in list(res.data.spot_names)
+    # the share is judged whether or not the mt genes are then dropped
+    r = preprocess(tiny(), PreprocessingConfig(filter_mt=False, min_counts=0, min_cells=0)).report
+    assert r["spots_mt_fraction"] == 3 and r["genes_mt"] == 0
+
+
 def test_without_mt_filter_the_mt_counts_stay():
-    cfg = PreprocessingConfig(filter_mt=False, min_counts=10, min_cells=2)
+    cfg = PreprocessingConfig(filter_mt=False, min_counts=10, min_cells=2, max_mt_fraction=None)
     r = preprocess(tiny(), cfg).report
     assert (r["genes_mt"], r["counts_mt"]) == (0, 0)
     # totals now include mt: s4 (3) is the only spot below 10
     assert (r["spots_min_counts"], r["counts_min_counts"]) == (1, 3)
 
 
-def _reference_filters(Y: np.ndarray, names: np.ndarray, min_counts: int, min_cells: int):
-    """Plain dense numpy version of steps a-c, written independently of the package."""
+def _reference_filters(Y: np.ndarray, names: np.ndarray, min_counts: int, min_cells: int,
+                       max_mt_fraction: float = 0.2):
+    """Plain dense numpy version of steps 0 and a-c, written independently of the package."""
     out = {}
     mt = np.array([n.startswith("mt-") or n.startswith("MT-") for n in names])
+    tot = Y.sum(axis=1)
+    pct_mt = 100.0 * Y[:, mt].sum(axis=1) / np.maximum(tot, 1)
+    high = pct_mt > 100.0 * max_mt_fraction
+    out["spots_mt_fraction"], out["counts_mt_fraction"] = int(high.sum()), int(tot[high].sum())
+    Y = Y[~high]
     out["genes_mt"], out["counts_mt"] = int(mt.sum()), int(Y[:, mt].sum())
     Y, names = Y[:, ~mt], names[~mt]
     tot = Y.sum(axis=1)
@@ -111,14 +142,15 @@ def test_real_window_matches_independent_computation(shared_file):
     r = res.report
     for key, value in expected.items():
         assert r[key] == value, key
+    assert r["spots_mt_fraction"] > 0
     assert r["genes_mt"] > 10 and r["spots_min_counts"] > 0 and r["genes_min_cells"] > 1000
     top = np.sort(np.argsort(-_full_deviance(Yk), kind="stable")[:2000])
     assert r["spots_kept"] == Yk.shape[0]
     assert (r["genes_kept"], r["genes_top_k"]) == (2000, Yk.shape[1] - 2000)
     assert r["counts_top_k"] == int(Yk.sum()) - int(Yk[:, top].sum())
     assert r["counts_kept"] == int(Yk[:, top].sum())
-    assert r["counts_input"] == (r["counts_mt"] + r["counts_min_counts"] + r["counts_min_cells"]
-                                 + r["counts_top_k"] + r["counts_kept"])
+    assert r["counts_input"] == (r["counts_mt_fraction"] + r["counts_mt"] + r["counts_min_counts"]
+                                 + r["counts_min_cells"] + r["counts_top_k"] + r["counts_kept"])
     np.testing.assert_array_equal(res.data.gene_names, kept_names[top])
     np.testing.assert_array_equal(res.data.counts.toarray(), Yk[:, top])
 
@@ -156,27 +188,131 @@ def test_top_k_picks_planted_spatially_variable_genes():
 def test_empty_after_filter_errors_name_the_setting():
     with pytest.raises(DataError, match=r"min_counts = 1000 removed all 6 spots \(the largest "
                        r"spot total is 19\); lower preprocessing.min_counts"):
-        preprocess(tiny(), PreprocessingConfig(min_counts=1000))
+        preprocess(tiny(), PreprocessingConfig(min_counts=1000, max_mt_fraction=None))
     with pytest.raises(DataError, match=r"min_cells = 50 removed all 4 genes \(the most widely "
                        r"detected gene is in 5 of 6 spots\); lower preprocessing.min_cells"):
-        preprocess(tiny(), PreprocessingConfig(min_counts=0, min_cells=50))
+        preprocess(tiny(), PreprocessingConfig(min_counts=0, min_cells=50, max_mt_fraction=None))
     only_mt = tiny().subset(genes=[0, 2])
     with pytest.raises(DataError, match="filter_mt = true removed all 2 genes"):
-        preprocess(only_mt, PreprocessingConfig(min_counts=0, min_cells=0))
+        preprocess(only_mt, PreprocessingConfig(min_counts=0, min_cells=0, max_mt_fraction=None))
+    damaged = tiny().subset(spots=[1, 4])  # 50/53 and 2/3 of their counts are mitochondrial
+    with pytest.raises(DataError, match=r"max_mt_fraction = 0.2 removed all 2 spots \(the lowest "
+                       r"mitochondrial share is 0.667\); raise preprocessing.max_mt_fraction, or "
+                       "set it to null"):
+        preprocess(damaged, PreprocessingConfig(min_counts=0, min_cells=0))
 
 
-def test_coordinate_scaling_maps_back():
+def _plan_rescale(X: np.ndarray, spatial_scale: float) -> np.ndarray:
+    """The plan's reference rule, step by step as it states it (not the package's algebra)."""
+    X = X - X.min(axis=0)                      # shift to the minimum
+    sides = X.max(axis=0)                      # side lengths of the shifted box
+    X = X * 4.0 / np.sqrt(sides[0] * sides[1])  # geometric-mean side -> 4
+    X = X - X.mean(axis=0)                     # centre at the mean
+    return X * spatial_scale
+
+
+def _pre13_rescale(X: np.ndarray, spatial_scale: float) -> np.ndarray:
+    """The coordinates preprocessing produced before #13 (longest side -> spatial_scale)."""
+    lo, hi = X.min(axis=0), X.max(axis=0)
+    return (X - (lo + hi) / 2.0) * (spatial_scale / float((hi - lo).max()))
+
+
+def _check_plan_rule(raw: np.ndarray, spatial_scale: float) -> np.ndarray:
+    X, center, scale = rescale_coordinates(raw, spatial_scale)
+    np.testing.assert_allclose(X, _plan_rescale(raw, spatial_scale), rtol=1e-12, atol=1e-9)
+    side = X.max(axis=0) - X.min(axis=0)
+    assert np.sqrt(side[0] * side[1]) == pytest.approx(4.0 * spatial_scale, rel=1e-12)
+    np.testing.assert_allclose(X.mean(axis=0), 0.0, atol=1e-9)
+    np.testing.assert_allclose((raw - center) * scale, X, rtol=1e-12, atol=1e-9)
+    np.testing.assert_allclose(X / scale + center, raw, rtol=1e-12, atol=1e-9)  # invertible
+    # one isotropic scale: shapes and aspect ratios are kept
+    np.testing.assert_allclose(side[0] / side[1], np.ptp(raw[:, 0]) / np.ptp(raw[:, 1]), rtol=1e-12)
+    return X
+
+
+def test_rescale_follows_the_plan_on_a_rectangle():
+    # a 3,000 x 1,000 rectangle of spots (a regular grid and its corners), off the origin
+    gx, gy = np.meshgrid(np.linspace(0, 3000, 31), np.linspace(0, 1000, 11))
+    raw = np.column_stack([gx.ravel(), gy.ravel()]) + [500.0, -200.0]
+    X = _check_plan_rule(raw, 50.0)
+    # geometric mean sqrt(3000 * 1000) = 1732.05 -> 200: the sides become 346.4 and 115.5
+    side = X.max(axis=0) - X.min(axis=0)
+    np.testing.assert_allclose(side, [200.0 * np.sqrt(3.0), 200.0 / np.sqrt(3.0)], rtol=1e-12)
+    assert coordinate_side_lengths(raw).tolist() == [3000.0, 1000.0]
+
+
+def test_rescale_follows_the_plan_on_a_rotated_point_cloud():
+    rng = np.random.default_rng(4)
+    cloud = rng.normal(size=(500, 2)) * [900.0, 250.0]  # elongated
+    a = np.deg2rad(30.0)
+    rot = np.array([[np.cos(a), -np.sin(a)], [np.sin(a), np.cos(a)]])
+    raw = cloud @ rot.T + [4000.0, 1200.0]
+    X = _check_plan_rule(raw, 50.0)
+    # the side lengths are the x and y ranges of the cloud as it lies (no re-alignment)
+    sides = np.ptp(raw, axis=0)
+    np.testing.assert_allclose(np.ptp(X, axis=0), sides * 200.0 / np.sqrt(sides.prod()), rtol=1e-12)
+    # and a different spatial_scale only scales the result
+    np.testing.assert_allclose(rescale_coordinates(raw, 20.0)[0], X * 20.0 / 50.0, rtol=1e-12)
+
+
+def test_longest_side_reproduces_the_pre13_coordinates():
+    rng = np.random.default_rng(7)
+    raw = rng.random((300, 2)) * [3000.0, 1000.0] + [500.0, -200.0]
+    X, center, scale = rescale_coordinates(raw, 20.0, "longest_side")
+    np.testing.assert_array_equal(X, _pre13_rescale(raw, 20.0))
+    np.testing.assert_array_equal(center, (raw.min(axis=0) + raw.max(axis=0)) / 2)
+    assert scale == 20.0 / np.ptp(raw[:, 0])
+    # and through preprocess, with the transform in the report
+    d = make_synthetic(n_spots=400, n_genes=30, seed=1)
+    d.coordinates = d.coordinates * [3000.0, 1000.0] + [500.0, -200.0]
+    cfg = PreprocessingConfig(spatial_scale=20.0, min_counts=0, min_cells=0,
+                              coordinate_scaling="longest_side")
+    res = preprocess(d, cfg)
+    np.testing.assert_array_equal(res.data.coordinates, _pre13_rescale(d.coordinates, 20.0))
+    assert res.report["coordinate_scaling"] == "longest_side"
+
+
+def test_preprocess_rescales_by_the_plan_rule_by_default():
     d = make_synthetic(n_spots=400, n_genes=30, seed=1)
     d.coordinates = d.coordinates * [3000.0, 1000.0] + [500.0, -200.0]
     res = preprocess(d, PreprocessingConfig(spatial_scale=20.0, min_counts=0, min_cells=0))
-    X = res.data.coordinates
-    extent = X.max(axis=0) - X.min(axis=0)
-    assert extent.max() == pytest.approx(20.0, rel=1e-12)
-    np.testing.assert_allclose((X.max(axis=0) + X.min(axis=0)) / 2, 0.0, atol=1e-12)
-    c, s = np.array(res.report["coordinate_center"]), res.report["coordinate_scale"]
-    np.testing.assert_allclose((d.coordinates - c) * s, X, atol=1e-12)
-    # the aspect ratio is kept: the short side is ~1/3 of the long one
-    assert extent.min() == pytest.approx(20.0 / 3, rel=0.02)
+    X, r = res.data.coordinates, res.report
+    np.testing.assert_allclose(X, _plan_rescale(d.coordinates, 20.0), rtol=1e-12, atol=1e-9)
+    assert r["coordinate_scaling"] == "geometric_mean"
+    np.testing.assert_allclose(r["coordinate_side_lengths"], np.ptp(d.coordinates, axis=0))
+    c, s = np.array(r["coordinate_center"]), r["coordinate_scale"]
+    np.testing.assert_allclose((d.coordinates - c) * s, X, rtol=1e-12, atol=1e-9)
+    assert s == pytest.approx(80.0 / np.sqrt(np.prod(np.ptp(d.coordinates, axis=0))), rel=1e-12)
+
+
+def test_generated_data_use_the_same_rule():
+    # synthetic spots fill the unit square, so its side becomes 4 x spatial_scale (200 for 50)
+    # and the generator's lengthscale l is l x 200 model units
+    d = make_synthetic(n_spots=2000, n_genes=20, seed=0)
+    X = preprocess(d, PreprocessingConfig(min_counts=0, min_cells=0)).data.coordinates
+    side = np.ptp(X, axis=0)
+    assert np.sqrt(side.prod()) == pytest.approx(200.0, rel=1e-12)
+    np.testing.assert_allclose(side, 200.0, rtol=0.01)
+
+
+def test_rescale_degenerate_layouts():
+    line = np.column_stack([np.linspace(0, 10, 5), np.full(5, 3.0)])
+    X, _, scale = rescale_coordinates(line, 50.0)
+    assert np.ptp(X[:, 0]) == pytest.approx(200.0) and scale == pytest.approx(20.0)
+    X, center, scale = rescale_coordinates(np.full((3, 2), 7.0), 50.0)
+    assert scale == 1.0 and (X == 0).all() and center.tolist() == [7.0, 7.0]
+
+
+@pytest.mark.parametrize("args, message", [
+    ((np.zeros((4, 3)), 50.0), r"coordinates has shape \(4, 3\); expected \(N, 2\)"),
+    ((np.array([[0.0, np.nan], [1.0, 1.0]]), 50.0), "coordinates contains NaN or infinite"),
+    ((np.zeros((4, 2)), 0.0), r"spatial_scale = 0.0 is invalid; expected a positive number"),
+    ((np.zeros((4, 2)), 50.0, "area"), r"method = 'area' is unknown; expected one of "
+                                       "geometric_mean, longest_side"),
+])
+def test_rescale_input_errors_name_the_argument(args, message):
+    with pytest.raises(DataError, match=message):
+        rescale_coordinates(*args)
 
 
 def test_heldout_split_seeded_stratified_and_sized():
@@ -200,3 +336,46 @@ def test_heldout_split_without_groups_and_edge_cases():
     assert heldout_split(10, 0.0, seed=0).sum() == 0
     assert heldout_split(3, 0.9, seed=0).sum() == 2  # at least one training spot remains
     assert heldout_split(1, 0.5, seed=0).sum() == 0
+
+
+#: Shipped configs whose lengthscale was chosen for their data under the pre-#13 scaling:
+#: (config, model.lengthscale before #13, tuning.lengthscale low/high before #13 or None).
+REEXPRESSED = [("osmfish/svgp.yaml", 4.0, None), ("quickstart_tune.yaml", 4.0, (0.2, 50.0))]
+
+
+@pytest.mark.parametrize("name, old_ls, old_range", REEXPRESSED, ids=[r[0] for r in REEXPRESSED])
+def test_reexpressed_lengthscales_keep_their_tissue_distance(name, old_ls, old_range, shared_file):
+    import dataclasses
+    from pathlib import Path
+
+    from sf_mlflow.config import load_config
+    from sf_mlflow.data.sources import load_dataset
+
+    root = Path(__file__).resolve().parents[2]
+    cfg = load_config(root / "configs" / name)
+    if cfg.dataset == "h5ad":  # resolve the shared data folder as the other tests do
+        cfg.data.path = str(shared_file(Path(cfg.data.path).name))
+    data = load_dataset(cfg)
+    new = preprocess(data, cfg.preprocessing).report["coordinate_scale"]
+    old_pp = dataclasses.replace(cfg.preprocessing, coordinate_scaling="longest_side",
+                                 max_mt_fraction=None)
+    old = preprocess(data, old_pp).report["coordinate_scale"]
+    # lengthscale / scale is the lengthscale in raw (tissue) units: unchanged up to rounding
+    assert cfg.model.lengthscale / new == pytest.approx(old_ls / old, rel=2e-3)
+    if old_range is not None:
+        t = cfg.tuning.lengthscale
+        assert t.low / new == pytest.approx(old_range[0] / old, rel=2e-3)
+        assert t.high / new == pytest.approx(old_range[1] / old, rel=2e-3)
+
+
+def test_default_tune_range_keeps_its_meaning_on_the_default_data():
+    from sf_mlflow.config import Config
+    from sf_mlflow.data.sources import load_dataset
+
+    cfg = Config()
+    data = load_dataset(cfg)
+    new = preprocess(data, cfg.preprocessing).report["coordinate_scale"]
+    old = preprocess(data, PreprocessingConfig(coordinate_scaling="longest_side",
+                                               max_mt_fraction=None)).report["coordinate_scale"]
+    t = cfg.tuning.lengthscale
+    assert (t.low / new, t.high / new) == pytest.approx((0.5 / old, 20.0 / old), rel=1e-3)
