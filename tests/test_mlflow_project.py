@@ -138,6 +138,33 @@ def test_spatial_train_on_osmfish_via_mlflow_run(tmp_path, shared_file):
     assert {f"figures/enrichment_by_group/{safe_name(g)}.png" for g in groups} <= pngs
 
 
+@pytest.mark.parametrize("learning_rate", [0.1, 0.3])
+def test_grouped_osmfish_trains_finite_at_the_plan_learning_rates(tmp_path, shared_file, learning_rate):
+    # Adam on Lu blew this model up at lr 0.1 (NaN at iteration 22, issue #8); natural steps
+    # with a trust region cannot.
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    raw = yaml.safe_load((REPO / "configs/osmfish/svgp.yaml").read_text())
+    raw["data"]["path"] = str(shared_file("osmfish_sscortex.h5ad"))
+    raw["output_dir"] = str(tmp_path / "outputs")
+    config = tmp_path / "osmfish.yaml"
+    config.write_text(yaml.safe_dump(raw))
+    pre = mlflow_run("preprocess", {"config": config}, tmp_path, uri)
+    assert pre.returncode == 0, pre.stderr[-3000:]
+    train = mlflow_run("train", {"config": config, "training.max_iter": 40,
+                                 "training.learning_rate": learning_rate,
+                                 "model.num_inducing": 200}, tmp_path, uri)
+    assert train.returncode == 0, train.stderr[-3000:]
+    client = MlflowClient(uri)
+    exp = client.get_experiment_by_name("project_test")
+    (run,) = client.search_runs([exp.experiment_id], "tags.`sf.stage` = 'train'")
+    assert run.info.status == "FINISHED" and run.data.params["model.groups"] == "True"
+    assert run.data.params["training.optimizer"] == "natural"
+    elbo = [m.value for m in client.get_metric_history(run.info.run_id, "elbo")]
+    assert len(elbo) == 40 and np.isfinite(elbo).all()
+    held = [m.value for m in client.get_metric_history(run.info.run_id, "heldout_deviance")]
+    assert len(held) == 4 and np.isfinite(held).all()
+
+
 def pre_run_id(client, exp):
     (pre,) = client.search_runs([exp.experiment_id], "tags.`sf.stage` = 'preprocess'")
     return pre.info.run_id

@@ -229,3 +229,62 @@ def test_figures_compare_pnmf_and_svgp(mlflow_store, tmp_path):
     for p in local.rglob("*.png"):
         img = mpimg.imread(p)
         assert img[..., :3].var() > 1e-3, p
+
+
+SPATIAL = {**SMALL, "model": {"n_components": 3, "spatial": True, "groups": True,
+                              "num_inducing": 40, "lengthscale": 2.0},
+           "training": {"max_iter": 30, "device": "cpu", "log_every": 10, "validation_every": 5}}
+
+
+def test_unconverged_spatial_fit_warns_tags_and_logs_heldout_deviance(mlflow_store, capsys):
+    cfg = config_from_dict(SPATIAL, "spatial.yaml")
+    run_preprocess(cfg)
+    run_id = run_train(cfg)
+    run = MlflowClient().get_run(run_id)
+    assert run.info.status == "FINISHED"
+    assert run.data.tags["sf.converged"] == "false"
+    assert "warning: PNMF did not converge: max_iter = 30 reached" in capsys.readouterr().out
+    held = MlflowClient().get_metric_history(run_id, "heldout_deviance")
+    assert [m.step for m in held] == [5, 10, 15, 20, 25, 30]
+    assert all(np.isfinite(m.value) and m.value > 0 for m in held)
+    assert run.data.metrics["num_inducing"] == 40
+
+
+def test_converged_fit_is_tagged_converged(mlflow_store):
+    raw = {**SPATIAL, "training": {**SPATIAL["training"], "max_iter": 2000, "learning_rate": 1.0,
+                                   "validation_every": 0, "tol": 1e-3}}
+    cfg = config_from_dict(raw, "spatial.yaml")
+    run_preprocess(cfg)
+    run = MlflowClient().get_run(run_train(cfg))
+    assert run.data.tags["sf.converged"] == "true"
+    assert run.data.metrics["n_iter"] < 2000
+
+
+def test_non_finite_elbo_fails_the_run_but_logs_a_checkpoint_that_resumes(mlflow_store, tmp_path,
+                                                                           capsys):
+    import torch
+
+    from sf_mlflow.models.pnmf import NonFiniteELBOError
+
+    raw = {**SPATIAL, "training": {**SPATIAL["training"], "validation_every": 0, "tol": 0}}
+    cfg = config_from_dict(raw, "spatial.yaml")
+    run_preprocess(cfg)
+
+    def corrupt(model, it, elbo):
+        if it == 12:
+            with torch.no_grad():
+                model.prior_.mu.fill_(float("inf"))
+
+    with pytest.raises(NonFiniteELBOError):
+        run_train(cfg, on_iteration=corrupt)
+    client = MlflowClient()
+    (failed,) = [r for r in all_runs(client) if r.data.tags.get("sf.stage") == "train"]
+    assert failed.info.status == "FAILED"
+    assert failed.data.tags["sf.diverged"] == "true" and failed.data.tags["sf.reusable"] == "false"
+    assert "checkpoint/checkpoint.pt" in {a.path for a in client.list_artifacts(failed.info.run_id, "checkpoint")}
+    out = capsys.readouterr().out
+    assert "keeps the last finite state (iteration 10)" in out and f"-P resume_from={failed.info.run_id}" in out
+    resumed = client.get_run(run_train(cfg, resume_from=failed.info.run_id))
+    assert resumed.info.status == "FINISHED" and resumed.data.metrics["n_iter"] == 30
+    elbo = [m.value for m in client.get_metric_history(resumed.info.run_id, "elbo")]
+    assert len(elbo) == 30 and np.isfinite(elbo).all()

@@ -80,6 +80,9 @@ LOADINGS_MODES = ("multiplicative", "gradient")
 #: "auto" is natural gradients for the SVGP prior and Adam for the Gaussian prior.
 OPTIMIZERS = {"auto": "auto", "natural": "natural", "adam": "Adam", "adamw": "AdamW", "sgd": "SGD"}
 
+#: Spots whose q(F) starts the running statistics of the loadings' mini-batch update.
+INIT_STAT_SPOTS = 5000
+
 #: Relative improvement a validation check must make over the best so far to count as one.
 VALIDATION_MIN_DELTA = 1e-4
 DTYPES = {"float32": torch.float32, "float64": torch.float64}
@@ -1236,12 +1239,15 @@ class _Trainer:
         exponential moving averages of their N/B-scaled batch values with weight
         ``rho = B / N``, i.e. a memory of about one epoch; ``rho = 1`` on a full batch.
         """
-        sums = torch.zeros(self.prior.n_components, dtype=self.dtype, device=self.device)
-        for start in range(0, self.N, 10000):
-            idx = torch.arange(start, min(start + 10000, self.N), device=self.device)
-            c, g = self._at(idx)
-            m, v = self.prior.marginals(idx, c, g)
-            sums += torch.exp(m + 0.5 * v).sum(dim=1)
+        # t starts at its value for the current q(F), estimated from an evenly spaced subset
+        # of at most INIT_STAT_SPOTS spots: the exact sum needs the variances at all N
+        # spots (an O(L M^2 N) pass, minutes at Slide-seq size), and the running average
+        # replaces the start within about an epoch anyway.
+        step = max(1, self.N // INIT_STAT_SPOTS)
+        idx = torch.arange(0, self.N, step, device=self.device)
+        c, g = self._at(idx)
+        m, v = self.prior.marginals(idx, c, g)
+        sums = torch.exp(m + 0.5 * v).sum(dim=1) * (self.N / idx.shape[0])
         self.stat_t = sums.expand(self.D, -1).clone()            # (D, L)
         self.stat_s = self.W * self.stat_t                        # (D, L)
 

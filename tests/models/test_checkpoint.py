@@ -23,6 +23,13 @@ CASES = {
                           lengthscale=0.3, batch_size=200),
     "svgp-gradient-loadings": dict(prior="svgp", num_inducing=30, lengthscale=0.3,
                                    loadings_mode="gradient"),
+    # the natural-gradient optimiser's carried precision, full and diagonal q(v), and Adam
+    "svgp-natural-minibatch": dict(prior="svgp", optimizer="natural", learning_rate=0.3,
+                                   num_inducing=40, lengthscale=0.3, batch_size=150),
+    "svgp-natural-diagonal": dict(prior="svgp", optimizer="natural", num_inducing=40,
+                                  lengthscale=0.3, diagonal_only=True),
+    "svgp-adam": dict(prior="svgp", optimizer="Adam", learning_rate=0.01, num_inducing=40,
+                      lengthscale=0.3, batch_size=200),
 }
 
 
