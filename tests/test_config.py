@@ -24,7 +24,7 @@ def test_slideseq_svgp_config_matches_the_plan():
     assert cfg.training.learning_rate == pytest.approx(0.1)  # '1e-1' is a string to PyYAML
     assert cfg.training.tol == pytest.approx(1e-4)
     assert cfg.model.num_inducing == 3000 and cfg.model.kernel == "Matern32"
-    assert cfg.model.resolved_prior == "SVGP"
+    assert cfg.model.resolved_prior == "SVGP" and cfg.training.optimizer == "auto"
     assert cfg.training.batch_size == 7000 and cfg.training.y_batch_size == 2000
     # the plan's data: adata.raw, its QC, and its coordinates, in which lengthscale 4 is meant
     assert cfg.data.use_raw == "auto" and cfg.preprocessing.max_mt_fraction == 0.2

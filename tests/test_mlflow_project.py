@@ -77,15 +77,21 @@ def test_preprocess_then_train_via_mlflow_run(tmp_path):
     assert len(failed) == 1
 
 
-def test_spatial_train_on_osmfish_via_mlflow_run(tmp_path, shared_file):
-    import torch
-
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+def osmfish_config(tmp_path, shared_file) -> Path:
+    """The shipped osmFISH SVGP config, pointed at the shared file and a temp output folder."""
     raw = yaml.safe_load((REPO / "configs/osmfish/svgp.yaml").read_text())
     raw["data"]["path"] = str(shared_file("osmfish_sscortex.h5ad"))
     raw["output_dir"] = str(tmp_path / "outputs")
     config = tmp_path / "osmfish.yaml"
     config.write_text(yaml.safe_dump(raw))
+    return config
+
+
+def test_spatial_train_on_osmfish_via_mlflow_run(tmp_path, shared_file):
+    import torch
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    config = osmfish_config(tmp_path, shared_file)
 
     pre = mlflow_run("preprocess", {"config": config}, tmp_path, uri)
     assert pre.returncode == 0, pre.stderr[-3000:]
@@ -143,11 +149,7 @@ def test_grouped_osmfish_trains_finite_at_the_plan_learning_rates(tmp_path, shar
     # Adam on Lu blew this model up at lr 0.1 (NaN at iteration 22, issue #8); natural steps
     # with a trust region cannot.
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    raw = yaml.safe_load((REPO / "configs/osmfish/svgp.yaml").read_text())
-    raw["data"]["path"] = str(shared_file("osmfish_sscortex.h5ad"))
-    raw["output_dir"] = str(tmp_path / "outputs")
-    config = tmp_path / "osmfish.yaml"
-    config.write_text(yaml.safe_dump(raw))
+    config = osmfish_config(tmp_path, shared_file)
     pre = mlflow_run("preprocess", {"config": config}, tmp_path, uri)
     assert pre.returncode == 0, pre.stderr[-3000:]
     train = mlflow_run("train", {"config": config, "training.max_iter": 40,
@@ -157,7 +159,7 @@ def test_grouped_osmfish_trains_finite_at_the_plan_learning_rates(tmp_path, shar
     client = MlflowClient(uri)
     exp = client.get_experiment_by_name("project_test")
     (run,) = client.search_runs([exp.experiment_id], "tags.`sf.stage` = 'train'")
-    assert run.info.status == "FINISHED" and run.data.params["model.groups"] == "True"
+    assert run.info.status == "FINISHED" and run.data.params["model.groups"] == "true"
     assert run.data.params["training.optimizer"] == "natural"
     elbo = [m.value for m in client.get_metric_history(run.info.run_id, "elbo")]
     assert len(elbo) == 40 and np.isfinite(elbo).all()

@@ -1100,6 +1100,8 @@ class _Trainer:
             self.W = state["loadings"].to(dev, dt)
         if self.optimizer is not None and state.get("optimizer") is not None:
             self.optimizer.load_state_dict(state["optimizer"])
+            for group in self.optimizer.param_groups:   # learning_rate may change on resume
+                group["lr"] = self.p["learning_rate"]
         if self.natural is not None:
             if state.get("natural") is not None:
                 self.natural.load_state_dict(state["natural"])
