@@ -40,8 +40,9 @@ per factor; near it the full step is taken.
 
 Cost per step, per factor: ``g_S`` is one (M, B) x (B, M) product (2 M^2 B flops, as the
 backward pass through the variance term that Adam needs); the Cholesky and the
-triangular inverse of P are M^3 / 3 each, done in float64 because P's eigenvalues span
-1 to the largest count rate times the kernel variance.
+triangular inverse are M^3 / 3 and M^3; the Cholesky runs in float64 because P's eigenvalues
+span 1 to the largest count rate times the kernel variance, the inverse of its factor (whose
+condition number is the square root of P's) in the model's dtype.
 
 The precision P is kept as optimiser state, so ``S`` never has to be inverted; after each
 step ``Lu`` is recomputed from P. With ``J`` the flip permutation and
@@ -76,15 +77,29 @@ def _flip(X: Tensor) -> Tensor:
     return torch.flip(X, dims=(-2, -1))
 
 
-def _lu_from_precision(P: Tensor) -> Optional[Tensor]:
-    """Lower-triangular Lu with ``Lu Lu^T = P^{-1}`` for a (M, M) precision, or None if P is
-    not positive definite."""
+def _flipped_cholesky(P: Tensor) -> Optional[Tensor]:
+    """Lower Cholesky factor Lf of ``J P J`` for a (M, M) precision, or None if P is not
+    positive definite."""
     Lf, info = torch.linalg.cholesky_ex(_flip(P))
     if int(info) != 0 or not bool(torch.isfinite(Lf.diagonal()).all()):
         return None
-    eye = torch.eye(P.shape[-1], dtype=P.dtype, device=P.device)
-    Lf_inv = torch.linalg.solve_triangular(Lf, eye, upper=False)
-    return _flip(Lf_inv.mT)
+    return Lf
+
+
+def _lu_from_flipped(Lf: Tensor, dtype: torch.dtype) -> Tensor:
+    """Lower-triangular ``Lu = J Lf^{-T} J`` (so ``Lu Lu^T = P^{-1}``) in ``dtype``.
+
+    The triangular inverse (M^3 flops, the largest cost of a step after g_S) runs in the
+    model's dtype: Lf's condition number is only the square root of P's, well within float32.
+    """
+    Lf = Lf.to(dtype)
+    eye = torch.eye(Lf.shape[-1], dtype=dtype, device=Lf.device)
+    return _flip(torch.linalg.solve_triangular(Lf, eye, upper=False).mT)
+
+
+def _solve_flipped(Lf: Tensor, theta: Tensor) -> Tensor:
+    """``P^{-1} theta`` for ``J P J = Lf Lf^T``, theta: (M,)."""
+    return torch.flip(torch.cholesky_solve(torch.flip(theta, (0,))[:, None], Lf)[:, 0], (0,))
 
 
 def _precision_from_lu(Lu: Tensor) -> Tensor:
@@ -187,19 +202,20 @@ class NaturalGradient:
             P, mu = P_all[l], mu_all[l]
             theta1 = P @ mu
             grad_theta1 = g_mu - 2.0 * (g_S @ mu)
-            P_new, Lu = self._positive_definite(P, g_S, eye, self.lr, w)
-            if Lu is None:
+            P_new, Lf = self._positive_definite(P, g_S, eye, self.lr, w)
+            if Lf is None:
                 self.skipped += 1
-                Lu = _lu_from_precision(P)
+                Lf = _flipped_cholesky(P)
                 P_new, m_new = P, mu
             else:
                 gamma = self._gamma_used
                 theta1_new = (1.0 - gamma * w) * theta1 + gamma * grad_theta1
-                m_new = Lu @ (Lu.mT @ theta1_new)
+                m_new = _solve_flipped(Lf, theta1_new)
                 m_new = mu + self._trust(A_l, m_new - mu)
+            Lu = _lu_from_flipped(Lf, Lu_new.dtype)
             P_all[l] = P_new
             mu_new[l] = m_new
-            Lu_new[l] = Lu.to(Lu_new.dtype)
+            Lu_new[l] = Lu
         prior.mu.copy_(mu_new.to(prior.mu.dtype))
         prior.set_lu(Lu_new)
 
@@ -215,14 +231,15 @@ class NaturalGradient:
         return step * torch.nan_to_num(factor, nan=0.0)
 
     def _positive_definite(self, P: Tensor, g_S: Tensor, eye: Tensor, gamma: float, w: float):
-        """``(P_new, Lu)`` for the largest ``gamma / 2^k`` whose precision is positive definite,
-        or ``(P, None)``; the gamma used is left in ``_gamma_used``."""
+        """``(P_new, Lf)`` for the largest ``gamma / 2^k`` whose precision is positive definite
+        (Lf: :func:`_flipped_cholesky` of it), or ``(P, None)``; the gamma used is left in
+        ``_gamma_used``."""
         for _ in range(MAX_HALVINGS + 1):
             P_new = (1.0 - gamma * w) * P + gamma * (w * eye - 2.0 * g_S)
-            Lu = _lu_from_precision(P_new)
-            if Lu is not None:
+            Lf = _flipped_cholesky(P_new)
+            if Lf is not None:
                 self._gamma_used = gamma
-                return P_new, Lu
+                return P_new, Lf
             gamma *= 0.5
             self.halvings += 1
         return P, None
