@@ -163,9 +163,12 @@ class NaturalGradient:
     @torch.no_grad()
     def _current_precision(self) -> Tensor:
         if self.precision is None:
+            d = self.prior.lu_diagonal().to(_F64)
             if self.prior.diagonal_only:
-                d = self.prior.lu_diagonal().to(_F64)
                 self.precision = 1.0 / (d * d)
+            elif not bool(self.prior.Lu_lower.any()):
+                # a diagonal Lu (the prior's initial 0.1 I): skip the O(L M^3) inversion
+                self.precision = torch.diag_embed(1.0 / (d * d))
             else:
                 self.precision = _precision_from_lu(self.prior.lu().to(_F64))
         return self.precision
