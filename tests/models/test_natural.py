@@ -43,15 +43,20 @@ def _gaussian_gradients(prior, x, y, noise):
     return At.detach(), g_mean, g_var
 
 
+def _exact_posterior(prior, x, y, noise):
+    """Whitened posterior of the conjugate model: precision I + A A^T / noise (M, M) and
+    mean precision^{-1} A y / noise (M,)."""
+    A = prior.marginals_and_interp(x)[2].detach().T
+    precision = torch.eye(A.shape[0], dtype=torch.float64) + A @ A.T / noise
+    return precision, torch.linalg.solve(precision, A @ y / noise)
+
+
 def test_one_step_of_size_one_is_the_exact_posterior_of_a_conjugate_model():
     x, y, prior = _gaussian_problem()
     noise = 0.09
     At, g_mean, g_var = _gaussian_gradients(prior, x, y, noise)
+    precision, mean = _exact_posterior(prior, x, y, noise)   # A does not depend on q(v)
     NaturalGradient(prior, 1.0, max_mean_step=None).step(At, g_mean, g_var)
-    # whitened posterior: precision I + A A^T / noise, mean precision^{-1} A y / noise
-    A = At.T
-    precision = torch.eye(A.shape[0], dtype=torch.float64) + A @ A.T / noise
-    mean = torch.linalg.solve(precision, A @ y / noise)
     with torch.no_grad():
         Lu = prior.lu()[0]
         torch.testing.assert_close(prior.mu[0], mean, rtol=1e-7, atol=1e-8)
@@ -69,11 +74,9 @@ def test_smaller_steps_converge_to_the_same_posterior():
     opt = NaturalGradient(prior, 0.5, max_mean_step=None)
     for _ in range(40):
         opt.step(*_gaussian_gradients(prior, x, y, noise))
-    A = prior.marginals_and_interp(x)[2].detach().T
-    precision = torch.eye(A.shape[0], dtype=torch.float64) + A @ A.T / noise
+    _, mean = _exact_posterior(prior, x, y, noise)
     with torch.no_grad():
-        torch.testing.assert_close(prior.mu[0], torch.linalg.solve(precision, A @ y / noise),
-                                   rtol=1e-6, atol=1e-7)
+        torch.testing.assert_close(prior.mu[0], mean, rtol=1e-6, atol=1e-7)
 
 
 def test_diagonal_q_takes_the_mean_field_step():
@@ -84,13 +87,11 @@ def test_diagonal_q_takes_the_mean_field_step():
         opt.step(*_gaussian_gradients(prior, x, y, noise))
     # stationary point of the mean-field ELBO: the exact posterior mean, and precisions
     # 1 + diag(A A^T) / noise
-    A = prior.marginals_and_interp(x)[2].detach().T
-    precision = torch.eye(A.shape[0], dtype=torch.float64) + A @ A.T / noise
+    precision, mean = _exact_posterior(prior, x, y, noise)
     with torch.no_grad():
         torch.testing.assert_close(prior.lu_diagonal()[0], torch.diagonal(precision).rsqrt(),
                                    rtol=1e-7, atol=1e-9)
-        torch.testing.assert_close(prior.mu[0], torch.linalg.solve(precision, A @ y / noise),
-                                   rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(prior.mu[0], mean, rtol=1e-4, atol=1e-5)
 
 
 def test_trust_region_bounds_the_move_of_the_marginal_means():
