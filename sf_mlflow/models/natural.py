@@ -52,7 +52,6 @@ step ``Lu`` is recomputed from P. With ``J`` the flip permutation and
 
 from __future__ import annotations
 
-import math
 from typing import Optional
 
 import torch

@@ -1045,7 +1045,13 @@ class _Trainer:
         self.history: list[float] = []
         self.checks: list[float] = []          # ELBO on the fixed evaluation block
         self.validation_history: list[tuple[int, float]] = []
-        self.validation = validation
+        self.validation = None
+        if validation is not None:
+            Yv, Xv, gv = validation
+            self.validation = (
+                CountBatch.from_scipy(Yv, device=self.device, dtype=self.dtype),
+                torch.as_tensor(Xv, dtype=self.dtype, device=self.device),
+                None if gv is None or groups is None else torch.as_tensor(gv, device=self.device))
         self._eval = None
         self._good: Optional[dict] = None      # last state whose ELBO was finite
         self._best: Optional[dict] = None      # best state by held-out deviance
@@ -1156,22 +1162,26 @@ class _Trainer:
     def _scale(self, batch: CountBatch) -> float:
         return (self.N / batch.n_spots) * (self.D / batch.n_genes)
 
+    def _likelihood(self, batch: CountBatch, mean: Tensor, var: Tensor,
+                    gidx: Optional[Tensor]) -> tuple[Tensor, Optional[Tensor]]:
+        """Expected log-likelihood of the block and, with multiplicative loadings, their
+        new values for its genes (else None), from one evaluation of R."""
+        p = self.p
+        W_all = self.loadings()
+        W = W_all if gidx is None else W_all[gidx]
+        if self.train_loadings and not self.gradient_loadings:
+            return likelihood_and_update(batch, mean, var, W, mode=p["mode"],
+                                         num_samples=p["num_samples"], generator=self.gen)
+        return expected_log_likelihood(batch, mean, var, W, mode=p["mode"],
+                                       num_samples=p["num_samples"], generator=self.gen), None
+
     def _step(self, batch: CountBatch, idx: Tensor, gidx: Optional[Tensor]) -> float:
         if self.natural is not None:
             return self._natural_step(batch, idx, gidx)
-        p, prior = self.p, self.prior
+        prior = self.prior
         coords, groups = self._at(idx)
         mean, var = prior.marginals(idx, coords, groups)
-        W_all = self.loadings()
-        W = W_all if gidx is None else W_all[gidx]
-        multiplicative = self.train_loadings and not self.gradient_loadings
-        new_W = None
-        if multiplicative:
-            ll, new_W = likelihood_and_update(batch, mean, var, W, mode=p["mode"],
-                                              num_samples=p["num_samples"], generator=self.gen)
-        else:
-            ll = expected_log_likelihood(batch, mean, var, W, mode=p["mode"],
-                                         num_samples=p["num_samples"], generator=self.gen)
+        ll, new_W = self._likelihood(batch, mean, var, gidx)
         elbo = self._scale(batch) * ll - prior.kl(idx)
         if not torch.isfinite(elbo):
             return float(elbo.detach())     # no step from a non-finite state
@@ -1185,7 +1195,7 @@ class _Trainer:
 
     def _natural_step(self, batch: CountBatch, idx: Tensor, gidx: Optional[Tensor]) -> float:
         """Natural-gradient step of q(v); Adam on trained kernel hyperparameters (and raw W)."""
-        p, prior = self.p, self.prior
+        prior = self.prior
         coords, groups = self._at(idx)
         hyper = self.optimizer is not None and any(
             prm is not getattr(self, "raw_loadings", None) for prm in self.params)
@@ -1193,15 +1203,7 @@ class _Trainer:
             mean, var, At = prior.marginals_and_interp(coords, groups)
         m = mean.detach().requires_grad_(True)
         v = var.detach().requires_grad_(True)
-        W_all = self.loadings()
-        W = W_all if gidx is None else W_all[gidx]
-        new_W = None
-        if self.train_loadings and not self.gradient_loadings:
-            ll, new_W = likelihood_and_update(batch, m, v, W, mode=p["mode"],
-                                              num_samples=p["num_samples"], generator=self.gen)
-        else:
-            ll = expected_log_likelihood(batch, m, v, W, mode=p["mode"],
-                                         num_samples=p["num_samples"], generator=self.gen)
+        ll, new_W = self._likelihood(batch, m, v, gidx)
         scaled = self._scale(batch) * ll
         with torch.no_grad():
             elbo = float(scaled.detach() - prior.kl(idx))
@@ -1310,28 +1312,23 @@ class _Trainer:
 
     def _converged(self) -> bool:
         """Two consecutive checks each changed the evaluation ELBO by less than tol, relative."""
-        c, tol = self.checks, self.p["tol"]
-        if tol <= 0 or len(c) < 3:
-            return False
-        rel = [abs(c[i] - c[i - 1]) / max(abs(c[i - 1]), 1e-300) for i in (-1, -2)]
-        return all(r < tol for r in rel)
+        tol = self.p["tol"]
+        return tol > 0 and all(self.relative_change(back) < tol for back in (0, 1))
 
-    def relative_change(self) -> float:
+    def relative_change(self, back: int = 0) -> float:
+        """Relative change between checks ``-2 - back`` and ``-1 - back`` (NaN if too few)."""
         c = self.checks
-        if len(c) < 2:
+        if len(c) < 2 + back:
             return float("nan")
-        return abs(c[-1] - c[-2]) / max(abs(c[-2]), 1e-300)
+        new, old = c[-1 - back], c[-2 - back]
+        return abs(new - old) / max(abs(old), 1e-300)
 
     @torch.no_grad()
     def heldout_deviance(self) -> float:
         """Poisson deviance of the validation spots under the GP's predicted mean factors."""
-        Yv, Xv, gv = self.validation
-        if not hasattr(self, "_val_batch"):
-            self._val_batch = CountBatch.from_scipy(Yv, device=self.device, dtype=self.dtype)
-            self._val_x = torch.as_tensor(Xv, dtype=self.dtype, device=self.device)
-            self._val_g = None if gv is None or self.groups is None else torch.as_tensor(gv, device=self.device)
-        F = self.prior.predict(self._val_x, self._val_g, return_var=False)
-        return poisson_deviance(self._val_batch, F, self.loadings())
+        batch, x, g = self.validation
+        F = self.prior.predict(x, g, return_var=False)
+        return poisson_deviance(batch, F, self.loadings())
 
     def _patience_used(self) -> int:
         """Checks since the last one that improved the best deviance by the minimum delta."""

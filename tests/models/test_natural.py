@@ -43,6 +43,13 @@ def _gaussian_gradients(prior, x, y, noise):
     return At.detach(), g_mean, g_var
 
 
+def _steps(prior, x, y, noise, lr, n):
+    """n natural steps of size lr on the conjugate model, without a trust region."""
+    opt = NaturalGradient(prior, lr, max_mean_step=None)
+    for _ in range(n):
+        opt.step(*_gaussian_gradients(prior, x, y, noise))
+
+
 def _exact_posterior(prior, x, y, noise):
     """Whitened posterior of the conjugate model: precision I + A A^T / noise (M, M) and
     mean precision^{-1} A y / noise (M,)."""
@@ -71,9 +78,7 @@ def test_one_step_of_size_one_is_the_exact_posterior_of_a_conjugate_model():
 def test_smaller_steps_converge_to_the_same_posterior():
     x, y, prior = _gaussian_problem()
     noise = 0.09
-    opt = NaturalGradient(prior, 0.5, max_mean_step=None)
-    for _ in range(40):
-        opt.step(*_gaussian_gradients(prior, x, y, noise))
+    _steps(prior, x, y, noise, 0.5, 40)
     _, mean = _exact_posterior(prior, x, y, noise)
     with torch.no_grad():
         torch.testing.assert_close(prior.mu[0], mean, rtol=1e-6, atol=1e-7)
@@ -82,9 +87,7 @@ def test_smaller_steps_converge_to_the_same_posterior():
 def test_diagonal_q_takes_the_mean_field_step():
     x, y, prior = _gaussian_problem(diagonal_only=True)
     noise = 0.09
-    opt = NaturalGradient(prior, 0.5, max_mean_step=None)
-    for _ in range(400):
-        opt.step(*_gaussian_gradients(prior, x, y, noise))
+    _steps(prior, x, y, noise, 0.5, 400)
     # stationary point of the mean-field ELBO: the exact posterior mean, and precisions
     # 1 + diag(A A^T) / noise
     precision, mean = _exact_posterior(prior, x, y, noise)
