@@ -1,0 +1,86 @@
+"""Fixed-seed fits whose ELBO history, factors and loadings are saved, to compare two versions.
+
+Run it before and after a change that must not alter behaviour, then compare:
+
+    python benchmarks/fixed_seed_fits.py --out before.npz      # on the old code
+    python benchmarks/fixed_seed_fits.py --out after.npz --compare before.npz
+
+Prints one JSON line per case (max relative difference of the ELBO history, factors and
+loadings against the reference file when one is given).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import warnings
+
+import numpy as np
+import torch
+
+from sf_mlflow.data.synthetic import make_synthetic
+from sf_mlflow.models.pnmf import PNMF
+
+try:   # the settings object of the spatial prior (after the re-cut of the seams)
+    from sf_mlflow.models.settings import SVGP
+except ImportError:   # pragma: no cover - the flat keyword arguments of older versions
+    SVGP = None
+
+CASES = {
+    "gaussian_adam": dict(prior="gaussian", max_iter=60, batch_size=None),
+    "gaussian_minibatch_sgd": dict(prior="gaussian", optimizer="SGD", learning_rate=0.5, max_iter=40,
+                                   batch_size=300, y_batch_size=100),
+    "svgp_natural_groups": dict(prior="svgp", max_iter=40, num_inducing=60, lengthscale=0.3,
+                                validation_every=10),
+    "svgp_natural_minibatch": dict(prior="svgp", max_iter=30, num_inducing=60, lengthscale=0.3,
+                                   batch_size=400, learning_rate=0.3),
+    "svgp_adam_nogroups": dict(prior="svgp", optimizer="Adam", learning_rate=0.01, max_iter=30,
+                               num_inducing=50, lengthscale=0.3, use_groups=False, train_lengthscale=True),
+}
+SPATIAL_KEYS = ("num_inducing", "lengthscale", "use_groups", "train_lengthscale")
+
+
+def build(spec: dict) -> PNMF:
+    spec = dict(spec)
+    spatial = {k: spec.pop(k) for k in SPATIAL_KEYS if k in spec}
+    if SVGP is not None and spec["prior"] == "svgp":
+        if "use_groups" in spatial:
+            spatial["groups"] = spatial.pop("use_groups")
+        spec["prior"] = SVGP(**spatial)
+        spatial = {}
+    return PNMF(n_components=4, random_state=3, tol=0.0, device="cpu", **spec, **spatial)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--out", required=True)
+    ap.add_argument("--compare")
+    args = ap.parse_args()
+    torch.set_num_threads(1)
+    data = make_synthetic(n_spots=1200, n_genes=150, n_components=4, n_groups=3, mean_counts=200.0, seed=1)
+    held = np.arange(data.n_spots) % 10 == 0
+    Y, X, g = data.counts.tocsr(), data.coordinates, data.groups
+    saved = {}
+    for name, spec in CASES.items():
+        model = build(spec)
+        validation = (Y[held], X[held], g[held]) if spec.get("validation_every") else None
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            model.fit(Y[~held], coordinates=X[~held], groups=g[~held], validation=validation)
+        saved[f"{name}/elbo"] = np.asarray(model.elbo_history_)
+        saved[f"{name}/factors"] = model.get_factors()
+        saved[f"{name}/loadings"] = model.loadings_
+    np.savez(args.out, **saved)
+    if args.compare:
+        ref = np.load(args.compare)
+        for name in CASES:
+            row = {"case": name}
+            for part in ("elbo", "factors", "loadings"):
+                a, b = saved[f"{name}/{part}"], ref[f"{name}/{part}"]
+                row[f"{part}_max_rel_diff"] = (float("inf") if a.shape != b.shape else
+                                               float(np.max(np.abs(a - b) / np.maximum(np.abs(b), 1e-12))))
+            print(json.dumps(row), flush=True)
+
+
+if __name__ == "__main__":
+    main()
