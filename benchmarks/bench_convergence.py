@@ -21,7 +21,7 @@ Trainers (each in its own subprocess, the same wall-clock budget each):
   parameter, loadings included (softplus), trained by Adam at ``--adam-lr``, as a gpytorch
   user would; it starts from q(v) = N(0, I) and the same KL-NMF loadings;
 * ``pnmf``: the non-spatial model (Gaussian prior, Adam), held-out spots predicted by the
-  mean log-factors of their 6 nearest training spots (``analysis.heldout``).
+  mean log-factors of their 6 nearest training spots (``models.neighbours``).
 
 Every ``--eval-every`` iterations the clock is paused and the held-out Poisson deviance of the
 predicted mean rates ``exp(E F) W^T`` is recorded. Per case the driver prints, for each
@@ -187,7 +187,7 @@ def worker(args) -> None:
                 if spatial:
                     F = model.prior_.predict(xv_t, gv_t, return_var=False)
                 else:
-                    from sf_mlflow.analysis.heldout import nearest_neighbour_log_factors
+                    from sf_mlflow.models.neighbours import nearest_neighbour_log_factors
 
                     mtr = model.prior_.mu.detach().cpu().numpy().T
                     F = torch.as_tensor(nearest_neighbour_log_factors(X, mtr, Xv, k=6).T)

@@ -23,7 +23,7 @@ import pytest
 import yaml
 from mlflow.tracking import MlflowClient
 
-from sf_mlflow.analysis.heldout import nearest_neighbour_log_factors
+from sf_mlflow.models.neighbours import nearest_neighbour_log_factors
 from sf_mlflow.cli import main
 from sf_mlflow.config import config_from_dict
 from sf_mlflow.data.sources import load_dataset

@@ -9,7 +9,7 @@ GP facts differ:
   and groups;
 * non-spatial model: the factors of a new spot are unknown without its counts, so
   the honest prediction is the mean log-factor of its nearest training spots
-  (:func:`~sf_mlflow.analysis.heldout.nearest_neighbour_log_factors`); the held-out
+  (:func:`~sf_mlflow.models.neighbours.nearest_neighbour_log_factors`); the held-out
   counts are used only to score.
 """
 
@@ -25,7 +25,7 @@ from scipy.spatial import cKDTree
 from sf_mlflow.analysis.deviance import poisson_deviance
 from sf_mlflow.analysis.enrichment import enrichment_summary, relative_enrichment, relevant_genes
 from sf_mlflow.analysis.group_loadings import group_loadings
-from sf_mlflow.analysis.heldout import nearest_neighbour_log_factors
+from sf_mlflow.models.neighbours import nearest_neighbour_log_factors
 from sf_mlflow.analysis.moran import knn_weights, morans_i
 from sf_mlflow.analysis.ordering import order_by
 from sf_mlflow.data.counts import SpatialCounts
@@ -113,7 +113,7 @@ def heldout_factors(model, train_coordinates: np.ndarray, heldout: SpatialCounts
     """
     if model.is_spatial:
         groups = heldout.groups if model.uses_groups_ else None
-        return model.predict_factors(heldout.coordinates, groups=groups, chunk_size=chunk_size)
+        return model.predict_at(heldout.coordinates, groups=groups, chunk_size=chunk_size)
     if train_factors is None:
         train_factors = model.get_factors(exp_mean=exp_mean)
     held_log = nearest_neighbour_log_factors(train_coordinates, np.log(train_factors),

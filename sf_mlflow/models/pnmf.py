@@ -53,6 +53,7 @@ from sf_mlflow.models.likelihood import (
     poisson_deviance,
 )
 from sf_mlflow.models.inducing import auto_num_inducing
+from sf_mlflow.models.neighbours import nearest_neighbour_log_factors
 from sf_mlflow.models.priors import FactorPrior, GaussianPrior
 
 __all__ = ["PNMF"]
@@ -148,12 +149,15 @@ def _check_counts(Y: Any, name: str = "Y") -> sp.csr_matrix:
     return X
 
 
-def _check_coordinates(coordinates: Any, n: int, name: str = "coordinates") -> Optional[np.ndarray]:
+def _check_coordinates(coordinates: Any, n: Optional[int], name: str = "coordinates") -> Optional[np.ndarray]:
+    """Coordinates as float64 (n, 2); ``n = None`` accepts any number of rows."""
     if coordinates is None:
         return None
     X = np.asarray(coordinates, dtype=np.float64)
-    if X.shape != (n, 2):
-        raise DataError(f"{name} must have shape (n_spots, 2) = ({n}, 2), got {X.shape}")
+    if X.ndim != 2 or X.shape[1] != 2 or (n is not None and X.shape[0] != n):
+        rows = "n_spots" if n is None else f"(n_spots, 2) = ({n}"
+        want = "(n_spots, 2)" if n is None else f"{rows}, 2)"
+        raise DataError(f"{name} must have shape {want}, got {X.shape}")
     if not np.isfinite(X).all():
         raise DataError(f"{name} contain NaN or infinite values")
     return X
@@ -603,6 +607,8 @@ class PNMF:
         self.n_spots_, self.n_features_in_ = n, d
         self._coordinates = coords_t
         self._groups = groups_t if self.use_groups else None
+        self.train_coordinates_ = X
+        self.train_groups_ = g if self.use_groups else None
         self.prior_ = prior
         self._loadings_t = W0
         self.num_inducing_ = getattr(prior, "num_inducing", None)
@@ -717,7 +723,20 @@ class PNMF:
     @property
     def uses_groups_(self) -> bool:
         """Fitted with group codes for the multi-group kernel (predictions then need groups)."""
-        return self.__dict__.get("_groups") is not None
+        return self.__dict__.get("train_groups_") is not None
+
+    @property
+    def inducing_points_(self) -> Optional[np.ndarray]:
+        """Inducing point positions Z, (M, 2), of the SVGP prior (None for the Gaussian prior)."""
+        Z = getattr(self.__dict__.get("prior_"), "Z", None)
+        return None if Z is None else Z.detach().cpu().double().numpy()
+
+    @property
+    def inducing_groups_(self) -> Optional[np.ndarray]:
+        """Group code of every inducing point, (M,) (None without groups or spatial prior)."""
+        if not self.uses_groups_:
+            return None
+        return self.prior_.g_Z.detach().cpu().numpy()
 
     @property
     def loadings_(self) -> np.ndarray:
@@ -799,7 +818,7 @@ class PNMF:
             if coordinates is None:
                 raise DataError("coordinates = None, but the svgp prior predicts factors from "
                                 f"coordinates: pass an array of shape ({Yc.shape[0]}, 2)")
-            return self.predict_factors(coordinates, groups)
+            return self.predict_at(coordinates, groups)
         device, dtype = self.device_, p["dtype"]
         gen = torch.Generator(device=device).manual_seed(p["random_state"])
         full = CountBatch.from_scipy(Yc, device=device, dtype=dtype)
@@ -811,29 +830,61 @@ class PNMF:
         with torch.no_grad():
             return torch.exp(prior.mu).T.cpu().double().numpy()
 
-    def predict_factors(self, coordinates, groups=None, return_std: bool = False,
-                        chunk_size: int = 10000):
-        """GP predictive factors ``exp(E[F])`` at new coordinates (svgp prior only), (M, L).
+    def predict_at(self, coordinates, groups=None, *, neighbours: int = 6, return_std: bool = False,
+                   exp_mean: bool = False, chunk_size: int = 10000):
+        """Factors at positions, from the positions (and groups) alone, (M, L).
 
-        With ``return_std`` also the predictive standard deviation of F, (M, L).
+        This is the one place that decides how factors are predicted where the model
+        has not seen counts (held-out spots, the registered model's queries):
+
+        * spatial (SVGP) prior: the GP predictive ``exp(E[F])`` at ``coordinates`` and
+          ``groups`` (groups are needed when ``uses_groups_``, ignored otherwise);
+        * Gaussian prior: its posterior at an unseen spot is the prior, the same for every
+          spot, so the prediction is the mean posterior log-factor of the ``neighbours``
+          nearest training spots (:mod:`sf_mlflow.models.neighbours`); it needs a fit
+          with ``coordinates``.
+
+        Parameters
+        ----------
+        coordinates : array-like, (M, 2)
+            Positions in the units the model was fitted in.
+        groups : array-like of int, (M,), optional
+        neighbours : int
+            k of the nearest-neighbour rule (Gaussian prior only).
+        return_std : bool
+            Also return the GP predictive standard deviation of F, (M, L) (SVGP only).
+        exp_mean : bool
+            The posterior mean ``E[exp F]`` instead of the median ``exp(E[F])``.
         """
-        self._check_fitted("predict_factors")
+        self._check_fitted("predict_at")
+        if coordinates is None:
+            raise DataError("coordinates = None; predict_at needs the positions, shape (n_spots, 2)")
+        X = _check_coordinates(coordinates, None, "coordinates")
         if not self.is_spatial:
-            raise ModelError(f"predict_factors() needs prior = 'svgp'; this model has prior = {self.prior!r} "
-                             "(use transform(Y_new) for the Gaussian prior)")
-        X = np.asarray(coordinates, dtype=np.float64)
-        if X.ndim != 2 or X.shape[1] != 2:
-            raise DataError(f"coordinates must have shape (n_spots, 2), got {X.shape}")
-        g = _check_groups(groups, X.shape[0]) if self.use_groups else None
-        dtype = _validated_dtype(self.dtype)
-        c = torch.as_tensor(X, dtype=dtype, device=self.device_)
+            if return_std:
+                raise ModelError("predict_at(return_std=True) needs prior = 'svgp'; the "
+                                 "nearest-neighbour prediction of the Gaussian prior has no std")
+            if self.train_coordinates_ is None:
+                raise ModelError("predict_at() of a Gaussian-prior model needs the training "
+                                 "coordinates: fit(Y, coordinates=X) stores them")
+            train_log = np.log(self.get_factors(exp_mean=exp_mean))
+            return np.exp(nearest_neighbour_log_factors(self.train_coordinates_, train_log, X,
+                                                        k=neighbours))
+        g = _check_groups(groups, X.shape[0]) if self.uses_groups_ else None
+        if self.uses_groups_ and g is None:
+            raise DataError(f"groups = None, but the model was fitted with groups: pass the "
+                            f"group code (0..{int(self.train_groups_.max())}) of each of the "
+                            f"{X.shape[0]} positions")
+        c = torch.as_tensor(X, dtype=_validated_dtype(self.dtype), device=self.device_)
         gg = None if g is None else torch.as_tensor(g, device=self.device_)
         with torch.no_grad():
-            if not return_std:
+            if not (return_std or exp_mean):
                 m = self.prior_.predict(c, gg, chunk_size=chunk_size, return_var=False)
                 return torch.exp(m).T.cpu().double().numpy()
             m, v = self.prior_.predict(c, gg, chunk_size=chunk_size)
-        return torch.exp(m).T.cpu().double().numpy(), torch.sqrt(v).T.cpu().double().numpy()
+        f = torch.exp(m + 0.5 * v) if exp_mean else torch.exp(m)
+        f = f.T.cpu().double().numpy()
+        return (f, torch.sqrt(v).T.cpu().double().numpy()) if return_std else f
 
     def elbo(self) -> float:
         """The last ELBO estimate of training (see ``elbo_history_``)."""
@@ -914,6 +965,8 @@ class PNMF:
             "loadings": self._loadings_t.detach().cpu(),
             "coordinates": None if self._coordinates is None else self._coordinates.cpu(),
             "groups": None if self._groups is None else self._groups.cpu(),
+            "train_coordinates": (None if self.train_coordinates_ is None
+                                  else torch.as_tensor(self.train_coordinates_, dtype=torch.float64)),
         }
         # The SVGP prior's inducing points (buffers Z, g_Z) are passed back to its
         # constructor at load time, so loading does not rerun k-means.
@@ -948,6 +1001,10 @@ class PNMF:
         n, L = int(at["n_spots_"]), p["n_components"]
         model._coordinates = None if st["coordinates"] is None else st["coordinates"].to(dev, dtype)
         model._groups = None if st["groups"] is None else st["groups"].to(dev)
+        # float64 coordinates from files that have them (older files: the model's dtype)
+        X = st.get("train_coordinates", st["coordinates"])
+        model.train_coordinates_ = None if X is None else X.double().numpy()
+        model.train_groups_ = None if st["groups"] is None else st["groups"].numpy()
         if p["prior"] == "gaussian":
             prior = GaussianPrior(n, L, dtype=dtype, kl_weight=p["kl_weight"])
         else:

@@ -233,7 +233,7 @@ class FactorPredictor:
             return np.empty((0, int(self.info["n_components"])))
         if self.info["spatial"]:
             if exp_mean:
-                f, s = self.model.predict_factors(X, groups=groups, return_std=True)
+                f, s = self.model.predict_at(X, groups=groups, return_std=True)
                 return f * np.exp(0.5 * s * s)
             return heldout_factors(self.model, self.train_coordinates,
                                    SimpleNamespace(coordinates=X, groups=groups))

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from sf_mlflow.analysis.deviance import poisson_deviance
-from sf_mlflow.analysis.heldout import nearest_neighbour_log_factors
+from sf_mlflow.models.neighbours import nearest_neighbour_log_factors
 from sf_mlflow.data.preprocess import heldout_split
 from sf_mlflow.data.synthetic import make_synthetic
 from sf_mlflow.errors import ConfigError, ModelError
@@ -236,7 +236,7 @@ def test_early_stopping_keeps_the_best_heldout_state(grouped):
     assert len(hist) - 1 - best == 3
     assert hist[best, 1] <= hist[:, 1].min() * (1 + VALIDATION_MIN_DELTA)
     batch = CountBatch.from_scipy(grouped.counts[te], dtype=torch.float32)
-    F = torch.as_tensor(np.log(model.predict_factors(X[te], grouped.groups[te])).T, dtype=torch.float32)
+    F = torch.as_tensor(np.log(model.predict_at(X[te], grouped.groups[te])).T, dtype=torch.float32)
     again = block_deviance(batch, F, torch.as_tensor(model.loadings_))
     assert again == pytest.approx(hist[best, 1], rel=1e-5)
 
@@ -304,8 +304,8 @@ def test_grouped_model_recovers_group_specific_fields_and_predicts_heldout_spots
                                 loadings=model.loadings_)["total"]
 
     dev = {
-        "mggp": heldout(mggp, np.log(mggp.predict_factors(X[te], data.groups[te]))),
-        "single": heldout(single, np.log(single.predict_factors(X[te]))),
+        "mggp": heldout(mggp, np.log(mggp.predict_at(X[te], data.groups[te]))),
+        "single": heldout(single, np.log(single.predict_at(X[te]))),
         "pnmf": heldout(pnmf, nearest_neighbour_log_factors(X[tr], np.log(pnmf.get_factors()), X[te])),
     }
     assert dev["mggp"] < dev["single"] and dev["mggp"] < dev["pnmf"], dev

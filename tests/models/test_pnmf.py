@@ -15,6 +15,7 @@ from scipy.special import gammaln
 from sf_mlflow.data.synthetic import make_synthetic
 from sf_mlflow.errors import ConfigError, DataError, ModelError
 from sf_mlflow.models.device import resolve_device
+from sf_mlflow.models.neighbours import nearest_neighbour_log_factors
 from sf_mlflow.models.pnmf import PNMF
 from sf_mlflow.models.priors import GaussianPrior
 
@@ -220,9 +221,24 @@ def test_transform_reproduces_the_fitted_factors(fitted, data):
         assert np.corrcoef(np.log(new[:, l]), np.log(old[:, l]))[0, 1] > 0.98
 
 
-def test_predict_factors_needs_the_spatial_prior(fitted):
-    with pytest.raises(ModelError, match="prior = 'svgp'"):
-        fitted.predict_factors(np.zeros((3, 2)))
+def test_predict_at_without_training_coordinates_names_the_fix(fitted):
+    assert fitted.train_coordinates_ is None and fitted.inducing_points_ is None
+    with pytest.raises(ModelError, match=r"fit\(Y, coordinates=X\)"):
+        fitted.predict_at(np.zeros((3, 2)))
+
+
+def test_predict_at_of_the_gaussian_prior_is_the_nearest_neighbour_rule(data):
+    model = PNMF(L, max_iter=30, tol=0.0, random_state=0).fit(data.counts[:1000],
+                                                              coordinates=data.coordinates[:1000])
+    np.testing.assert_array_equal(model.train_coordinates_, data.coordinates[:1000])
+    query = data.coordinates[1000:1100]
+    want = np.exp(nearest_neighbour_log_factors(data.coordinates[:1000], np.log(model.get_factors()),
+                                                query, k=4))
+    np.testing.assert_allclose(model.predict_at(query, neighbours=4), want)
+    with pytest.raises(ModelError, match="no std"):
+        model.predict_at(query, return_std=True)
+    with pytest.raises(DataError, match=r"shape \(n_spots, 2\)"):
+        model.predict_at(np.zeros((3, 3)))
 
 
 # ---- parameters and errors -------------------------------------------------------------------
@@ -327,3 +343,20 @@ def test_gpu_falls_back_to_cpu_with_one_warning(name):
         assert resolve_device(name) == torch.device("cpu")
     assert len(caught) == 1
     assert "CUDA is not available" in str(caught[0].message) and "CPU" in str(caught[0].message)
+
+
+def test_predict_at_of_the_spatial_prior_and_its_public_attributes(data):
+    n = 600
+    model = PNMF(3, prior="svgp", num_inducing=40, lengthscale=0.3, max_iter=5, tol=0.0,
+                 random_state=0).fit(data.counts[:n], coordinates=data.coordinates[:n],
+                                     groups=data.groups[:n])
+    assert model.uses_groups_
+    np.testing.assert_array_equal(model.train_groups_, data.groups[:n])
+    assert model.inducing_points_.shape == (40, 2) and model.inducing_groups_.shape == (40,)
+    at_train = model.predict_at(data.coordinates[:n], data.groups[:n])
+    np.testing.assert_allclose(at_train, model.get_factors(), rtol=1e-4)
+    f, s = model.predict_at(data.coordinates[:n], data.groups[:n], return_std=True)
+    np.testing.assert_allclose(model.predict_at(data.coordinates[:n], data.groups[:n], exp_mean=True),
+                               f * np.exp(0.5 * s * s), rtol=1e-5)
+    with pytest.raises(DataError, match="groups = None"):
+        model.predict_at(data.coordinates[:3])

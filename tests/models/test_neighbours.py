@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from scipy.spatial.distance import cdist
 
-from sf_mlflow.analysis.heldout import nearest_neighbour_log_factors
+from sf_mlflow.models.neighbours import nearest_neighbour_log_factors
 from sf_mlflow.errors import DataError
 
 
