@@ -206,11 +206,11 @@ def load_data(path: str):
 
 def model_params(args, kind: str) -> dict:
     """PNMF hyperparameters as ``configs/slideseq/{pnmf,svgp}.yaml`` (iterations aside)."""
-    return dict(prior="gaussian" if kind == "pnmf" else "svgp", mode="lower-bound",
-                loadings_mode="multiplicative", kernel="Matern32", num_inducing=args.num_inducing,
-                lengthscale=4.0, sigma=1.0, group_diff_param=10.0, use_groups=True,
-                cholesky_mode="exp", inducing_allocation="proportional",
-                learning_rate=args.fit_lr if args.fit_lr else (0.1 if kind == "pnmf" else 0.01),
+    spatial = SVGP(kernel="Matern32", num_inducing=args.num_inducing, lengthscale=4.0, sigma=1.0,
+                   group_diff_param=10.0, groups=True, cholesky_mode="exp",
+                   inducing_allocation="proportional")
+    return dict(prior="gaussian" if kind == "pnmf" else spatial, mode="lower-bound",
+                loadings_mode="multiplicative", learning_rate=args.fit_lr if args.fit_lr else (0.1 if kind == "pnmf" else 0.01),
                 optimizer="Adam", tol=0.0, batch_size=args.batch_size,
                 y_batch_size=args.y_batch_size, shuffle=True, device="cpu", dtype="float32",
                 random_state=args.seed)
@@ -225,6 +225,7 @@ def fit_worker(args) -> None:
     import sf_mlflow  # noqa: F401  (flush denormals)
     import sf_mlflow.models.pnmf as pnmf_mod
     from sf_mlflow.models.pnmf import PNMF
+from sf_mlflow.models.settings import SVGP
 
     train, _ = load_data(args.data_path)
     if args.model == "svgp":
@@ -234,7 +235,7 @@ def fit_worker(args) -> None:
     model = PNMF(args.n_components, max_iter=args.fit_iter, **model_params(args, args.model))
     stamps = []
 
-    def callback(it, elbo):
+    def callback(state):
         stamps.append(time.perf_counter())
 
     t0 = time.perf_counter()

@@ -147,6 +147,7 @@ def worker(args) -> None:
     import sf_mlflow  # noqa: F401  (flush denormals)
     from sf_mlflow.models.likelihood import CountBatch, expected_log_likelihood, poisson_deviance
     from sf_mlflow.models.pnmf import PNMF
+from sf_mlflow.models.settings import SVGP
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -170,7 +171,7 @@ def worker(args) -> None:
 
     if args.trainer in ("default", "adam", "pnmf"):
         spatial = args.trainer != "pnmf"
-        kw = dict(prior="svgp", num_inducing=M, lengthscale=args.lengthscale, batch_size=B,
+        kw = dict(prior=SVGP(num_inducing=M, lengthscale=args.lengthscale), batch_size=B,
                   y_batch_size=Db) if spatial else dict(prior="gaussian", batch_size=B, y_batch_size=Db)
         if args.trainer == "adam":
             kw.update(optimizer="Adam", learning_rate=args.adam_lr)
@@ -180,7 +181,8 @@ def worker(args) -> None:
         xv_t = torch.as_tensor(Xv, dtype=torch.float32, device=device)
         gv_t = torch.as_tensor(gv, device=device)
 
-        def callback(it, elbo):
+        def callback(state):
+            it = state.iteration
             if it % args.eval_every:
                 return None
             with torch.no_grad():
@@ -191,7 +193,7 @@ def worker(args) -> None:
 
                     mtr = model.prior_.mu.detach().cpu().numpy().T
                     F = torch.as_tensor(nearest_neighbour_log_factors(X, mtr, Xv, k=6).T)
-            return record(it, F, model._loadings_t)
+            return record(it, F, torch.as_tensor(model.loadings_))
 
         clock.resume()
         try:

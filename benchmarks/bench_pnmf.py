@@ -96,7 +96,8 @@ def run_pnmf(Y, n_components: int, max_iter: int, target: float, eval_every: int
     model = PNMF(n_components, max_iter=max_iter, random_state=0, **params)
     state = {"eval_s": 0.0, "trajectory": []}
 
-    def callback(iteration: int, elbo: float):
+    def callback(fit_state):
+        iteration = fit_state.iteration
         if iteration % eval_every:
             return None
         t0 = time.perf_counter()

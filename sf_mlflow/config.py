@@ -19,7 +19,6 @@ import dataclasses
 import difflib
 import hashlib
 import json
-import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -28,7 +27,13 @@ from typing import Any, Literal, Mapping, Optional, Sequence, Union
 
 import yaml
 
+from sf_mlflow.constraints import Invalid as _Invalid
+from sf_mlflow.constraints import check_range as _check_range
+from sf_mlflow.constraints import coerce as _coerce
+from sf_mlflow.constraints import describe as _describe
+from sf_mlflow.constraints import param as _f
 from sf_mlflow.errors import ConfigError
+from sf_mlflow.models.settings import SVGP, ModelParams, TrainingParams
 
 __all__ = [
     "Config",
@@ -44,20 +49,6 @@ __all__ = [
     "config_from_dict",
     "parse_overrides",
 ]
-
-
-def _range(lo: float | None = None, hi: float | None = None, *, lo_open: bool = False,
-           hi_open: bool = False, doc: str = "") -> dict:
-    return {"lo": lo, "hi": hi, "lo_open": lo_open, "hi_open": hi_open, "doc": doc}
-
-
-def _f(default: Any, lo: float | None = None, hi: float | None = None, *, lo_open: bool = False,
-       hi_open: bool = False, doc: str = "") -> Any:
-    """A dataclass field with a default, an optional numeric range and a description."""
-    meta = _range(lo, hi, lo_open=lo_open, hi_open=hi_open, doc=doc)
-    if isinstance(default, (dict, list)) or dataclasses.is_dataclass(default):
-        raise TypeError("use field(default_factory=...) for mutable defaults")
-    return field(default=default, metadata=meta)
 
 
 @dataclass
@@ -127,63 +118,32 @@ class PreprocessingConfig:
 
 
 @dataclass
-class ModelConfig:
-    """The factor model: PNMF with a Gaussian (non-spatial) or MGGP-SVGP (spatial) prior."""
+class ModelConfig(ModelParams, SVGP):
+    """The factor model: PNMF with an MGGP-SVGP (spatial) or Gaussian (non-spatial) prior.
 
-    n_components: int = _f(10, 1, doc="number of factors L")
-    spatial: bool = _f(True, doc="GP prior over coordinates (true) or independent Gaussian prior")
-    prior: Optional[Literal["SVGP", "Gaussian"]] = _f(
-        None, doc="SVGP (requires spatial: true) or Gaussian; null = chosen from `spatial`")
-    groups: bool = _f(True, doc="multi-group kernel over cell-type groups (spatial models only)")
-    mode: Literal["lower-bound", "expanded", "simple"] = _f("lower-bound", doc="how the ELBO is computed")
-    num_samples: int = _f(8, 1, doc="Monte Carlo samples for the expanded and simple modes")
-    loadings_mode: Literal["multiplicative", "gradient"] = _f(
-        "multiplicative", doc="how loadings W are updated")
-    kernel: Literal["Matern32", "Matern12", "Matern52", "RBF"] = _f("Matern32", doc="GP kernel")
-    num_inducing: Union[Literal["auto"], int] = _f(
-        "auto", 1, doc="number of inducing points M; auto = a tenth of the distinct spot locations, "
-                       "at least 100 (or all of them), at most 3000")
-    lengthscale: float = _f(4.0, 0.0, lo_open=True, doc="kernel lengthscale, in scaled coordinates")
-    sigma: float = _f(1.0, 0.0, lo_open=True, doc="kernel amplitude")
-    group_diff_param: float = _f(10.0, 0.0, doc="how different groups are in the MGGP kernel")
-    train_lengthscale: bool = _f(False, doc="learn lengthscale and sigma instead of fixing them")
-    per_factor_lengthscale: bool = _f(False, doc="one lengthscale per factor instead of one shared")
-    cholesky_mode: Literal["exp", "softplus"] = _f("exp", doc="map from raw to positive Cholesky diagonal")
-    diagonal_only: bool = _f(False, doc="keep only the diagonal of the variational Cholesky factor")
-    inducing_allocation: Literal["proportional", "equal", "derived"] = _f(
-        "proportional", doc="how inducing points are shared among groups")
-    jitter: float = _f(1e-5, 0.0, lo_open=True, doc="diagonal jitter on Kzz, relative to sigma^2")
-    kl_weight: float = _f(1.0, 0.0, doc="weight of the KL term (1 = the true ELBO)")
+    Its fields are the estimator's (:class:`~sf_mlflow.models.settings.ModelParams`) and
+    the spatial prior's (:class:`~sf_mlflow.models.settings.SVGP`, used when
+    ``prior: SVGP``), plus the choice of prior.
+    """
+
+    prior: Literal["SVGP", "Gaussian"] = _f(
+        "SVGP", doc="SVGP: GP prior over the coordinates (spatial); Gaussian: independent factors")
 
     @property
-    def resolved_prior(self) -> str:
-        return self.prior or ("SVGP" if self.spatial else "Gaussian")
+    def spatial(self) -> bool:
+        """The SVGP prior is chosen."""
+        return self.prior == "SVGP"
+
+    def spatial_prior(self) -> SVGP:
+        """The spatial prior's settings object (whatever ``prior`` is)."""
+        return SVGP.from_settings(self)
 
 
 @dataclass
-class TrainingConfig:
-    """Optimisation settings."""
+class TrainingConfig(TrainingParams):
+    """Optimisation settings (:class:`~sf_mlflow.models.settings.TrainingParams`)."""
 
-    max_iter: int = _f(2000, 1, doc="maximum number of iterations")
-    learning_rate: float = _f(0.1, 0.0, lo_open=True,
-                              doc="optimiser step size; with optimizer natural the natural-gradient "
-                                  "step in (0, 1]")
-    optimizer: Literal["auto", "natural", "Adam", "AdamW", "SGD"] = _f(
-        "auto", doc="optimiser of the variational parameters; auto = natural for SVGP, Adam for Gaussian")
-    tol: float = _f(1e-4, 0.0, doc="stop when two consecutive checks of the ELBO on a fixed "
-                                   "evaluation block change it by less than this, relative")
-    tol_window: int = _f(10, 1, doc="iterations between two checks of the stopping rule")
-    validation_every: int = _f(10, 0, doc="iterations between held-out deviance checks of a "
-                                          "spatial model (early stopping); 0 = none")
-    patience: int = _f(5, 1, doc="stop after this many held-out checks without improvement")
-    dtype: Literal["float32", "float64"] = _f("float32", doc="floating-point precision of the fit")
     verbose: bool = _f(False, doc="print every progress line instead of a sparser cadence")
-    device: Literal["cpu", "gpu", "cuda", "auto"] = _f(
-        "auto", doc="cpu; gpu/cuda (falls back to cpu with a warning); auto = cuda when present")
-    batch_size: Optional[int] = _f(None, 1, doc="spots per mini-batch; null = all spots")
-    y_batch_size: Optional[int] = _f(None, 1, doc="genes per mini-batch; null = all genes")
-    shuffle: bool = _f(True, doc="draw mini-batches in a fresh random order every epoch")
-    log_every: int = _f(50, 1, doc="iterations between progress lines")
 
 
 @dataclass
@@ -316,11 +276,6 @@ class Config:
 
 # ---- generic validation ---------------------------------------------------------------------
 
-_TRUE = {"true", "yes", "on", "1"}
-_FALSE = {"false", "no", "off", "0"}
-_NONE = {"null", "none", "~", ""}
-
-
 def _flatten(d: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
     out: dict[str, Any] = {}
     for k, v in d.items():
@@ -330,109 +285,6 @@ def _flatten(d: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
         else:
             out[key] = v
     return out
-
-
-def _describe(tp: Any) -> str:
-    origin = typing.get_origin(tp)
-    if origin is Literal:
-        return "one of " + ", ".join(repr(a) for a in typing.get_args(tp))
-    if origin in (Union, types.UnionType):
-        args = [a for a in typing.get_args(tp) if a is not type(None)]
-        return " or ".join(_describe(a) for a in args) + " or null"
-    return {int: "an integer", float: "a number", bool: "true or false", str: "a string",
-            list: "a list"}.get(
-        tp, getattr(tp, "__name__", str(tp)))
-
-
-class _Invalid(Exception):
-    def __init__(self, expected: str):
-        self.expected = expected
-
-
-def _coerce(value: Any, tp: Any) -> Any:
-    """Convert ``value`` to type ``tp`` or raise _Invalid with what was expected."""
-    origin = typing.get_origin(tp)
-    if origin in (Union, types.UnionType):
-        args = typing.get_args(tp)
-        if value is None or (isinstance(value, str) and value.strip().lower() in _NONE):
-            if type(None) in args:
-                return None
-        inner = [a for a in args if a is not type(None)]
-        for a in inner:
-            try:
-                return _coerce(value, a)
-            except _Invalid:
-                pass
-        raise _Invalid(_describe(tp))
-    if origin is Literal:
-        choices = typing.get_args(tp)
-        if value in choices:
-            return value
-        if isinstance(value, str):
-            low = {str(c).lower(): c for c in choices}
-            if value.lower() in low:
-                return low[value.lower()]
-        hint = difflib.get_close_matches(str(value), [str(c) for c in choices], n=1)
-        raise _Invalid(_describe(tp) + (f" (did you mean {hint[0]!r}?)" if hint else ""))
-    if tp is bool:
-        if isinstance(value, bool):
-            return value
-        if isinstance(value, str) and value.strip().lower() in _TRUE | _FALSE:
-            return value.strip().lower() in _TRUE
-        raise _Invalid("true or false")
-    if tp is int:
-        if isinstance(value, bool):
-            raise _Invalid("an integer")
-        if isinstance(value, int):
-            return value
-        if isinstance(value, float) and value.is_integer():
-            return int(value)
-        if isinstance(value, str):
-            try:
-                f = float(value.strip())
-            except ValueError:
-                raise _Invalid("an integer") from None
-            if f.is_integer():
-                return int(f)
-        raise _Invalid("an integer")
-    if tp is float:
-        if isinstance(value, bool):
-            raise _Invalid("a number")
-        if isinstance(value, (int, float)):
-            out = float(value)
-        elif isinstance(value, str):
-            try:
-                out = float(value.strip())
-            except ValueError:
-                raise _Invalid("a number") from None
-        else:
-            raise _Invalid("a number")
-        if not math.isfinite(out):
-            raise _Invalid("a finite number")
-        return out
-    if tp is str:
-        if isinstance(value, str):
-            return value
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return str(value)
-        raise _Invalid("a string")
-    if tp is list:
-        if isinstance(value, (list, tuple)) and all(
-                v is None or isinstance(v, (bool, int, float, str)) for v in value):
-            return list(value)
-        raise _Invalid("a list of plain values, e.g. [1, 2, 3]")
-    raise TypeError(f"unsupported config type {tp!r}")
-
-
-def _check_range(value: Any, meta: Mapping[str, Any]) -> str | None:
-    if value is None or isinstance(value, (bool, str)):
-        return None
-    lo, hi = meta.get("lo"), meta.get("hi")
-    if lo is not None and (value <= lo if meta.get("lo_open") else value < lo):
-        return f"a value {'>' if meta.get('lo_open') else '>='} {lo:g}"
-    if hi is not None and (value >= hi if meta.get("hi_open") else value > hi):
-        return f"a value {'<' if meta.get('hi_open') else '<='} {hi:g}"
-    return None
 
 
 def _build(cls: type, raw: Any, source: str, prefix: str) -> Any:
@@ -591,16 +443,6 @@ def _check_tuning(cfg: Config, source: str) -> None:
                                   "an integer")
 
 
-def _check_consistency(cfg: Config, source: str) -> None:
-    m = cfg.model
-    if m.prior == "SVGP" and not m.spatial:
-        raise ConfigError(f"{source}: model.prior = 'SVGP' needs model.spatial: true "
-                          "(or set model.prior: Gaussian for the non-spatial model)")
-    if m.prior == "Gaussian" and m.spatial:
-        raise ConfigError(f"{source}: model.prior = 'Gaussian' is the non-spatial prior; "
-                          "set model.spatial: false, or model.prior: SVGP")
-
-
 # ---- public API -----------------------------------------------------------------------------
 
 def parse_overrides(items: Sequence[str] | Mapping[str, Any] | None) -> dict[str, Any]:
@@ -648,6 +490,19 @@ def _apply_overrides(raw: dict, overrides: Mapping[str, Any], source: str) -> di
     return raw
 
 
+def _check_renamed(raw: Mapping[str, Any], source: str) -> None:
+    """Keys of older versions get an error that says what replaced them."""
+    model = raw.get("model")
+    if isinstance(model, Mapping) and "spatial" in model:
+        try:
+            spatial = _coerce(model["spatial"], bool)
+        except _Invalid:
+            spatial = True
+        raise ConfigError(f"{source}: model.spatial was replaced by model.prior; write "
+                          f"`prior: {'SVGP' if spatial else 'Gaussian'}` instead of "
+                          f"`spatial: {model['spatial']}`")
+
+
 def config_from_dict(raw: Mapping[str, Any] | None, source: str = "<config>",
                      overrides: Sequence[str] | Mapping[str, Any] | None = None) -> Config:
     """Validate a nested mapping (plus dotted-key overrides) into a :class:`Config`."""
@@ -657,8 +512,8 @@ def config_from_dict(raw: Mapping[str, Any] | None, source: str = "<config>",
                           f"got {type(raw).__name__}")
     merged = _apply_overrides(dict(raw or {}), ov, source)
     label = source + (" (with overrides)" if ov else "")
+    _check_renamed(merged, label)
     cfg = _build(Config, merged, label, "")
-    _check_consistency(cfg, label)
     _check_tuning(cfg, label)
     cfg.source = source
     return cfg

@@ -24,17 +24,17 @@ def test_slideseq_svgp_config_matches_the_plan():
     assert cfg.training.learning_rate == pytest.approx(0.1)  # '1e-1' is a string to PyYAML
     assert cfg.training.tol == pytest.approx(1e-4)
     assert cfg.model.num_inducing == 3000 and cfg.model.kernel == "Matern32"
-    assert cfg.model.resolved_prior == "SVGP" and cfg.training.optimizer == "auto"
+    assert cfg.model.prior == "SVGP" and cfg.training.optimizer == "auto"
     assert cfg.training.batch_size == 7000 and cfg.training.y_batch_size == 2000
     # the plan's data: adata.raw, its QC, and its coordinates, in which lengthscale 4 is meant
     assert cfg.data.use_raw == "auto" and cfg.preprocessing.max_mt_fraction == 0.2
     assert cfg.preprocessing.coordinate_scaling == "geometric_mean"
     assert cfg.preprocessing.spatial_scale == 50.0 and cfg.model.lengthscale == 4.0
     twin = load_config(REPO / "configs/slideseq/pnmf.yaml")
-    assert twin.model.spatial is False and twin.model.resolved_prior == "Gaussian"
+    assert twin.model.spatial is False and twin.model.prior == "Gaussian"
     # The twins differ only in the model's prior (and the experiment name).
     a, b = cfg.flat(), twin.flat()
-    assert {k for k in a if a[k] != b[k]} == {"name", "model.spatial", "model.prior"}
+    assert {k for k in a if a[k] != b[k]} == {"name", "model.prior"}
 
 
 def test_data_and_preprocessing_defaults_are_the_plans():
@@ -79,8 +79,10 @@ def test_scientific_notation_strings_are_numbers():
     ({"training": {"learning_rate": "fast"}}, ["training.learning_rate = 'fast'", "a number"]),
     ({"preprocessing": {"holdout_fraction": 1.0}}, ["preprocessing.holdout_fraction = 1.0", "< 1"]),
     ({"preprocessing": 5}, ["preprocessing must be a mapping"]),
-    ({"model": {"spatial": False, "prior": "SVGP"}}, ["model.prior = 'SVGP' needs model.spatial: true"]),
-    ({"model": {"spatial": True, "prior": "Gaussian"}}, ["non-spatial prior", "model.spatial: false"]),
+    ({"model": {"spatial": False}}, ["model.spatial was replaced by model.prior",
+                                     "`prior: Gaussian` instead of `spatial: False`"]),
+    ({"model": {"spatial": "true"}}, ["`prior: SVGP` instead of `spatial: true`"]),
+    ({"model": {"prior": "gp"}}, ["model.prior = 'gp'", "one of 'SVGP', 'Gaussian'"]),
     ({"dataset": "visium"}, ["dataset = 'visium'", "'slideseq', 'h5ad', 'synthetic'"]),
     ({"data": {"use_raw": "raw"}}, ["data.use_raw = 'raw'", "one of 'auto', True, False"]),
     ({"data": {"use_raw": 2}}, ["data.use_raw = 2", "one of 'auto', True, False"]),

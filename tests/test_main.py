@@ -24,7 +24,7 @@ from test_stages import SMALL, all_runs, write_config
 
 # a spatial model so that every stage (groupwise factors included) is exercised
 PIPELINE = {**SMALL, "name": "main_tests",
-            "model": {"n_components": 3, "spatial": True, "groups": True, "num_inducing": 30,
+            "model": {"n_components": 3, "prior": "SVGP", "groups": True, "num_inducing": 30,
                       "lengthscale": 2.0},
             "training": {"max_iter": 25, "device": "cpu", "log_every": 25},
             "analysis": {"group_loadings_iter": 20}}

@@ -38,7 +38,7 @@ def test_preprocess_then_train_via_mlflow_run(tmp_path):
         "output_dir": str(tmp_path / "outputs"),
         "data": {"synthetic": {"n_spots": 400, "n_genes": 80, "n_components": 3}},
         "preprocessing": {"min_counts": 5, "min_cells": 3, "holdout_fraction": 0.1},
-        "model": {"n_components": 3, "spatial": False},
+        "model": {"n_components": 3, "prior": "Gaussian"},
         "training": {"max_iter": 200, "tol": 0.0, "device": "cpu", "log_every": 10},
     }))
     pre = mlflow_run("preprocess", {"config": config}, tmp_path, uri)
@@ -246,7 +246,7 @@ def test_ctrl_c_on_mlflow_run_train_checkpoints_and_resume_from_finishes(tmp_pat
     raw = {"name": "ctrl_c", "seed": 1, "dataset": "synthetic", "output_dir": str(tmp_path / "out"),
            "data": {"synthetic": {"n_spots": 300, "n_genes": 50, "n_components": 3}},
            "preprocessing": {"min_counts": 5, "min_cells": 3},
-           "model": {"n_components": 3, "spatial": False},
+           "model": {"n_components": 3, "prior": "Gaussian"},
            "training": {"max_iter": 3000, "tol": 0, "device": "cpu", "log_every": 1,
                         "batch_size": 100}}
     config = tmp_path / "c.yaml"

@@ -45,8 +45,8 @@ BASE = {
     "training": {"max_iter": 20, "device": "cpu", "log_every": 20},
 }
 SPATIAL = {**BASE, "name": "registry_svgp",
-           "model": {"n_components": 3, "spatial": True, "groups": True, "num_inducing": 30}}
-PNMF = {**BASE, "name": "registry_pnmf", "model": {"n_components": 3, "spatial": False}}
+           "model": {"n_components": 3, "prior": "SVGP", "groups": True, "num_inducing": 30}}
+PNMF = {**BASE, "name": "registry_pnmf", "model": {"n_components": 3, "prior": "Gaussian"}}
 
 # Loads the models named in a JSON job file and predicts; run with a fresh interpreter
 # in an empty working directory. Errors are recorded, not raised, so the test can check

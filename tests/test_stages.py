@@ -31,7 +31,7 @@ SMALL = {
                            "mean_counts": 200}},
     "preprocessing": {"min_counts": 5, "min_cells": 3, "holdout_fraction": 0.1,
                       "spatial_scale": 10.0},
-    "model": {"n_components": 3, "spatial": False},
+    "model": {"n_components": 3, "prior": "Gaussian"},
     "training": {"max_iter": 40, "device": "cpu", "log_every": 20},
 }
 
@@ -207,7 +207,7 @@ def test_figures_compare_pnmf_and_svgp(mlflow_store, tmp_path):
     from sf_mlflow.stages.figures import run_figures
 
     pnmf = config_from_dict({**SMALL, "training": {**SMALL["training"], "max_iter": 20}}, "p.yaml")
-    svgp = config_from_dict({**SMALL, "model": {"n_components": 3, "spatial": True,
+    svgp = config_from_dict({**SMALL, "model": {"n_components": 3, "prior": "SVGP",
                                                 "num_inducing": 25, "lengthscale": 2.0},
                              "training": {**SMALL["training"], "max_iter": 20},
                              "analysis": {"group_loadings_iter": 10}}, "s.yaml")
@@ -231,7 +231,7 @@ def test_figures_compare_pnmf_and_svgp(mlflow_store, tmp_path):
         assert img[..., :3].var() > 1e-3, p
 
 
-SPATIAL = {**SMALL, "model": {"n_components": 3, "spatial": True, "groups": True,
+SPATIAL = {**SMALL, "model": {"n_components": 3, "prior": "SVGP", "groups": True,
                               "num_inducing": 40, "lengthscale": 2.0},
            "training": {"max_iter": 30, "device": "cpu", "log_every": 10, "validation_every": 5}}
 

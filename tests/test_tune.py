@@ -41,7 +41,7 @@ TUNE = {
                            "mean_counts": 200, "lengthscale": 0.15}},
     "preprocessing": {"min_counts": 5, "min_cells": 3, "holdout_fraction": 0.2,
                       "spatial_scale": 10.0},
-    "model": {"n_components": 2, "spatial": True, "groups": False},
+    "model": {"n_components": 2, "prior": "SVGP", "groups": False},
     "training": {"max_iter": 50, "device": "cpu", "log_every": 50, "learning_rate": 0.05},
     "tuning": {"n_trials": 6, "lengthscale": {"low": 0.01, "high": 100.0},
                "num_inducing": {"low": 10, "high": 50}, "report_every": 10,
@@ -242,7 +242,7 @@ def test_tune_without_heldout_spots_names_holdout_fraction(mlflow_store, tmp_pat
 
 
 def test_tune_needs_the_spatial_model(mlflow_store, tmp_path, capsys):
-    raw = {**TUNE, "model": {"n_components": 2, "spatial": False}}
+    raw = {**TUNE, "model": {"n_components": 2, "prior": "Gaussian"}}
     path = write_config(tmp_path, raw)
     assert main(["tune", "-c", str(path)]) == 2
     err = user_error(capsys.readouterr().err)

@@ -28,10 +28,11 @@ import warnings
 from typing import Optional
 
 import numpy as np
+import torch
 
 from sf_mlflow.errors import ModelError
 
-__all__ = ["select_inducing_points", "allocate_counts", "auto_num_inducing", "ALLOCATIONS",
+__all__ = ["select_inducing_points", "allocate_counts", "auto_num_inducing", "place_inducing", "ALLOCATIONS",
            "AUTO_MAX", "AUTO_MIN", "AUTO_SPOTS_PER_POINT"]
 
 #: Accepted values of ``allocation``.
@@ -235,3 +236,31 @@ def _derived(X: np.ndarray, g: np.ndarray, codes: np.ndarray, M: int, seed: int,
         owner[best] = j
     order = np.argsort(owner, kind="stable")
     return Z[order], codes[owner[order]]
+
+
+def place_inducing(coordinates, groups, num_inducing, allocation, seed,
+                   inducing_points=None, inducing_groups=None):
+    """Inducing points Z (M, 2) and their groups (M,) as CPU tensors: the given ones, checked,
+    or :func:`select_inducing_points` on the spots (coordinates (N, 2), groups (N,) or None)."""
+    if inducing_points is not None:
+        Z = torch.as_tensor(inducing_points).detach()
+        if Z.dim() != 2 or Z.shape[1] != 2 or Z.shape[0] < 1:
+            raise ModelError(f"inducing_points must have shape (M, 2) with M >= 1, got "
+                             f"{tuple(Z.shape)}")
+        if inducing_groups is None:
+            gZ = torch.zeros(Z.shape[0], dtype=torch.int64)
+        else:
+            gZ = torch.as_tensor(inducing_groups).detach()
+            if gZ.shape != (Z.shape[0],) or gZ.is_floating_point():
+                raise ModelError(f"inducing_groups must be integer codes of shape (M,) = "
+                                 f"({Z.shape[0]},), got {tuple(gZ.shape)} {gZ.dtype}")
+            if groups is None and torch.unique(gZ).numel() > 1:
+                raise ModelError("inducing_groups holds several groups but groups = None asks for "
+                                 "a single-group kernel; pass the spots' groups to load a "
+                                 "multi-group model")
+        return Z.cpu(), gZ.cpu().long()
+    Zn, gn = select_inducing_points(
+        coordinates.detach().cpu().double().numpy(),
+        None if groups is None else groups.detach().cpu().numpy(),
+        num_inducing, allocation, seed)
+    return torch.from_numpy(Zn), torch.from_numpy(gn)

@@ -51,9 +51,10 @@ from torch import Tensor, nn
 from sf_mlflow.errors import ModelError
 from sf_mlflow.models.blocktri import (BlockLayout, default_block_size, strict_lower_sq_norm,
                                       triangular_quad)
-from sf_mlflow.models.inducing import ALLOCATIONS, select_inducing_points
+from sf_mlflow.models.inducing import place_inducing
 from sf_mlflow.models.kernels import StationaryKernel, make_kernel, squared_distances
 from sf_mlflow.models.priors import FactorPrior
+from sf_mlflow.models.settings import SVGP
 
 __all__ = ["SVGPPrior", "CHOLESKY_MODES", "INIT_SCALE", "MAX_JITTER"]
 
@@ -173,14 +174,9 @@ class SVGPPrior(FactorPrior):
         L = int(n_components)
         if L < 1:
             raise ModelError(f"n_components = {n_components!r} must be a positive integer")
-        if cholesky_mode not in CHOLESKY_MODES:
-            raise ModelError(f"cholesky_mode = {cholesky_mode!r} is unknown; expected one of "
-                             f"{', '.join(CHOLESKY_MODES)}")
-        if inducing_allocation not in ALLOCATIONS:
-            raise ModelError(f"inducing_allocation = {inducing_allocation!r} is unknown; expected "
-                             f"one of {', '.join(ALLOCATIONS)}")
-        if not (math.isfinite(jitter) and jitter > 0):
-            raise ModelError(f"jitter = {jitter!r} must be a finite number > 0 (relative to sigma^2)")
+        # the settings table checks kernel, amplitude, jitter, allocation and Cholesky map
+        SVGP(kernel=kernel, num_inducing=num_inducing, sigma=sigma, group_diff_param=group_diff_param,
+             cholesky_mode=cholesky_mode, inducing_allocation=inducing_allocation, jitter=jitter)
         if not (math.isfinite(kl_weight) and kl_weight >= 0):
             raise ModelError(f"kl_weight = {kl_weight!r} must be a finite number >= 0")
         if groups is not None:
@@ -191,7 +187,7 @@ class SVGPPrior(FactorPrior):
             if groups.numel() and int(groups.min()) < 0:
                 raise ModelError(f"groups must be codes >= 0, got minimum {int(groups.min())}")
 
-        Z, gZ = self._place_inducing(coordinates, groups, num_inducing, inducing_allocation, seed,
+        Z, gZ = place_inducing(coordinates, groups, num_inducing, inducing_allocation, seed,
                                      inducing_points, inducing_groups)
         M = Z.shape[0]
         self.n_components = L
@@ -223,32 +219,6 @@ class SVGPPrior(FactorPrior):
         self.jitter_used_: Optional[float] = None
         self._lzz_cache: Optional[Tensor] = None
         self._lzz_key: Optional[tuple] = None
-
-    @staticmethod
-    def _place_inducing(coordinates, groups, num_inducing, allocation, seed,
-                        inducing_points, inducing_groups) -> tuple[Tensor, Tensor]:
-        if inducing_points is not None:
-            Z = torch.as_tensor(inducing_points).detach()
-            if Z.dim() != 2 or Z.shape[1] != 2 or Z.shape[0] < 1:
-                raise ModelError(f"inducing_points must have shape (M, 2) with M >= 1, got "
-                                 f"{tuple(Z.shape)}")
-            if inducing_groups is None:
-                gZ = torch.zeros(Z.shape[0], dtype=torch.int64)
-            else:
-                gZ = torch.as_tensor(inducing_groups).detach()
-                if gZ.shape != (Z.shape[0],) or gZ.is_floating_point():
-                    raise ModelError(f"inducing_groups must be integer codes of shape (M,) = "
-                                     f"({Z.shape[0]},), got {tuple(gZ.shape)} {gZ.dtype}")
-                if groups is None and torch.unique(gZ).numel() > 1:
-                    raise ModelError("inducing_groups holds several groups but groups = None asks for "
-                                     "a single-group kernel; pass the spots' groups to load a "
-                                     "multi-group model")
-            return Z.cpu(), gZ.cpu().long()
-        Zn, gn = select_inducing_points(
-            coordinates.detach().cpu().double().numpy(),
-            None if groups is None else groups.detach().cpu().numpy(),
-            num_inducing, allocation, seed)
-        return torch.from_numpy(Zn), torch.from_numpy(gn)
 
     # ---- logging properties --------------------------------------------------------------
     @property

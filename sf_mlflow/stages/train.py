@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import dataclasses
 import json
 import tempfile
 import warnings
@@ -16,6 +17,7 @@ from sf_mlflow.config import Config
 from sf_mlflow.data.io import PreprocessedData, read_preprocessed
 from sf_mlflow.errors import ConfigError, RunLookupError
 from sf_mlflow.models.pnmf import PNMF, ConvergenceWarning, NonFiniteELBOError
+from sf_mlflow.models.settings import ModelParams, TrainingParams
 from sf_mlflow.stages._common import base_tags, preprocess_hash, say, staging_dir
 from sf_mlflow.stages._signals import StopRequests
 from sf_mlflow.tracking import (
@@ -41,7 +43,7 @@ CHECKPOINT_FILE = "checkpoint.pt"
 
 def model_kind(config: Config) -> str:
     """``"svgp"`` or ``"pnmf"``: the short model name used in run names and tags."""
-    return "svgp" if config.model.resolved_prior == "SVGP" else "pnmf"
+    return "svgp" if config.model.spatial else "pnmf"
 
 
 def run_name(config: Config) -> str:
@@ -53,23 +55,17 @@ def run_name(config: Config) -> str:
 
 
 def build_model(config: Config) -> PNMF:
-    """The estimator the config describes (hyperparameters only; nothing is fitted)."""
+    """The estimator the config describes (hyperparameters only; nothing is fitted).
+
+    The config's model and training sections share their fields with the estimator's
+    settings (:mod:`sf_mlflow.models.settings`), so every field is passed by name.
+    """
     m, t = config.model, config.training
-    return PNMF(
-        n_components=m.n_components,
-        prior="svgp" if m.resolved_prior == "SVGP" else "gaussian",
-        mode=m.mode, num_samples=m.num_samples, loadings_mode=m.loadings_mode,
-        kernel=m.kernel, num_inducing=m.num_inducing, lengthscale=m.lengthscale, sigma=m.sigma,
-        group_diff_param=m.group_diff_param, use_groups=m.groups,
-        train_lengthscale=m.train_lengthscale, per_factor_lengthscale=m.per_factor_lengthscale,
-        cholesky_mode=m.cholesky_mode, diagonal_only=m.diagonal_only,
-        inducing_allocation=m.inducing_allocation, jitter=m.jitter, kl_weight=m.kl_weight,
-        max_iter=t.max_iter, learning_rate=t.learning_rate, optimizer=t.optimizer, tol=t.tol,
-        tol_window=t.tol_window, validation_every=t.validation_every, patience=t.patience,
-        batch_size=t.batch_size, y_batch_size=t.y_batch_size, dtype=t.dtype,
-        shuffle=t.shuffle, device=t.device, random_state=config.seed, verbose=True,
-        log_every=1 if t.verbose else t.log_every,
-    )
+    params = {f.name: getattr(m, f.name) for f in dataclasses.fields(ModelParams)}
+    params.update({f.name: getattr(t, f.name) for f in dataclasses.fields(TrainingParams)})
+    params["log_every"] = 1 if t.verbose else t.log_every
+    return PNMF(prior=m.spatial_prior() if m.spatial else "gaussian", random_state=config.seed,
+                verbose=True, **params)
 
 
 def resolve_preprocess_run(config: Config, preprocess_run_id: str | None):
@@ -92,7 +88,7 @@ def training_inputs(config: Config, pre: PreprocessedData):
     """Counts, coordinates and groups of the training (not held-out) spots."""
     data = pre.training_spots()
     groups = None
-    if config.model.resolved_prior == "SVGP" and config.model.groups:
+    if config.model.spatial and config.model.groups:
         if data.groups is None:
             raise ConfigError(
                 f"{config.source}: model.groups is true but dataset '{config.dataset}' has no "
@@ -211,11 +207,13 @@ def run_train(config: Config, preprocess_run_id: str | None = None, *,
         say(STAGE, f"fitting on {data.n_spots:,} spots x {data.n_genes:,} genes")
 
         with StopRequests() as stop:
-            def callback(it: int, elbo: float) -> bool | None:
-                elbo_stream.append(it, elbo)
+            def callback(state) -> bool | None:
+                elbo_stream.append(state.iteration, state.elbo)
                 if stop.requested:
                     return True
-                return on_iteration(model, it, elbo) if on_iteration is not None else None
+                if on_iteration is None:
+                    return None
+                return on_iteration(model, state.iteration, state.elbo)
 
             with warnings.catch_warnings(record=True) as caught:
                 warnings.simplefilter("always", ConvergenceWarning)

@@ -354,10 +354,10 @@ def parse_n_trials(text: str | int | None) -> int | None:
 
 
 def check_tunable(config: Config) -> None:
-    if config.model.resolved_prior != "SVGP":
+    if not config.model.spatial:
         raise ConfigError(
             f"{config.source}: the tune stage searches model.lengthscale and model.num_inducing, "
-            "which only the spatial model has; set model.spatial: true (model.prior: SVGP)")
+            "which only the spatial model has; set model.prior: SVGP")
 
 
 def run_tune(config: Config, preprocess_run_id: str | None = None, n_trials: int | None = None,

@@ -6,6 +6,7 @@ import pytest
 from sf_mlflow.analysis.summary import analyze_model, heldout_deviance
 from sf_mlflow.data.synthetic import make_synthetic
 from sf_mlflow.models.pnmf import PNMF
+from sf_mlflow.models.settings import SVGP
 
 
 @pytest.fixture(scope="module")
@@ -24,7 +25,7 @@ def fitted(split):
     train, _ = split
     common = dict(max_iter=100, tol=0, random_state=0)
     pnmf = PNMF(3, prior="gaussian", **common).fit(train.counts)
-    svgp = PNMF(3, prior="svgp", num_inducing=100, lengthscale=4.0, **common).fit(
+    svgp = PNMF(3, prior=SVGP(num_inducing=100, lengthscale=4.0), **common).fit(
         train.counts, coordinates=train.coordinates)
     return {"pnmf": pnmf, "svgp": svgp}
 

@@ -6,6 +6,7 @@ import pytest
 from sf_mlflow.data.synthetic import make_synthetic
 from sf_mlflow.errors import ConfigError, DataError, ModelError
 from sf_mlflow.models.pnmf import PNMF
+from sf_mlflow.models.settings import SVGP
 
 
 @pytest.fixture(scope="module")
@@ -19,24 +20,23 @@ CASES = {
     # Monte Carlo ELBO: the torch generator must be restored
     "gaussian-simple": dict(prior="gaussian", mode="simple", num_samples=3),
     # spatial prior with groups, expanded mode, spot mini-batches
-    "svgp-expanded": dict(prior="svgp", mode="expanded", num_samples=2, num_inducing=40,
-                          lengthscale=0.3, batch_size=200),
-    "svgp-gradient-loadings": dict(prior="svgp", num_inducing=30, lengthscale=0.3,
-                                   loadings_mode="gradient"),
+    "svgp-expanded": dict(prior=SVGP(num_inducing=40, lengthscale=0.3), mode="expanded", num_samples=2,
+                          batch_size=200),
+    "svgp-gradient-loadings": dict(prior=SVGP(num_inducing=30, lengthscale=0.3), loadings_mode="gradient"),
     # the natural-gradient optimiser's carried precision, full and diagonal q(v), and Adam
-    "svgp-natural-minibatch": dict(prior="svgp", optimizer="natural", learning_rate=0.3,
-                                   num_inducing=40, lengthscale=0.3, batch_size=150),
-    "svgp-natural-diagonal": dict(prior="svgp", optimizer="natural", num_inducing=40,
-                                  lengthscale=0.3, diagonal_only=True),
-    "svgp-adam": dict(prior="svgp", optimizer="Adam", learning_rate=0.01, num_inducing=40,
-                      lengthscale=0.3, batch_size=200),
+    "svgp-natural-minibatch": dict(prior=SVGP(num_inducing=40, lengthscale=0.3), optimizer="natural",
+                                   learning_rate=0.3, batch_size=150),
+    "svgp-natural-diagonal": dict(prior=SVGP(num_inducing=40, lengthscale=0.3, diagonal_only=True),
+                                  optimizer="natural"),
+    "svgp-adam": dict(prior=SVGP(num_inducing=40, lengthscale=0.3), optimizer="Adam", learning_rate=0.01,
+                      batch_size=200),
 }
 
 
 def _fit(data, params, **kw):
     model = PNMF(3, max_iter=24, tol=0, random_state=5, **params)
-    groups = data.groups if params["prior"] == "svgp" else None
-    coords = data.coordinates if params["prior"] == "svgp" else None
+    groups = data.groups if isinstance(params["prior"], SVGP) else None
+    coords = data.coordinates if isinstance(params["prior"], SVGP) else None
     return model.fit(data.counts, coordinates=coords, groups=groups, **kw)
 
 
@@ -45,7 +45,7 @@ def test_resumed_fit_equals_uninterrupted_fit(data, case, tmp_path):
     params = CASES[case]
     reference = _fit(data, params)
 
-    stopped = _fit(data, params, callback=lambda it, elbo: it == 10)
+    stopped = _fit(data, params, callback=lambda state: state.iteration == 10)
     assert stopped.n_iter_ == 10 and stopped.stopped_early_
     path = tmp_path / "ckpt.pt"
     stopped.save_checkpoint(path)
@@ -62,9 +62,9 @@ def test_checkpoint_from_inside_the_callback(data):
     reference = _fit(data, params)
     saved = {}
 
-    def cb(it, elbo):
-        if it == 7:
-            saved["ckpt"] = model.checkpoint()
+    def cb(state):
+        if state.iteration == 7:
+            saved["ckpt"] = state.checkpoint()
 
     model = PNMF(3, max_iter=24, tol=0, random_state=5, **params)
     model.fit(data.counts, callback=cb)
@@ -75,7 +75,7 @@ def test_checkpoint_from_inside_the_callback(data):
 
 def test_resume_may_extend_max_iter(data):
     params = CASES["gaussian-minibatch"]
-    stopped = _fit(data, params, callback=lambda it, elbo: it == 10)
+    stopped = _fit(data, params, callback=lambda state: state.iteration == 10)
     longer = PNMF(3, max_iter=30, tol=0, random_state=5, **params)
     longer.fit(data.counts, resume=stopped.checkpoint())
     assert longer.n_iter_ == 30
@@ -84,7 +84,7 @@ def test_resume_may_extend_max_iter(data):
 
 def test_resume_rejects_other_hyperparameters_and_data(data):
     params = CASES["gaussian-minibatch"]
-    ckpt = _fit(data, params, callback=lambda it, elbo: it == 3).checkpoint()
+    ckpt = _fit(data, params, callback=lambda state: state.iteration == 3).checkpoint()
     other = PNMF(3, max_iter=24, tol=0, random_state=6, **params)
     with pytest.raises(ConfigError, match=r"random_state: checkpoint 5, now 6"):
         other.fit(data.counts, resume=ckpt)
@@ -93,9 +93,9 @@ def test_resume_rejects_other_hyperparameters_and_data(data):
         same.fit(data.counts[:, :59], resume=ckpt)
 
 
-def test_checkpoint_needs_a_fit_in_progress_or_stopped(data, tmp_path):
+def test_checkpoint_needs_a_stopped_fit(data, tmp_path):
     finished = _fit(data, CASES["gaussian-minibatch"])
-    with pytest.raises(ModelError, match="fit in progress"):
+    with pytest.raises(ModelError, match=r"stopped early .*inside a fit callback use state.checkpoint\(\)"):
         finished.checkpoint()
     (tmp_path / "x.pt").write_bytes(b"")
     import torch

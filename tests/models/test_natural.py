@@ -10,14 +10,17 @@ import pytest
 import torch
 
 from sf_mlflow.analysis.deviance import poisson_deviance
-from sf_mlflow.models.neighbours import nearest_neighbour_log_factors
 from sf_mlflow.data.preprocess import heldout_split
 from sf_mlflow.data.synthetic import make_synthetic
 from sf_mlflow.errors import ConfigError, ModelError
+from sf_mlflow.models._training import VALIDATION_MIN_DELTA
 from sf_mlflow.models.inducing import auto_num_inducing
+from sf_mlflow.models.inputs import check_counts
 from sf_mlflow.models.likelihood import CountBatch, poisson_deviance as block_deviance
 from sf_mlflow.models.natural import MAX_MEAN_STEP, NaturalGradient
-from sf_mlflow.models.pnmf import VALIDATION_MIN_DELTA, PNMF, ConvergenceWarning, NonFiniteELBOError
+from sf_mlflow.models.neighbours import nearest_neighbour_log_factors
+from sf_mlflow.models.pnmf import PNMF, ConvergenceWarning, NonFiniteELBOError
+from sf_mlflow.models.settings import SVGP
 from sf_mlflow.models.svgp import SVGPPrior
 from test_spatial_recovery import matched_correlation
 
@@ -134,9 +137,10 @@ def grouped():
 
 
 def _svgp(**kw):
-    params = dict(prior="svgp", num_inducing=60, lengthscale=4.0, random_state=0)
-    params.update(kw)
-    return PNMF(3, **params)
+    """PNMF with the spatial prior; keywords naming SVGP settings go to the prior."""
+    spatial = {k: kw.pop(k) for k in list(kw) if k in SVGP().to_dict()}
+    return PNMF(3, prior=SVGP(**{"num_inducing": 60, "lengthscale": 4.0, **spatial}),
+                **{"random_state": 0, **kw})
 
 
 @pytest.mark.parametrize("lr,batch_size", [(0.1, 300), (0.3, 300), (1.0, None)])
@@ -174,8 +178,8 @@ def test_non_finite_elbo_rolls_back_to_the_last_finite_state_which_can_resume(gr
     X = grouped.coordinates * 20
     model = _svgp(max_iter=30, tol=0)
 
-    def corrupt(it, elbo):
-        if it == 15:
+    def corrupt(state):
+        if state.iteration == 15:
             with torch.no_grad():
                 model.prior_.mu.fill_(float("nan"))
 
@@ -209,15 +213,11 @@ def test_converged_fit_does_not_warn(grouped):
 
 
 def test_stopping_rule_reads_a_deterministic_evaluation_block(grouped):
-    seen = []
     model = _svgp(max_iter=12, tol=0, batch_size=200, y_batch_size=40)
-
-    def check(it, elbo):
-        if it == 12:
-            seen.extend([model._trainer.evaluate_elbo(), model._trainer.evaluate_elbo()])
-
-    model.fit(grouped.counts, coordinates=grouped.coordinates * 20, groups=grouped.groups,
-              callback=check)
+    trainer = model._start(model._validated(), check_counts(grouped.counts),
+                           grouped.coordinates * 20, grouped.groups, None)
+    trainer.run(None)
+    seen = [trainer.evaluate_elbo(), trainer.evaluate_elbo()]
     assert seen[0] == seen[1] and math.isfinite(seen[0])
 
 
@@ -267,7 +267,7 @@ def test_auto_num_inducing_grows_with_distinct_locations_and_is_capped():
 
 def test_auto_is_the_default_and_records_the_value_used(grouped):
     model = PNMF(3, prior="svgp", max_iter=2, tol=0)
-    assert model.num_inducing == "auto"
+    assert model._validated()["spatial"].num_inducing == "auto"
     model.fit(grouped.counts, coordinates=grouped.coordinates * 20, groups=grouped.groups)
     assert model.num_inducing_ == auto_num_inducing(grouped.coordinates) == 100
     assert model.prior_.num_inducing == 100
@@ -275,9 +275,9 @@ def test_auto_is_the_default_and_records_the_value_used(grouped):
 
 def test_explicit_num_inducing_above_the_distinct_locations_is_still_an_error(grouped):
     with pytest.raises(ModelError, match=r"num_inducing = 900 exceeds the number of distinct spot"):
-        _svgp(num_inducing=900, use_groups=False).fit(grouped.counts, coordinates=grouped.coordinates)
-    with pytest.raises(ConfigError, match=r"num_inducing = 'many' is invalid"):
-        _svgp(num_inducing="many").fit(grouped.counts, coordinates=grouped.coordinates)
+        _svgp(num_inducing=900, groups=False).fit(grouped.counts, coordinates=grouped.coordinates)
+    with pytest.raises(ConfigError, match=r"SVGP: num_inducing = 'many' is invalid"):
+        _svgp(num_inducing="many")
 
 
 # ---- the grouped model earns its keep on group-specific fields ---------------------------------
@@ -290,8 +290,8 @@ def test_grouped_model_recovers_group_specific_fields_and_predicts_heldout_spots
     tr, te = ~held, held
     Y, g = data.counts[tr], data.groups[tr]
     common = dict(max_iter=300, tol=1e-5, random_state=0)
-    mggp = PNMF(3, prior="svgp", num_inducing=300, **common).fit(Y, coordinates=X[tr], groups=g)
-    single = PNMF(3, prior="svgp", num_inducing=300, use_groups=False, **common).fit(
+    mggp = PNMF(3, prior=SVGP(num_inducing=300), **common).fit(Y, coordinates=X[tr], groups=g)
+    single = PNMF(3, prior=SVGP(num_inducing=300, groups=False), **common).fit(
         Y, coordinates=X[tr])
     pnmf = PNMF(3, **common).fit(Y)
     truth = data.truth["factors"][tr]

@@ -17,6 +17,7 @@ from sf_mlflow.errors import ConfigError, DataError, ModelError
 from sf_mlflow.models.device import resolve_device
 from sf_mlflow.models.neighbours import nearest_neighbour_log_factors
 from sf_mlflow.models.pnmf import PNMF
+from sf_mlflow.models.settings import SVGP
 from sf_mlflow.models.priors import GaussianPrior
 
 L = 5
@@ -159,9 +160,9 @@ def test_fit_leaves_global_rngs_alone(data):
 def test_callback_sees_every_iteration_and_can_stop(data):
     seen = []
 
-    def cb(it, elbo):
-        seen.append((it, elbo))
-        return it == 7
+    def cb(state):
+        seen.append((state.iteration, state.elbo))
+        return state.iteration == 7
 
     m = PNMF(L, max_iter=100, tol=0).fit(data.counts[:500], callback=cb)
     assert [it for it, _ in seen] == list(range(1, 8))
@@ -254,19 +255,34 @@ def test_get_and_set_params():
     assert "learning_rate=0.05" in repr(m)
 
 
+def test_spatial_settings_are_checked_where_they_are_written():
+    with pytest.raises(ConfigError, match=r"SVGP: lengthscale = -1.0 is out of range: expected a value > 0"):
+        SVGP(lengthscale=-1.0)
+    model = PNMF(2, prior=SVGP(num_inducing=50))
+    with pytest.raises(ConfigError, match=r"SVGP: kernel = 'Matern99' is invalid"):
+        model.set_params(prior__kernel="Matern99")
+    model.set_params(prior__lengthscale=2.5)
+    assert model.prior == SVGP(num_inducing=50, lengthscale=2.5)
+    assert model.get_params()["prior__lengthscale"] == 2.5
+    with pytest.raises(ConfigError, match="prior__bandwidth"):
+        model.set_params(prior__bandwidth=1.0)
+
+
 def test_init_does_not_validate():
     PNMF(n_components=-1, mode="nonsense")  # scikit-learn convention: checks happen in fit
 
 
 @pytest.mark.parametrize("params, match", [
-    ({"n_components": 0}, r"n_components = 0 .*integer >= 1"),
+    ({"n_components": 0}, r"PNMF: n_components = 0 is out of range: expected a value >= 1"),
+    ({"n_components": "3"}, r"n_components = '3' is invalid: expected an integer"),
     ({"mode": "exact"}, r"mode = 'exact' .*'lower-bound'"),
     ({"prior": "gp"}, r"prior = 'gp' .*'gaussian', 'svgp'"),
     ({"loadings_mode": "em"}, r"loadings_mode = 'em'"),
     ({"optimizer": "LBFGS"}, r"optimizer = 'LBFGS'"),
     ({"learning_rate": 0.0}, r"learning_rate = 0.0 .*> 0"),
     ({"num_samples": 0}, r"num_samples = 0"),
-    ({"batch_size": 0}, r"batch_size = 0 .*or None"),
+    ({"batch_size": 0}, r"batch_size = 0 .*>= 1"),
+    ({"batch_size": 1.5}, r"batch_size = 1.5 is invalid: expected an integer or null"),
     ({"tol_window": 0}, r"tol_window = 0"),
     ({"dtype": "float16"}, r"dtype = 'float16'"),
     ({"max_iter": 2.5}, r"max_iter = 2.5"),
@@ -347,7 +363,7 @@ def test_gpu_falls_back_to_cpu_with_one_warning(name):
 
 def test_predict_at_of_the_spatial_prior_and_its_public_attributes(data):
     n = 600
-    model = PNMF(3, prior="svgp", num_inducing=40, lengthscale=0.3, max_iter=5, tol=0.0,
+    model = PNMF(3, prior=SVGP(num_inducing=40, lengthscale=0.3), max_iter=5, tol=0.0,
                  random_state=0).fit(data.counts[:n], coordinates=data.coordinates[:n],
                                      groups=data.groups[:n])
     assert model.uses_groups_

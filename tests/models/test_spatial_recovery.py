@@ -9,6 +9,7 @@ from scipy.optimize import linear_sum_assignment
 from sf_mlflow.analysis.moran import morans_i
 from sf_mlflow.data.synthetic import make_synthetic
 from sf_mlflow.models.pnmf import PNMF
+from sf_mlflow.models.settings import SVGP
 
 
 def matched_correlation(estimated: np.ndarray, truth: np.ndarray) -> float:
@@ -35,7 +36,7 @@ def test_svgp_beats_pnmf_on_smooth_factors():
                           lengthscale=0.2, group_effect=0.0, mean_counts=60, seed=1)
     X = data.coordinates * 20.0  # the truth's lengthscale becomes 4 in these units
     pnmf = fit(data, X, prior="gaussian")
-    svgp = fit(data, X, prior="svgp", num_inducing=200, lengthscale=4.0, use_groups=False)
+    svgp = fit(data, X, prior=SVGP(num_inducing=200, lengthscale=4.0, groups=False))
     truth = data.truth["factors"]
     r_pnmf = matched_correlation(pnmf.get_factors(), truth)
     r_svgp = matched_correlation(svgp.get_factors(), truth)
@@ -50,9 +51,9 @@ def test_mggp_with_true_groups_beats_single_group_svgp():
     data = make_synthetic(n_spots=1000, n_genes=150, n_components=3, n_groups=3,
                           lengthscale=0.2, group_effect=0.5, mean_counts=200, seed=1)
     X = data.coordinates * 20.0
-    common = dict(prior="svgp", num_inducing=200, lengthscale=4.0)
+    common = dict(prior=SVGP(num_inducing=200, lengthscale=4.0))
     single = PNMF(n_components=3, max_iter=500, learning_rate=0.1, tol=1e-6, random_state=0,
-                  use_groups=False, **common).fit(data.counts, coordinates=X)
+                  **common).fit(data.counts, coordinates=X)
     mggp = PNMF(n_components=3, max_iter=500, learning_rate=0.1, tol=1e-6, random_state=0,
                 **common).fit(data.counts, coordinates=X, groups=data.groups)
     truth = data.truth["factors"]
@@ -68,7 +69,7 @@ def test_monte_carlo_modes_fit_the_svgp_too(mode):
     data = make_synthetic(n_spots=400, n_genes=60, n_components=2, n_groups=2,
                           lengthscale=0.25, group_effect=0.3, mean_counts=150, seed=2)
     X = data.coordinates * 20.0
-    model = PNMF(n_components=2, prior="svgp", num_inducing=80, lengthscale=5.0, mode=mode,
+    model = PNMF(n_components=2, prior=SVGP(num_inducing=80, lengthscale=5.0), mode=mode,
                  num_samples=4, max_iter=150, learning_rate=0.05, random_state=0)
     model.fit(data.counts, coordinates=X, groups=data.groups)
     hist = np.asarray(model.elbo_history_)

@@ -10,7 +10,7 @@ import torch
 from torch.distributions import MultivariateNormal, kl_divergence
 
 import sf_mlflow  # noqa: F401  (flush-denormal setting)
-from sf_mlflow.errors import ModelError
+from sf_mlflow.errors import ConfigError, ModelError
 from sf_mlflow.models.blocktri import BlockLayout, strict_lower_sq_norm, triangular_quad
 from sf_mlflow.models.inducing import allocate_counts, select_inducing_points
 from sf_mlflow.models.kernels import make_kernel
@@ -361,7 +361,7 @@ def test_logging_properties_and_input_errors():
         prior.marginals(None, x)
     with pytest.raises(ModelError, match="coordinates"):
         prior.marginals(torch.arange(3))
-    with pytest.raises(ModelError, match="cholesky_mode = 'cholesky'"):
+    with pytest.raises(ConfigError, match="cholesky_mode = 'cholesky'"):
         _prior(x, g, cholesky_mode="cholesky")
 
 

@@ -1,0 +1,571 @@
+"""The training loop: natural-gradient or optimiser steps on the ELBO, stopping rules, state.
+
+Training maximises the ELBO ``E_q[log p(Y | F, W)] - KL(q(F) || p(F))``:
+
+* the variational parameters of the prior module take natural-gradient steps
+  (:mod:`sf_mlflow.models.natural`, the SVGP default) or optimiser steps (Adam...) on
+  ``-ELBO / N``, the per-spot loss, as is usual for variational GPs;
+* the loadings either take a multiplicative minorise-maximise step every
+  iteration (``loadings_mode="multiplicative"``), computed from the same factors
+  (or Monte Carlo draws) as that iteration's ELBO, i.e. before the optimiser
+  step, which lets both share one sparse evaluation of R; or are ``softplus`` of
+  raw parameters optimised with the rest (``"gradient"``). On spot mini-batches
+  the step goes through running averages of its statistics (online EM), see
+  ``Trainer._init_statistics``;
+* mini-batches of spots and genes are drawn in a fresh order every epoch; the
+  likelihood is scaled by ``N/B * D/Db`` so the ELBO estimate is unbiased.
+
+:class:`Trainer` is the explicit fit state. It knows nothing of the estimator
+(:class:`sf_mlflow.models.pnmf.PNMF`), which builds it, reads its state and result,
+and wraps its checkpoints.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import time
+from dataclasses import dataclass
+from typing import Callable, Iterator, Optional
+
+import numpy as np
+import scipy.sparse as sp
+import torch
+from torch import Tensor
+
+from sf_mlflow.errors import ModelError
+from sf_mlflow.models.likelihood import CountBatch, expected_log_likelihood, likelihood_and_update, poisson_deviance
+from sf_mlflow.models.priors import FactorPrior
+
+__all__ = ["Trainer", "FitResult", "FitState", "ConvergenceWarning", "NonFiniteELBOError", "IndexStream"]
+
+#: Spots of the subset the loadings' running statistics start from (see ``_init_statistics``).
+INIT_STAT_SPOTS = 5000
+
+#: Relative improvement of the best held-out deviance that resets the patience count.
+VALIDATION_MIN_DELTA = 1e-4
+
+
+class ConvergenceWarning(UserWarning):
+    """A fit reached ``max_iter`` before its stopping rule was met."""
+
+
+class NonFiniteELBOError(ModelError):
+    """The ELBO became NaN or infinite; the model holds the last finite state.
+
+    Attributes
+    ----------
+    iteration : int
+        The iteration whose ELBO was not finite.
+    kept_iteration : int
+        Iterations of the state the model was rolled back to (its ELBO was finite);
+        :meth:`PNMF.checkpoint` returns that state, so the fit can be resumed from it
+        (e.g. with a smaller ``learning_rate``).
+    """
+
+    def __init__(self, message: str, iteration: int, kept_iteration: int):
+        super().__init__(message)
+        self.iteration, self.kept_iteration = iteration, kept_iteration
+
+
+@dataclass(frozen=True)
+class FitState:
+    """What a fit callback receives after every iteration.
+
+    iteration : int
+        1-based count of the iterations done.
+    elbo : float
+        That iteration's ELBO estimate.
+    checkpoint : callable () -> dict
+        The full training state now, for ``fit(..., resume=...)``.
+    """
+
+    iteration: int
+    elbo: float
+    checkpoint: Callable[[], dict]
+
+
+# ---- batching ----------------------------------------------------------------------------------
+
+def literal_state(text: str) -> dict:
+    """Parse a numpy bit-generator state saved with ``repr`` (a dict of str and int)."""
+    import ast
+
+    return ast.literal_eval(text)
+
+
+class IndexStream:
+    """Endless stream of index batches covering 0..n-1 once per epoch, with savable state.
+
+    Batches of one epoch differ in size by at most one (``array_split``), so every
+    batch of a shuffled epoch is a uniformly random subset and the N/B scaling
+    keeps the ELBO estimate unbiased. The state (the current epoch's order and the
+    position in it) is saved in checkpoints so a resumed fit draws the same batches.
+    """
+
+    def __init__(self, n: int, size: Optional[int], shuffle: bool, rng: np.random.Generator):
+        self.n, self.shuffle, self.rng = n, shuffle, rng
+        self.full = size is None or size >= n
+        self.n_batches = 1 if self.full else -(-n // size)
+        self.order: Optional[np.ndarray] = None
+        self.pos = self.n_batches   # forces a new epoch on the first draw
+
+    def __iter__(self) -> "IndexStream":
+        return self
+
+    def __next__(self) -> np.ndarray:
+        if self.full:
+            return np.arange(self.n)
+        if self.pos >= self.n_batches:
+            self.order = self.rng.permutation(self.n) if self.shuffle else np.arange(self.n)
+            self.pos = 0
+        part = np.array_split(self.order, self.n_batches)[self.pos]
+        self.pos += 1
+        return np.sort(part)   # sorted indices make the CSR row gather contiguous-ish
+
+    def state_dict(self) -> dict:
+        return {"order": None if self.order is None else torch.tensor(self.order),
+                "pos": int(self.pos)}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.order = None if state["order"] is None else state["order"].numpy()
+        self.pos = int(state["pos"])
+
+
+# ---- the optimisation loop -------------------------------------------------------------------
+
+class FitResult:
+    def __init__(self, loadings: Tensor, history: list[float], converged: bool, stopped: bool,
+                 reason: str, validation: list):
+        self.loadings, self.history, self.converged, self.stopped = loadings, history, converged, stopped
+        self.reason, self.validation = reason, validation
+
+
+def _duration(seconds: float) -> str:
+    seconds = max(int(round(seconds)), 0)
+    h, rem = divmod(seconds, 3600)
+    m, s = divmod(rem, 60)
+    return f"{h}h{m:02d}m" if h else f"{m}m{s:02d}s"
+
+
+class Trainer:
+    """One optimisation run of a prior's variational parameters (and of W, if trained).
+
+    Holds the explicit fit state: the prior and loadings, the optimisers (natural
+    gradients for q(v) and/or a torch optimiser), the mini-batch streams, the ELBO
+    history, the stopping rule's checks and the last state known to be finite.
+    """
+
+    #: Iterations between the in-memory snapshots a non-finite ELBO rolls back to.
+    SNAPSHOT_EVERY = 10
+
+    def __init__(self, p: dict, prior: FactorPrior, W0: Tensor, Y: sp.csr_matrix,
+                 full: CountBatch, gen: torch.Generator, coords: Optional[Tensor],
+                 groups: Optional[Tensor], train_loadings: bool, validation=None):
+        self.p, self.prior, self.Y, self.full, self.gen = p, prior, Y, full, gen
+        self.coords, self.groups = coords, groups
+        self.N, self.D = Y.shape
+        self.device, self.dtype = full.device, full.values.dtype
+        self.train_loadings = train_loadings
+        self.gradient_loadings = train_loadings and p["loadings_mode"] == "gradient"
+        self.natural = None
+        self._frozen: list[Tensor] = []
+        if p["optimizer"] == "natural":
+            from sf_mlflow.models.natural import NaturalGradient
+
+            self.natural = NaturalGradient(prior, p["learning_rate"])
+            # q(v) moves by natural steps only; autograd then skips the costly backward
+            # pass through the variance term (restored by close()).
+            variational = [prm for name, prm in prior.named_parameters()
+                           if not name.startswith("kernel.")]
+            self._frozen = [prm for prm in variational if prm.requires_grad]
+            for prm in self._frozen:
+                prm.requires_grad_(False)
+            params = [prm for prm in prior.kernel.parameters() if prm.requires_grad]
+        else:
+            params = list(prior.parameters())
+        if self.gradient_loadings:
+            # softplus^{-1}(W) = W + log(1 - exp(-W)), written stably
+            W0 = W0.clamp_min(1e-6)
+            self.raw_loadings = torch.nn.Parameter(W0 + torch.log(-torch.expm1(-W0)))
+            params.append(self.raw_loadings)
+        else:
+            self.W = W0.detach().clone()
+        self.params = params
+        opt_cls = getattr(torch.optim, "Adam" if p["optimizer"] == "natural" else p["optimizer"])
+        self.optimizer = opt_cls(params, lr=p["learning_rate"]) if params else None
+        # spots and genes draw from one generator, in a fixed interleaving
+        self.rng = np.random.default_rng(p["random_state"])
+        self.spot_stream = IndexStream(self.N, p["batch_size"], p["shuffle"], self.rng)
+        self.gene_stream = IndexStream(self.D, p["y_batch_size"], p["shuffle"], self.rng)
+        self.history: list[float] = []
+        self.checks: list[float] = []          # ELBO on the fixed evaluation block
+        self.validation_history: list[tuple[int, float]] = []
+        self.validation = None
+        if validation is not None:
+            Yv, Xv, gv = validation
+            self.validation = (
+                CountBatch.from_scipy(Yv, device=self.device, dtype=self.dtype),
+                torch.as_tensor(Xv, dtype=self.dtype, device=self.device),
+                None if gv is None or groups is None else torch.as_tensor(gv, device=self.device))
+        self._eval = None
+        self._good: Optional[dict] = None      # last state whose ELBO was finite
+        self._best: Optional[dict] = None      # best state by held-out deviance
+        self._reason = "max_iter"
+
+    def close(self) -> None:
+        """Give the prior's variational parameters back their gradients."""
+        for prm in self._frozen:
+            prm.requires_grad_(True)
+        self._frozen = []
+
+    # ---- checkpoints -------------------------------------------------------------------------
+
+    def state_dict(self) -> dict:
+        """Everything needed to continue this optimisation exactly where it stands.
+
+        Variational parameters (the prior's state), loadings, the optimisers' state, the
+        loadings' running statistics, both random generators, the mini-batch position,
+        the ELBO history and the stopping rule's checks: a fit resumed from it takes the
+        same steps as one that was never interrupted.
+        """
+        state = {
+            "iteration": len(self.history),
+            "history": torch.as_tensor(self.history, dtype=torch.float64),
+            "checks": torch.as_tensor(self.checks, dtype=torch.float64),
+            "validation": torch.as_tensor(self.validation_history, dtype=torch.float64).reshape(-1, 2),
+            "prior": {k: v.detach().cpu().clone() for k, v in self.prior.state_dict().items()},
+            # deep copy: the optimiser's state dict references its live moment tensors
+            "optimizer": None if self.optimizer is None else copy.deepcopy(self.optimizer.state_dict()),
+            "natural": None if self.natural is None else self.natural.state_dict(),
+            "torch_generator": self.gen.get_state(),
+            # PCG64's 128-bit state words do not fit a tensor; a decimal string keeps them exact
+            "numpy_generator": repr(self.rng.bit_generator.state),
+            "spot_stream": self.spot_stream.state_dict(),
+            "gene_stream": self.gene_stream.state_dict(),
+        }
+        if self.gradient_loadings:
+            state["raw_loadings"] = self.raw_loadings.detach().cpu().clone()
+        else:
+            state["loadings"] = self.W.detach().cpu().clone()
+        if hasattr(self, "stat_s"):
+            state["stat_s"], state["stat_t"] = self.stat_s.cpu().clone(), self.stat_t.cpu().clone()
+        return state
+
+    def load_state_dict(self, state: dict) -> None:
+        dev, dt = self.device, self.dtype
+        self.prior.load_state_dict(state["prior"])
+        if self.gradient_loadings:
+            with torch.no_grad():
+                self.raw_loadings.copy_(state["raw_loadings"].to(dev, dt))
+        else:
+            self.W = state["loadings"].to(dev, dt)
+        if self.optimizer is not None and state.get("optimizer") is not None:
+            self.optimizer.load_state_dict(state["optimizer"])
+            for group in self.optimizer.param_groups:   # learning_rate may change on resume
+                group["lr"] = self.p["learning_rate"]
+        if self.natural is not None:
+            if state.get("natural") is not None:
+                self.natural.load_state_dict(state["natural"])
+            else:
+                self.natural.reset()
+        self.gen.set_state(state["torch_generator"])
+        self.rng.bit_generator.state = literal_state(state["numpy_generator"])
+        self.spot_stream.load_state_dict(state["spot_stream"])
+        self.gene_stream.load_state_dict(state["gene_stream"])
+        if "stat_s" in state:
+            self.stat_s, self.stat_t = state["stat_s"].to(dev, dt), state["stat_t"].to(dev, dt)
+        elif hasattr(self, "stat_s"):
+            del self.stat_s, self.stat_t
+        self.history = [float(v) for v in state["history"]]
+        self.checks = [float(v) for v in state.get("checks", [])]
+        self.validation_history = [(int(i), float(v)) for i, v in state.get("validation", torch.empty(0, 2)).tolist()]
+
+    def loadings(self) -> Tensor:
+        """Current W, (D, L)."""
+        if self.gradient_loadings:
+            return torch.nn.functional.softplus(self.raw_loadings)
+        return self.W
+
+    def _batches(self) -> Iterator[tuple[CountBatch, Tensor, Optional[Tensor]]]:
+        """(counts block, spot index (B,), gene index (Db,) or None for all genes)."""
+        p = self.p
+        spots, genes = self.spot_stream, self.gene_stream
+        all_spots = p["batch_size"] is None or p["batch_size"] >= self.N
+        all_genes = p["y_batch_size"] is None or p["y_batch_size"] >= self.D
+        if all_spots and all_genes:
+            idx = torch.arange(self.N, device=self.device)
+            while True:
+                yield self.full, idx, None
+        while True:
+            si, gi = next(spots), next(genes)
+            yield self._block(si, None if all_genes else gi)
+
+    def _block(self, si: np.ndarray, gi: Optional[np.ndarray]):
+        block = self.Y[si]
+        if gi is not None:
+            block = block[:, gi]
+        batch = CountBatch.from_scipy(block, device=self.device, dtype=self.dtype)
+        return (batch, torch.as_tensor(si, device=self.device),
+                None if gi is None else torch.as_tensor(gi, device=self.device))
+
+    def _at(self, idx: Tensor) -> tuple[Optional[Tensor], Optional[Tensor]]:
+        return (None if self.coords is None else self.coords[idx],
+                None if self.groups is None else self.groups[idx])
+
+    def _scale(self, batch: CountBatch) -> float:
+        return (self.N / batch.n_spots) * (self.D / batch.n_genes)
+
+    def _likelihood(self, batch: CountBatch, mean: Tensor, var: Tensor,
+                    gidx: Optional[Tensor]) -> tuple[Tensor, Optional[Tensor]]:
+        """Expected log-likelihood of the block and, with multiplicative loadings, their
+        new values for its genes (else None), from one evaluation of R."""
+        p = self.p
+        W_all = self.loadings()
+        W = W_all if gidx is None else W_all[gidx]
+        if self.train_loadings and not self.gradient_loadings:
+            return likelihood_and_update(batch, mean, var, W, mode=p["mode"],
+                                         num_samples=p["num_samples"], generator=self.gen)
+        return expected_log_likelihood(batch, mean, var, W, mode=p["mode"],
+                                       num_samples=p["num_samples"], generator=self.gen), None
+
+    def _step(self, batch: CountBatch, idx: Tensor, gidx: Optional[Tensor]) -> float:
+        if self.natural is not None:
+            return self._natural_step(batch, idx, gidx)
+        prior = self.prior
+        coords, groups = self._at(idx)
+        mean, var = prior.marginals(idx, coords, groups)
+        ll, new_W = self._likelihood(batch, mean, var, gidx)
+        elbo = self._scale(batch) * ll - prior.kl(idx)
+        if not torch.isfinite(elbo):
+            return float(elbo.detach())     # no step from a non-finite state
+        self.optimizer.zero_grad(set_to_none=True)
+        (-elbo / self.N).backward()
+        self.optimizer.step()
+        if new_W is not None:
+            self._update_loadings(new_W, mean.detach(), var.detach(), gidx, batch.n_spots)
+        return float(elbo.detach())
+
+    def _natural_step(self, batch: CountBatch, idx: Tensor, gidx: Optional[Tensor]) -> float:
+        """Natural-gradient step of q(v); Adam on trained kernel hyperparameters (and raw W)."""
+        prior = self.prior
+        coords, groups = self._at(idx)
+        hyper = self.optimizer is not None and any(
+            prm is not getattr(self, "raw_loadings", None) for prm in self.params)
+        with torch.set_grad_enabled(hyper):
+            mean, var, At = prior.marginals_and_interp(coords, groups)
+        m = mean.detach().requires_grad_(True)
+        v = var.detach().requires_grad_(True)
+        ll, new_W = self._likelihood(batch, m, v, gidx)
+        scaled = self._scale(batch) * ll
+        with torch.no_grad():
+            elbo = float(scaled.detach() - prior.kl(idx))
+        if not math.isfinite(elbo):
+            return elbo
+        leaves = [m, v] + ([self.raw_loadings] if self.gradient_loadings else [])
+        grads = torch.autograd.grad(scaled, leaves)
+        if self.optimizer is not None:
+            self.optimizer.zero_grad(set_to_none=True)
+            if self.gradient_loadings:
+                self.raw_loadings.grad = -grads[2] / self.N
+            if hyper:
+                torch.autograd.backward([mean, var], [-grads[0] / self.N, -grads[1] / self.N])
+            self.optimizer.step()
+        self.natural.step(At.detach(), grads[0], grads[1])
+        if hyper:
+            self.natural.reset()    # the kernel moved: Lzz and A change under q(v)
+        if new_W is not None:
+            self._update_loadings(new_W, m.detach(), v.detach(), gidx, batch.n_spots)
+        return elbo
+
+    @torch.no_grad()
+    def _init_statistics(self) -> None:
+        """Running sufficient statistics of the loadings' update, for spot mini-batches.
+
+        The update is ``W = s / t`` with ``s_dl = W_dl sum_n (Y_dn / R_dn) exp(m_ln)``
+        (counts of gene d attributed to factor l) and ``t_dl = sum_n exp(m_ln + v_ln/2)``.
+        On a full batch this is the exact minorise-maximise step. On a spot batch
+        alone it is degenerate: a gene without counts in the batch would get W_d = 0
+        (and then NaN once it has counts again). So, as in online EM, s and t are
+        exponential moving averages of their N/B-scaled batch values with weight
+        ``rho = B / N``, i.e. a memory of about one epoch; ``rho = 1`` on a full batch.
+        """
+        # t starts at its value for the current q(F), estimated from an evenly spaced subset
+        # of at most INIT_STAT_SPOTS spots: the exact sum needs the variances at all N
+        # spots (an O(L M^2 N) pass, minutes at Slide-seq size), and the running average
+        # replaces the start within about an epoch anyway.
+        step = max(1, self.N // INIT_STAT_SPOTS)
+        idx = torch.arange(0, self.N, step, device=self.device)
+        c, g = self._at(idx)
+        m, v = self.prior.marginals(idx, c, g)
+        sums = torch.exp(m + 0.5 * v).sum(dim=1) * (self.N / idx.shape[0])
+        self.stat_t = sums.expand(self.D, -1).clone()            # (D, L)
+        self.stat_s = self.W * self.stat_t                        # (D, L)
+
+    @torch.no_grad()
+    def _update_loadings(self, new_W: Tensor, mean: Tensor, var: Tensor, gidx: Optional[Tensor],
+                         n_batch: int) -> None:
+        """Apply the multiplicative step to the gene batch's rows (all rows when gidx is None)."""
+        rho = n_batch / self.N
+        if rho >= 1.0:
+            # Full spot batch: the exact maximiser for the factors this ELBO was evaluated at.
+            if gidx is None:
+                self.W = new_W
+            else:
+                self.W[gidx] = new_W
+            return
+        if not hasattr(self, "stat_s"):
+            self._init_statistics()
+        t_batch = torch.exp(mean + 0.5 * var).sum(dim=1) / rho    # (L,), scaled to N spots
+        rows = slice(None) if gidx is None else gidx
+        s = (1 - rho) * self.stat_s[rows] + rho * (new_W * t_batch)
+        t = (1 - rho) * self.stat_t[rows] + rho * t_batch
+        self.stat_s[rows], self.stat_t[rows] = s, t
+        self.W[rows] = s / t
+
+    # ---- stopping rules ------------------------------------------------------------------------
+
+    def _eval_block(self):
+        """The fixed block the stopping rule evaluates the ELBO on (drawn once, seeded)."""
+        if self._eval is None:
+            p = self.p
+            if (p["batch_size"] is None or p["batch_size"] >= self.N) and \
+                    (p["y_batch_size"] is None or p["y_batch_size"] >= self.D):
+                self._eval = (self.full, torch.arange(self.N, device=self.device), None)
+            else:
+                rng = np.random.default_rng([p["random_state"], 1])
+                si = np.sort(rng.permutation(self.N)[:min(p["batch_size"] or self.N, self.N)])
+                gi = (None if p["y_batch_size"] is None or p["y_batch_size"] >= self.D
+                      else np.sort(rng.permutation(self.D)[:p["y_batch_size"]]))
+                self._eval = self._block(si, gi)
+        return self._eval
+
+    @torch.no_grad()
+    def evaluate_elbo(self) -> float:
+        """ELBO estimate on the fixed evaluation block, scaled to the whole data.
+
+        Deterministic in the lower-bound mode; the Monte Carlo modes draw from a generator
+        seeded the same at every check (common random numbers).
+        """
+        p = self.p
+        batch, idx, gidx = self._eval_block()
+        coords, groups = self._at(idx)
+        mean, var = self.prior.marginals(idx, coords, groups)
+        W = self.loadings() if gidx is None else self.loadings()[gidx]
+        gen = torch.Generator(device=self.device).manual_seed(p["random_state"] + 1)
+        ll = expected_log_likelihood(batch, mean, var, W, mode=p["mode"],
+                                     num_samples=p["num_samples"], generator=gen)
+        return float(self._scale(batch) * ll - self.prior.kl(idx))
+
+    def _converged(self) -> bool:
+        """Two consecutive checks each changed the evaluation ELBO by less than tol, relative."""
+        tol = self.p["tol"]
+        return tol > 0 and all(self.relative_change(back) < tol for back in (0, 1))
+
+    def relative_change(self, back: int = 0) -> float:
+        """Relative change between checks ``-2 - back`` and ``-1 - back`` (NaN if too few)."""
+        c = self.checks
+        if len(c) < 2 + back:
+            return float("nan")
+        new, old = c[-1 - back], c[-2 - back]
+        return abs(new - old) / max(abs(old), 1e-300)
+
+    @torch.no_grad()
+    def heldout_deviance(self) -> float:
+        """Poisson deviance of the validation spots under the GP's predicted mean factors."""
+        batch, x, g = self.validation
+        F = self.prior.predict(x, g, return_var=False)
+        return poisson_deviance(batch, F, self.loadings())
+
+    def _patience_used(self) -> int:
+        """Checks since the last one that improved the best deviance by the minimum delta."""
+        best, since = math.inf, 0
+        for _, dev in self.validation_history:
+            if dev < best * (1 - VALIDATION_MIN_DELTA):
+                best, since = dev, 0
+            else:
+                since += 1
+        return since
+
+    def _validate(self, it: int) -> bool:
+        """Record a held-out check; True when patience has run out."""
+        self.validation_history.append((it, self.heldout_deviance()))
+        since = self._patience_used()
+        if since == 0:
+            self._best = self.state_dict()
+        return since >= self.p["patience"]
+
+    def result(self) -> FitResult:
+        with torch.no_grad():
+            W = self.loadings().detach().clone()
+        converged = self._reason in ("tol", "validation")
+        return FitResult(W, list(self.history), converged, self._reason == "callback", self._reason,
+                       list(self.validation_history))
+
+    def _roll_back(self, it: int, value: float) -> None:
+        """Restore the last state with a finite ELBO and raise :class:`NonFiniteELBOError`."""
+        p = self.p
+        good = self._good
+        if good is not None:
+            self.load_state_dict(good)
+        kept = len(self.history)
+        hint = ("a smaller training.learning_rate (now " f"{p['learning_rate']:g})"
+                + ("" if p["dtype"] == torch.float64 else " or training.dtype: float64"))
+        raise NonFiniteELBOError(
+            f"the ELBO became {value} at iteration {it}. The model keeps the last finite state "
+            f"(iteration {kept}); resume from its checkpoint with {hint}", it, kept)
+
+    def run(self, callback: Optional[Callable[[int, float], Optional[bool]]]) -> FitResult:
+        """Iterate until a stopping rule, ``max_iter`` or ``callback(iteration, elbo)`` returning True."""
+        p, verbose = self.p, self.p["verbose"]
+        w = p["tol_window"]
+        history = self.history    # non-empty when resuming from a checkpoint
+        first = len(history) + 1
+        batches = self._batches()
+        t_loop = time.perf_counter()
+        val_every = p["validation_every"] if self.validation is not None else 0
+        self._reason = "max_iter"
+        for it in range(first, p["max_iter"] + 1):
+            if self._good is None or it % self.SNAPSHOT_EVERY == 1:
+                pending = self.state_dict()
+            else:
+                pending = None
+            batch, idx, gidx = next(batches)
+            value = self._step(batch, idx, gidx)
+            if not math.isfinite(value):
+                self._roll_back(it, value)
+            if pending is not None:
+                self._good = pending     # its ELBO (this iteration's, before the step) is finite
+            history.append(value)
+            done = False
+            if it % w == 0:
+                check = self.evaluate_elbo() if self._eval_block()[0] is not self.full else \
+                    sum(history[-w:]) / len(history[-w:])
+                self.checks.append(check)
+                if self._converged():
+                    self._reason, done = "tol", True
+            if val_every and it % val_every == 0 and self._validate(it):
+                self._reason, done = "validation", True
+            if callback is not None and callback(it, value) is True:
+                self._reason, done = "callback", True
+            if it == p["max_iter"]:
+                done = True
+            if verbose and (it % p["log_every"] == 0 or done):
+                elapsed = time.perf_counter() - t_loop
+                rate = (it - first + 1) / max(elapsed, 1e-9)
+                rel = self.relative_change()
+                change = "n/a    " if rel != rel else f"{rel:.1e}"  # undefined until 2 checks exist
+                val = (f"  heldout dev {self.validation_history[-1][1]:.5g}"
+                       if self.validation_history else "")
+                eta = "" if done else f"  ETA <= {_duration((p['max_iter'] - it) / rate)}"
+                print(f"iter {it:>5d}/{p['max_iter']}  ELBO {value: .4e}  rel.change {change}"
+                      f"{val}  {rate:.2f} it/s{eta}", flush=True)
+            if done:
+                break
+        if self._reason == "validation" and self._best is not None:
+            # early stopping keeps the best checked state (and the ELBO history up to it)
+            validation = self.validation_history
+            self.load_state_dict(self._best)
+            self.validation_history = validation
+        self._good = self._best = None
+        return self.result()

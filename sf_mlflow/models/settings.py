@@ -1,0 +1,145 @@
+"""The model's settings, declared once: the spatial prior, the model and its training.
+
+Each block is a dataclass whose fields carry type, default, range and a description
+(:func:`sf_mlflow.constraints.param`). They are the single source of these settings:
+
+* :class:`SVGP` is the spatial prior's settings object (kernel, inducing points,
+  variational options), taken as it is by ``PNMF(prior=SVGP(...))``; it builds the
+  torch module (:meth:`SVGP.build`);
+* :class:`ModelParams` and :class:`TrainingParams` hold the estimator's other
+  hyperparameters; ``PNMF.__init__`` takes its defaults from them;
+* the config's ``model:`` and ``training:`` sections (:mod:`sf_mlflow.config`) inherit
+  these fields, so a YAML key, a ``-P`` override and a keyword argument are checked by
+  the same table, and a new setting is one field here plus its use.
+
+Importing this module does not import torch.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any, Literal, Optional, Union
+
+from sf_mlflow.constraints import checked_fields, param
+from sf_mlflow.errors import ConfigError
+
+__all__ = ["SVGP", "ModelParams", "TrainingParams", "spatial_settings", "KERNEL_NAMES"]
+
+#: Kernels of :data:`sf_mlflow.models.kernels.KERNELS`, by name (kept here so that the
+#: settings and the config load without torch; a test keeps the two equal).
+KERNEL_NAMES = ("Matern32", "Matern12", "Matern52", "RBF")
+
+
+@dataclass
+class SVGP:
+    """Settings of the spatial prior: a multi-group sparse variational GP over coordinates.
+
+    ``PNMF(prior=SVGP(lengthscale=2.0, num_inducing=500))``; ``SVGP()`` is the default
+    spatial model. Every field is checked on construction, so a bad value fails where it
+    is written. See :class:`sf_mlflow.models.svgp.SVGPPrior` for the math.
+    """
+
+    kernel: Literal[KERNEL_NAMES] = param("Matern32", doc="GP kernel")
+    num_inducing: Union[Literal["auto"], int] = param(
+        "auto", 1, doc="number of inducing points M; auto = a tenth of the distinct spot locations, "
+                       "at least 100 (or all of them), at most 3000")
+    lengthscale: float = param(4.0, 0.0, lo_open=True, doc="kernel lengthscale, in scaled coordinates")
+    sigma: float = param(1.0, 0.0, lo_open=True, doc="kernel amplitude")
+    group_diff_param: float = param(10.0, 0.0, doc="how different groups are in the MGGP kernel")
+    groups: bool = param(True, doc="multi-group kernel over cell-type groups (false: ignore the groups)")
+    train_lengthscale: bool = param(False, doc="learn lengthscale and sigma instead of fixing them")
+    per_factor_lengthscale: bool = param(False, doc="one lengthscale per factor instead of one shared")
+    cholesky_mode: Literal["exp", "softplus"] = param("exp", doc="map from raw to positive Cholesky diagonal")
+    diagonal_only: bool = param(False, doc="keep only the diagonal of the variational Cholesky factor")
+    inducing_allocation: Literal["proportional", "equal", "derived"] = param(
+        "proportional", doc="how inducing points are shared among groups")
+    jitter: float = param(1e-5, 0.0, lo_open=True, doc="diagonal jitter on Kzz, relative to sigma^2")
+
+    def __post_init__(self) -> None:
+        if type(self) is SVGP:   # subclasses (the config's model section) check themselves
+            for name, value in checked_fields(self, "SVGP").items():
+                object.__setattr__(self, name, value)
+
+    def to_dict(self) -> dict[str, Any]:
+        """The settings as a plain dict (the form stored in saved models)."""
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(SVGP)}
+
+    @classmethod
+    def from_settings(cls, obj: Any) -> "SVGP":
+        """The SVGP settings held by any object with these fields (e.g. the config's model section)."""
+        return cls(**{f.name: getattr(obj, f.name) for f in dataclasses.fields(SVGP)})
+
+    def build(self, coordinates, groups, n_components: int, *, kl_weight: float, seed: int,
+              inducing_points=None, inducing_groups=None):
+        """The torch prior module these settings describe.
+
+        coordinates : Tensor, (N, 2); groups : Tensor of int, (N,), or None (ignored
+        when ``groups=False``); ``inducing_points`` (M, 2) and ``inducing_groups`` (M,)
+        restore a saved model's Z without rerunning k-means.
+        """
+        from sf_mlflow.models.inducing import auto_num_inducing
+        from sf_mlflow.models.svgp import SVGPPrior
+
+        used = groups if self.groups else None
+        num_inducing = self.num_inducing
+        if inducing_points is None and num_inducing == "auto":
+            num_inducing = auto_num_inducing(coordinates.detach().cpu().numpy())
+        n_groups = None if used is None else int(used.max().item()) + 1
+        return SVGPPrior(coordinates, used, n_components, num_inducing=num_inducing,
+                         kernel=self.kernel, lengthscale=self.lengthscale, sigma=self.sigma,
+                         group_diff_param=self.group_diff_param, n_groups=n_groups,
+                         train_lengthscale=self.train_lengthscale,
+                         per_factor_lengthscale=self.per_factor_lengthscale,
+                         cholesky_mode=self.cholesky_mode, diagonal_only=self.diagonal_only,
+                         inducing_allocation=self.inducing_allocation, jitter=self.jitter,
+                         kl_weight=kl_weight, seed=seed, inducing_points=inducing_points,
+                         inducing_groups=inducing_groups)
+
+
+@dataclass
+class ModelParams:
+    """The estimator's model settings shared by both priors."""
+
+    n_components: int = param(10, 1, doc="number of factors L")
+    mode: Literal["lower-bound", "expanded", "simple"] = param(
+        "lower-bound", doc="how the ELBO's expected log-likelihood is computed")
+    num_samples: int = param(8, 1, doc="Monte Carlo samples for the expanded and simple modes")
+    loadings_mode: Literal["multiplicative", "gradient"] = param(
+        "multiplicative", doc="how loadings W are updated")
+    kl_weight: float = param(1.0, 0.0, doc="weight of the KL term (1 = the true ELBO)")
+
+
+@dataclass
+class TrainingParams:
+    """The estimator's optimisation settings."""
+
+    max_iter: int = param(2000, 1, doc="maximum number of iterations")
+    learning_rate: float = param(0.1, 0.0, lo_open=True,
+                                 doc="optimiser step size; with optimizer natural the natural-gradient "
+                                     "step in (0, 1]")
+    optimizer: Literal["auto", "natural", "Adam", "AdamW", "SGD"] = param(
+        "auto", doc="optimiser of the variational parameters; auto = natural for SVGP, Adam for Gaussian")
+    tol: float = param(1e-4, 0.0, doc="stop when two consecutive checks of the ELBO on a fixed "
+                                      "evaluation block change it by less than this, relative")
+    tol_window: int = param(10, 1, doc="iterations between two checks of the stopping rule")
+    validation_every: int = param(10, 0, doc="iterations between held-out deviance checks of a "
+                                             "spatial model (early stopping); 0 = none")
+    patience: int = param(5, 1, doc="stop after this many held-out checks without improvement")
+    dtype: Literal["float32", "float64"] = param("float32", doc="floating-point precision of the fit")
+    device: Literal["cpu", "gpu", "cuda", "auto"] = param(
+        "auto", doc="cpu; gpu/cuda (falls back to cpu with a warning); auto = cuda when present")
+    batch_size: Optional[int] = param(None, 1, doc="spots per mini-batch; null = all spots")
+    y_batch_size: Optional[int] = param(None, 1, doc="genes per mini-batch; null = all genes")
+    shuffle: bool = param(True, doc="draw mini-batches in a fresh random order every epoch")
+    log_every: int = param(50, 1, doc="iterations between progress lines")
+
+
+def spatial_settings(prior: Any) -> Optional[SVGP]:
+    """The SVGP settings ``prior`` stands for, or None for the Gaussian prior."""
+    if isinstance(prior, SVGP):
+        return prior
+    if isinstance(prior, str) and prior.lower() in ("svgp", "gaussian"):
+        return SVGP() if prior.lower() == "svgp" else None
+    raise ConfigError(f"prior = {prior!r} is not recognised; expected 'gaussian', 'svgp' or a "
+                      "settings object sf_mlflow.models.settings.SVGP(...)")
