@@ -187,12 +187,18 @@ def test_spatial_model_with_groups_by_alias_in_fresh_process(mlflow_store, tmp_p
     assert str(client.get_model_version_by_alias("svgp_model", "best").version) == "2"
     assert str(client.get_model_version_by_alias("svgp_model", "champion").version) == "1"
     expected2 = PNMFModel.load(download_artifacts(train2, "model.pth", tmp_path / "m2")).get_factors()
+    model1 = PNMFModel.load(download_artifacts(train_id, "model.pth", tmp_path / "m1"))
 
     expected, W = analyzed_factors(analyze_id, tmp_path / "expected")
     xy, groups, held, meta = raw_spots(cfg, pre_id, tmp_path / "meta")
     train_xy, train_groups = xy[~held], groups[~held]
     genes = [meta["gene_names"][3], meta["gene_names"][7]]
     names = sorted(set(groups))
+    # the pyfunc model's factors at held-out spots are the model's predict_at there
+    X_scaled = np.load(download_artifacts(pre_id, "data/X.npy", tmp_path / "scaled"))
+    codes = np.array([meta["group_names"].index(g) for g in groups[held]])
+    predicted = {em: model1.predict_at(X_scaled[held], groups=codes, exp_mean=em)
+                 for em in (False, True)}
 
     delete_all_but_registry(client, [train_id, train2, pre_id], tmp_path / "outputs")
     uri = "models:/svgp_model@champion"
@@ -201,6 +207,9 @@ def test_spatial_model_with_groups_by_alias_in_fresh_process(mlflow_store, tmp_p
         {"key": "best", "uri": "models:/svgp_model@best", "frame": frame(train_xy, train_groups)},
         {"key": "counts", "uri": uri, "frame": frame(train_xy, train_groups),
          "params": {"output": "expected_counts", "genes": genes}},
+        {"key": "heldout", "uri": uri, "frame": frame(xy[held], groups[held])},
+        {"key": "heldout_exp_mean", "uri": uri, "frame": frame(xy[held], groups[held]),
+         "params": {"exp_mean": True}},
         {"key": "no_y", "uri": uri, "frame": {"x": [0.1], "group": [names[0]]}},
         {"key": "no_group", "uri": uri, "frame": {"x": [0.1], "y": [0.2]}},
         {"key": "bad_group", "uri": uri, "frame": {"x": [0.1, 0.2], "y": [0.2, 0.3],
@@ -214,6 +223,8 @@ def test_spatial_model_with_groups_by_alias_in_fresh_process(mlflow_store, tmp_p
     np.testing.assert_allclose(factors, expected, rtol=1e-6, atol=0)
     np.testing.assert_allclose(result(out, "best")[1], expected2, rtol=1e-6, atol=0)
     assert not np.allclose(expected, expected2)
+    np.testing.assert_allclose(result(out, "heldout")[1], predicted[False], rtol=1e-6, atol=0)
+    np.testing.assert_allclose(result(out, "heldout_exp_mean")[1], predicted[True], rtol=1e-6, atol=0)
 
     columns, counts = result(out, "counts")
     assert columns == genes
@@ -256,6 +267,11 @@ def test_non_spatial_model_and_alias_moves(mlflow_store, tmp_path):
     xy, groups, held, meta = raw_spots(cfg, pre_id, tmp_path / "meta")
     pre_dir = download_artifacts(pre_id, "data/X.npy", tmp_path / "scaled")
     X_scaled = np.load(pre_dir)
+    # the pyfunc model's factors at held-out spots are the model's predict_at there
+    model_b = PNMFModel.load(download_artifacts(train_b, "model.pth", tmp_path / "mb"))
+    k = cfg.analysis.moran_k
+    predicted = {em: model_b.predict_at(X_scaled[held], neighbours=k, exp_mean=em)
+                 for em in (False, True)}
 
     delete_all_but_registry(client, [train_a, train_b, pre_id], tmp_path / "outputs")
     one = {"neighbours": 1}
@@ -271,6 +287,8 @@ def test_non_spatial_model_and_alias_moves(mlflow_store, tmp_path):
          "params": {**one, "coordinates": "scaled"}},
         # default k: analyze's held-out prediction
         {"key": "heldout", "uri": "models:/pnmf_model@champion", "frame": frame(xy[held])},
+        {"key": "heldout_exp_mean", "uri": "models:/pnmf_model@champion", "frame": frame(xy[held]),
+         "params": {"exp_mean": True}},
         {"key": "counts", "uri": "models:/pnmf_model@champion", "frame": frame(xy[held]),
          "params": {"output": "expected_counts"}},
         {"key": "bad_gene", "uri": "models:/pnmf_model@champion", "frame": frame(xy[held]),
@@ -283,11 +301,12 @@ def test_non_spatial_model_and_alias_moves(mlflow_store, tmp_path):
     np.testing.assert_allclose(result(out, "scaled")[1], expected_a, rtol=1e-10)
     assert not np.allclose(expected_a, expected_b)  # the alias really points elsewhere
 
-    k = cfg.analysis.moran_k
     want = np.exp(nearest_neighbour_log_factors(X_scaled[~held], np.log(expected_b),
                                                 X_scaled[held], k=k))
     _, heldout = result(out, "heldout")
     np.testing.assert_allclose(heldout, want, rtol=1e-8)
+    np.testing.assert_allclose(heldout, predicted[False], rtol=1e-12)
+    np.testing.assert_allclose(result(out, "heldout_exp_mean")[1], predicted[True], rtol=1e-12)
     columns, counts = result(out, "counts")
     assert columns == meta["gene_names"]
     np.testing.assert_allclose(counts, heldout @ W_b.T, rtol=1e-10)

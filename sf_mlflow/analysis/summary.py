@@ -3,7 +3,8 @@
 :func:`analyze_model` turns a fitted :class:`~sf_mlflow.models.pnmf.PNMF` plus its
 training (and held-out) spots into arrays, tables and scalar metrics. One code path
 serves the non-spatial and the spatial model; only the held-out prediction and the
-GP facts differ:
+GP facts differ. The held-out prediction is the model's own
+:meth:`~sf_mlflow.models.pnmf.PNMF.predict_at` (:func:`heldout_factors`):
 
 * spatial model: held-out factors are the GP predictive at the held-out coordinates
   and groups;
@@ -25,9 +26,9 @@ from scipy.spatial import cKDTree
 from sf_mlflow.analysis.deviance import poisson_deviance
 from sf_mlflow.analysis.enrichment import enrichment_summary, relative_enrichment, relevant_genes
 from sf_mlflow.analysis.group_loadings import group_loadings
-from sf_mlflow.models.neighbours import nearest_neighbour_log_factors
 from sf_mlflow.analysis.moran import knn_weights, morans_i
 from sf_mlflow.analysis.ordering import order_by
+from sf_mlflow.analysis.predictor import with_train_coordinates
 from sf_mlflow.data.counts import SpatialCounts
 
 
@@ -98,38 +99,56 @@ def gp_facts(model) -> dict[str, float]:
     return {k: v for k, v in facts.items() if v is not None}
 
 
-def heldout_factors(model, train_coordinates: np.ndarray, heldout: SpatialCounts, *, k: int = 6,
-                    chunk_size: int = 10000, train_factors: Optional[np.ndarray] = None,
+def heldout_factors(model, heldout: SpatialCounts, *, k: int = 6, chunk_size: int = 10000,
                     exp_mean: bool = False) -> np.ndarray:
     """Predicted factors of held-out spots from their positions (and groups), (Nh, L).
 
-    Spatial model: the GP predictive at the held-out coordinates and groups. Non-spatial
-    model: the mean log-factor of the ``k`` nearest training spots (see
-    :mod:`sf_mlflow.analysis.heldout`). The held-out counts are never used. Works on a
-    model in the middle of training too (e.g. from a fit callback).
-
-    train_coordinates : (N, 2) coordinates of the spots the model was fitted on.
-    train_factors : (N, L) their factors, when already computed.
+    Only :meth:`PNMF.predict_at <sf_mlflow.models.pnmf.PNMF.predict_at>`, the one rule for
+    factors where the model saw no counts: the GP predictive of a spatial model, the mean
+    log-factor of the ``k`` nearest training spots of a non-spatial one (which needs the
+    model's ``train_coordinates_``: fit it with ``coordinates``, or see
+    :func:`~sf_mlflow.analysis.predictor.with_train_coordinates`). The held-out counts are
+    never used. Works on a model in the middle of training too (e.g. from a fit callback).
     """
-    if model.is_spatial:
-        groups = heldout.groups if model.uses_groups_ else None
-        return model.predict_at(heldout.coordinates, groups=groups, chunk_size=chunk_size)
-    if train_factors is None:
-        train_factors = model.get_factors(exp_mean=exp_mean)
-    held_log = nearest_neighbour_log_factors(train_coordinates, np.log(train_factors),
-                                             heldout.coordinates, k=k)
-    return np.exp(held_log)
+    groups = heldout.groups if model.uses_groups_ else None
+    return model.predict_at(heldout.coordinates, groups=groups, neighbours=k,
+                            exp_mean=exp_mean, chunk_size=chunk_size)
 
 
-def heldout_deviance(model, train_coordinates: np.ndarray, heldout: SpatialCounts, *,
+def heldout_deviance(model, train_coordinates: Optional[np.ndarray], heldout: SpatialCounts, *,
                      k: int = 6) -> dict[str, float]:
     """Poisson deviance of held-out counts under the model's prediction from position alone.
 
+    train_coordinates : (N, 2) coordinates the model was fitted on, or None. Checked
+        against the model's ``train_coordinates_``, and the fallback for a model fitted
+        without coordinates (see :func:`~sf_mlflow.analysis.predictor.with_train_coordinates`);
+        None uses the model's own.
+
     Returns ``{"total", "mean", "nsf"}`` as :func:`~sf_mlflow.analysis.deviance.poisson_deviance`.
     """
-    factors = heldout_factors(model, train_coordinates, heldout, k=k)
+    model = with_train_coordinates(model, train_coordinates)
+    factors = heldout_factors(model, heldout, k=k)
     return poisson_deviance(heldout.counts, factors=factors,
                             loadings=np.asarray(model.loadings_, dtype=np.float64))
+
+
+def _spatial_outputs(model, train: SpatialCounts, order: np.ndarray, arrays: dict,
+                     chunk_size: int, say) -> dict[str, float]:
+    """GP facts and the distance to the inducing points; ``groupwise_factors`` into ``arrays``."""
+    X = train.coordinates
+    prior = model.prior_
+    if model.uses_groups_ and train.group_names:
+        say(f"groupwise factors for {train.n_groups} groups")
+        import torch
+
+        with torch.no_grad():
+            coords = torch.as_tensor(X, dtype=prior.Z.dtype, device=prior.Z.device)
+            gw = prior.groupwise(coords, list(range(train.n_groups)), chunk_size=chunk_size)
+        arrays["groupwise_factors"] = np.exp(gw.detach().cpu().double().numpy())[:, order, :]
+    metrics = gp_facts(model)
+    dist, _ = cKDTree(model.inducing_points_).query(X, k=1)
+    metrics["mean_distance_to_inducing"] = float(np.mean(dist))
+    return metrics
 
 
 def analyze_model(model, train: SpatialCounts, heldout: Optional[SpatialCounts] = None, *,
@@ -147,10 +166,11 @@ def analyze_model(model, train: SpatialCounts, heldout: Optional[SpatialCounts] 
     exp_mean : report ``E[exp F]`` instead of ``exp(E[F])`` as the factors.
     """
     say = print if verbose else (lambda *a, **k: None)
+    X = train.coordinates
+    model = with_train_coordinates(model, X)  # checks them; the fallback of a fit without them
     factors = model.get_factors(exp_mean=exp_mean)                 # (N, L)
     scales = model.get_factor_scales()                               # (N, L)
     loadings = np.asarray(model.loadings_, dtype=np.float64)         # (D, L)
-    X = train.coordinates
 
     say("Moran's I of every factor")
     weights = knn_weights(X, k=moran_k)
@@ -170,8 +190,9 @@ def analyze_model(model, train: SpatialCounts, heldout: Optional[SpatialCounts] 
     }
     if heldout is not None and heldout.n_spots > 0:
         say(f"held-out deviance on {heldout.n_spots:,} spots")
-        held_factors = heldout_factors(model, X, heldout, k=moran_k, chunk_size=chunk_size,
-                                       train_factors=factors)
+        # (as before: exp_mean reaches only the non-spatial, nearest-spot prediction)
+        held_factors = heldout_factors(model, heldout, k=moran_k, chunk_size=chunk_size,
+                                       exp_mean=exp_mean and not model.is_spatial)
         metrics.update(_deviance_metrics("heldout", heldout.counts, held_factors, loadings))
 
     enrichment = None
@@ -188,18 +209,6 @@ def analyze_model(model, train: SpatialCounts, heldout: Optional[SpatialCounts] 
                                         n=n_top_genes, mask=mask)
 
     if model.is_spatial:
-        prior = model.prior_
-        if model.uses_groups_ and train.group_names:
-            say(f"groupwise factors for {train.n_groups} groups")
-            import torch
-
-            with torch.no_grad():
-                coords = torch.as_tensor(X, dtype=prior.Z.dtype, device=prior.Z.device)
-                gw = prior.groupwise(coords, list(range(train.n_groups)), chunk_size=chunk_size)
-            arrays["groupwise_factors"] = np.exp(gw.detach().cpu().double().numpy())[:, order, :]
-        metrics.update(gp_facts(model))
-        Z = prior.Z.detach().cpu().double().numpy()
-        dist, _ = cKDTree(Z).query(X, k=1)
-        metrics["mean_distance_to_inducing"] = float(np.mean(dist))
+        metrics.update(_spatial_outputs(model, train, order, arrays, chunk_size, say))
     return AnalysisResult(arrays=arrays, metrics=metrics, order=order, moran=moran,
                           enrichment=enrichment)

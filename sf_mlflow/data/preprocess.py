@@ -266,43 +266,69 @@ def preprocess(data: SpatialCounts, cfg: PreprocessingConfig, seed: int = 0) -> 
     spots = np.arange(Y.shape[0])
     genes = np.arange(Y.shape[1])
     is_mt = _is_mt(data.gene_names)
+    Y, spots = _drop_mt_spots(Y, spots, is_mt, cfg, report)          # (0)
+    Y, genes = _drop_mt_genes(Y, genes, is_mt, cfg, report)          # (a)
+    Y, spots = _drop_low_count_spots(Y, spots, cfg, report)          # (b)
+    Y, genes = _drop_rare_genes(Y, genes, cfg, report)               # (c)
+    genes = _keep_top_genes(Y, genes, cfg, report)                   # (d)
 
-    # (0) spots dominated by mitochondrial counts (damaged cells), judged on all genes as the
-    # reference's pct_counts_mt is; spots with no counts have share 0 and go at (b)
-    if cfg.max_mt_fraction is not None:
-        totals = np.asarray(Y.sum(axis=1)).ravel()
-        mt_totals = np.asarray(Y[:, is_mt].sum(axis=1)).ravel()
-        share = np.divide(mt_totals, totals, out=np.zeros_like(totals), where=totals > 0)
-        high = share > cfg.max_mt_fraction
-        report["spots_mt_fraction"] = int(high.sum())
-        report["counts_mt_fraction"] = int(round(float(totals[high].sum())))
-        if high.all():
-            raise DataError(f"preprocessing.max_mt_fraction = {cfg.max_mt_fraction:g} removed all "
-                            f"{len(high)} spots (the lowest mitochondrial share is "
-                            f"{share.min():.3g}); raise preprocessing.max_mt_fraction, or set it "
-                            "to null to keep every spot")
-        spots = spots[~high]
-        Y = Y[~high]
-    else:
+    out = data.subset(spots=spots, genes=genes)
+    report["spots_kept"] = int(out.n_spots)
+    report["genes_kept"] = int(out.n_genes)
+    report["counts_kept"] = _total(out.counts)
+    _rescale(out, cfg, report)                                       # (e)
+    report["group_sizes"] = _group_sizes(out)
+
+    # (f) held-out split
+    heldout = heldout_split(out.n_spots, cfg.holdout_fraction, seed, out.groups)
+    report["n_heldout"] = int(heldout.sum())
+    return PreprocessResult(data=out, heldout=heldout, report=report)
+
+
+# ---- the steps of preprocess, in order; each records what it removed in ``report`` ------------
+
+def _drop_mt_spots(Y: sp.csr_matrix, spots: np.ndarray, is_mt: np.ndarray, cfg: PreprocessingConfig,
+                   report: dict) -> tuple[sp.csr_matrix, np.ndarray]:
+    """(0) Drop spots whose mitochondrial share of all counts exceeds ``max_mt_fraction``."""
+    # damaged cells, judged on all genes as the reference's pct_counts_mt is; spots with no
+    # counts have share 0 and go at (b)
+    if cfg.max_mt_fraction is None:
         report["spots_mt_fraction"] = 0
         report["counts_mt_fraction"] = 0
+        return Y, spots
+    totals = np.asarray(Y.sum(axis=1)).ravel()
+    mt_totals = np.asarray(Y[:, is_mt].sum(axis=1)).ravel()
+    share = np.divide(mt_totals, totals, out=np.zeros_like(totals), where=totals > 0)
+    high = share > cfg.max_mt_fraction
+    report["spots_mt_fraction"] = int(high.sum())
+    report["counts_mt_fraction"] = int(round(float(totals[high].sum())))
+    if high.all():
+        raise DataError(f"preprocessing.max_mt_fraction = {cfg.max_mt_fraction:g} removed all "
+                        f"{len(high)} spots (the lowest mitochondrial share is "
+                        f"{share.min():.3g}); raise preprocessing.max_mt_fraction, or set it "
+                        "to null to keep every spot")
+    return Y[~high], spots[~high]
 
-    # (a) mitochondrial genes
-    if cfg.filter_mt:
-        dropped = Y[:, is_mt]
-        report["genes_mt"] = int(is_mt.sum())
-        report["counts_mt"] = _total(dropped)
-        if is_mt.all():
-            raise DataError(f"preprocessing.filter_mt = true removed all {len(is_mt)} genes "
-                            f"(every name starts with {' or '.join(MT_PREFIXES)}); set "
-                            "preprocessing.filter_mt: false")
-        genes = genes[~is_mt]
-        Y = Y[:, ~is_mt]
-    else:
+
+def _drop_mt_genes(Y: sp.csr_matrix, genes: np.ndarray, is_mt: np.ndarray, cfg: PreprocessingConfig,
+                   report: dict) -> tuple[sp.csr_matrix, np.ndarray]:
+    """(a) Drop the mitochondrial genes when ``filter_mt``."""
+    if not cfg.filter_mt:
         report["genes_mt"] = 0
         report["counts_mt"] = 0
+        return Y, genes
+    report["genes_mt"] = int(is_mt.sum())
+    report["counts_mt"] = _total(Y[:, is_mt])
+    if is_mt.all():
+        raise DataError(f"preprocessing.filter_mt = true removed all {len(is_mt)} genes "
+                        f"(every name starts with {' or '.join(MT_PREFIXES)}); set "
+                        "preprocessing.filter_mt: false")
+    return Y[:, ~is_mt], genes[~is_mt]
 
-    # (b) low-count spots, using totals over the genes that survived (a)
+
+def _drop_low_count_spots(Y: sp.csr_matrix, spots: np.ndarray, cfg: PreprocessingConfig,
+                          report: dict) -> tuple[sp.csr_matrix, np.ndarray]:
+    """(b) Drop spots whose total over the remaining genes is below ``min_counts``."""
     totals = np.asarray(Y.sum(axis=1)).ravel()
     low = totals < cfg.min_counts
     report["spots_min_counts"] = int(low.sum())
@@ -311,10 +337,12 @@ def preprocess(data: SpatialCounts, cfg: PreprocessingConfig, seed: int = 0) -> 
         raise DataError(f"preprocessing.min_counts = {cfg.min_counts} removed all {len(low)} spots "
                         f"(the largest spot total is {totals.max():g}); lower "
                         "preprocessing.min_counts")
-    spots = spots[~low]
-    Y = Y[~low]
+    return Y[~low], spots[~low]
 
-    # (c) rarely detected genes, counted in the spots that survived (b)
+
+def _drop_rare_genes(Y: sp.csr_matrix, genes: np.ndarray, cfg: PreprocessingConfig,
+                     report: dict) -> tuple[sp.csr_matrix, np.ndarray]:
+    """(c) Drop genes detected in fewer than ``min_cells`` of the remaining spots."""
     detected = np.asarray((Y > 0).sum(axis=0)).ravel()
     rare = detected < cfg.min_cells
     gene_totals = np.asarray(Y.sum(axis=0)).ravel()
@@ -324,31 +352,30 @@ def preprocess(data: SpatialCounts, cfg: PreprocessingConfig, seed: int = 0) -> 
         raise DataError(f"preprocessing.min_cells = {cfg.min_cells} removed all {len(rare)} genes "
                         f"(the most widely detected gene is in {detected.max()} of {Y.shape[0]} "
                         "spots); lower preprocessing.min_cells")
-    genes = genes[~rare]
-    Y = Y[:, ~rare].tocsr()
+    return Y[:, ~rare].tocsr(), genes[~rare]
 
-    # (d) most informative genes by null-model deviance
+
+def _keep_top_genes(Y: sp.csr_matrix, genes: np.ndarray, cfg: PreprocessingConfig,
+                    report: dict) -> np.ndarray:
+    """(d) Keep the ``n_top_genes`` genes of highest Poisson null-model deviance."""
     k = cfg.n_top_genes
-    if k is not None and k < Y.shape[1]:
-        dev = poisson_null_deviance(Y)
-        # stable sort: among equal deviances the earlier gene wins, so selection is reproducible
-        top = np.sort(np.argsort(-dev, kind="stable")[:k])
-        keep = np.zeros(Y.shape[1], dtype=bool)
-        keep[top] = True
-        gene_totals = np.asarray(Y.sum(axis=0)).ravel()
-        report["genes_top_k"] = int((~keep).sum())
-        report["counts_top_k"] = int(round(float(gene_totals[~keep].sum())))
-        genes = genes[keep]
-    else:
+    if k is None or k >= Y.shape[1]:
         report["genes_top_k"] = 0
         report["counts_top_k"] = 0
+        return genes
+    dev = poisson_null_deviance(Y)
+    # stable sort: among equal deviances the earlier gene wins, so selection is reproducible
+    top = np.sort(np.argsort(-dev, kind="stable")[:k])
+    keep = np.zeros(Y.shape[1], dtype=bool)
+    keep[top] = True
+    gene_totals = np.asarray(Y.sum(axis=0)).ravel()
+    report["genes_top_k"] = int((~keep).sum())
+    report["counts_top_k"] = int(round(float(gene_totals[~keep].sum())))
+    return genes[keep]
 
-    out = data.subset(spots=spots, genes=genes)
-    report["spots_kept"] = int(out.n_spots)
-    report["genes_kept"] = int(out.n_genes)
-    report["counts_kept"] = _total(out.counts)
 
-    # (e) coordinates, by the configured rule (see rescale_coordinates)
+def _rescale(out: SpatialCounts, cfg: PreprocessingConfig, report: dict) -> None:
+    """(e) Rescale ``out.coordinates`` in place by the configured rule (``rescale_coordinates``)."""
     sides = coordinate_side_lengths(out.coordinates)
     out.coordinates, center, scale = rescale_coordinates(out.coordinates, cfg.spatial_scale,
                                                          cfg.coordinate_scaling)
@@ -357,13 +384,10 @@ def preprocess(data: SpatialCounts, cfg: PreprocessingConfig, seed: int = 0) -> 
     report["coordinate_scaling"] = cfg.coordinate_scaling
     report["coordinate_side_lengths"] = [float(v) for v in sides]
 
-    if out.groups is not None:
-        sizes = np.bincount(out.groups, minlength=out.n_groups)
-        report["group_sizes"] = {name: int(s) for name, s in zip(out.group_names, sizes)}
-    else:
-        report["group_sizes"] = None
 
-    # (f) held-out split
-    heldout = heldout_split(out.n_spots, cfg.holdout_fraction, seed, out.groups)
-    report["n_heldout"] = int(heldout.sum())
-    return PreprocessResult(data=out, heldout=heldout, report=report)
+def _group_sizes(out: SpatialCounts) -> dict[str, int] | None:
+    """Kept spots per group name, or None without groups."""
+    if out.groups is None:
+        return None
+    sizes = np.bincount(out.groups, minlength=out.n_groups)
+    return {name: int(s) for name, s in zip(out.group_names, sizes)}

@@ -40,6 +40,11 @@ Params (``model.predict(frame, params={...})``, declared in the signature):
     config's ``analysis.moran_k``, as analyze uses); ignored by spatial models;
 ``exp_mean``: factors ``E[exp F]`` instead of ``exp(E[F])`` (default false).
 
+What a prediction does (positions from raw ``x``, ``y``, group codes, ``PNMF.predict_at``,
+expected counts, the params' defaults) is :class:`sf_mlflow.analysis.predictor.FactorPredictor`,
+which needs no MLflow; this module only wraps it as a pyfunc model, declares its signature
+and params, and logs and registers it.
+
 Aliases, not stages: :func:`register_train_run` creates a new model version and points
 an alias at it. ``latest`` is MLflow's built-in alias for the newest version; any other
 alias (e.g. ``best``, ``champion``) is set explicitly and moves on each registration.
@@ -52,7 +57,6 @@ import shutil
 import tempfile
 from importlib.metadata import PackageNotFoundError, version as _pkg_version
 from pathlib import Path
-from types import SimpleNamespace
 from typing import Any, Mapping, Optional
 
 import mlflow
@@ -65,7 +69,13 @@ from mlflow.tracking import MlflowClient
 from mlflow.types.schema import ParamSchema, ParamSpec
 
 import sf_mlflow
-from sf_mlflow.errors import DataError, ModelError, RunLookupError
+from sf_mlflow.analysis.predictor import (
+    DEFAULT_PARAMS,
+    INFO_FORMAT,
+    FactorPredictor,
+    prediction_info,
+)
+from sf_mlflow.errors import ModelError, RunLookupError
 from sf_mlflow.tracking.lineage import download_artifacts, get_stage_run
 from sf_mlflow.tracking.runs import TAG_MODEL, TAG_UPSTREAM, configure_tracking
 
@@ -85,7 +95,6 @@ TAG_REGISTERED_ALIAS = "sf.registered_model_alias"
 LOGGED_MODEL_NAME = "spatial_factors"
 INFO_FILE = "prediction.json"
 TRAIN_COORDINATES_FILE = "train_coordinates.npy"
-INFO_FORMAT = 1
 MODEL_SCRIPT = "spatial_factor_model.py"
 _MODEL_SCRIPT_TEXT = '''\
 """MLflow model-from-code entry: the sf_mlflow pyfunc wrapper (sf_mlflow ships in code/)."""
@@ -95,180 +104,11 @@ from sf_mlflow.tracking.registry import SpatialFactorModel
 
 mlflow.models.set_model(SpatialFactorModel())
 '''
-
-#: Defaults of the predict params (``neighbours`` is replaced by the model's own k).
-DEFAULT_PARAMS: dict[str, Any] = {"output": "factors", "genes": [], "coordinates": "raw",
-                                  "neighbours": 6, "exp_mean": False}
-OUTPUTS = ("factors", "expected_counts")
-COORDINATE_MODES = ("raw", "scaled")
+#: Training spots in the logged input example.
 INPUT_EXAMPLE_ROWS = 5
 
 
-# ---- prediction (no MLflow needed below the PythonModel wrapper) -----------------------------
-
-def prediction_info(model, metadata: Mapping[str, Any], *, model_kind: str, neighbours: int,
-                    train_run_id: str | None = None,
-                    preprocess_run_id: str | None = None) -> dict[str, Any]:
-    """What predictions need besides ``model.pth``, as a JSON-ready dict.
-
-    model : fitted PNMF (its L and whether it uses groups).
-    metadata : the preprocess run's ``data/metadata.json`` (gene and group names, the
-        coordinate transform ``scaled = (raw - center) * scale``).
-    """
-    transform = metadata.get("coordinate_transform") or {}
-    report = metadata.get("preprocessing") or {}
-    center = transform.get("center", report.get("coordinate_center"))
-    scale = transform.get("scale", report.get("coordinate_scale"))
-    if center is None or scale is None:
-        raise DataError("the preprocess metadata has no coordinate transform (center, scale); "
-                        "run the preprocess stage again with this version of the package")
-    spatial = model.is_spatial
-    uses_groups = spatial and model.uses_groups_
-    group_names = metadata.get("group_names")
-    if uses_groups and not group_names:
-        raise DataError("the model uses groups but the preprocess metadata names none")
-    return {
-        "format_version": INFO_FORMAT,
-        "model_kind": str(model_kind),
-        "spatial": bool(spatial),
-        "uses_groups": uses_groups,
-        "n_components": int(model.n_components),
-        "factor_columns": [f"factor_{i}" for i in range(int(model.n_components))],
-        "factor_order": "model (not Moran's I order)",
-        "gene_names": [str(g) for g in metadata["gene_names"]],
-        "group_names": [str(g) for g in group_names] if group_names else None,
-        "coordinate_transform": {"center": [float(c) for c in center], "scale": float(scale),
-                                 "formula": "scaled = (raw - center) * scale"},
-        "neighbours": int(neighbours),
-        "dataset": metadata.get("dataset"),
-        "train_run_id": train_run_id,
-        "preprocess_run_id": preprocess_run_id,
-    }
-
-
-def _choice(name: str, value: Any, allowed) -> str:
-    if value not in allowed:
-        raise DataError(f"param {name} = {value!r} is not one of {', '.join(map(repr, allowed))}")
-    return value
-
-
-class FactorPredictor:
-    """Factors (or expected counts) of spots from their positions and groups.
-
-    Parameters
-    ----------
-    model : PNMF, fitted.
-    info : dict from :func:`prediction_info`.
-    train_coordinates : (N, 2) scaled coordinates of the training spots (float64), used by
-        the non-spatial model's nearest-neighbour prediction; default the ones stored in
-        the model (in the model's dtype).
-    """
-
-    def __init__(self, model, info: Mapping[str, Any], train_coordinates: Optional[np.ndarray] = None):
-        self.model = model
-        self.info = dict(info)
-        t = self.info["coordinate_transform"]
-        self.center = np.asarray(t["center"], dtype=np.float64)      # (2,)
-        self.scale = float(t["scale"])
-        self.gene_index = {g: i for i, g in enumerate(self.info["gene_names"])}
-        names = self.info.get("group_names") or []
-        self.group_index = {g: i for i, g in enumerate(names)}
-        self.loadings = np.asarray(model.loadings_, dtype=np.float64)  # (D, L)
-        if train_coordinates is None and model._coordinates is not None:
-            train_coordinates = model._coordinates.detach().cpu().double().numpy()
-        self.train_coordinates = train_coordinates
-        self._train_factors: dict[bool, np.ndarray] = {}
-
-    @property
-    def columns(self) -> list[str]:
-        return list(self.info["factor_columns"])
-
-    def positions(self, frame: pd.DataFrame, mode: str = "raw") -> np.ndarray:
-        """Scaled (M, 2) coordinates from the ``x``, ``y`` columns."""
-        missing = [c for c in ("x", "y") if c not in frame.columns]
-        if missing:
-            raise DataError(f"input lacks column(s) {missing}; expected columns 'x', 'y'"
-                            + (" and 'group'" if self.info["uses_groups"] else "")
-                            + f", got {list(frame.columns)}")
-        try:
-            X = frame[["x", "y"]].to_numpy(dtype=np.float64)
-        except (TypeError, ValueError) as e:
-            raise DataError(f"columns 'x' and 'y' must be numbers ({e})") from None
-        if not np.isfinite(X).all():
-            bad = int((~np.isfinite(X).all(axis=1)).sum())
-            raise DataError(f"columns 'x'/'y' contain NaN or infinite values in {bad} row(s)")
-        mode = _choice("coordinates", mode, COORDINATE_MODES)
-        return X if mode == "scaled" else (X - self.center) * self.scale
-
-    def group_codes(self, frame: pd.DataFrame) -> Optional[np.ndarray]:
-        """(M,) group codes from the ``group`` column, or None for a model without groups."""
-        if not self.info["uses_groups"]:
-            return None
-        known = list(self.group_index)
-        if "group" not in frame.columns:
-            raise DataError(f"input lacks column 'group', which this model needs (one of "
-                            f"{known}); got columns {list(frame.columns)}")
-        values = frame["group"].astype(object).to_numpy()
-        unknown = sorted({str(v) for v in values if not isinstance(v, str)
-                          or v not in self.group_index})
-        if unknown:
-            raise DataError(f"column 'group' has unknown group(s) {unknown[:10]}"
-                            + (f" (and {len(unknown) - 10} more)" if len(unknown) > 10 else "")
-                            + f"; this model knows {known}")
-        return np.array([self.group_index[v] for v in values], dtype=np.int64)
-
-    def _train_factors_of(self, exp_mean: bool) -> np.ndarray:
-        if exp_mean not in self._train_factors:
-            self._train_factors[exp_mean] = self.model.get_factors(exp_mean=exp_mean)
-        return self._train_factors[exp_mean]
-
-    def factors(self, X: np.ndarray, groups: Optional[np.ndarray], *, neighbours: int,
-                exp_mean: bool = False) -> np.ndarray:
-        """(M, L) factors at scaled coordinates X (M, 2) and group codes (M,) or None."""
-        # Imported here so that this module loads with the MLflow-free analysis code only
-        # when predicting.
-        from sf_mlflow.analysis.summary import heldout_factors
-
-        if X.shape[0] == 0:
-            return np.empty((0, int(self.info["n_components"])))
-        if self.info["spatial"]:
-            if exp_mean:
-                f, s = self.model.predict_at(X, groups=groups, return_std=True)
-                return f * np.exp(0.5 * s * s)
-            return heldout_factors(self.model, self.train_coordinates,
-                                   SimpleNamespace(coordinates=X, groups=groups))
-        k = int(neighbours)
-        n = self.train_coordinates.shape[0]
-        if not 1 <= k <= n:
-            raise DataError(f"param neighbours = {k} needs 1 <= neighbours <= {n} training spots")
-        # The same nearest-training-spot prediction the analyze stage uses for held-out spots.
-        return heldout_factors(self.model, self.train_coordinates,
-                               SimpleNamespace(coordinates=X, groups=None), k=k,
-                               train_factors=self._train_factors_of(exp_mean), exp_mean=exp_mean)
-
-    def predict(self, frame: pd.DataFrame, params: Optional[Mapping[str, Any]] = None) -> pd.DataFrame:
-        """Factors (M, L) or expected counts (M, G) of the spots in ``frame`` (see the module doc)."""
-        if not isinstance(frame, pd.DataFrame):
-            frame = pd.DataFrame(frame)
-        p = {**DEFAULT_PARAMS, "neighbours": self.info["neighbours"],
-             **{k: v for k, v in (params or {}).items() if v is not None}}
-        output = _choice("output", p["output"], OUTPUTS)
-        X = self.positions(frame, p["coordinates"])
-        groups = self.group_codes(frame)
-        F = self.factors(X, groups, neighbours=p["neighbours"], exp_mean=bool(p["exp_mean"]))
-        if output == "factors":
-            return pd.DataFrame(F, index=frame.index, columns=self.columns)
-        genes = p["genes"]
-        genes = [genes] if isinstance(genes, str) else [str(g) for g in np.ravel(genes)]
-        if not genes:
-            genes = list(self.gene_index)
-        unknown = [g for g in genes if g not in self.gene_index]
-        if unknown:
-            raise DataError(f"param genes has unknown gene(s) {unknown[:10]}; this model has "
-                            f"{len(self.gene_index)} genes, e.g. {list(self.gene_index)[:5]}")
-        W = self.loadings[[self.gene_index[g] for g in genes]]      # (G, L)
-        return pd.DataFrame(F @ W.T, index=frame.index, columns=genes)
-
+# ---- the pyfunc wrapper (the prediction itself: sf_mlflow.analysis.predictor) ------------------
 
 class SpatialFactorModel(mlflow.pyfunc.PythonModel):
     """The pyfunc wrapper: loads ``model.pth`` and ``prediction.json``, predicts from positions.
@@ -319,22 +159,6 @@ def params_schema(neighbours: int) -> ParamSchema:
     ])
 
 
-def _raw_coordinates(info: Mapping[str, Any], X_scaled: np.ndarray) -> np.ndarray:
-    t = info["coordinate_transform"]
-    return np.asarray(X_scaled, dtype=np.float64) / float(t["scale"]) + np.asarray(t["center"])
-
-
-def _input_example(predictor: FactorPredictor) -> pd.DataFrame:
-    """A few training spots, in raw units, as a predict input."""
-    n = min(INPUT_EXAMPLE_ROWS, predictor.train_coordinates.shape[0])
-    xy = _raw_coordinates(predictor.info, predictor.train_coordinates[:n])
-    frame = pd.DataFrame({"x": xy[:, 0], "y": xy[:, 1]})
-    if predictor.info["uses_groups"]:
-        codes = predictor.model._groups[:n].cpu().numpy()
-        frame["group"] = [predictor.info["group_names"][int(c)] for c in codes]
-    return frame
-
-
 def log_pyfunc_model(run_id: str, model_path: str | Path, info: Mapping[str, Any],
                      train_coordinates: Optional[np.ndarray] = None) -> str:
     """Log a fitted PNMF file as a pyfunc model of run ``run_id``; return the model ID.
@@ -352,7 +176,7 @@ def log_pyfunc_model(run_id: str, model_path: str | Path, info: Mapping[str, Any
     run = client.get_run(run_id)
     model = PNMF.load(model_path)
     predictor = FactorPredictor(model, info, train_coordinates)
-    example = _input_example(predictor)
+    example = predictor.example_frame(INPUT_EXAMPLE_ROWS)  # a few training spots, raw units
     params = {**DEFAULT_PARAMS, "neighbours": int(info["neighbours"])}
     signature = infer_signature(example, predictor.predict(example, params))
     signature.params = params_schema(int(info["neighbours"]))

@@ -1,0 +1,239 @@
+"""Factors (or expected counts) of spots from raw positions: the registered model's logic.
+
+MLflow-free: :mod:`sf_mlflow.tracking.registry` wraps :class:`FactorPredictor` in an
+``mlflow.pyfunc.PythonModel`` and logs it; everything a prediction does lives here, so it
+can be used and tested without MLflow. The input, output and params are documented in
+:mod:`sf_mlflow.tracking.registry`.
+
+A prediction is three steps, each a method of :class:`FactorPredictor`:
+
+1. :meth:`~FactorPredictor.positions`: raw ``x``, ``y`` to the model's (scaled) units by
+   the preprocess run's transform ``scaled = (raw - center) * scale``;
+2. :meth:`~FactorPredictor.group_codes`: group names to the model's group codes;
+3. :meth:`~FactorPredictor.factors`: :meth:`PNMF.predict_at
+   <sf_mlflow.models.pnmf.PNMF.predict_at>`, the one rule for factors at positions;
+   for ``output="expected_counts"`` then times the loadings of the chosen genes.
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import Any, Mapping, Optional
+
+import numpy as np
+import pandas as pd
+
+from sf_mlflow.errors import DataError, ModelError
+
+__all__ = ["DEFAULT_PARAMS", "OUTPUTS", "COORDINATE_MODES", "INFO_FORMAT",
+           "FactorPredictor", "prediction_info", "with_train_coordinates"]
+
+#: Version of the ``prediction.json`` written from :func:`prediction_info`.
+INFO_FORMAT = 1
+
+#: Defaults of the predict params (``neighbours`` is replaced by the model's own k).
+DEFAULT_PARAMS: dict[str, Any] = {"output": "factors", "genes": [], "coordinates": "raw",
+                                  "neighbours": 6, "exp_mean": False}
+OUTPUTS = ("factors", "expected_counts")
+COORDINATE_MODES = ("raw", "scaled")
+
+
+def prediction_info(model, metadata: Mapping[str, Any], *, model_kind: str, neighbours: int,
+                    train_run_id: str | None = None,
+                    preprocess_run_id: str | None = None) -> dict[str, Any]:
+    """What predictions need besides ``model.pth``, as a JSON-ready dict.
+
+    model : fitted PNMF (its L and whether it uses groups).
+    metadata : the preprocess run's ``data/metadata.json`` (gene and group names, the
+        coordinate transform ``scaled = (raw - center) * scale``).
+    """
+    transform = metadata.get("coordinate_transform") or {}
+    report = metadata.get("preprocessing") or {}
+    center = transform.get("center", report.get("coordinate_center"))
+    scale = transform.get("scale", report.get("coordinate_scale"))
+    if center is None or scale is None:
+        raise DataError("the preprocess metadata has no coordinate transform (center, scale); "
+                        "run the preprocess stage again with this version of the package")
+    spatial = model.is_spatial
+    uses_groups = spatial and model.uses_groups_
+    group_names = metadata.get("group_names")
+    if uses_groups and not group_names:
+        raise DataError("the model uses groups but the preprocess metadata names none")
+    return {
+        "format_version": INFO_FORMAT,
+        "model_kind": str(model_kind),
+        "spatial": bool(spatial),
+        "uses_groups": uses_groups,
+        "n_components": int(model.n_components),
+        "factor_columns": [f"factor_{i}" for i in range(int(model.n_components))],
+        "factor_order": "model (not Moran's I order)",
+        "gene_names": [str(g) for g in metadata["gene_names"]],
+        "group_names": [str(g) for g in group_names] if group_names else None,
+        "coordinate_transform": {"center": [float(c) for c in center], "scale": float(scale),
+                                 "formula": "scaled = (raw - center) * scale"},
+        "neighbours": int(neighbours),
+        "dataset": metadata.get("dataset"),
+        "train_run_id": train_run_id,
+        "preprocess_run_id": preprocess_run_id,
+    }
+
+
+def _choice(name: str, value: Any, allowed) -> str:
+    if value not in allowed:
+        raise DataError(f"param {name} = {value!r} is not one of {', '.join(map(repr, allowed))}")
+    return value
+
+
+def with_train_coordinates(model, stored: Optional[np.ndarray]):
+    """``model``, or a shallow copy of it whose ``train_coordinates_`` are ``stored``.
+
+    ``stored`` : (N, 2) scaled training coordinates kept beside the model (the registered
+    model's ``train_coordinates.npy``, float64), or None. The model's own
+    ``train_coordinates_`` are used when present; ``stored`` must then agree with them
+    (up to the rounding of a model file that kept them in the model's dtype, float32 by
+    default). ``stored`` replaces them (on a copy; ``model`` is not changed) only
+
+    * when the model has none (a PNMF fitted without ``coordinates``): the documented
+      fallback that lets such a model predict by nearest training spots; or
+    * when the model's are a rounded copy of ``stored`` (model files written before
+      ``train_coordinates_`` were saved in float64), so that predictions use the same
+      float64 positions as they did when such a model was registered.
+    """
+    if stored is None:
+        return model
+    stored = np.asarray(stored, dtype=np.float64)
+    own = model.train_coordinates_
+    if own is not None:
+        if own.shape != stored.shape or not np.allclose(
+                own, stored, rtol=1e-6, atol=1e-6 * float(np.abs(stored).max(initial=0.0))):
+            raise DataError(f"train_coordinates {stored.shape} differ from the coordinates the "
+                            f"model was fitted on {own.shape}; pass the training spots' scaled "
+                            "coordinates in fitting order, or None to use the model's")
+        if np.array_equal(own, stored):
+            return model
+    model = copy.copy(model)
+    model.train_coordinates_ = stored
+    return model
+
+
+class FactorPredictor:
+    """Factors (or expected counts) of spots from their positions and groups.
+
+    Parameters
+    ----------
+    model : PNMF, fitted.
+    info : dict from :func:`prediction_info`.
+    train_coordinates : (N, 2) scaled coordinates of the training spots (float64), or None
+        for the model's ``train_coordinates_``; see :func:`with_train_coordinates`.
+    """
+
+    def __init__(self, model, info: Mapping[str, Any], train_coordinates: Optional[np.ndarray] = None):
+        self.model = with_train_coordinates(model, train_coordinates)
+        self.info = dict(info)
+        t = self.info["coordinate_transform"]
+        self.center = np.asarray(t["center"], dtype=np.float64)      # (2,)
+        self.scale = float(t["scale"])
+        self.gene_index = {g: i for i, g in enumerate(self.info["gene_names"])}
+        names = self.info.get("group_names") or []
+        self.group_index = {g: i for i, g in enumerate(names)}
+        self.loadings = np.asarray(model.loadings_, dtype=np.float64)  # (D, L)
+
+    @property
+    def train_coordinates(self) -> Optional[np.ndarray]:
+        """(N, 2) scaled training coordinates, float64 (the model's ``train_coordinates_``)."""
+        return self.model.train_coordinates_
+
+    @property
+    def columns(self) -> list[str]:
+        return list(self.info["factor_columns"])
+
+    def positions(self, frame: pd.DataFrame, mode: str = "raw") -> np.ndarray:
+        """Scaled (M, 2) coordinates from the ``x``, ``y`` columns."""
+        missing = [c for c in ("x", "y") if c not in frame.columns]
+        if missing:
+            raise DataError(f"input lacks column(s) {missing}; expected columns 'x', 'y'"
+                            + (" and 'group'" if self.info["uses_groups"] else "")
+                            + f", got {list(frame.columns)}")
+        try:
+            X = frame[["x", "y"]].to_numpy(dtype=np.float64)
+        except (TypeError, ValueError) as e:
+            raise DataError(f"columns 'x' and 'y' must be numbers ({e})") from None
+        if not np.isfinite(X).all():
+            bad = int((~np.isfinite(X).all(axis=1)).sum())
+            raise DataError(f"columns 'x'/'y' contain NaN or infinite values in {bad} row(s)")
+        mode = _choice("coordinates", mode, COORDINATE_MODES)
+        return X if mode == "scaled" else (X - self.center) * self.scale
+
+    def raw_coordinates(self, X_scaled: np.ndarray) -> np.ndarray:
+        """Raw (original-unit) coordinates of scaled ones, the inverse of :meth:`positions`."""
+        return np.asarray(X_scaled, dtype=np.float64) / self.scale + self.center
+
+    def group_codes(self, frame: pd.DataFrame) -> Optional[np.ndarray]:
+        """(M,) group codes from the ``group`` column, or None for a model without groups."""
+        if not self.info["uses_groups"]:
+            return None
+        known = list(self.group_index)
+        if "group" not in frame.columns:
+            raise DataError(f"input lacks column 'group', which this model needs (one of "
+                            f"{known}); got columns {list(frame.columns)}")
+        values = frame["group"].astype(object).to_numpy()
+        unknown = sorted({str(v) for v in values if not isinstance(v, str)
+                          or v not in self.group_index})
+        if unknown:
+            raise DataError(f"column 'group' has unknown group(s) {unknown[:10]}"
+                            + (f" (and {len(unknown) - 10} more)" if len(unknown) > 10 else "")
+                            + f"; this model knows {known}")
+        return np.array([self.group_index[v] for v in values], dtype=np.int64)
+
+    def example_frame(self, n: int) -> pd.DataFrame:
+        """The first ``n`` training spots, in raw units (and group names), as a predict input."""
+        if self.train_coordinates is None:
+            raise ModelError("the model has no training coordinates (it was fitted without "
+                             "coordinates): fit(Y, coordinates=X), or pass train_coordinates")
+        n = min(n, self.train_coordinates.shape[0])
+        xy = self.raw_coordinates(self.train_coordinates[:n])
+        frame = pd.DataFrame({"x": xy[:, 0], "y": xy[:, 1]})
+        if self.info["uses_groups"]:
+            codes = self.model.train_groups_[:n]
+            frame["group"] = [self.info["group_names"][int(c)] for c in codes]
+        return frame
+
+    def factors(self, X: np.ndarray, groups: Optional[np.ndarray], *, neighbours: int,
+                exp_mean: bool = False) -> np.ndarray:
+        """(M, L) factors at scaled coordinates X (M, 2) and group codes (M,) or None.
+
+        :meth:`PNMF.predict_at <sf_mlflow.models.pnmf.PNMF.predict_at>`: the GP predictive
+        of a spatial model, the nearest-training-spot rule of a non-spatial one (the
+        held-out prediction of the analyze stage).
+        """
+        if X.shape[0] == 0:
+            return np.empty((0, int(self.info["n_components"])))
+        k = int(neighbours)
+        if not self.info["spatial"] and self.train_coordinates is not None:
+            n = self.train_coordinates.shape[0]
+            if not 1 <= k <= n:
+                raise DataError(f"param neighbours = {k} needs 1 <= neighbours <= {n} training spots")
+        return self.model.predict_at(X, groups=groups, neighbours=k, exp_mean=bool(exp_mean))
+
+    def predict(self, frame: pd.DataFrame, params: Optional[Mapping[str, Any]] = None) -> pd.DataFrame:
+        """Factors (M, L) or expected counts (M, G) of the spots in ``frame``."""
+        if not isinstance(frame, pd.DataFrame):
+            frame = pd.DataFrame(frame)
+        p = {**DEFAULT_PARAMS, "neighbours": self.info["neighbours"],
+             **{k: v for k, v in (params or {}).items() if v is not None}}
+        output = _choice("output", p["output"], OUTPUTS)
+        X = self.positions(frame, p["coordinates"])
+        groups = self.group_codes(frame)
+        F = self.factors(X, groups, neighbours=p["neighbours"], exp_mean=bool(p["exp_mean"]))
+        if output == "factors":
+            return pd.DataFrame(F, index=frame.index, columns=self.columns)
+        genes = p["genes"]
+        genes = [genes] if isinstance(genes, str) else [str(g) for g in np.ravel(genes)]
+        if not genes:
+            genes = list(self.gene_index)
+        unknown = [g for g in genes if g not in self.gene_index]
+        if unknown:
+            raise DataError(f"param genes has unknown gene(s) {unknown[:10]}; this model has "
+                            f"{len(self.gene_index)} genes, e.g. {list(self.gene_index)[:5]}")
+        W = self.loadings[[self.gene_index[g] for g in genes]]      # (G, L)
+        return pd.DataFrame(F @ W.T, index=frame.index, columns=genes)
