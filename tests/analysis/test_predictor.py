@@ -19,6 +19,7 @@ from sf_mlflow.analysis.predictor import FactorPredictor, prediction_info, with_
 from sf_mlflow.data.synthetic import make_synthetic
 from sf_mlflow.errors import DataError, ModelError
 from sf_mlflow.models.pnmf import PNMF
+from sf_mlflow.models.settings import SVGP
 
 REPO = Path(__file__).resolve().parents[2]
 CENTER, SCALE = np.array([0.5, 0.25]), 20.0
@@ -36,7 +37,7 @@ def models(data):
     common = dict(max_iter=15, tol=0, random_state=0)
     return {
         "pnmf": PNMF(2, prior="gaussian", **common).fit(data.counts, coordinates=data.coordinates),
-        "svgp": PNMF(2, prior="svgp", num_inducing=30, **common).fit(
+        "svgp": PNMF(2, prior=SVGP(num_inducing=30), **common).fit(
             data.counts, coordinates=data.coordinates, groups=data.groups),
     }
 
