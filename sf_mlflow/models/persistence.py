@@ -43,7 +43,7 @@ _FORMAT1_SPATIAL = {"kernel": "kernel", "num_inducing": "num_inducing", "lengths
 
 def portable_params(model) -> dict[str, Any]:
     """The estimator's hyperparameters as plain values (the prior's settings as a dict)."""
-    params = model.get_params()
+    params = model.get_params(deep=False)
     if isinstance(params["dtype"], torch.dtype):
         params["dtype"] = str(params["dtype"]).replace("torch.", "")
     params["prior"] = _portable_prior(params["prior"])

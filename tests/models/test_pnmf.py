@@ -203,6 +203,25 @@ def test_save_load_roundtrip(fitted, tmp_path):
     assert set(blob) == {"format_version", "hyperparameters", "state", "attributes"}
 
 
+def test_files_of_format_1_with_flat_spatial_arguments_still_load(data, tmp_path):
+    """Models registered before the SVGP settings object stored its fields as PNMF arguments."""
+    n = 400
+    model = PNMF(2, prior=SVGP(num_inducing=30, lengthscale=0.3, groups=False), max_iter=3, tol=0,
+                 random_state=0).fit(data.counts[:n], coordinates=data.coordinates[:n])
+    model.save(tmp_path / "new.pt")
+    blob = torch.load(tmp_path / "new.pt", weights_only=True)
+    spatial = blob["hyperparameters"].pop("prior")["svgp"]
+    spatial["use_groups"] = spatial.pop("groups")
+    blob["hyperparameters"].update(prior="svgp", **spatial)
+    blob["format_version"] = 1
+    del blob["state"]["train_coordinates"]      # format 1 kept them in the model's dtype
+    torch.save(blob, tmp_path / "old.pt")
+    old = PNMF.load(tmp_path / "old.pt")
+    assert old.prior == model.prior and not old.uses_groups_
+    np.testing.assert_array_equal(old.get_factors(), model.get_factors())
+    np.testing.assert_allclose(old.train_coordinates_, data.coordinates[:n], rtol=1e-6)
+
+
 def test_load_rejects_other_files(tmp_path):
     path = tmp_path / "other.pt"
     torch.save({"weights": torch.zeros(2)}, path)
