@@ -147,7 +147,7 @@ def worker(args) -> None:
     import sf_mlflow  # noqa: F401  (flush denormals)
     from sf_mlflow.models.likelihood import CountBatch, expected_log_likelihood, poisson_deviance
     from sf_mlflow.models.pnmf import PNMF
-from sf_mlflow.models.settings import SVGP
+    from sf_mlflow.models.settings import SVGP
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -209,6 +209,7 @@ from sf_mlflow.models.settings import SVGP
         from gpytorch.variational import CholeskyVariationalDistribution, VariationalStrategy
 
         from sf_mlflow.models.inducing import select_inducing_points
+        from sf_mlflow.models.initialization import initial_state
         from sf_mlflow.models.kernels import make_kernel
 
         # inducing points and KL-NMF loadings as our trainer chooses them (timed, as ours are)
@@ -216,10 +217,9 @@ from sf_mlflow.models.settings import SVGP
         Z, gZ = select_inducing_points(X, g, M, "proportional", seed=args.seed)
         ours = make_kernel("Matern32", args.lengthscale, 1.0, multigroup=True, group_diff_param=10.0,
                            trainable=False, dtype=torch.float32, device=device)
-        init = PNMF(L, random_state=args.seed)
         full = CountBatch.from_scipy(Y, device=device, dtype=torch.float32)
         gen = torch.Generator(device=device).manual_seed(args.seed)
-        W0, _ = init._initial_state(full, L, gen, torch.float32, device)
+        W0, _ = initial_state(full, L, gen)
         del full
         Zt = torch.as_tensor(np.c_[Z, gZ], dtype=torch.float32, device=device)
 
