@@ -13,7 +13,7 @@ import pytest
 import yaml
 from mlflow.tracking import MlflowClient
 
-from sf_mlflow.stages.analyze import safe_name
+from sf_mlflow.stages._common import safe_name
 
 REPO = Path(__file__).resolve().parents[1]
 

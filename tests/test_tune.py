@@ -246,7 +246,7 @@ def test_tune_needs_the_spatial_model(mlflow_store, tmp_path, capsys):
     path = write_config(tmp_path, raw)
     assert main(["tune", "-c", str(path)]) == 2
     err = user_error(capsys.readouterr().err)
-    assert "model.spatial: true" in err and str(path) in err
+    assert "model.prior: SVGP" in err and str(path) in err
 
 
 def test_tune_rejects_a_bad_n_trials(mlflow_store, tmp_path, capsys):

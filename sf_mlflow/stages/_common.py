@@ -1,31 +1,41 @@
-"""What every stage shares: tags from the config, and a staging folder for outputs."""
+"""What every stage shares: tags from the config, the upstream run, a run, a staging folder."""
 
 from __future__ import annotations
 
 import contextlib
+import re
 import shutil
+import tempfile
 from pathlib import Path
-from typing import Iterator
+from typing import Any, Iterator, Mapping
 
 from sf_mlflow.config import Config
+from sf_mlflow.data.io import PreprocessedData, read_preprocessed
+from sf_mlflow.errors import RunLookupError
+from sf_mlflow.stages.table import STAGES
 from sf_mlflow.tracking import (
     TAG_CONFIG_HASH,
     TAG_DATASET,
     TAG_PREPROCESS_HASH,
     TAG_REUSABLE,
     TAG_STAGE_HASH,
+    StageRun,
+    describe_run,
+    download_artifacts,
+    find_latest_run,
+    get_stage_run,
+    stage_run,
 )
 
-PREPROCESS_SECTIONS = ("seed", "dataset", "data", "preprocessing")
-
-#: The config sections that determine each stage's output (its upstream run carries the rest).
+#: The config sections that determine each stage's output (its upstream run carries the rest):
+#: the ``sections`` of the stages in :data:`~sf_mlflow.stages.table.STAGES` whose runs are reused.
 STAGE_SECTIONS: dict[str, tuple[str, ...]] = {
-    "preprocess": PREPROCESS_SECTIONS,
-    "train": ("seed", "model", "training"),
-    "analyze": ("analysis",),
-    "figures": (),
-}
+    name: stage.sections for name, stage in STAGES.items() if stage.sections is not None}
 
+PREPROCESS_SECTIONS = STAGE_SECTIONS["preprocess"]
+
+
+# ---- hashes and tags ----------------------------------------------------------------------------
 
 def preprocess_hash(config: Config) -> str:
     """Hash of every setting that determines a preprocess run's output."""
@@ -53,9 +63,101 @@ def base_tags(config: Config, stage: str | None = None) -> dict[str, str]:
     return tags
 
 
+# ---- names --------------------------------------------------------------------------------------
+
+def model_kind(config: Config) -> str:
+    """``"svgp"`` or ``"pnmf"``: the short model name used in run names and tags."""
+    return "svgp" if config.model.spatial else "pnmf"
+
+
+def run_name(config: Config) -> str:
+    """``train/<model>/L<L>[/M<M>/l<lengthscale>]``."""
+    m = config.model
+    name = f"train/{model_kind(config)}/L{m.n_components}"
+    if model_kind(config) == "svgp":
+        name += f"/M{m.num_inducing}/l{m.lengthscale:g}"
+    return name
+
+
+def safe_name(name: str) -> str:
+    """A group name usable in a file name (``L2/3 IT`` -> ``L2_3_IT``)."""
+    return re.sub(r"[^A-Za-z0-9._-]+", "_", str(name)).strip("_") or "group"
+
+
 def say(stage: str, message: str) -> None:
     """Progress line on stdout, prefixed with the stage (flushed: runs may be long)."""
     print(f"[{stage}] {message}", flush=True)
+
+
+# ---- upstream runs ------------------------------------------------------------------------------
+
+def _newest_matching(config: Config, stage: str) -> tuple[dict[str, str], str]:
+    """Tags that mark a run of ``stage`` made for this config, and how to say it.
+
+    A preprocess run matches on the preprocessing settings alone (every model of a data
+    set shares it); any other run on the whole config.
+    """
+    src = config.source or "<your config>"
+    if stage == "preprocess":
+        return ({TAG_PREPROCESS_HASH: preprocess_hash(config)},
+                f"matches dataset '{config.dataset}' and the preprocessing settings of {src}")
+    return {TAG_CONFIG_HASH: config.digest()}, f"was made with the config {src}"
+
+
+def resolve_upstream(config: Config, stage: str, run_id: str | None, *, by: str,
+                     param: str | None = None):
+    """The upstream run of ``stage`` that stage ``by`` reads.
+
+    The run ``run_id`` if given (checked to be a FINISHED ``stage`` run), else the newest
+    FINISHED ``stage`` run made for this config, else :class:`RunLookupError` with the
+    command that makes one and the MLproject parameter ``param`` (default
+    ``<stage>_run_id``) that passes one.
+    """
+    if run_id:
+        return get_stage_run(run_id, stage)
+    tags, matching = _newest_matching(config, stage)
+    run = find_latest_run(stage, tags)
+    if run is None:
+        src = config.source or "<your config>"
+        raise RunLookupError(
+            f"no FINISHED {stage} run {matching}; run it first:\n"
+            f"  mlflow run . -e {stage} --env-manager local -P config={src}\n"
+            f"or pass one with -P {param or stage + '_run_id'}=<run id>")
+    say(by, f"using the newest matching {stage} run {describe_run(run)}")
+    return run
+
+
+def load_preprocessed(run_id: str, dst: str | Path | None = None) -> PreprocessedData:
+    """The data a preprocess run logged (downloaded to ``dst``, else to a temporary folder)."""
+    if dst is not None:
+        return read_preprocessed(download_artifacts(run_id, "data", dst))
+    with tempfile.TemporaryDirectory() as tmp:
+        return read_preprocessed(download_artifacts(run_id, "data", tmp))
+
+
+# ---- the run and its outputs --------------------------------------------------------------------
+
+@contextlib.contextmanager
+def open_run(config: Config, stage: str, *, params: Mapping[str, Any],
+             tags: Mapping[str, Any], run_name: str, description: str,
+             parent_run_id: str | None = None, headline: str | None = None
+             ) -> Iterator[StageRun]:
+    """:func:`~sf_mlflow.tracking.stage_run` in the config's experiment, announced on stdout.
+
+    The first progress line is ``run <id>: <headline>`` (default: the description); the
+    caller says ``finished run <id>`` with :func:`finished` after the block.
+    """
+    with stage_run(stage, experiment=config.name, params=params, tags=tags,
+                   run_name=run_name, description=description,
+                   parent_run_id=parent_run_id) as run:
+        say(stage, f"run {run.run_id}: {headline if headline is not None else description}")
+        yield run
+
+
+def finished(stage: str, run: StageRun) -> str:
+    """Say that the run finished; return its ID."""
+    say(stage, f"finished run {run.run_id}")
+    return run.run_id
 
 
 @contextlib.contextmanager

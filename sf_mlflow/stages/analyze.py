@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import csv
 import json
-import re
 import tempfile
 from pathlib import Path
 
@@ -12,42 +11,20 @@ import numpy as np
 
 from sf_mlflow.analysis.summary import analyze_model
 from sf_mlflow.config import Config
-from sf_mlflow.data.io import read_preprocessed
-from sf_mlflow.errors import RunLookupError
 from sf_mlflow.models.pnmf import PNMF
-from sf_mlflow.stages._common import base_tags, say, staging_dir
-from sf_mlflow.tracking import (
-    TAG_CONFIG_HASH,
-    TAG_MODEL,
-    TAG_UPSTREAM,
-    describe_run,
-    download_artifacts,
-    find_latest_run,
-    get_stage_run,
-    stage_run,
+from sf_mlflow.stages._common import (
+    base_tags,
+    finished,
+    load_preprocessed,
+    open_run,
+    resolve_upstream,
+    safe_name,
+    say,
+    staging_dir,
 )
+from sf_mlflow.tracking import TAG_MODEL, TAG_UPSTREAM, download_artifacts
 
 STAGE = "analyze"
-
-
-def resolve_upstream(stage: str, upstream: str, config: Config, run_id: str | None, entry: str):
-    """The given upstream run (checked), or the newest FINISHED one of the same config."""
-    if run_id:
-        return get_stage_run(run_id, upstream)
-    run = find_latest_run(upstream, {TAG_CONFIG_HASH: config.digest()})
-    if run is None:
-        src = config.source or "<your config>"
-        raise RunLookupError(
-            f"no FINISHED {upstream} run was made with the config {src}; run it first:\n"
-            f"  mlflow run . -e {upstream} --env-manager local -P config={src}\n"
-            f"or pass one with -P {entry}=<run id>")
-    say(stage, f"using the newest matching {upstream} run {describe_run(run)}")
-    return run
-
-
-def safe_name(name: str) -> str:
-    """A group name usable in a file name (``L2/3 IT`` -> ``L2_3_IT``)."""
-    return re.sub(r"[^A-Za-z0-9._-]+", "_", str(name)).strip("_") or "group"
 
 
 def load_lineage(train_run, tmp: Path):
@@ -55,7 +32,7 @@ def load_lineage(train_run, tmp: Path):
     pre_id = train_run.data.tags[TAG_UPSTREAM]
     model_dir = download_artifacts(train_run.info.run_id, "model.pth", tmp / "train")
     model = PNMF.load(model_dir if model_dir.is_file() else model_dir / "model.pth")
-    pre = read_preprocessed(download_artifacts(pre_id, "data", tmp / "preprocess"))
+    pre = load_preprocessed(pre_id, tmp / "preprocess")
     return model, pre, pre_id
 
 
@@ -68,18 +45,16 @@ def run_analyze(config: Config, train_run_id: str | None = None, *,
     ``loadings_group_<g>.npy`` (D, L) and ``gene_enrichment.json``; spatial models add
     ``groupwise_factors.npz``. Factor axes are in descending Moran's I order.
     """
-    train_run = resolve_upstream(STAGE, "train", config, train_run_id, "train_run_id")
+    train_run = resolve_upstream(config, "train", train_run_id, by=STAGE)
     train_id = train_run.info.run_id
     kind = train_run.data.tags.get(TAG_MODEL, "pnmf")
     a = config.analysis
     params = {**config.flat("analysis"), "upstream.train_run_id": train_id}
     tags = {**base_tags(config, STAGE), TAG_UPSTREAM: train_id, TAG_MODEL: kind}
     description = f"Analyze {kind.upper()} train run {train_id} ({config.dataset})"
-    with stage_run(STAGE, experiment=config.name, params=params, tags=tags,
-                   run_name=f"analyze/{kind}/L{config.model.n_components}",
-                   description=description,
-                   parent_run_id=parent_run_id) as run:
-        say(STAGE, f"run {run.run_id}: {description}")
+    with open_run(config, STAGE, params=params, tags=tags,
+                  run_name=f"analyze/{kind}/L{config.model.n_components}",
+                  description=description, parent_run_id=parent_run_id) as run:
         with tempfile.TemporaryDirectory() as tmp:
             model, pre, pre_id = load_lineage(train_run, Path(tmp))
         train, held = pre.training_spots(), pre.heldout_spots()
@@ -97,11 +72,11 @@ def run_analyze(config: Config, train_run_id: str | None = None, *,
                    f"{result.metrics['train_deviance']:.6g}"
                    + (f"; held-out deviance {result.metrics['heldout_deviance']:.6g}"
                       if "heldout_deviance" in result.metrics else ""))
-    say(STAGE, f"finished run {run.run_id}")
-    return run.run_id
+    return finished(STAGE, run)
 
 
 def write_outputs(out: Path, result, train) -> None:
+    """The arrays and tables of :func:`run_analyze` (all but ``metrics.json``) under ``out``."""
     arrays = result.arrays
     for name in ("factors", "scales", "loadings"):
         np.save(out / f"{name}.npy", arrays[name])

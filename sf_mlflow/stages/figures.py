@@ -14,11 +14,18 @@ from sf_mlflow import plots
 from sf_mlflow.analysis.ordering import factor_titles
 from sf_mlflow.config import Config
 from sf_mlflow.data.counts import SpatialCounts
-from sf_mlflow.data.io import read_preprocessed
 from sf_mlflow.errors import RunLookupError
-from sf_mlflow.stages._common import base_tags, say, staging_dir
-from sf_mlflow.stages.analyze import resolve_upstream, safe_name
-from sf_mlflow.tracking import TAG_MODEL, TAG_UPSTREAM, download_artifacts, get_stage_run, stage_run
+from sf_mlflow.stages._common import (
+    base_tags,
+    finished,
+    load_preprocessed,
+    open_run,
+    resolve_upstream,
+    safe_name,
+    say,
+    staging_dir,
+)
+from sf_mlflow.tracking import TAG_MODEL, TAG_UPSTREAM, download_artifacts, get_stage_run
 
 STAGE = "figures"
 
@@ -42,12 +49,13 @@ class Analysis:
 
 
 def load_analysis(run_id: str, tmp: Path) -> Analysis:
+    """An analyze run's outputs, its train run's ELBO curve and its preprocess run's data."""
     run = get_stage_run(run_id, "analyze")
     train = get_stage_run(run.data.tags[TAG_UPSTREAM], "train")
     pre_id = train.data.tags[TAG_UPSTREAM]
     a = download_artifacts(run_id, "", tmp / run_id / "analyze")
     t = download_artifacts(train.info.run_id, "elbo_history.csv", tmp / run_id / "train")
-    pre = read_preprocessed(download_artifacts(pre_id, "data", tmp / run_id / "preprocess"))
+    pre = load_preprocessed(pre_id, tmp / run_id / "preprocess")
     with open(t) as fh:
         elbo = np.array([float(r["elbo"]) for r in csv.DictReader(fh)])
     with open(a / "moran_i.csv") as fh:
@@ -135,14 +143,14 @@ def run_figures(config: Config, analyze_run_ids: list[str] | None = None, *,
     """
     ids = [i for i in (analyze_run_ids or []) if i]
     if not ids:
-        ids = [resolve_upstream(STAGE, "analyze", config, None, "analyze_run_ids").info.run_id]
+        ids = [resolve_upstream(config, "analyze", None, by=STAGE,
+                                param="analyze_run_ids").info.run_id]
     params = {"upstream.analyze_run_ids": ",".join(ids)}
     tags = {**base_tags(config, STAGE), TAG_UPSTREAM: ",".join(ids)}
-    with stage_run(STAGE, experiment=config.name, params=params, tags=tags,
-                   run_name=f"figures/{len(ids)}-run" + ("s" if len(ids) > 1 else ""),
-                   description=f"Figures of analyze runs {', '.join(ids)}",
-                   parent_run_id=parent_run_id) as run:
-        say(STAGE, f"run {run.run_id}: figures of {', '.join(ids)}")
+    with open_run(config, STAGE, params=params, tags=tags,
+                  run_name=f"figures/{len(ids)}-run" + ("s" if len(ids) > 1 else ""),
+                  description=f"Figures of analyze runs {', '.join(ids)}",
+                  parent_run_id=parent_run_id, headline=f"figures of {', '.join(ids)}") as run:
         with tempfile.TemporaryDirectory() as tmp:
             analyses = [load_analysis(i, Path(tmp)) for i in ids]
         with staging_dir(config, STAGE, run.run_id) as out:
@@ -159,5 +167,4 @@ def run_figures(config: Config, analyze_run_ids: list[str] | None = None, *,
             run.log_artifacts(out)
         run.log_metrics({"n_figures": len(made)})
         say(STAGE, f"{len(made)} figures logged")
-    say(STAGE, f"finished run {run.run_id}")
-    return run.run_id
+    return finished(STAGE, run)

@@ -23,12 +23,12 @@ from typing import Callable
 
 from sf_mlflow.config import Config
 from sf_mlflow.provenance import code_version
-from sf_mlflow.stages._common import base_tags, say, stage_hash
+from sf_mlflow.stages._common import base_tags, model_kind, open_run, run_name, say, stage_hash
 from sf_mlflow.stages.analyze import run_analyze
 from sf_mlflow.stages.figures import run_figures
 from sf_mlflow.stages.preprocess import run_preprocess
-from sf_mlflow.stages.train import model_kind, run_name, run_train
-from sf_mlflow.tracking import TAG_MODEL, describe_run, find_reusable_run, run_metrics, stage_run
+from sf_mlflow.stages.train import run_train
+from sf_mlflow.tracking import TAG_MODEL, describe_run, find_reusable_run, run_metrics
 
 STAGE = "main"
 
@@ -73,10 +73,9 @@ def run_main(config: Config, force: bool = False) -> str:
     description = (f"Pipeline preprocess -> train -> analyze -> figures of {kind.upper()} "
                    f"with L={config.model.n_components} on {config.dataset} "
                    f"(config {config.source or '<in memory>'})")
-    with stage_run(STAGE, experiment=config.name, params=params, tags=tags,
-                   run_name=main_run_name(config), description=description) as parent:
+    with open_run(config, STAGE, params=params, tags=tags, run_name=main_run_name(config),
+                  description=description) as parent:
         pid = parent.run_id
-        say(STAGE, f"run {pid}: {description}")
         pre = _reuse_or_run("preprocess", config, None, force,
                             lambda: run_preprocess(config, parent_run_id=pid))
         train = _reuse_or_run("train", config, pre.run_id, force,

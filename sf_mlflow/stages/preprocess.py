@@ -6,8 +6,15 @@ from sf_mlflow.config import Config
 from sf_mlflow.data.io import write_preprocessed
 from sf_mlflow.data.preprocess import preprocess
 from sf_mlflow.data.sources import load_dataset
-from sf_mlflow.stages._common import PREPROCESS_SECTIONS, base_tags, preprocess_hash, say, staging_dir
-from sf_mlflow.tracking import stage_run
+from sf_mlflow.stages._common import (
+    PREPROCESS_SECTIONS,
+    base_tags,
+    finished,
+    open_run,
+    preprocess_hash,
+    say,
+    staging_dir,
+)
 
 STAGE = "preprocess"
 
@@ -25,10 +32,10 @@ def run_preprocess(config: Config, *, parent_run_id: str | None = None) -> str:
                    f"filter_mt={config.preprocessing.filter_mt}, "
                    f"max_mt_fraction={config.preprocessing.max_mt_fraction}, "
                    f"holdout={config.preprocessing.holdout_fraction:g}")
-    with stage_run(STAGE, experiment=config.name, params=params, tags=base_tags(config, STAGE),
-                   run_name=f"preprocess/{config.dataset}", description=description,
-                   parent_run_id=parent_run_id) as run:
-        say(STAGE, f"run {run.run_id}: loading dataset '{config.dataset}'")
+    with open_run(config, STAGE, params=params, tags=base_tags(config, STAGE),
+                  run_name=f"preprocess/{config.dataset}", description=description,
+                  parent_run_id=parent_run_id,
+                  headline=f"loading dataset '{config.dataset}'") as run:
         raw = load_dataset(config)
         say(STAGE, f"loaded {raw.n_spots:,} spots x {raw.n_genes:,} genes"
                    + (f" from {raw.counts_source}" if raw.counts_source else "")
@@ -51,5 +58,4 @@ def run_preprocess(config: Config, *, parent_run_id: str | None = None) -> str:
         metrics["n_genes"] = kept.n_genes
         metrics["n_heldout"] = int(result.heldout.sum())
         run.log_metrics(metrics)
-    say(STAGE, f"finished run {run.run_id}")
-    return run.run_id
+    return finished(STAGE, run)

@@ -8,50 +8,47 @@ import json
 import tempfile
 import warnings
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable
 
 import numpy as np
 
 from sf_mlflow.analysis.summary import gp_facts
 from sf_mlflow.config import Config
-from sf_mlflow.data.io import PreprocessedData, read_preprocessed
+from sf_mlflow.data.counts import SpatialCounts
+from sf_mlflow.data.io import PreprocessedData
 from sf_mlflow.errors import ConfigError, RunLookupError
 from sf_mlflow.models.pnmf import PNMF, ConvergenceWarning, NonFiniteELBOError
 from sf_mlflow.models.settings import ModelParams, TrainingParams
-from sf_mlflow.stages._common import base_tags, preprocess_hash, say, staging_dir
+from sf_mlflow.stages._common import (
+    base_tags,
+    finished,
+    load_preprocessed,
+    model_kind,
+    open_run,
+    resolve_upstream,
+    run_name,
+    say,
+    staging_dir,
+)
 from sf_mlflow.stages._signals import StopRequests
 from sf_mlflow.tracking import (
     TAG_CONVERGED,
     TAG_DIVERGED,
-    TAG_MODEL,
     TAG_INTERRUPTED,
-    TAG_PREPROCESS_HASH,
+    TAG_MODEL,
     TAG_RESUMED_FROM,
     TAG_REUSABLE,
     TAG_UPSTREAM,
-    describe_run,
+    StageRun,
     download_artifacts,
-    find_latest_run,
     get_stage_run,
-    stage_run,
 )
 
 STAGE = "train"
 CHECKPOINT_DIR = "checkpoint"
 CHECKPOINT_FILE = "checkpoint.pt"
 
-
-def model_kind(config: Config) -> str:
-    """``"svgp"`` or ``"pnmf"``: the short model name used in run names and tags."""
-    return "svgp" if config.model.spatial else "pnmf"
-
-
-def run_name(config: Config) -> str:
-    m = config.model
-    name = f"train/{model_kind(config)}/L{m.n_components}"
-    if model_kind(config) == "svgp":
-        name += f"/M{m.num_inducing}/l{m.lengthscale:g}"
-    return name
+OnIteration = Callable[[PNMF, int, float], "bool | None"]
 
 
 def build_model(config: Config) -> PNMF:
@@ -66,22 +63,6 @@ def build_model(config: Config) -> PNMF:
     params["log_every"] = 1 if t.verbose else t.log_every
     return PNMF(prior=m.spatial_prior() if m.spatial else "gaussian", random_state=config.seed,
                 verbose=True, **params)
-
-
-def resolve_preprocess_run(config: Config, preprocess_run_id: str | None):
-    """The upstream preprocess run: the one given, or the newest matching FINISHED one."""
-    if preprocess_run_id:
-        return get_stage_run(preprocess_run_id, "preprocess")
-    run = find_latest_run("preprocess", {TAG_PREPROCESS_HASH: preprocess_hash(config)})
-    if run is None:
-        src = config.source or "<your config>"
-        raise RunLookupError(
-            f"no FINISHED preprocess run matches dataset '{config.dataset}' and the "
-            f"preprocessing settings of {src}; run it first:\n"
-            f"  mlflow run . -e preprocess --env-manager local -P config={src}\n"
-            f"or pass one with -P preprocess_run_id=<run id>")
-    say(STAGE, f"using the newest matching preprocess run {describe_run(run)}")
-    return run
 
 
 def training_inputs(config: Config, pre: PreprocessedData):
@@ -145,9 +126,152 @@ def save_checkpoint_and_stop(run, model: PNMF) -> None:
     raise KeyboardInterrupt
 
 
+# ---- the steps of run_train ---------------------------------------------------------------------
+
+def resumed_run(resume_from: str, preprocess_run_id: str | None):
+    """The interrupted train run to continue, and the ID of the preprocess run it read.
+
+    A ``preprocess_run_id`` given as well must be that run's.
+    """
+    resumed = get_stage_run(resume_from, STAGE, statuses=("KILLED", "FAILED"))
+    upstream_id = resumed.data.tags.get(TAG_UPSTREAM)
+    if preprocess_run_id and preprocess_run_id != upstream_id:
+        raise ConfigError(
+            f"preprocess_run_id {preprocess_run_id} differs from the preprocess run "
+            f"{upstream_id} of the run to resume ({resume_from}); "
+            "leave preprocess_run_id empty when resuming")
+    return resumed, upstream_id
+
+
+def read_inputs(upstream_id: str, resumed) -> tuple[PreprocessedData, dict | None]:
+    """The preprocess run's data, and the checkpoint of the run to resume (if any)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        pre = load_preprocessed(upstream_id, tmp)
+        checkpoint = load_checkpoint(resumed, Path(tmp)) if resumed is not None else None
+    return pre, checkpoint
+
+
+def replay_history(run: StageRun, checkpoint: dict, resume_from: str) -> None:
+    """Log the ELBO curve of the resumed run up to its checkpoint, so the new run's is whole."""
+    done = checkpoint["trainer"]["history"].tolist()
+    say(STAGE, f"resuming run {resume_from} from iteration {len(done)}")
+    run.log_metric_history("elbo", done, range(1, len(done) + 1))
+
+
+def fit(run: StageRun, config: Config, model: PNMF, pre: PreprocessedData, data: SpatialCounts,
+        groups, *, checkpoint: dict | None, on_iteration: OnIteration | None) -> None:
+    """Fit the model, streaming the ELBO to the run as the step metric ``elbo``.
+
+    ``on_iteration(model, iteration, elbo)`` runs after every iteration; returning True
+    stops the fit. SIGINT/SIGTERM stop it too: the checkpoint is logged and
+    :class:`KeyboardInterrupt` raised. A non-finite ELBO logs the checkpoint, tags the run
+    diverged and re-raises. Convergence warnings become progress lines.
+    """
+    elbo_stream = run.metric_stream("elbo", flush_every=100)
+    with StopRequests() as stop:
+        def callback(state) -> bool | None:
+            elbo_stream.append(state.iteration, state.elbo)
+            if stop.requested:
+                return True
+            if on_iteration is None:
+                return None
+            return on_iteration(model, state.iteration, state.elbo)
+
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always", ConvergenceWarning)
+            try:
+                model.fit(data.counts, coordinates=data.coordinates, groups=groups,
+                          callback=callback, resume=checkpoint,
+                          validation=validation_inputs(config, pre, model))
+            except NonFiniteELBOError as err:
+                elbo_stream.flush()
+                log_divergence(run, model, err)
+                raise
+    for w in caught:
+        if issubclass(w.category, ConvergenceWarning):
+            say(STAGE, f"warning: {w.message}")
+        else:
+            warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
+    elbo_stream.flush()
+    if stop.requested:
+        save_checkpoint_and_stop(run, model)
+
+
+def log_divergence(run: StageRun, model: PNMF, err: NonFiniteELBOError) -> None:
+    """Log the checkpoint of a fit whose ELBO became non-finite and mark the run not reusable."""
+    log_checkpoint(run, model)
+    run.set_tags({TAG_DIVERGED: "true", TAG_CONVERGED: "false", TAG_REUSABLE: "false"})
+    say(STAGE, f"{err}. Its checkpoint is logged; continue with\n"
+               f"  mlflow run . -e train --env-manager local -P config=<same config> "
+               f"-P resume_from={run.run_id} -P training.learning_rate=<smaller>")
+
+
+def tag_fit(run: StageRun, model: PNMF) -> None:
+    """Tags ``sf.converged`` (and not reusable if stopped early), the held-out deviance curve."""
+    if model.stopped_early_:
+        # stopped by on_iteration (e.g. a pruned tuning trial): not a finished fit
+        run.set_tags({TAG_REUSABLE: "false"})
+    run.set_tags({TAG_CONVERGED: str(bool(model.converged_)).lower()})
+    if len(model.validation_history_):
+        run.log_metric_history("heldout_deviance", model.validation_history_[:, 1],
+                               model.validation_history_[:, 0].astype(int))
+
+
+def summarize(model: PNMF, data: SpatialCounts, pre: PreprocessedData,
+              upstream_id: str) -> dict[str, Any]:
+    """The fit's facts for ``training.json`` (the numeric ones are also logged as metrics)."""
+    return {
+        "final_elbo": float(np.asarray(model.elbo_history_, dtype=float)[-1]),
+        "n_iter": int(model.n_iter_),
+        "converged": bool(model.converged_),
+        "stop_reason": str(model.stop_reason_),
+        "training_time_s": float(model.fit_time_),
+        "iterations_per_s": float(model.n_iter_ / max(model.fit_time_, 1e-9)),
+        "n_train_spots": int(data.n_spots),
+        "n_heldout_spots": int(pre.heldout.sum()),
+        "n_genes": int(data.n_genes),
+        "device": str(model.device_),
+        "preprocess_run_id": upstream_id,
+        **gp_facts(model),
+    }
+
+
+def log_results(run: StageRun, config: Config, model: PNMF, summary: dict[str, Any]) -> None:
+    """Log ``model.pth``, ``elbo_history.csv``, ``training.json``, ``config.yaml`` and metrics."""
+    history = np.asarray(model.elbo_history_, dtype=float)
+    with staging_dir(config, STAGE, run.run_id) as out:
+        model.save(out / "model.pth")
+        with open(out / "elbo_history.csv", "w", newline="") as fh:
+            w = csv.writer(fh)
+            w.writerow(["iteration", "elbo"])
+            w.writerows((i, repr(float(v))) for i, v in enumerate(history, start=1))
+        (out / "training.json").write_text(json.dumps(summary, indent=2))
+        (out / "config.yaml").write_text(config.to_yaml())
+        run.log_artifacts(out)
+    run.log_metrics({k: float(v) for k, v in summary.items() if isinstance(v, (int, float))})
+    say(STAGE, f"final ELBO {summary['final_elbo']:.6g} after {summary['n_iter']} iterations "
+               f"({summary['training_time_s']:.1f} s, converged={summary['converged']})")
+
+
+def register(run: StageRun, config: Config, pre: PreprocessedData, data: SpatialCounts,
+             upstream_id: str, name: str, alias: str) -> None:
+    """Register the logged model as a new version of the pyfunc model ``name``, with ``alias``."""
+    from sf_mlflow.tracking.registry import register_fitted_model
+
+    alias = alias or "latest"
+    version = register_fitted_model(
+        run.run_id, Path(config.output_dir) / STAGE / run.run_id / "model.pth",
+        pre.metadata, name=name, alias=alias, model_kind=model_kind(config),
+        neighbours=config.analysis.moran_k, preprocess_run_id=upstream_id,
+        train_coordinates=data.coordinates)
+    say(STAGE, f"registered model {name!r} version {version}; load it with "
+               f"mlflow.pyfunc.load_model('models:/{name}@{alias}')")
+
+
+# ---- the stage ----------------------------------------------------------------------------------
+
 def run_train(config: Config, preprocess_run_id: str | None = None, *,
-              parent_run_id: str | None = None,
-              on_iteration: Callable[[PNMF, int, float], bool | None] | None = None,
+              parent_run_id: str | None = None, on_iteration: OnIteration | None = None,
               resume_from: str | None = None, register_as: str | None = None,
               register_alias: str = "latest") -> str:
     """Fit the configured model on a preprocess run's training spots and log everything.
@@ -171,17 +295,10 @@ def run_train(config: Config, preprocess_run_id: str | None = None, *,
     :mod:`sf_mlflow.tracking.registry`); the run is tagged ``sf.registered_model`` and
     ``sf.registered_model_version``.
     """
-    checkpoint, resumed = None, None
+    resumed = None
     if resume_from:
-        resumed = get_stage_run(resume_from, STAGE, statuses=("KILLED", "FAILED"))
-        if preprocess_run_id and preprocess_run_id != resumed.data.tags.get(TAG_UPSTREAM):
-            raise ConfigError(
-                f"preprocess_run_id {preprocess_run_id} differs from the preprocess run "
-                f"{resumed.data.tags.get(TAG_UPSTREAM)} of the run to resume ({resume_from}); "
-                "leave preprocess_run_id empty when resuming")
-        preprocess_run_id = resumed.data.tags.get(TAG_UPSTREAM)
-    upstream = resolve_preprocess_run(config, preprocess_run_id)
-    upstream_id = upstream.info.run_id
+        resumed, preprocess_run_id = resumed_run(resume_from, preprocess_run_id)
+    upstream_id = resolve_upstream(config, "preprocess", preprocess_run_id, by=STAGE).info.run_id
     kind = model_kind(config)
     params = {**config.flat(), "upstream.preprocess_run_id": upstream_id}
     tags = {**base_tags(config, STAGE), TAG_UPSTREAM: upstream_id, TAG_MODEL: kind}
@@ -189,101 +306,18 @@ def run_train(config: Config, preprocess_run_id: str | None = None, *,
         tags[TAG_RESUMED_FROM] = resume_from
     description = (f"Train {kind.upper()} with L={config.model.n_components} on preprocess run "
                    f"{upstream_id} ({config.dataset})")
-    with stage_run(STAGE, experiment=config.name, params=params, tags=tags,
-                   run_name=run_name(config), description=description,
-                   parent_run_id=parent_run_id) as run:
-        say(STAGE, f"run {run.run_id}: {description}")
-        with tempfile.TemporaryDirectory() as tmp:
-            pre = read_preprocessed(download_artifacts(upstream_id, "data", tmp))
-            if resumed is not None:
-                checkpoint = load_checkpoint(resumed, Path(tmp))
+    with open_run(config, STAGE, params=params, tags=tags, run_name=run_name(config),
+                  description=description, parent_run_id=parent_run_id) as run:
+        pre, checkpoint = read_inputs(upstream_id, resumed)
         data, groups = training_inputs(config, pre)
         model = build_model(config)
-        elbo_stream = run.metric_stream("elbo", flush_every=100)
         if checkpoint is not None:
-            done = checkpoint["trainer"]["history"].tolist()
-            say(STAGE, f"resuming run {resume_from} from iteration {len(done)}")
-            run.log_metric_history("elbo", done, range(1, len(done) + 1))
+            replay_history(run, checkpoint, resume_from)
         say(STAGE, f"fitting on {data.n_spots:,} spots x {data.n_genes:,} genes")
-
-        with StopRequests() as stop:
-            def callback(state) -> bool | None:
-                elbo_stream.append(state.iteration, state.elbo)
-                if stop.requested:
-                    return True
-                if on_iteration is None:
-                    return None
-                return on_iteration(model, state.iteration, state.elbo)
-
-            with warnings.catch_warnings(record=True) as caught:
-                warnings.simplefilter("always", ConvergenceWarning)
-                try:
-                    model.fit(data.counts, coordinates=data.coordinates, groups=groups,
-                              callback=callback, resume=checkpoint,
-                              validation=validation_inputs(config, pre, model))
-                except NonFiniteELBOError as err:
-                    elbo_stream.flush()
-                    log_checkpoint(run, model)
-                    run.set_tags({TAG_DIVERGED: "true", TAG_CONVERGED: "false",
-                                  TAG_REUSABLE: "false"})
-                    say(STAGE, f"{err}. Its checkpoint is logged; continue with\n"
-                               f"  mlflow run . -e train --env-manager local -P config=<same config> "
-                               f"-P resume_from={run.run_id} -P training.learning_rate=<smaller>")
-                    raise
-        for w in caught:
-            if issubclass(w.category, ConvergenceWarning):
-                say(STAGE, f"warning: {w.message}")
-            else:
-                warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
-        elbo_stream.flush()
-        if stop.requested:
-            save_checkpoint_and_stop(run, model)
-        if model.stopped_early_:
-            # stopped by on_iteration (e.g. a pruned tuning trial): not a finished fit
-            run.set_tags({TAG_REUSABLE: "false"})
-        run.set_tags({TAG_CONVERGED: str(bool(model.converged_)).lower()})
-        if len(model.validation_history_):
-            run.log_metric_history("heldout_deviance", model.validation_history_[:, 1],
-                                   model.validation_history_[:, 0].astype(int))
-
-        history = np.asarray(model.elbo_history_, dtype=float)
-        summary = {
-            "final_elbo": float(history[-1]),
-            "n_iter": int(model.n_iter_),
-            "converged": bool(model.converged_),
-            "stop_reason": str(model.stop_reason_),
-            "training_time_s": float(model.fit_time_),
-            "iterations_per_s": float(model.n_iter_ / max(model.fit_time_, 1e-9)),
-            "n_train_spots": int(data.n_spots),
-            "n_heldout_spots": int(pre.heldout.sum()),
-            "n_genes": int(data.n_genes),
-            "device": str(model.device_),
-            "preprocess_run_id": upstream_id,
-            **gp_facts(model),
-        }
-        with staging_dir(config, STAGE, run.run_id) as out:
-            model.save(out / "model.pth")
-            with open(out / "elbo_history.csv", "w", newline="") as fh:
-                w = csv.writer(fh)
-                w.writerow(["iteration", "elbo"])
-                w.writerows((i, repr(float(v))) for i, v in enumerate(history, start=1))
-            (out / "training.json").write_text(json.dumps(summary, indent=2))
-            (out / "config.yaml").write_text(config.to_yaml())
-            run.log_artifacts(out)
-        run.log_metrics({k: float(v) for k, v in summary.items()
-                         if isinstance(v, (int, float))})
-        say(STAGE, f"final ELBO {summary['final_elbo']:.6g} after {summary['n_iter']} iterations "
-                   f"({summary['training_time_s']:.1f} s, converged={summary['converged']})")
+        fit(run, config, model, pre, data, groups, checkpoint=checkpoint,
+            on_iteration=on_iteration)
+        tag_fit(run, model)
+        log_results(run, config, model, summarize(model, data, pre, upstream_id))
         if register_as:
-            from sf_mlflow.tracking.registry import register_fitted_model
-
-            alias = register_alias or "latest"
-            version = register_fitted_model(
-                run.run_id, Path(config.output_dir) / STAGE / run.run_id / "model.pth",
-                pre.metadata, name=register_as, alias=alias, model_kind=kind,
-                neighbours=config.analysis.moran_k, preprocess_run_id=upstream_id,
-                train_coordinates=data.coordinates)
-            say(STAGE, f"registered model {register_as!r} version {version}; load it with "
-                       f"mlflow.pyfunc.load_model('models:/{register_as}@{alias}')")
-    say(STAGE, f"finished run {run.run_id}")
-    return run.run_id
+            register(run, config, pre, data, upstream_id, register_as, register_alias)
+    return finished(STAGE, run)

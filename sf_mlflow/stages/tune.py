@@ -19,9 +19,9 @@ import hashlib
 import json
 import math
 import random
-import tempfile
 import time
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -29,18 +29,19 @@ import numpy as np
 
 from sf_mlflow.analysis.summary import heldout_deviance
 from sf_mlflow.config import Config, config_from_dict
-from sf_mlflow.data.io import read_preprocessed
 from sf_mlflow.errors import ConfigError, SfMlflowError
-from sf_mlflow.stages._common import base_tags, say, staging_dir
-from sf_mlflow.stages.train import model_kind, resolve_preprocess_run, run_train
-from sf_mlflow.tracking import (
-    TAG_MODEL,
-    TAG_UPSTREAM,
-    alias_run_id,
-    download_artifacts,
-    existing_run,
-    stage_run,
+from sf_mlflow.stages._common import (
+    base_tags,
+    finished,
+    load_preprocessed,
+    model_kind,
+    open_run,
+    resolve_upstream,
+    say,
+    staging_dir,
 )
+from sf_mlflow.stages.table import STAGES
+from sf_mlflow.tracking import TAG_MODEL, TAG_UPSTREAM, StageRun, alias_run_id, existing_run
 
 STAGE = "tune"
 
@@ -236,6 +237,7 @@ class _Trial:
                 return True
             return None
 
+        run_train = STAGES["train"].load()  # through the table: stages import no other stage
         try:
             train_id = run_train(cfg, self.pre_id, parent_run_id=self.parent,
                                  on_iteration=on_iteration)
@@ -331,7 +333,7 @@ def register_best(train_run_id: str, name: str, alias: str):
     return register_train_run(train_run_id, name, alias)
 
 
-# ---- the stage --------------------------------------------------------------------------------
+# ---- checks and counts ------------------------------------------------------------------------
 
 def _counted(study) -> list:
     from optuna.trial import TrialState
@@ -340,25 +342,162 @@ def _counted(study) -> list:
         TrialState.COMPLETE, TrialState.PRUNED, TrialState.RUNNING, TrialState.WAITING))
 
 
-def parse_n_trials(text: str | int | None) -> int | None:
-    """``-P n_trials=...`` as given (empty: take tuning.n_trials from the config)."""
-    if text is None or str(text).strip() == "":
-        return None
-    try:
-        value = float(str(text).strip())
-    except ValueError:
-        value = float("nan")
-    if not value.is_integer() or value < 1:
-        raise ConfigError(f"n_trials = {text!r} is invalid: expected a whole number >= 1")
-    return int(value)
-
-
 def check_tunable(config: Config) -> None:
+    """The study searches the spatial model's settings: refuse a non-spatial config."""
     if not config.model.spatial:
         raise ConfigError(
             f"{config.source}: the tune stage searches model.lengthscale and model.num_inducing, "
             "which only the spatial model has; set model.prior: SVGP")
 
+
+# ---- the steps of run_tune ----------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class StudySettings:
+    """How many trials, where the study lives, its name, and the model name of the best trial."""
+
+    n_trials: int
+    storage_url: str
+    study_name: str
+    register_as: str
+
+
+def study_settings(config: Config, n_trials: int | None, storage: str | None,
+                   study_name: str | None) -> StudySettings:
+    """The arguments given, else the config's ``tuning`` block, else the defaults."""
+    t = config.tuning
+    if n_trials is not None and n_trials < 1:
+        raise ConfigError(f"n_trials = {n_trials!r} is out of range: expected a value >= 1")
+    return StudySettings(n_trials=int(n_trials or t.n_trials),
+                         storage_url=storage or t.storage or default_storage(config),
+                         study_name=study_name or t.study_name or default_study_name(config),
+                         register_as=t.register_as or f"{config.name}-tuned")
+
+
+def scoring_inputs(config: Config, upstream_id: str) -> tuple[np.ndarray, Any]:
+    """Coordinates of the training spots and the held-out spots that score each trial."""
+    pre = load_preprocessed(upstream_id)
+    heldout = pre.heldout_spots()
+    if heldout is None:
+        raise ConfigError(
+            f"preprocess run {upstream_id} has no held-out spots, and tuning scores trials by "
+            f"their held-out deviance; set preprocessing.holdout_fraction > 0 (e.g. 0.1) in "
+            f"{config.source or 'the config'} and run preprocess again")
+    return pre.training_spots().coordinates, heldout
+
+
+def open_study(config: Config, settings: StudySettings):
+    """Create the study, or load it when another worker created it already."""
+    import optuna
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    rdb = make_storage(settings.storage_url)
+    return optuna.create_study(storage=rdb, study_name=settings.study_name, direction="minimize",
+                               pruner=make_pruner(config), load_if_exists=True)
+
+
+def run_trials(study, config: Config, trainer: _Trial, n_trials: int) -> dict[str, int]:
+    """Ask, run and tell trials until the study holds ``n_trials`` that count.
+
+    Returns how many trials this worker completed and pruned. A trial that raises is
+    told FAIL before the error goes on.
+    """
+    from optuna.trial import TrialState
+
+    mine = {"complete": 0, "pruned": 0}
+    while len(_counted(study)) < n_trials:
+        study.sampler = make_sampler(config, len(study.get_trials(deepcopy=False)))
+        trial = study.ask()
+        earlier = [x for x in _counted(study) if x.number < trial.number]
+        if len(earlier) >= n_trials:
+            # another worker took the last slot between our count and our ask
+            trial.set_user_attr(ATTR_SURPLUS, True)
+            study.tell(trial, state=TrialState.FAIL)
+            break
+        try:
+            outcome, value, train_id, pruned_at = trainer.run(trial)
+        except BaseException:
+            study.tell(trial, state=TrialState.FAIL)
+            raise
+        tell(study, trial, outcome, value, train_id, pruned_at)
+        mine[outcome] = mine.get(outcome, 0) + 1
+    return mine
+
+
+def tell(study, trial, outcome: str, value: float, train_id: str, pruned_at: int | None) -> None:
+    """Report a trial's outcome to the study, and say it."""
+    from optuna.trial import TrialState
+
+    if outcome == "pruned":
+        trial.set_user_attr(ATTR_PRUNED_AT, pruned_at)
+        study.tell(trial, state=TrialState.PRUNED)
+        say(STAGE, f"trial {trial.number}: pruned at iteration {pruned_at} "
+                   f"(held-out deviance {value:.5g}; run {train_id})")
+    elif not math.isfinite(value):
+        # a diverged fit (NaN) or a zero rate where counts are positive (inf): the
+        # worst possible score, so the sampler steers away from these settings
+        study.tell(trial, float("inf"))
+        say(STAGE, f"trial {trial.number}: held-out deviance is {value}; scored as inf "
+                   f"(run {train_id})")
+    else:
+        study.tell(trial, value)
+        say(STAGE, f"trial {trial.number}: held-out deviance {value:.5g} (run {train_id})")
+
+
+def study_metrics(study, mine: dict[str, int]) -> tuple[dict[str, float], Any]:
+    """Trial counts of the study and of this worker, and the best complete trial (or None)."""
+    from optuna.trial import TrialState
+
+    trials = study.get_trials(deepcopy=False)
+    by_state = {s: sum(x.state == s for x in trials) for s in TrialState}
+    metrics = {"n_trials_complete": by_state[TrialState.COMPLETE],
+               "n_trials_pruned": by_state[TrialState.PRUNED],
+               "n_trials_failed": sum(x.state == TrialState.FAIL
+                                      and not x.user_attrs.get(ATTR_SURPLUS) for x in trials),
+               "n_trials_running": by_state[TrialState.RUNNING],
+               "n_trials_this_worker": mine["complete"] + mine["pruned"],
+               "n_trials_pruned_this_worker": mine["pruned"]}
+    complete = [x for x in trials if x.state == TrialState.COMPLETE]
+    best = min(complete, key=lambda x: x.value) if complete else None
+    return metrics, best
+
+
+def log_study(run: StageRun, config: Config, study) -> None:
+    """Log ``trials.csv`` and the plots; tag the plots that could not be drawn, and why."""
+    with staging_dir(config, STAGE, run.run_id) as out:
+        write_trials_csv(study, out / "trials.csv")
+        seed = config.tuning.seed if config.tuning.seed is not None else config.seed
+        for name, why in draw_plots(study, out, seed).items():
+            say(STAGE, f"{name} not drawn: {why}")
+            run.set_tags({f"sf.tune.skipped.{name}": why})
+        run.log_artifacts(out)
+
+
+def log_best(run: StageRun, metrics: dict[str, float], best, register_as: str,
+             alias: str) -> None:
+    """Log the metrics and the best trial's settings; register its model as ``register_as``."""
+    if best is None:
+        run.log_metrics(metrics)
+        say(STAGE, "no complete trial: nothing to register")
+        return
+    best_train = best.user_attrs[ATTR_TRAIN_RUN]
+    metrics.update({"best_heldout_deviance": float(best.value),
+                    "best_trial_number": best.number})
+    run.log_metrics(metrics)
+    run.log_params({**{f"best.{k}": v for k, v in best.params.items()},
+                    "best.train_run_id": best_train})
+    run.set_tags({"sf.tune.best_train_run_id": best_train})
+    say(STAGE, f"best: trial {best.number} ({_fmt(best.params)}) held-out deviance "
+               f"{best.value:.5g}, train run {best_train}")
+    if alias_run_id(register_as, alias) == best_train:
+        # e.g. another worker of this study registered it already
+        say(STAGE, f"{register_as}@{alias} already is train run {best_train}")
+    else:
+        version = register_best(best_train, register_as, alias)
+        say(STAGE, f"registered {register_as} version {version} with alias {alias!r}")
+
+
+# ---- the stage ----------------------------------------------------------------------------------
 
 def run_tune(config: Config, preprocess_run_id: str | None = None, n_trials: int | None = None,
              storage: str | None = None, study_name: str | None = None) -> str:
@@ -369,118 +508,28 @@ def run_tune(config: Config, preprocess_run_id: str | None = None, n_trials: int
     best trial's settings as ``best.<key>`` params and its held-out deviance as
     ``best_heldout_deviance``, and registers the best trial's model under ``tuning.alias``.
     """
-    import optuna
-    from optuna.trial import TrialState
-
     check_tunable(config)
-    t = config.tuning
-    if n_trials is not None and n_trials < 1:
-        raise ConfigError(f"n_trials = {n_trials!r} is out of range: expected a value >= 1")
-    n_trials = int(n_trials or t.n_trials)
-    storage_url = storage or t.storage or default_storage(config)
-    study_name = study_name or t.study_name or default_study_name(config)
-    register_as = t.register_as or f"{config.name}-tuned"
-
-    upstream = resolve_preprocess_run(config, preprocess_run_id)
-    upstream_id = upstream.info.run_id
-    with tempfile.TemporaryDirectory() as tmp:
-        pre = read_preprocessed(download_artifacts(upstream_id, "data", tmp))
-    heldout = pre.heldout_spots()
-    if heldout is None:
-        raise ConfigError(
-            f"preprocess run {upstream_id} has no held-out spots, and tuning scores trials by "
-            f"their held-out deviance; set preprocessing.holdout_fraction > 0 (e.g. 0.1) in "
-            f"{config.source or 'the config'} and run preprocess again")
-    train_xy = pre.training_spots().coordinates
-
-    optuna.logging.set_verbosity(optuna.logging.WARNING)
-    rdb = make_storage(storage_url)
-    study = optuna.create_study(storage=rdb, study_name=study_name, direction="minimize",
-                                pruner=make_pruner(config), load_if_exists=True)
-
+    s = study_settings(config, n_trials, storage, study_name)
+    upstream_id = resolve_upstream(config, "preprocess", preprocess_run_id, by=STAGE).info.run_id
+    train_xy, heldout = scoring_inputs(config, upstream_id)
+    study = open_study(config, s)
     params = {**config.flat(), **config.flat("tuning"), "upstream.preprocess_run_id": upstream_id,
-              "tune.n_trials": n_trials, "tune.storage": redact(storage_url),
-              "tune.study_name": study_name, "tune.register_as": register_as}
+              "tune.n_trials": s.n_trials, "tune.storage": redact(s.storage_url),
+              "tune.study_name": s.study_name, "tune.register_as": s.register_as}
     tags = {**base_tags(config), TAG_UPSTREAM: upstream_id, TAG_MODEL: model_kind(config),
-            TAG_STUDY: study_name}
-    description = (f"Optuna study {study_name}: {n_trials} trials over "
+            TAG_STUDY: s.study_name}
+    description = (f"Optuna study {s.study_name}: {s.n_trials} trials over "
                    f"{', '.join(searched_keys(config))}, minimising held-out deviance")
-    with stage_run(STAGE, experiment=config.name, params=params, tags=tags,
-                   run_name=f"tune/{model_kind(config)}/L{config.model.n_components}",
-                   description=description) as run:
-        say(STAGE, f"run {run.run_id}: {description}")
-        say(STAGE, f"study {study_name!r} in {redact(storage_url)} "
-                   f"({len(_counted(study))} of {n_trials} trials already there)")
-        trainer = _Trial(config, upstream_id, run.run_id, train_xy, heldout, study_name)
-        mine = {"complete": 0, "pruned": 0}
-        while len(_counted(study)) < n_trials:
-            study.sampler = make_sampler(config, len(study.get_trials(deepcopy=False)))
-            trial = study.ask()
-            earlier = [x for x in _counted(study) if x.number < trial.number]
-            if len(earlier) >= n_trials:
-                # another worker took the last slot between our count and our ask
-                trial.set_user_attr(ATTR_SURPLUS, True)
-                study.tell(trial, state=TrialState.FAIL)
-                break
-            try:
-                outcome, value, train_id, pruned_at = trainer.run(trial)
-            except BaseException:
-                study.tell(trial, state=TrialState.FAIL)
-                raise
-            if outcome == "pruned":
-                trial.set_user_attr(ATTR_PRUNED_AT, pruned_at)
-                study.tell(trial, state=TrialState.PRUNED)
-                say(STAGE, f"trial {trial.number}: pruned at iteration {pruned_at} "
-                           f"(held-out deviance {value:.5g}; run {train_id})")
-            elif not math.isfinite(value):
-                # a diverged fit (NaN) or a zero rate where counts are positive (inf): the
-                # worst possible score, so the sampler steers away from these settings
-                study.tell(trial, float("inf"))
-                say(STAGE, f"trial {trial.number}: held-out deviance is {value}; scored as inf "
-                           f"(run {train_id})")
-            else:
-                study.tell(trial, value)
-                say(STAGE, f"trial {trial.number}: held-out deviance {value:.5g} (run {train_id})")
-            mine[outcome] = mine.get(outcome, 0) + 1
-
-        trials = study.get_trials(deepcopy=False)
-        by_state = {s: sum(x.state == s for x in trials) for s in TrialState}
-        metrics = {"n_trials_complete": by_state[TrialState.COMPLETE],
-                   "n_trials_pruned": by_state[TrialState.PRUNED],
-                   "n_trials_failed": sum(x.state == TrialState.FAIL
-                                          and not x.user_attrs.get(ATTR_SURPLUS) for x in trials),
-                   "n_trials_running": by_state[TrialState.RUNNING],
-                   "n_trials_this_worker": mine["complete"] + mine["pruned"],
-                   "n_trials_pruned_this_worker": mine["pruned"]}
-        complete = [x for x in trials if x.state == TrialState.COMPLETE]
-        best = min(complete, key=lambda x: x.value) if complete else None
-        with staging_dir(config, STAGE, run.run_id) as out:
-            write_trials_csv(study, out / "trials.csv")
-            seed = t.seed if t.seed is not None else config.seed
-            for name, why in draw_plots(study, out, seed).items():
-                say(STAGE, f"{name} not drawn: {why}")
-                run.set_tags({f"sf.tune.skipped.{name}": why})
-            run.log_artifacts(out)
-        if best is None:
-            run.log_metrics(metrics)
-            say(STAGE, "no complete trial: nothing to register")
-        else:
-            best_train = best.user_attrs[ATTR_TRAIN_RUN]
-            metrics.update({"best_heldout_deviance": float(best.value),
-                            "best_trial_number": best.number})
-            run.log_metrics(metrics)
-            run.log_params({**{f"best.{k}": v for k, v in best.params.items()},
-                            "best.train_run_id": best_train})
-            run.set_tags({"sf.tune.best_train_run_id": best_train})
-            say(STAGE, f"best: trial {best.number} ({_fmt(best.params)}) held-out deviance "
-                       f"{best.value:.5g}, train run {best_train}")
-            if alias_run_id(register_as, t.alias) == best_train:
-                # e.g. another worker of this study registered it already
-                say(STAGE, f"{register_as}@{t.alias} already is train run {best_train}")
-            else:
-                version = register_best(best_train, register_as, t.alias)
-                say(STAGE, f"registered {register_as} version {version} with alias {t.alias!r}")
+    with open_run(config, STAGE, params=params, tags=tags,
+                  run_name=f"tune/{model_kind(config)}/L{config.model.n_components}",
+                  description=description) as run:
+        say(STAGE, f"study {s.study_name!r} in {redact(s.storage_url)} "
+                   f"({len(_counted(study))} of {s.n_trials} trials already there)")
+        trainer = _Trial(config, upstream_id, run.run_id, train_xy, heldout, s.study_name)
+        mine = run_trials(study, config, trainer, s.n_trials)
+        metrics, best = study_metrics(study, mine)
+        log_study(run, config, study)
+        log_best(run, metrics, best, s.register_as, config.tuning.alias)
         say(STAGE, f"{metrics['n_trials_complete']} complete, {metrics['n_trials_pruned']} "
                    f"pruned in the study; this worker ran {metrics['n_trials_this_worker']}")
-    say(STAGE, f"finished run {run.run_id}")
-    return run.run_id
+    return finished(STAGE, run)
