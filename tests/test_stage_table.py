@@ -14,20 +14,9 @@ from sf_mlflow.config import config_from_dict
 from sf_mlflow.stages._common import STAGE_SECTIONS, stage_hash
 from sf_mlflow.stages.table import STAGES
 
-REPO = Path(__file__).resolve().parents[1]
+from test_stages import SMALL   # the config whose stage hashes were computed before the table
 
-#: The config of tests/test_stages.py, whose stage hashes were computed before the table.
-SMALL = {
-    "name": "stage_tests",
-    "seed": 3,
-    "dataset": "synthetic",
-    "data": {"synthetic": {"n_spots": 300, "n_genes": 60, "n_components": 3, "n_groups": 2,
-                           "mean_counts": 200}},
-    "preprocessing": {"min_counts": 5, "min_cells": 3, "holdout_fraction": 0.1,
-                      "spatial_scale": 10.0},
-    "model": {"n_components": 3, "prior": "Gaussian"},
-    "training": {"max_iter": 40, "device": "cpu", "log_every": 20},
-}
+REPO = Path(__file__).resolve().parents[1]
 
 
 def subcommands() -> dict[str, argparse.ArgumentParser]:
