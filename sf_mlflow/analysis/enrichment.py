@@ -5,9 +5,19 @@ row says which share of its expression each factor explains (independent of how 
 the gene is expressed). For group g with refitted loadings W_g
 (:func:`sf_mlflow.analysis.group_loadings.group_loadings`) the relative enrichment is
 
-    lfc[g, d, l] = log2( (W_g_norm[d, l] + eps) / (W_norm[d, l] + eps) ),
+    lfc[g, d, l] = log2( (S_g[d, l] + a) / (W_norm[d, l] + a) ),
 
 positive where factor l explains more of gene d in group g than in the data overall.
+``a`` is a pseudo-share (default :data:`PSEUDO_SHARE` = 0.05, the share below which
+:func:`relevant_genes` calls a factor negligible for a gene): it bounds the log-ratio by
+``log2((1 + a) / a)`` (about 4.4), so a group refit that drives a loading to ~0 cannot
+read as a million-fold change. Given the gene's counts n in the group, the group share is
+shrunk towards the global one, ``S_g = (n W_g_norm + k W_norm) / (n + k)`` with
+``k = PRIOR_COUNTS``, so genes with little evidence in a group move little, and genes with
+fewer than ``MIN_COUNTS`` counts in the group are left out (NaN).
+
+The one "top gene" criterion used in figures and summaries is :data:`TOP_GENE_CRITERION`
+(loading x share, named by :data:`CRITERION_NAMES`).
 """
 
 from __future__ import annotations
@@ -19,7 +29,25 @@ import numpy as np
 from sf_mlflow.errors import DataError
 
 __all__ = ["normalize_gene_loadings", "relative_enrichment", "relevant_genes", "gene_scores",
-           "top_genes", "enrichment_summary"]
+           "top_genes", "enrichment_summary", "group_gene_counts", "PSEUDO_SHARE",
+           "PRIOR_COUNTS", "MIN_COUNTS", "TOP_GENE_CRITERION", "CRITERION_NAMES"]
+
+#: Pseudo-share added to both shares of the enrichment log-ratio: bounds it by
+#: log2((1 + a) / a), about 4.4 for 0.05.
+PSEUDO_SHARE = 0.05
+
+#: Strength (in counts) of the shrinkage of a group's shares towards the global ones.
+PRIOR_COUNTS = 20.0
+
+#: Genes with fewer counts than this in a group get no enrichment there (NaN).
+MIN_COUNTS = 10.0
+
+#: How a factor's top genes are ranked, in every figure and summary: loading x share.
+TOP_GENE_CRITERION = "specific"
+
+#: Readable names of the ranking criteria of :func:`gene_scores`, for titles and labels.
+CRITERION_NAMES = {"loading": "loading", "share": "share of the gene's loadings",
+                   "specific": "loading \u00d7 share"}
 
 
 def normalize_gene_loadings(loadings: np.ndarray) -> np.ndarray:
@@ -42,8 +70,33 @@ def normalize_gene_loadings(loadings: np.ndarray) -> np.ndarray:
         return np.where(s > 0, W / np.where(s > 0, s, 1.0), np.nan)
 
 
+def group_gene_counts(counts, groups: np.ndarray, n_groups: int) -> np.ndarray:
+    """Total counts of every gene in every group, (G, D).
+
+    Parameters
+    ----------
+    counts : scipy.sparse matrix or ndarray, (N, D)
+    groups : ndarray of int, (N,)
+        Group code of every spot, in ``0..n_groups-1``.
+    n_groups : int
+    """
+    import scipy.sparse as sp
+
+    g = np.asarray(groups).ravel().astype(np.int64)
+    if g.shape[0] != counts.shape[0]:
+        raise DataError(f"groups have {g.shape[0]} entries; expected {counts.shape[0]}, one "
+                        "per spot of counts")
+    ind = sp.csr_matrix((np.ones(g.size), (g, np.arange(g.size))),
+                        shape=(int(n_groups), g.size))
+    return np.asarray((ind @ counts).todense() if sp.issparse(counts)
+                      else ind @ np.asarray(counts, dtype=np.float64), dtype=np.float64)
+
+
 def relative_enrichment(loadings: np.ndarray, group_loadings: np.ndarray,
-                        eps: float = 1e-8) -> np.ndarray:
+                        pseudo: float = PSEUDO_SHARE, *,
+                        group_counts: Optional[np.ndarray] = None,
+                        prior_counts: float = PRIOR_COUNTS,
+                        min_counts: float = MIN_COUNTS) -> np.ndarray:
     """log2 enrichment of each group's normalised loadings over the global ones.
 
     Parameters
@@ -52,16 +105,24 @@ def relative_enrichment(loadings: np.ndarray, group_loadings: np.ndarray,
         Global non-negative loadings W.
     group_loadings : ndarray, (G, D, L)
         Per-group loadings W_g.
-    eps : float
-        Pseudo-share added to numerator and denominator; bounds the log-ratio by about
-        +-log2(1 / eps) when a share is 0.
+    pseudo : float
+        Pseudo-share added to numerator and denominator; bounds the log-ratio by
+        ``log2((1 + pseudo) / pseudo)`` whatever the loadings (4.39 for 0.05).
+    group_counts : ndarray, (G, D), optional
+        Counts of each gene in each group (:func:`group_gene_counts`). When given, each
+        group share is shrunk towards the global share with weight
+        ``n / (n + prior_counts)``, and genes with fewer than ``min_counts`` counts in
+        a group are NaN there.
+    prior_counts, min_counts : float
+        See ``group_counts``.
 
     Returns
     -------
     ndarray, (G, D, L)
-        ``log2((W_g_norm + eps) / (W_norm + eps))`` with rows normalised to sum to 1 over
+        ``log2((S_g + pseudo) / (W_norm + pseudo))`` with rows normalised to sum to 1 over
         factors. NaN for a gene whose loadings are all 0 globally or in that group (no
-        share to compare); :func:`enrichment_summary` skips those.
+        share to compare) or, with ``group_counts``, with too few counts in the group;
+        :func:`enrichment_summary` skips those.
     """
     W = np.asarray(loadings, dtype=np.float64)
     Wg = np.asarray(group_loadings, dtype=np.float64)
@@ -72,17 +133,28 @@ def relative_enrichment(loadings: np.ndarray, group_loadings: np.ndarray,
                         f"(G, {W.shape[0]}, {W.shape[1]}) to match loadings")
     if (W < 0).any() or (Wg < 0).any():
         raise DataError("loadings and group_loadings must be non-negative")
-    if not eps > 0:
-        raise DataError(f"eps = {eps!r} must be positive")
-    return np.log2((normalize_gene_loadings(Wg) + eps) / (normalize_gene_loadings(W)[None] + eps))
+    if not pseudo > 0:
+        raise DataError(f"pseudo = {pseudo!r} must be positive")
+    share, share_g = normalize_gene_loadings(W)[None], normalize_gene_loadings(Wg)
+    if group_counts is not None:
+        n = np.asarray(group_counts, dtype=np.float64)
+        if n.shape != Wg.shape[:2]:
+            raise DataError(f"group_counts have shape {n.shape}; expected (G, D) = "
+                            f"{Wg.shape[:2]}")
+        if not prior_counts >= 0:
+            raise DataError(f"prior_counts = {prior_counts!r} must be non-negative")
+        w = (n / np.maximum(n + prior_counts, 1e-300))[..., None]
+        share_g = w * share_g + (1 - w) * share
+        share_g = np.where((n < min_counts)[..., None], np.nan, share_g)
+    return np.log2((share_g + pseudo) / (share + pseudo))
 
 
 def relevant_genes(loadings: np.ndarray, lfc: np.ndarray, min_share: float = 0.05,
-                   eps: float = 1e-8) -> np.ndarray:
+                   pseudo: float = PSEUDO_SHARE) -> np.ndarray:
     """Which (group, gene, factor) log-ratios rest on a share large enough to matter.
 
-    A gene that a factor explains 1e-6 of globally and 1e-4 of in one group has a large
-    log-ratio (about 6.6) that means nothing: both shares are noise. This mask keeps the
+    A gene that a factor explains 1e-3 of globally and 1e-2 of in one group has a
+    log-ratio that means nothing: both shares are noise. This mask keeps the
     entries where the factor explains at least ``min_share`` of the gene globally or in
     the group, so rankings show genes the factor actually uses.
 
@@ -91,12 +163,12 @@ def relevant_genes(loadings: np.ndarray, lfc: np.ndarray, min_share: float = 0.0
     loadings : ndarray, (D, L)
         Global loadings W.
     lfc : ndarray, (G, D, L)
-        From :func:`relative_enrichment` with the same ``eps``; the group share is
-        recovered from it as ``(W_norm + eps) * 2**lfc - eps``.
+        From :func:`relative_enrichment` with the same ``pseudo``; the (shrunk) group
+        share is recovered from it as ``(W_norm + pseudo) * 2**lfc - pseudo``.
     min_share : float
         Threshold on the larger of the two shares, in [0, 1].
-    eps : float
-        The ``eps`` that ``lfc`` was computed with.
+    pseudo : float
+        The ``pseudo`` that ``lfc`` was computed with.
 
     Returns
     -------
@@ -110,9 +182,9 @@ def relevant_genes(loadings: np.ndarray, lfc: np.ndarray, min_share: float = 0.0
                         "like loadings")
     if not 0 <= min_share <= 1:
         raise DataError(f"min_share = {min_share!r} must lie in [0, 1]")
-    share_g = (share[None] + eps) * np.exp2(X) - eps
+    share_g = (share[None] + pseudo) * np.exp2(X) - pseudo
     with np.errstate(invalid="ignore"):
-        keep = np.fmax(share[None], share_g) >= min_share
+        keep = np.fmax(share[None], share_g) >= min_share - 1e-12
     return keep & ~np.isnan(X)
 
 
@@ -156,7 +228,7 @@ def _names(gene_names, d: int, what: str = "gene_names") -> list[str]:
 
 
 def top_genes(loadings: np.ndarray, gene_names: Sequence[str], n: int = 10,
-              by: str = "loading") -> list[list[list]]:
+              by: str = TOP_GENE_CRITERION) -> list[list[list]]:
     """The n highest-scoring genes of every factor.
 
     Parameters
