@@ -14,8 +14,11 @@ from typing import Optional, Sequence
 
 import numpy as np
 import scipy.sparse as sp
+from matplotlib import colormaps
 from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.colors import Normalize
 from matplotlib.figure import Figure
+from matplotlib.lines import Line2D
 from scipy.spatial import cKDTree
 
 from sf_mlflow.errors import DataError
@@ -39,6 +42,21 @@ FACTOR_CMAP = "viridis"
 SCALE_CMAP = "cividis"
 GENE_CMAP = "magma"
 DIVERGING_CMAP = "RdBu_r"
+
+#: Panels per row at most: wider grids wrap, so previews (e.g. MLflow's) stay legible.
+MAX_COLS = 4
+
+#: Draw y growing downwards by default, as ``squidpy.pl.spatial_scatter`` and image
+#: viewers do (``invert_y=False`` in any map function gives y growing upwards).
+INVERT_Y = True
+
+#: Colour-bar labels of the quantities drawn on the tissue.
+FACTOR_LABEL = "factor value exp(F)"
+SCALE_LABEL = "posterior sd of F"
+GENE_LABEL = "log1p counts"
+
+#: Legend text for the hollow markers of held-out spots.
+HELDOUT_LABEL = "held-out spot (not fitted; value predicted from its position)"
 
 #: Colour-blind-safe qualitative colours (Okabe-Ito) for model comparisons.
 QUALITATIVE = ["#0072B2", "#D55E00", "#009E73", "#CC79A7", "#E69F00", "#56B4E9", "#F0E442",
@@ -202,22 +220,46 @@ def clean_tissue_axes(ax) -> None:
     ax.margins(0.02)
 
 
+def as_mask(mask, n: int, name: str = "heldout") -> Optional[np.ndarray]:
+    """Validated boolean mask (N,), or None when ``mask`` is None or all False."""
+    if mask is None:
+        return None
+    m = np.asarray(mask).ravel()
+    if m.shape != (n,):
+        raise DataError(f"{name} has shape {np.shape(mask)}; expected ({n},), one flag per spot")
+    m = m.astype(bool)
+    return m if m.any() else None
+
+
 def tissue_scatter(ax, coords: np.ndarray, values: np.ndarray, s: float, cmap: str,
-                   vmin: float, vmax: float, invert_y: bool = False):
+                   vmin: float, vmax: float, invert_y: bool = INVERT_Y,
+                   heldout: Optional[np.ndarray] = None):
     """Draw one tissue map; returns the PathCollection (for a colour bar).
 
     Spots are drawn in increasing order of value so high values (small hot spots, sparse
-    genes) are on top; NaN values are drawn first in light grey.
+    genes) are on top; NaN values are drawn first in light grey. Spots flagged in
+    ``heldout`` (N,) are drawn last as hollow rings in their value's colour (grey when
+    NaN), so they are visible but distinct from the spots the model was fitted on.
+    ``invert_y`` (default :data:`INVERT_Y`) draws y growing downwards, as squidpy does.
     """
     v = np.asarray(values, dtype=np.float64)
+    held = np.zeros(v.shape, bool) if heldout is None else np.asarray(heldout, bool)
     nan = ~np.isfinite(v)
-    if nan.any():
-        ax.scatter(coords[nan, 0], coords[nan, 1], s=s, c="#dddddd", linewidths=0,
+    if (nan & ~held).any():
+        m = nan & ~held
+        ax.scatter(coords[m, 0], coords[m, 1], s=s, c="#dddddd", linewidths=0,
                    rasterized=True)
-    idx = np.flatnonzero(~nan)
+    idx = np.flatnonzero(~nan & ~held)
     idx = idx[np.argsort(v[idx], kind="stable")]
     sc = ax.scatter(coords[idx, 0], coords[idx, 1], c=v[idx], s=s, cmap=cmap, vmin=vmin,
                     vmax=vmax, linewidths=0, marker="o", rasterized=True, plotnonfinite=False)
+    if held.any():
+        h = np.flatnonzero(held)
+        rgba = colormaps[cmap](Normalize(vmin, vmax, clip=True)(np.nan_to_num(v[h])))
+        rgba[nan[h]] = (0.55, 0.55, 0.55, 1.0)
+        lw = float(np.clip(0.18 * np.sqrt(s), 0.35, 1.2))
+        ax.scatter(coords[h, 0], coords[h, 1], s=s, facecolors="none", edgecolors=rgba,
+                   linewidths=lw, marker="o", rasterized=True)
     clean_tissue_axes(ax)
     # keep the full tissue extent even when every value is NaN
     x0, y0 = coords.min(axis=0)
@@ -229,6 +271,19 @@ def tissue_scatter(ax, coords: np.ndarray, values: np.ndarray, s: float, cmap: s
     else:
         ax.set_ylim(y0 - pady, y1 + pady)
     return sc
+
+
+def heldout_legend(fig, label: str = HELDOUT_LABEL, outside: bool = True) -> None:
+    """A figure legend explaining the hollow markers of held-out spots.
+
+    ``outside``: below the panels, with room made by the layout; else at the bottom of
+    ``fig`` (e.g. a footer sub-figure kept free for it).
+    """
+    ring = Line2D([], [], ls="none", marker="o", markersize=6, markerfacecolor="none",
+                  markeredgecolor="0.25", markeredgewidth=1.0)
+    fig.legend([ring], [label], loc="outside lower center" if outside else "lower center",
+               fontsize=LABEL_SIZE,
+               frameon=False, handletextpad=0.3)
 
 
 def colorbar(fig: Figure, mappable, ax, label: str = "", extend: str = "neither",
@@ -244,7 +299,7 @@ def colorbar(fig: Figure, mappable, ax, label: str = "", extend: str = "neither"
     return cb
 
 
-def grid_shape(n: int, max_cols: int = 5) -> tuple[int, int]:
+def grid_shape(n: int, max_cols: int = MAX_COLS) -> tuple[int, int]:
     """(rows, cols) for n panels: at most ``max_cols`` columns, rows balanced."""
     n = max(int(n), 1)
     rows = -(-n // max_cols)

@@ -10,11 +10,13 @@ from matplotlib.colors import Normalize
 from matplotlib.cm import ScalarMappable
 from matplotlib.figure import Figure
 
+from sf_mlflow.analysis.ordering import factor_correlation, match_factors
 from sf_mlflow.errors import DataError
-from sf_mlflow.plots._common import (FACTOR_CMAP, LABEL_SIZE, QUALITATIVE, SUPTITLE_SIZE,
-                                     TICK_SIZE, TITLE_SIZE, area_per_spot, as_coordinates,
-                                     as_matrix, colorbar, finish, marker_size, new_figure,
-                                     tissue_aspect, tissue_scatter, wrap)
+from sf_mlflow.plots._common import (FACTOR_CMAP, INVERT_Y, LABEL_SIZE, MAX_COLS, QUALITATIVE,
+                                     SUPTITLE_SIZE, TICK_SIZE, TITLE_SIZE, area_per_spot,
+                                     as_coordinates, as_mask, as_matrix, colorbar, finish,
+                                     heldout_legend, marker_size, new_figure, tissue_aspect,
+                                     tissue_scatter, wrap)
 
 __all__ = ["compare_morans_i", "compare_factor_maps"]
 
@@ -88,27 +90,40 @@ def compare_morans_i(values: Mapping[str, np.ndarray], *, sort: bool = True,
 
 def compare_factor_maps(coordinates: np.ndarray, factors: Mapping[str, np.ndarray],
                         titles: Optional[Mapping[str, Sequence[str]]] = None, *,
-                        panel_width: float = 2.0,
-                        title: Optional[str] = "Factors of each model",
-                        invert_y: bool = False,
+                        match: bool = True, panel_width: float = 2.0,
+                        max_cols: int = MAX_COLS,
+                        title: Optional[str] = "Factors of each model, paired by correlation",
+                        invert_y: bool = INVERT_Y, heldout: Optional[np.ndarray] = None,
                         path: Optional[str | os.PathLike] = None) -> Figure:
-    """Factor maps of several models, one row per model.
+    """Factor maps of several models side by side, each factor beside its best partner.
 
     Parameters
     ----------
     coordinates : ndarray, (N, 2)
         Spot positions, shared by all models.
     factors : mapping of str to ndarray, (N, L_m)
-        Model label -> its factors, columns in display order (e.g. each sorted by its own
-        Moran's I). Models may have different L; shorter rows leave empty panels.
+        Model label -> its factors. The first model is the reference: its factors are
+        shown in the given order, each in a framed block with the factor of every other
+        model paired with it. Models may have different L; a factor left unpaired gets a
+        block of its own at the end.
     titles : mapping of str to sequence of str, (L_m,), optional
-        Panel titles per model; default "factor k".
+        Panel titles per model, in each model's column order; default "factor k".
+    match : bool
+        Pair factors by Hungarian matching on their correlation over the spots
+        (:func:`sf_mlflow.analysis.ordering.match_factors`); ``False`` pairs column k
+        with column k. Either way each panel title gives the correlation r with the
+        reference factor of its block.
     panel_width : float
         Inches per panel.
+    max_cols : int
+        Panels per row at most (blocks of one factor per model; default 4).
     title : str, optional
         Figure title.
     invert_y : bool
-        Draw y downwards.
+        Draw y downwards (as squidpy does, the default), see
+        :func:`sf_mlflow.plots.spatial.spatial_grid`.
+    heldout : ndarray of bool, (N,), optional
+        Held-out spots, drawn as hollow rings.
     path : str or path-like, optional
         Save the figure there too.
 
@@ -123,33 +138,88 @@ def compare_factor_maps(coordinates: np.ndarray, factors: Mapping[str, np.ndarra
     if not factors:
         raise DataError("factors is empty; expected a mapping label -> factors (N, L)")
     mats = {str(k): as_matrix(v, X.shape[0], f"factors[{k!r}]") for k, v in factors.items()}
-    R = len(mats)
-    L = max(m.shape[1] for m in mats.values())
+    heads = {}
+    for label, F in mats.items():
+        h = None if titles is None else titles.get(label)
+        if h is not None and len(h) != F.shape[1]:
+            raise DataError(f"titles[{label!r}] has {len(h)} entries; expected {F.shape[1]}")
+        heads[label] = [str(t) for t in h] if h is not None else \
+            [f"factor {k + 1}" for k in range(F.shape[1])]
+    blocks = _pair_blocks(mats, match)
+    labels = list(mats)
+    M = len(labels)
+    per_row = max(1, max_cols // M)
+    n_rows = -(-len(blocks) // per_row)
+    per_row = min(per_row, len(blocks))
+    held = as_mask(heldout, X.shape[0])
     pw = panel_width
-    ph = pw * tissue_aspect(X) + 0.35
-    fig = new_figure(L * pw + 0.9, R * ph + 0.3 + (0.35 if title else 0.0))
-    axes = fig.subplots(R, L, squeeze=False)
-    s = marker_size(X, pw, ph - 0.35, area=area_per_spot(X))
-    for r, (label, F) in enumerate(mats.items()):
-        heads = None if titles is None else titles.get(label)
-        if heads is not None and len(heads) != F.shape[1]:
-            raise DataError(f"titles[{label!r}] has {len(heads)} entries; expected {F.shape[1]}")
-        for l in range(L):
-            ax = axes[r, l]
-            if l >= F.shape[1]:
+    ph = pw * tissue_aspect(X) + 0.5
+    foot = 0.65 + (0.25 if held is not None else 0.0)
+    body_h = n_rows * ph
+    fig = new_figure(per_row * M * pw + 0.3, body_h + foot + (0.35 if title else 0.0))
+    body, bottom = fig.subfigures(2, 1, height_ratios=[body_h, foot])
+    subs = np.atleast_1d(body.subfigures(n_rows, per_row, squeeze=False).ravel())
+    s = marker_size(X, pw, ph - 0.5, area=area_per_spot(X))
+    for sub, block in zip(subs, blocks):
+        sub.set_edgecolor("0.8")
+        sub.set_linewidth(0.8)
+        sub.set_frameon(True)
+        for ax, label, (col, r) in zip(sub.subplots(1, M, squeeze=False).ravel(), labels,
+                                       block):
+            if col < 0:
                 ax.axis("off")
                 continue
-            v = F[:, l]
+            v = mats[label][:, col]
             fin = v[np.isfinite(v)]
             lo, hi = (np.percentile(fin, [0.5, 99.5]) if fin.size else (0.0, 1.0))
             scaled = (v - lo) / (hi - lo) if hi > lo else np.zeros_like(v)
-            tissue_scatter(ax, X, np.clip(scaled, 0, 1), s, FACTOR_CMAP, 0.0, 1.0, invert_y)
-            ax.set_title(wrap(heads[l] if heads is not None else f"factor {l + 1}", pw),
-                         fontsize=TITLE_SIZE)
-            if l == 0:
-                ax.set_ylabel(wrap(label, ph, LABEL_SIZE), fontsize=TITLE_SIZE, fontweight="bold")
-    sm = ScalarMappable(Normalize(0, 1), FACTOR_CMAP)
-    colorbar(fig, sm, list(axes.ravel()), "factor, scaled per panel", shrink=0.5, aspect=25)
+            tissue_scatter(ax, X, np.clip(scaled, 0, 1), s, FACTOR_CMAP, 0.0, 1.0, invert_y,
+                           held)
+            head = f"{label} {heads[label][col]}".replace("\n", ", ")
+            if label != labels[0] and block[0][0] >= 0:
+                head += "\nr = n/a" if np.isnan(r) else f"\nr = {r:.2f}"
+            ax.set_title(wrap(head, pw), fontsize=TITLE_SIZE)
+    for sub in subs[len(blocks):]:
+        sub.set_frameon(False)
+    # one shared colour bar (every panel is on the same 0-1 scale) in a footer of its own
+    cax = bottom.add_axes((0.3, 1 - 0.26 / foot, 0.4, 0.14 / foot))
+    cb = fig.colorbar(ScalarMappable(Normalize(0, 1), FACTOR_CMAP), cax=cax,
+                      orientation="horizontal")
+    cb.ax.tick_params(labelsize=TICK_SIZE, length=2)
+    cb.set_label("factor, scaled per panel (0 = low, 1 = high)", fontsize=LABEL_SIZE)
+    if held is not None:
+        heldout_legend(bottom, outside=False)
     if title:
-        fig.suptitle(title, fontsize=SUPTITLE_SIZE)
+        fig.suptitle(title + ("; r: correlation with the first model's factor" if M > 1 else ""),
+                     fontsize=SUPTITLE_SIZE)
     return finish(fig, path)
+
+
+def _pair_blocks(mats: dict[str, np.ndarray], match: bool) -> list[list[tuple[int, float]]]:
+    """Blocks of (column, r) per model: one per reference factor, then unpaired factors.
+
+    Block k holds the reference's column k and, for every other model, the column paired
+    with it (``-1`` if none) and its correlation r with the reference column.
+    """
+    labels = list(mats)
+    ref = mats[labels[0]]
+    L1 = ref.shape[1]
+    blocks = [[(k, 1.0)] for k in range(L1)]
+    extra = []
+    for label in labels[1:]:
+        F = mats[label]
+        if match:
+            assign, corr = match_factors(ref, F)
+        else:
+            C = factor_correlation(ref, F)
+            assign = np.array([k if k < F.shape[1] else -1 for k in range(L1)])
+            corr = np.array([C[k, a] if a >= 0 else np.nan for k, a in enumerate(assign)])
+        for k in range(L1):
+            blocks[k].append((int(assign[k]), float(corr[k])))
+        used = set(int(a) for a in assign if a >= 0)
+        for j in range(F.shape[1]):
+            if j not in used:
+                extra.append((label, j))
+    for label, j in extra:
+        blocks.append([(j, np.nan) if lab == label else (-1, np.nan) for lab in labels])
+    return blocks

@@ -10,12 +10,14 @@ from matplotlib import colormaps
 from matplotlib.colors import Normalize
 from matplotlib.figure import Figure
 
-from sf_mlflow.analysis.enrichment import gene_scores, relevant_genes
+from sf_mlflow.analysis.enrichment import (CRITERION_NAMES, PSEUDO_SHARE, TOP_GENE_CRITERION,
+                                           gene_scores, relevant_genes)
 from sf_mlflow.errors import DataError
-from sf_mlflow.plots._common import (DIVERGING_CMAP, FACTOR_CMAP, GENE_CMAP,
-                                     QUALITATIVE, SUPTITLE_SIZE, TICK_SIZE, TITLE_SIZE,
-                                     area_per_spot, as_coordinates, as_matrix, as_titles,
-                                     colorbar, dense_columns, finish, grid_shape,
+from sf_mlflow.plots._common import (DIVERGING_CMAP, FACTOR_CMAP, FACTOR_LABEL, GENE_CMAP,
+                                     GENE_LABEL, INVERT_Y, MAX_COLS, QUALITATIVE,
+                                     SUPTITLE_SIZE, TICK_SIZE, TITLE_SIZE, area_per_spot,
+                                     as_coordinates, as_mask, as_matrix, as_titles, colorbar,
+                                     dense_columns, finish, grid_shape, heldout_legend,
                                      marker_size, new_figure, panel_axes, robust_limits,
                                      tissue_aspect, tissue_scatter, wrap)
 
@@ -42,13 +44,14 @@ def _clean_bar_axes(ax) -> None:
     ax.tick_params(labelsize=TICK_SIZE, length=2)
 
 
-_SCORE_LABEL = {"loading": "loading", "share": "share of the gene's loadings",
-                "specific": "loading x share"}
+def _criterion(by: str) -> str:
+    gene_scores(np.ones((1, 1)), by)  # validates ``by``
+    return CRITERION_NAMES[by]
 
 
 def top_genes(loadings: np.ndarray, gene_names: Sequence[str], n: int = 10,
-              titles: Optional[Sequence[str]] = None, *, by: str = "loading",
-              title: Optional[str] = "Top genes per factor", max_cols: int = 5,
+              titles: Optional[Sequence[str]] = None, *, by: str = TOP_GENE_CRITERION,
+              title: Optional[str] = "Top genes per factor", max_cols: int = MAX_COLS,
               path: Optional[str | os.PathLike] = None) -> Figure:
     """Horizontal bar chart of the n top genes of every factor.
 
@@ -61,11 +64,12 @@ def top_genes(loadings: np.ndarray, gene_names: Sequence[str], n: int = 10,
         Genes per factor.
     titles : sequence of str, (L,), optional
         Panel titles; default "factor k".
-    by : {"loading", "share", "specific"}
+    by : {"specific", "loading", "share"}
         Ranking, see :func:`sf_mlflow.analysis.enrichment.gene_scores`; the bars show
-        that score.
+        that score. The default (loading x share) is the one criterion
+        :func:`factors_with_genes` uses too, so both name the same top gene.
     title : str, optional
-        Figure title.
+        Figure title; ", ranked by <criterion>" is appended.
     max_cols : int
         Panels per row at most.
     path : str or path-like, optional
@@ -83,6 +87,7 @@ def top_genes(loadings: np.ndarray, gene_names: Sequence[str], n: int = 10,
         raise DataError(f"n = {n!r} must be at least 1")
     n = min(int(n), D)
     S = gene_scores(W, by)
+    crit = _criterion(by)
     heads = as_titles(titles, L, "factor")
     rows, cols = grid_shape(L, max_cols)
     pw, ph = 2.5, 0.5 + 0.17 * n + 0.35
@@ -93,19 +98,20 @@ def top_genes(loadings: np.ndarray, gene_names: Sequence[str], n: int = 10,
         ax.set_yticks(np.arange(n), [names[i] for i in idx], fontsize=TICK_SIZE)
         ax.invert_yaxis()
         ax.set_title(wrap(heads[l], pw), fontsize=TITLE_SIZE)
-        ax.set_xlabel(_SCORE_LABEL.get(by, by), fontsize=TICK_SIZE)
+        ax.set_xlabel(crit, fontsize=TICK_SIZE)
         ax.xaxis.get_major_locator().set_params(nbins=3)
         _clean_bar_axes(ax)
     if title:
-        fig.suptitle(title, fontsize=SUPTITLE_SIZE)
+        fig.suptitle(f"{title}, ranked by {crit}", fontsize=SUPTITLE_SIZE)
     return finish(fig, path)
 
 
 def factors_with_genes(coordinates: np.ndarray, factors: np.ndarray, counts, loadings: np.ndarray,
                        gene_names: Sequence[str], titles: Optional[Sequence[str]] = None, *,
-                       by: str = "specific", pairs_per_row: int = 3, panel_width: float = 2.2,
+                       by: str = TOP_GENE_CRITERION, pairs_per_row: int = 2,
+                       panel_width: float = 2.2,
                        title: Optional[str] = "Each factor beside its top gene",
-                       invert_y: bool = False,
+                       invert_y: bool = INVERT_Y, heldout: Optional[np.ndarray] = None,
                        path: Optional[str | os.PathLike] = None) -> Figure:
     """Each factor on the tissue next to the expression of its top gene.
 
@@ -123,25 +129,31 @@ def factors_with_genes(coordinates: np.ndarray, factors: np.ndarray, counts, loa
     titles : sequence of str, (L,), optional
         Factor panel titles; default "factor k".
     by : {"specific", "loading", "share"}
-        How the top gene is chosen (:func:`sf_mlflow.analysis.enrichment.gene_scores`).
-        The default, loading x share, picks a gene the factor both loads strongly and
-        explains most of: raw loadings would show the same abundant gene for many
-        factors, shares alone a rare, noisy one.
+        How the top gene is chosen (:func:`sf_mlflow.analysis.enrichment.gene_scores`):
+        the highest-scoring gene, the first bar of :func:`top_genes` with the same ``by``
+        (two factors may share it). The default, loading x share, picks a gene the factor
+        both loads strongly and explains most of: raw loadings would show the same
+        abundant gene for many factors, shares alone a rare, noisy one. Named in the
+        gene panels' titles.
     pairs_per_row : int
-        (factor, gene) pairs per row of the figure.
+        (factor, gene) pairs per row of the figure (default 2: four panels).
     panel_width : float
         Inches per panel.
     title : str, optional
         Figure title.
     invert_y : bool
-        Draw y downwards.
+        Draw y downwards (as squidpy does, the default), see
+        :func:`sf_mlflow.plots.spatial.spatial_grid`.
+    heldout : ndarray of bool, (N,), optional
+        Held-out spots: hollow rings in the factor panels (their counts are observed, so
+        the gene panels draw them as any spot).
     path : str or path-like, optional
         Save the figure there too.
 
     Returns
     -------
     matplotlib.figure.Figure
-        Factors in viridis, genes in magma, each with its own colour bar.
+        Factors in viridis, genes in magma, each with its own labelled colour bar.
     """
     X = as_coordinates(coordinates)
     F = as_matrix(factors, X.shape[0], "factors")
@@ -154,13 +166,16 @@ def factors_with_genes(coordinates: np.ndarray, factors: np.ndarray, counts, loa
                         f"({N}, {W.shape[0]}) from coordinates and loadings")
     names = _gene_names(gene_names, W.shape[0])
     heads = as_titles(titles, L, "factor")
-    top = _distinct_top_genes(gene_scores(W, by))  # (L,)
+    crit = _criterion(by)
+    top = np.argmax(gene_scores(W, by), axis=0)  # (L,), ties: the first gene
+    held = as_mask(heldout, N)
     expr = np.log1p(dense_columns(counts, top))  # (N, L)
     per_row = max(1, min(int(pairs_per_row), L))
     rows = -(-L // per_row)
     pw = panel_width
     ph = pw * tissue_aspect(X) + 0.35
-    fig = new_figure(per_row * 2 * (pw + 0.45), rows * ph + (0.35 if title else 0.0))
+    fig = new_figure(per_row * 2 * (pw + 0.55), rows * ph + (0.35 if title else 0.0)
+                     + (0.25 if held is not None else 0.0))
     # one framed sub-figure per (factor, gene) pair, so the pairing is unmistakable
     subs = np.atleast_1d(fig.subfigures(rows, per_row, squeeze=False).ravel())
     s = marker_size(X, pw, ph - 0.35, area=area_per_spot(X))
@@ -171,36 +186,21 @@ def factors_with_genes(coordinates: np.ndarray, factors: np.ndarray, counts, loa
         sub.set_frameon(True)
         ax_f, ax_g = sub.subplots(1, 2)
         lo, hi, ext = robust_limits(F[:, l])
-        sc = tissue_scatter(ax_f, X, F[:, l], s, FACTOR_CMAP, lo, hi, invert_y)
+        sc = tissue_scatter(ax_f, X, F[:, l], s, FACTOR_CMAP, lo, hi, invert_y, held)
         ax_f.set_title(wrap(heads[l], pw), fontsize=TITLE_SIZE)
-        colorbar(sub, sc, ax_f, "", ext)
+        colorbar(sub, sc, ax_f, FACTOR_LABEL, ext)
         lo, hi, ext = robust_limits(expr[:, l], low=0.0)
         sc = tissue_scatter(ax_g, X, expr[:, l], s, GENE_CMAP, lo, hi, invert_y)
-        ax_g.set_title(wrap(f"{names[top[l]]}\nlog1p counts", pw), fontsize=TITLE_SIZE)
-        colorbar(sub, sc, ax_g, "", ext)
+        ax_g.set_title(wrap(f"top gene: {names[top[l]]}", pw), fontsize=TITLE_SIZE)
+        colorbar(sub, sc, ax_g, GENE_LABEL, ext)
     for sub in subs[L:]:
         sub.set_frameon(False)
+    if held is not None:
+        heldout_legend(fig, "held-out spot (factor panels: not fitted, predicted from "
+                            "its position)")
     if title:
-        fig.suptitle(title, fontsize=SUPTITLE_SIZE)
+        fig.suptitle(f"{title} (top gene by {crit})", fontsize=SUPTITLE_SIZE)
     return finish(fig, path)
-
-
-def _distinct_top_genes(scores: np.ndarray) -> np.ndarray:
-    """Best-scoring gene of every factor, (L,), distinct where possible.
-
-    Factors are served in order of their best score; each takes its highest-scoring gene
-    not already taken, so two factors never show the same gene unless D < L.
-    """
-    D, L = scores.shape
-    out = np.empty(L, dtype=np.int64)
-    taken: set[int] = set()
-    for l in np.argsort(-scores.max(axis=0), kind="stable"):
-        for j in np.argsort(-scores[:, l], kind="stable"):
-            if int(j) not in taken or len(taken) >= D:
-                out[l] = int(j)
-                taken.add(int(j))
-                break
-    return out
 
 
 def _heatmap(ax, M: np.ndarray, norm, row_labels, col_labels, annotate: bool):
@@ -226,7 +226,7 @@ def _heatmap(ax, M: np.ndarray, norm, row_labels, col_labels, annotate: bool):
 def gene_enrichment_heatmap(lfc: np.ndarray, gene_names: Optional[Sequence[str]],
                             group_names: Sequence[str], titles: Optional[Sequence[str]] = None,
                             *, loadings: Optional[np.ndarray] = None, n: int = 8,
-                            max_cols: int = 5,
+                            max_cols: int = MAX_COLS,
                             title: Optional[str] = "Group enrichment of loadings (log2, group / all)",
                             path: Optional[str | os.PathLike] = None) -> Figure:
     """Heatmap(s) of log2 enrichment of loadings per group, diverging colours centred at 0.
@@ -245,7 +245,8 @@ def gene_enrichment_heatmap(lfc: np.ndarray, gene_names: Optional[Sequence[str]]
         Factor names (panel titles, or row labels for (G, L)); default "factor k".
     loadings : ndarray, (D, L), optional
         Global loadings. When given, each factor's genes are its top ``n`` by
-        loading x share (the genes it is about); otherwise the ``n`` genes with the largest
+        loading x share (:data:`~sf_mlflow.analysis.enrichment.TOP_GENE_CRITERION`, the
+        genes it is about, as in :func:`top_genes`); otherwise the ``n`` genes with the largest
         |lfc| over groups, which may be dominated by genes the factor barely uses.
     n : int
         Genes per factor.
@@ -287,7 +288,7 @@ def gene_enrichment_heatmap(lfc: np.ndarray, gene_names: Optional[Sequence[str]]
             W = _loadings(loadings)
             if W.shape != (D, L):
                 raise DataError(f"loadings have shape {W.shape}; expected (D, L) = ({D}, {L})")
-            score = gene_scores(W, "specific")
+            score = gene_scores(W, TOP_GENE_CRITERION)
         else:
             with np.errstate(invalid="ignore"):
                 score = np.nan_to_num(np.nanmax(np.abs(M), axis=0), nan=-1.0)  # (D, L)
@@ -314,7 +315,7 @@ def gene_enrichment_heatmap(lfc: np.ndarray, gene_names: Optional[Sequence[str]]
 def enrichment_for_group(lfc_g: np.ndarray, gene_names: Sequence[str], group_name: str,
                          titles: Optional[Sequence[str]] = None, *, n: int = 8,
                          loadings: Optional[np.ndarray] = None, min_share: float = 0.05,
-                         eps: float = 1e-8, max_cols: int = 5,
+                         pseudo: float = PSEUDO_SHARE, max_cols: int = MAX_COLS,
                          path: Optional[str | os.PathLike] = None) -> Figure:
     """Most enriched and most depleted genes of every factor in one group.
 
@@ -333,8 +334,9 @@ def enrichment_for_group(lfc_g: np.ndarray, gene_names: Sequence[str], group_nam
         Global loadings; when given only genes passing
         :func:`sf_mlflow.analysis.enrichment.relevant_genes` (the factor explains at
         least ``min_share`` of the gene globally or in the group) are ranked.
-    min_share, eps : float
-        See :func:`sf_mlflow.analysis.enrichment.relevant_genes`.
+    min_share, pseudo : float
+        See :func:`sf_mlflow.analysis.enrichment.relevant_genes`; ``pseudo`` must be the
+        one ``lfc_g`` was computed with.
     max_cols : int
         Panels per row.
     path : str or path-like, optional
@@ -356,7 +358,7 @@ def enrichment_for_group(lfc_g: np.ndarray, gene_names: Sequence[str], group_nam
     if int(n) < 1:
         raise DataError(f"n = {n!r} must be at least 1")
     if loadings is not None:
-        keep = relevant_genes(loadings, M[None], min_share=min_share, eps=eps)[0]
+        keep = relevant_genes(loadings, M[None], min_share=min_share, pseudo=pseudo)[0]
         M = np.where(keep, M, np.nan)
     picks = []
     for l in range(L):
@@ -367,9 +369,9 @@ def enrichment_for_group(lfc_g: np.ndarray, gene_names: Sequence[str], group_nam
         picks.append(up + down)
     shown = np.abs(np.concatenate([M[p, l] for l, p in enumerate(picks)])) if any(picks) \
         else np.zeros(0)
-    # one shared x-range; a few extreme log-ratios (a share falling to ~0 gives about
-    # -log2(1 / eps)) would squash every other bar, so the range stops at the 90th
-    # percentile when that is much smaller, and longer bars are cut and labelled
+    # one shared x-range; a few extreme log-ratios would squash every other bar, so the
+    # range stops at the 90th percentile when that is much smaller, and longer bars are
+    # cut and labelled
     lim = float(shown.max()) if shown.size else 1.0
     if shown.size and lim > 3 * float(np.percentile(shown, 90)):
         lim = float(np.percentile(shown, 90))

@@ -9,19 +9,22 @@ import numpy as np
 from matplotlib.figure import Figure
 
 from sf_mlflow.errors import DataError
-from sf_mlflow.plots._common import (FACTOR_CMAP, LABEL_SIZE, SCALE_CMAP, SUPTITLE_SIZE,
-                                     TITLE_SIZE, as_coordinates, as_matrix, as_titles,
-                                     area_per_spot, colorbar, finish, grid_shape,
-                                     marker_size, new_figure, panel_axes, robust_limits,
-                                     tissue_aspect, tissue_scatter, wrap)
+from sf_mlflow.plots._common import (FACTOR_CMAP, FACTOR_LABEL, HELDOUT_LABEL, INVERT_Y,
+                                     MAX_COLS, SCALE_CMAP, SCALE_LABEL, SUPTITLE_SIZE,
+                                     TITLE_SIZE, area_per_spot, as_coordinates, as_mask,
+                                     as_matrix, as_titles, colorbar, finish, grid_shape,
+                                     heldout_legend, marker_size, new_figure, panel_axes,
+                                     robust_limits, tissue_aspect, tissue_scatter, wrap)
 
 __all__ = ["spatial_grid", "factors_spatial", "scales_spatial", "groupwise_factors"]
 
 
 def spatial_grid(coordinates: np.ndarray, values: np.ndarray,
                  titles: Optional[Sequence[str]] = None, *, cmap: str = FACTOR_CMAP,
-                 colorbar_label: str = "", title: Optional[str] = None, max_cols: int = 5,
-                 panel_width: float = 2.6, invert_y: bool = False, panel_label: str = "panel",
+                 colorbar_label: str = "", title: Optional[str] = None,
+                 max_cols: int = MAX_COLS, panel_width: float = 2.6,
+                 invert_y: bool = INVERT_Y, panel_label: str = "panel",
+                 heldout: Optional[np.ndarray] = None, heldout_label: str = HELDOUT_LABEL,
                  path: Optional[str | os.PathLike] = None) -> Figure:
     """Several spatial variables on the tissue, one panel each with its own colour bar.
 
@@ -41,13 +44,19 @@ def spatial_grid(coordinates: np.ndarray, values: np.ndarray,
     title : str, optional
         Figure title.
     max_cols : int
-        Panels per row at most.
+        Panels per row at most (default 4); more panels wrap onto further rows.
     panel_width : float
         Width of one panel in inches; the height follows the tissue's aspect ratio.
     invert_y : bool
-        Draw y downwards (image convention).
+        Draw y growing downwards (image convention), as ``squidpy.pl.spatial_scatter``
+        does, so the maps match squidpy's of the same coordinates; ``False`` draws y
+        growing upwards (mathematical convention), mirrored vertically.
     panel_label : str
         Word used in default titles.
+    heldout : ndarray of bool, (N,), optional
+        Held-out spots, drawn as hollow rings and explained in a legend below the panels.
+    heldout_label : str
+        That legend's text.
     path : str or path-like, optional
         Save the figure there too.
 
@@ -64,13 +73,17 @@ def spatial_grid(coordinates: np.ndarray, values: np.ndarray,
     rows, cols = grid_shape(L, max_cols)
     pw = panel_width
     ph = pw * tissue_aspect(X) + 0.35  # room for a two-line title
-    fig = new_figure(cols * (pw + 0.45), rows * ph + (0.35 if title else 0.0))
+    held = as_mask(heldout, X.shape[0])
+    fig = new_figure(cols * (pw + 0.55), rows * ph + (0.35 if title else 0.0)
+                     + (0.25 if held is not None else 0.0))
     s = marker_size(X, pw, ph - 0.35, area=area_per_spot(X))
     for l, ax in enumerate(panel_axes(fig, L, rows, cols)):
         lo, hi, ext = robust_limits(V[:, l])
-        sc = tissue_scatter(ax, X, V[:, l], s, cmap, lo, hi, invert_y)
+        sc = tissue_scatter(ax, X, V[:, l], s, cmap, lo, hi, invert_y, held)
         ax.set_title(wrap(names[l], pw), fontsize=TITLE_SIZE)
         colorbar(fig, sc, ax, colorbar_label, ext)
+    if held is not None:
+        heldout_legend(fig, heldout_label)
     if title:
         fig.suptitle(title, fontsize=SUPTITLE_SIZE)
     return finish(fig, path)
@@ -78,7 +91,8 @@ def spatial_grid(coordinates: np.ndarray, values: np.ndarray,
 
 def factors_spatial(coordinates: np.ndarray, factors: np.ndarray,
                     titles: Optional[Sequence[str]] = None, *, title: Optional[str] = "Factors",
-                    log: bool = False, max_cols: int = 5, invert_y: bool = False,
+                    log: bool = False, max_cols: int = MAX_COLS, invert_y: bool = INVERT_Y,
+                    heldout: Optional[np.ndarray] = None,
                     path: Optional[str | os.PathLike] = None) -> Figure:
     """All factors on the tissue, in a grid (viridis, one colour bar per factor).
 
@@ -96,12 +110,13 @@ def factors_spatial(coordinates: np.ndarray, factors: np.ndarray,
         Figure title.
     log : bool
         Show ``log(factors)`` (the log-factors F) instead.
-    max_cols, invert_y, path
+    max_cols, invert_y, heldout, path
         See :func:`spatial_grid`.
 
     Returns
     -------
     matplotlib.figure.Figure
+        Colour bars labelled "factor value exp(F)" (or "log factor F").
     """
     F = np.asarray(factors, dtype=np.float64)
     if log:
@@ -109,14 +124,17 @@ def factors_spatial(coordinates: np.ndarray, factors: np.ndarray,
             raise DataError("log=True needs positive factors; pass exp(F) or use log=False")
         F = np.log(F)
     return spatial_grid(coordinates, F, titles, cmap=FACTOR_CMAP,
-                        colorbar_label="log factor" if log else "", title=title,
-                        max_cols=max_cols, invert_y=invert_y, panel_label="factor", path=path)
+                        colorbar_label="log factor F" if log else FACTOR_LABEL, title=title,
+                        max_cols=max_cols, invert_y=invert_y, panel_label="factor",
+                        heldout=heldout, path=path)
 
 
 def scales_spatial(coordinates: np.ndarray, scales: np.ndarray,
                    titles: Optional[Sequence[str]] = None, *,
                    title: Optional[str] = "Posterior standard deviation of the log-factors",
-                   max_cols: int = 5, invert_y: bool = False,
+                   max_cols: int = MAX_COLS, invert_y: bool = INVERT_Y,
+                   heldout: Optional[np.ndarray] = None,
+                   heldout_label: str = HELDOUT_LABEL,
                    path: Optional[str | os.PathLike] = None) -> Figure:
     """Posterior scales (standard deviations) of the factors on the tissue (cividis).
 
@@ -129,8 +147,8 @@ def scales_spatial(coordinates: np.ndarray, scales: np.ndarray,
         factors figure.
     titles : sequence of str, (L,), optional
         Default "factor k".
-    title, max_cols, invert_y, path
-        See :func:`spatial_grid`.
+    title, max_cols, invert_y, heldout, heldout_label, path
+        See :func:`spatial_grid`. Held-out spots without a scale (NaN) are grey rings.
 
     Returns
     -------
@@ -139,15 +157,17 @@ def scales_spatial(coordinates: np.ndarray, scales: np.ndarray,
     S = np.asarray(scales, dtype=np.float64)
     if (S[np.isfinite(S)] < 0).any():
         raise DataError("scales must be non-negative standard deviations")
-    return spatial_grid(coordinates, S, titles, cmap=SCALE_CMAP, colorbar_label="sd",
+    return spatial_grid(coordinates, S, titles, cmap=SCALE_CMAP, colorbar_label=SCALE_LABEL,
                         title=title, max_cols=max_cols, invert_y=invert_y,
-                        panel_label="factor", path=path)
+                        panel_label="factor", heldout=heldout, heldout_label=heldout_label,
+                        path=path)
 
 
 def groupwise_factors(coordinates: np.ndarray, factors: np.ndarray, groupwise: np.ndarray,
                       group_names: Sequence[str], titles: Optional[Sequence[str]] = None, *,
                       title: Optional[str] = "Factors as seen by each group's GP",
-                      panel_width: float = 1.8, invert_y: bool = False,
+                      panel_width: float = 1.8, max_cols: int = MAX_COLS,
+                      invert_y: bool = INVERT_Y, heldout: Optional[np.ndarray] = None,
                       path: Optional[str | os.PathLike] = None) -> Figure:
     """Factors overall and as predicted for every group, on a shared scale per factor.
 
@@ -156,29 +176,34 @@ def groupwise_factors(coordinates: np.ndarray, factors: np.ndarray, groupwise: n
     coordinates : ndarray, (N, 2)
         Spot positions.
     factors : ndarray, (N, L)
-        The factors of all spots (each spot under its own group): the first row of panels.
+        The factors of all spots (each spot under its own group): the first panel of
+        every factor.
     groupwise : ndarray, (G, L, N)
         ``groupwise[g, l]``: factor l at every spot as if all spots belonged to group g
         (the multi-group GP's prediction for group g).
     group_names : sequence of str, (G,)
-        Row labels.
+        Panel labels.
     titles : sequence of str, (L,), optional
-        Column titles. Default "factor k".
+        Factor titles (one block per factor). Default "factor k".
     title : str, optional
         Figure title.
     panel_width : float
         Inches per panel.
+    max_cols : int
+        Panels per row within a factor's block (default 4); more groups wrap.
     invert_y : bool
-        Draw y downwards.
+        Draw y downwards (as squidpy does, the default), see :func:`spatial_grid`.
+    heldout : ndarray of bool, (N,), optional
+        Held-out spots, drawn as hollow rings in the "all groups" panel.
     path : str or path-like, optional
         Save the figure there too.
 
     Returns
     -------
     matplotlib.figure.Figure
-        Rows: "all groups", then each group; columns: factors. Every column has one colour
-        scale (0.5th to 99.5th percentile over all its panels) and one colour bar below,
-        so differences between groups are differences in colour.
+        One framed block per factor, stacked vertically: "all groups", then each group.
+        Every block has one colour scale (0.5th to 99.5th percentile over all its panels)
+        and one labelled colour bar, so differences between groups are differences in colour.
     """
     X = as_coordinates(coordinates)
     F = as_matrix(factors, X.shape[0], "factors")
@@ -188,26 +213,34 @@ def groupwise_factors(coordinates: np.ndarray, factors: np.ndarray, groupwise: n
         raise DataError(f"groupwise has shape {Gw.shape}; expected (G, L, N) = (G, {L}, {N})")
     G = Gw.shape[0]
     groups = as_titles(group_names, G, "group", "group_names")
-    cols = as_titles(titles, L, "factor")
+    heads = as_titles(titles, L, "factor")
+    held = as_mask(heldout, N)
+    rows, cols = grid_shape(G + 1, max_cols)
     pw = panel_width
-    ph = pw * tissue_aspect(X)
-    fig = new_figure(L * pw + 0.5, (G + 1) * ph + 0.9 + (0.3 if title else 0.0))
-    axes = fig.subplots(G + 1, L, squeeze=False)
-    s = marker_size(X, pw, ph, area=area_per_spot(X))
-    row_labels = ["all groups"] + groups
-    for l in range(L):
-        stack = np.concatenate([F[:, l], Gw[:, l, :].ravel()])
-        lo, hi, ext = robust_limits(stack)
+    ph = pw * tissue_aspect(X) + 0.3
+    block_h = rows * ph + 0.35
+    fig = new_figure(cols * pw + 0.9, L * block_h + (0.35 if title else 0.0)
+                     + (0.25 if held is not None else 0.0))
+    subs = np.atleast_1d(fig.subfigures(L, 1, squeeze=False).ravel())
+    s = marker_size(X, pw, ph - 0.3, area=area_per_spot(X))
+    labels = ["all groups"] + groups
+    for l, sub in enumerate(subs):
+        sub.set_edgecolor("0.8")
+        sub.set_linewidth(0.8)
+        sub.set_frameon(True)
+        lo, hi, ext = robust_limits(np.concatenate([F[:, l], Gw[:, l, :].ravel()]))
+        axes = panel_axes(sub, G + 1, rows, cols)
         sc = None
-        for r in range(G + 1):
+        for r, ax in enumerate(axes):
             vals = F[:, l] if r == 0 else Gw[r - 1, l]
-            sc = tissue_scatter(axes[r, l], X, vals, s, FACTOR_CMAP, lo, hi, invert_y)
-            if l == 0:
-                axes[r, l].set_ylabel(wrap(row_labels[r], ph, LABEL_SIZE), fontsize=TITLE_SIZE,
-                                     fontweight="bold")
-        axes[0, l].set_title(wrap(cols[l], pw), fontsize=TITLE_SIZE)
-        colorbar(fig, sc, list(axes[:, l]), "", ext, location="bottom", shrink=0.8,
-                 aspect=12, pad=0.01)
+            sc = tissue_scatter(ax, X, vals, s, FACTOR_CMAP, lo, hi, invert_y,
+                                held if r == 0 else None)
+            ax.set_title(wrap(labels[r], pw), fontsize=TITLE_SIZE)
+        colorbar(sub, sc, axes, FACTOR_LABEL, ext, shrink=0.9)
+        sub.suptitle(wrap(heads[l].replace("\n", ", "), cols * pw), fontsize=TITLE_SIZE,
+                     fontweight="bold")
+    if held is not None:
+        heldout_legend(fig)
     if title:
         fig.suptitle(title, fontsize=SUPTITLE_SIZE)
     return finish(fig, path)
