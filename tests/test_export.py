@@ -47,7 +47,10 @@ def squidpy_moran(adata, key, k):
     analyze (k neighbours, self excluded, row-normalised), in column order."""
     import squidpy as sq
 
-    sq.gr.spatial_neighbors(adata, spatial_key="spatial", coord_type="generic", n_neighs=k)
+    if hasattr(sq.gr, "spatial_neighbors_knn"):   # squidpy >= 1.8; the old name goes in 1.9
+        sq.gr.spatial_neighbors_knn(adata, spatial_key="spatial", n_neighs=k)
+    else:
+        sq.gr.spatial_neighbors(adata, spatial_key="spatial", coord_type="generic", n_neighs=k)
     sq.gr.spatial_autocorr(adata, mode="moran", attr="obsm", layer=key, transformation=True,
                            n_perms=None)
     return adata.uns["moranI"].loc[list(range(adata.obsm[key].shape[1])), "I"].to_numpy()
