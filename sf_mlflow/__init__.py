@@ -21,8 +21,19 @@ from sf_mlflow.errors import (  # noqa: E402
     SfMlflowError,
 )
 
+
+def __getattr__(name: str):
+    # to_anndata reaches MLflow; import it on first use so `import sf_mlflow` stays light
+    if name == "to_anndata":
+        from sf_mlflow.export import to_anndata
+
+        return to_anndata
+    raise AttributeError(f"module 'sf_mlflow' has no attribute {name!r}")
+
+
 __all__ = [
     "__version__",
+    "to_anndata",
     "ConfigError",
     "DataError",
     "ModelError",

@@ -4,6 +4,10 @@ The MLproject's entry points call this same function, so ``mlflow run . -e train
 and ``spatial_factorization train`` behave identically. Config keys can be
 overridden with ``--set model.lengthscale=2`` or ``--model.lengthscale 2`` (the
 form ``mlflow run -P model.lengthscale=2`` produces).
+
+Commands that are not stages (no config, no MLflow run) come from
+:data:`~sf_mlflow.stages.table.COMMANDS`: ``spatial_factorization export --run-id ID
+-o results.h5ad`` writes an analyze run as an AnnData file.
 """
 
 from __future__ import annotations
@@ -13,11 +17,11 @@ import sys
 from typing import Sequence
 
 from sf_mlflow.errors import SfMlflowError
-from sf_mlflow.stages.table import STAGES
+from sf_mlflow.stages.table import COMMANDS, STAGES
 
 
 def _build_parser() -> argparse.ArgumentParser:
-    """One subcommand per row of :data:`~sf_mlflow.stages.table.STAGES`."""
+    """One subcommand per row of :data:`~sf_mlflow.stages.table.STAGES`, then of ``COMMANDS``."""
     parser = argparse.ArgumentParser(
         prog="spatial_factorization",
         description="Fit spatial factor models and track each stage as an MLflow run.",
@@ -32,6 +36,11 @@ def _build_parser() -> argparse.ArgumentParser:
         for arg in stage.args:
             p.add_argument(arg.flag, default=arg.default, type=arg.type, metavar=arg.metavar,
                            help=arg.help)
+    for name, command in COMMANDS.items():
+        p = sub.add_parser(name, help=command.description, description=command.description)
+        for opt in command.options:
+            p.add_argument(*opt.flags, dest=opt.keyword, required=opt.default is None,
+                           default=opt.default, metavar=opt.metavar, help=opt.help)
     return parser
 
 
@@ -55,9 +64,24 @@ def _dotted_overrides(extra: list[str], parser: argparse.ArgumentParser) -> list
     return out
 
 
+def _command(command, args: argparse.Namespace, extra: list[str],
+             parser: argparse.ArgumentParser) -> int:
+    """Run a command of :data:`~sf_mlflow.stages.table.COMMANDS` (no config, no run)."""
+    if extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    try:
+        command.load()(**command.kwargs(args))
+    except SfMlflowError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = _build_parser()
     args, extra = parser.parse_known_args(argv)
+    if args.stage in COMMANDS:
+        return _command(COMMANDS[args.stage], args, extra, parser)
     overrides = list(args.set) + _dotted_overrides(extra, parser)
     try:
         from sf_mlflow.config import load_config

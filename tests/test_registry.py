@@ -92,9 +92,13 @@ def pipeline(raw, tmp_path, *, register_as=None, alias="latest", seed=None):
 
 
 def analyzed_factors(analyze_id, dst):
-    """analyze's factors (N, L) put back into the model's own factor order, and loadings (D, L)."""
+    """analyze's factors of the training spots (N_train, L) put back into the model's own
+    factor order, and loadings (D, L)."""
     folder = download_artifacts(analyze_id, "", dst)
-    factors = np.load(folder / "factors.npy")           # (N, L), descending Moran's I
+    factors = np.load(folder / "factors.npy")           # (N, L) all spots, descending Moran's I
+    with open(folder / "spots.csv") as fh:
+        heldout = np.array([row["heldout"] == "1" for row in csv.DictReader(fh)])
+    factors = factors[~heldout]
     loadings = np.load(folder / "loadings.npy")         # (D, L), same order
     with open(folder / "moran_i.csv") as fh:
         order = [int(row["original_factor"]) for row in csv.DictReader(fh)]

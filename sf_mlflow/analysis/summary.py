@@ -36,8 +36,10 @@ from sf_mlflow.data.counts import SpatialCounts
 class AnalysisResult:
     """Outputs of :func:`analyze_model`; factor axes are already in Moran's I order.
 
-    arrays : name -> ndarray, e.g. ``factors`` (N, L), ``scales`` (N, L), ``loadings`` (D, L),
-        ``group_loadings`` (G, D, L), ``groupwise_factors`` (G, L, N)
+    arrays : name -> ndarray, e.g. ``factors`` (N, L), ``scales`` (N, L) of the N training
+        spots, ``heldout_factors`` (Nh, L) and ``heldout_scales`` (Nh, L) of the held-out
+        spots (when given), ``loadings`` (D, L), ``group_loadings`` (G, D, L),
+        ``groupwise_factors`` (G, L, N)
     metrics : scalar metrics (Moran's I per rank, deviances, reconstruction error, GP facts)
     order : (L,) original factor index of each rank
     moran : (L,) Moran's I in rank order
@@ -113,6 +115,43 @@ def heldout_factors(model, heldout: SpatialCounts, *, k: int = 6, chunk_size: in
     groups = heldout.groups if model.uses_groups_ else None
     return model.predict_at(heldout.coordinates, groups=groups, neighbours=k,
                             exp_mean=exp_mean, chunk_size=chunk_size)
+
+
+def heldout_scales(model, heldout: SpatialCounts, *, chunk_size: int = 10000) -> np.ndarray:
+    """Predictive standard deviation of the log-factors at held-out spots, (Nh, L).
+
+    The GP predictive sd of a spatial model (:meth:`PNMF.predict_at
+    <sf_mlflow.models.pnmf.PNMF.predict_at>` with ``return_std=True``); NaN for the
+    non-spatial model, whose nearest-spot prediction has no sd.
+    """
+    if not model.is_spatial:
+        return np.full((heldout.n_spots, np.shape(model.loadings_)[1]), np.nan)
+    groups = heldout.groups if model.uses_groups_ else None
+    _, std = model.predict_at(heldout.coordinates, groups=groups, return_std=True,
+                              chunk_size=chunk_size)
+    return std
+
+
+def all_spots(train_rows: np.ndarray, heldout_rows: Optional[np.ndarray],
+              heldout: np.ndarray) -> np.ndarray:
+    """Training and held-out rows interleaved back into the spot order of the data, (N, ...).
+
+    heldout : bool (N,), True for held-out spots; training rows fill the False entries in
+    order, held-out rows the True ones. ``heldout_rows`` may be None when none is held out.
+    """
+    heldout = np.asarray(heldout, dtype=bool)
+    n_held = int(heldout.sum())
+    if len(train_rows) != heldout.size - n_held:
+        raise ValueError(f"{len(train_rows)} training rows for {heldout.size - n_held} "
+                         "training spots")
+    out = np.empty((heldout.size,) + train_rows.shape[1:], dtype=np.float64)
+    out[~heldout] = train_rows
+    if n_held:
+        if heldout_rows is None or len(heldout_rows) != n_held:
+            raise ValueError(f"{n_held} held-out spots but "
+                             f"{0 if heldout_rows is None else len(heldout_rows)} held-out rows")
+        out[heldout] = heldout_rows
+    return out
 
 
 def heldout_deviance(model, train_coordinates: Optional[np.ndarray], heldout: SpatialCounts, *,
@@ -194,6 +233,8 @@ def analyze_model(model, train: SpatialCounts, heldout: Optional[SpatialCounts] 
         held_factors = heldout_factors(model, heldout, k=moran_k, chunk_size=chunk_size,
                                        exp_mean=exp_mean and not model.is_spatial)
         metrics.update(_deviance_metrics("heldout", heldout.counts, held_factors, loadings))
+        arrays["heldout_factors"] = held_factors[:, order]
+        arrays["heldout_scales"] = heldout_scales(model, heldout, chunk_size=chunk_size)[:, order]
 
     enrichment = None
     if train.groups is not None and train.group_names:

@@ -196,12 +196,34 @@ def _require(folder: Path, name: str) -> Path:
     return p
 
 
+#: The subfolder of a preprocess stage's folder (and of its run's artifacts) with the files.
+DATA_SUBFOLDER = "data"
+
+
+def _data_folder(folder: Path) -> Path:
+    """``folder``, or its ``data/`` subfolder when ``folder`` is a preprocess stage's folder."""
+    if not folder.is_dir():
+        raise DataError(f"preprocessed folder {str(folder)!r} does not exist; run the "
+                        "preprocess step first or check the path")
+    if any((folder / name).exists() for name in FILES):
+        return folder
+    sub = folder / DATA_SUBFOLDER
+    if sub.is_dir() and any((sub / name).exists() for name in FILES):
+        return sub  # a preprocess stage folder (or its downloaded artifacts): files in data/
+    raise DataError(f"folder {str(folder)!r} is not a preprocessed folder: it holds none of "
+                    f"{', '.join(FILES)} (nor does a '{DATA_SUBFOLDER}' subfolder); pass the "
+                    f"'{DATA_SUBFOLDER}' folder of a preprocess run, e.g. "
+                    f"<output_dir>/preprocess/<run id>/{DATA_SUBFOLDER}")
+
+
 def read_preprocessed(directory: str | Path) -> PreprocessedData:
     """Read a folder written by :func:`write_preprocessed`.
 
     Parameters
     ----------
     directory : str or Path
+        The folder, or a preprocess stage's folder (or its run's downloaded artifacts),
+        whose ``data/`` subfolder holds the files.
 
     Returns
     -------
@@ -209,10 +231,7 @@ def read_preprocessed(directory: str | Path) -> PreprocessedData:
         Data (N, D) with coordinates (N, 2) and groups (N,) or None, held-out mask (N,),
         metadata and truth (or None).
     """
-    folder = Path(directory)
-    if not folder.is_dir():
-        raise DataError(f"preprocessed folder {str(folder)!r} does not exist; run the "
-                        "preprocess step first or check the path")
+    folder = _data_folder(Path(directory))
     meta_path = _require(folder, METADATA_FILE)
     try:
         meta = json.loads(meta_path.read_text())

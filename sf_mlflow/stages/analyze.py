@@ -9,7 +9,7 @@ from pathlib import Path
 
 import numpy as np
 
-from sf_mlflow.analysis.summary import analyze_model
+from sf_mlflow.analysis.summary import all_spots, analyze_model
 from sf_mlflow.config import Config
 from sf_mlflow.models.pnmf import PNMF
 from sf_mlflow.stages._common import (
@@ -40,10 +40,18 @@ def run_analyze(config: Config, train_run_id: str | None = None, *,
                 parent_run_id: str | None = None) -> str:
     """Analyze a train run and log arrays, tables and metrics. Returns the run ID.
 
-    Artifacts: ``factors.npy`` (N, L), ``scales.npy`` (N, L), ``loadings.npy`` (D, L),
-    ``moran_i.csv`` (rank, original factor, Moran's I), ``metrics.json``, and with groups
-    ``loadings_group_<g>.npy`` (D, L) and ``gene_enrichment.json``; spatial models add
-    ``groupwise_factors.npz``. Factor axes are in descending Moran's I order.
+    Artifacts: ``factors.npy`` (N, L) and ``scales.npy`` (N, L) of ALL N kept spots of the
+    preprocess run, in the preprocessed data's spot order (training rows: the fitted
+    model's factors and posterior sd of the log-factors; held-out rows: the model's
+    prediction from position, :meth:`~sf_mlflow.models.pnmf.PNMF.predict_at`, as used for
+    the held-out deviance, and the GP predictive sd -- NaN for the non-spatial model);
+    ``spots.csv`` (``spot,heldout``: spot name, 0/1) in the same row order;
+    ``loadings.npy`` (D, L), ``moran_i.csv`` (rank, original factor, Moran's I),
+    ``metrics.json``, and with groups ``loadings_group_<g>.npy`` (D, L),
+    ``gene_enrichment.json`` and ``enrichment_lfc.npy`` (G, D, L); spatial models add
+    ``groupwise_factors.npz`` (G, L, N_train). Factor axes are in descending Moran's I
+    order; Moran's I and every metric are computed on the training spots.
+    :func:`sf_mlflow.to_anndata` turns the run into an AnnData.
     """
     train_run = resolve_upstream(config, "train", train_run_id, by=STAGE)
     train_id = train_run.info.run_id
@@ -62,7 +70,7 @@ def run_analyze(config: Config, train_run_id: str | None = None, *,
                                group_loadings_iter=a.group_loadings_iter,
                                n_top_genes=a.n_top_genes, verbose=True)
         with staging_dir(config, STAGE, run.run_id) as out:
-            write_outputs(out, result, train)
+            write_outputs(out, result, train, pre)
             (out / "metrics.json").write_text(json.dumps(
                 {**result.metrics, "train_run_id": train_id, "preprocess_run_id": pre_id},
                 indent=2))
@@ -75,11 +83,21 @@ def run_analyze(config: Config, train_run_id: str | None = None, *,
     return finished(STAGE, run)
 
 
-def write_outputs(out: Path, result, train) -> None:
-    """The arrays and tables of :func:`run_analyze` (all but ``metrics.json``) under ``out``."""
+def write_outputs(out: Path, result, train, pre) -> None:
+    """The arrays and tables of :func:`run_analyze` (all but ``metrics.json``) under ``out``.
+
+    ``pre`` is the preprocessed data: ``factors.npy``, ``scales.npy`` and ``spots.csv``
+    cover all its spots in its order, held-out ones included.
+    """
     arrays = result.arrays
-    for name in ("factors", "scales", "loadings"):
-        np.save(out / f"{name}.npy", arrays[name])
+    for name in ("factors", "scales"):
+        np.save(out / f"{name}.npy",
+                all_spots(arrays[name], arrays.get(f"heldout_{name}"), pre.heldout))
+    np.save(out / "loadings.npy", arrays["loadings"])
+    with open(out / "spots.csv", "w", newline="") as fh:
+        w = csv.writer(fh)
+        w.writerow(["spot", "heldout"])
+        w.writerows(zip(map(str, pre.data.spot_names), pre.heldout.astype(int)))
     with open(out / "moran_i.csv", "w", newline="") as fh:
         w = csv.writer(fh)
         w.writerow(["rank", "original_factor", "moran_i"])

@@ -25,6 +25,9 @@ Adding a stage ``<name>`` takes four things:
    ``--foo-bar {foo_bar}``.
 
 ``tests/test_stage_table.py`` checks that the CLI, this table and the MLproject agree.
+
+:data:`COMMANDS` lists the CLI commands that are not stages (they read finished runs and
+start none, so they have no MLproject entry point), e.g. ``export``.
 """
 
 from __future__ import annotations
@@ -188,3 +191,51 @@ STAGES: dict[str, Stage] = {
         description="run preprocess -> train -> analyze -> figures, reusing finished stages"),
 }
 """Every stage, in the order the CLI lists them."""
+
+
+# ---- commands that are not stages --------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Option:
+    """A CLI option of a :class:`Command`, e.g. ``("-o", "--output")``; required unless a default."""
+
+    flags: tuple[str, ...]
+    help: str
+    metavar: str | None = None
+    default: str | None = None
+
+    @property
+    def keyword(self) -> str:
+        return self.flags[-1].lstrip("-").replace("-", "_")
+
+
+@dataclass(frozen=True)
+class Command:
+    """A row of :data:`COMMANDS`: a CLI command that reads finished runs and starts none.
+
+    It takes no config and is no MLflow run (so it has no MLproject entry point).
+    """
+
+    run: str
+    """The function as ``module:function``; it takes the options' keywords."""
+    options: tuple[Option, ...]
+    description: str
+
+    def load(self) -> Callable[..., Any]:
+        module, _, function = self.run.partition(":")
+        return getattr(importlib.import_module(module), function)
+
+    def kwargs(self, parsed: argparse.Namespace) -> dict[str, Any]:
+        return {o.keyword: getattr(parsed, o.keyword) for o in self.options}
+
+
+COMMANDS: dict[str, Command] = {
+    "export": Command(
+        run="sf_mlflow.export:export_h5ad",
+        options=(Option(("--run-id",), "the analyze run to export", metavar="ID"),
+                 Option(("-o", "--output"), "the .h5ad file to write", metavar="FILE.h5ad")),
+        description="write an analyze run (counts, positions, factors, loadings, Moran's I, "
+                    "run IDs) as an AnnData .h5ad file"),
+}
+"""Commands besides the stages, listed after them by the CLI."""

@@ -104,3 +104,15 @@ def test_reserved_metadata_keys_are_refused(tmp_path, synthetic_result):
     with pytest.raises(ValueError, match="gene_names"):
         write_preprocessed(tmp_path / "pp", synthetic_result, {"gene_names": []})
     assert not (tmp_path / "pp").exists()  # refused before anything was written
+
+
+def test_a_preprocess_stage_folder_reads_its_data_subfolder(tmp_path, synthetic_result):
+    # the preprocess stage keeps its files in <output_dir>/preprocess/<run id>/data
+    stage = tmp_path / "preprocess" / "abc123"
+    write_preprocessed(stage / "data", synthetic_result, {})
+    (stage / "config.yaml").write_text("name: x\n")
+    back = read_preprocessed(stage)
+    assert back.data.n_spots == synthetic_result.data.n_spots
+    # a folder with neither the files nor data/ says what to pass, not "did not finish"
+    with pytest.raises(DataError, match=r"is not a preprocessed folder.*pass the 'data' folder"):
+        read_preprocessed(tmp_path / "preprocess")

@@ -1,0 +1,140 @@
+"""analyze's all-spot outputs and ``to_anndata`` / ``spatial_factorization export``.
+
+Real runs in a throw-away sqlite MLflow store; the exported AnnData is checked against the
+preprocess run's data, the analyze run's ``moran_i.csv`` (through squidpy's own Moran's I)
+and the model's prediction at the held-out spots.
+"""
+
+from __future__ import annotations
+
+import csv
+
+import anndata as ad
+import numpy as np
+import pytest
+from mlflow.tracking import MlflowClient
+
+import sf_mlflow
+from sf_mlflow.cli import main
+from sf_mlflow.config import config_from_dict
+from sf_mlflow.models.pnmf import PNMF
+from sf_mlflow.stages._common import load_preprocessed
+from sf_mlflow.stages.analyze import run_analyze
+from sf_mlflow.stages.preprocess import run_preprocess
+from sf_mlflow.stages.train import run_train
+from sf_mlflow.tracking import download_artifacts
+
+from test_stages import SMALL, user_error
+
+MODELS = {
+    "pnmf": {"n_components": 3, "prior": "Gaussian"},
+    "svgp": {"n_components": 3, "prior": "SVGP", "groups": True, "num_inducing": 25,
+             "lengthscale": 2.0},
+}
+
+
+def chain(kind, tmp_path):
+    raw = {**SMALL, "model": MODELS[kind], "training": {**SMALL["training"], "max_iter": 15},
+           "analysis": {"group_loadings_iter": 5}}
+    cfg = config_from_dict(raw, f"{kind}.yaml")
+    pre_id = run_preprocess(cfg)
+    train_id = run_train(cfg, pre_id)
+    return cfg, pre_id, train_id, run_analyze(cfg, train_id)
+
+
+def squidpy_moran(adata, key, k):
+    """squidpy's Moran's I of every column of ``obsm[key]`` on the binary kNN graph of
+    analyze (k neighbours, self excluded, row-normalised), in column order."""
+    import squidpy as sq
+
+    if hasattr(sq.gr, "spatial_neighbors_knn"):   # squidpy >= 1.8; the old name goes in 1.9
+        sq.gr.spatial_neighbors_knn(adata, spatial_key="spatial", n_neighs=k)
+    else:
+        sq.gr.spatial_neighbors(adata, spatial_key="spatial", coord_type="generic", n_neighs=k)
+    sq.gr.spatial_autocorr(adata, mode="moran", attr="obsm", layer=key, transformation=True,
+                           n_perms=None)
+    return adata.uns["moranI"].loc[list(range(adata.obsm[key].shape[1])), "I"].to_numpy()
+
+
+@pytest.mark.parametrize("kind", ["pnmf", "svgp"])
+def test_to_anndata_round_trip(mlflow_store, tmp_path, kind):
+    cfg, pre_id, train_id, analyze_id = chain(kind, tmp_path)
+    pre = load_preprocessed(pre_id, tmp_path / "pre")
+    adata = sf_mlflow.to_anndata(analyze_id)
+
+    # spots and genes of the preprocess run, in its order; counts as X, held-out ones marked
+    assert list(adata.obs_names) == [str(s) for s in pre.data.spot_names]
+    assert list(adata.var_names) == [str(g) for g in pre.data.gene_names]
+    assert (adata.X != pre.data.counts).nnz == 0
+    held = adata.obs["heldout"].to_numpy()
+    assert held.dtype == bool and np.array_equal(held, pre.heldout) and held.sum() == 30
+    assert list(adata.obs["group"].cat.categories) == list(pre.data.group_names)
+    np.testing.assert_array_equal(adata.obs["group"].cat.codes, pre.data.groups)
+    np.testing.assert_allclose(adata.obsm["spatial_scaled"], pre.data.coordinates)
+
+    # Moran's I of the exported factors by squidpy (training spots, analyze's graph) is
+    # the run's moran_i.csv, which is in descending order
+    a = download_artifacts(analyze_id, "", tmp_path / "analyze")
+    with open(a / "moran_i.csv") as fh:
+        rows = list(csv.DictReader(fh))
+    logged = np.array([float(r["moran_i"]) for r in rows])
+    order = [int(r["original_factor"]) for r in rows]
+    key = f"X_{kind}"
+    train_only = adata[~held].copy()
+    np.testing.assert_allclose(squidpy_moran(train_only, key, cfg.analysis.moran_k), logged,
+                               rtol=1e-10, atol=1e-12)
+    assert np.all(np.diff(logged) <= 0)
+    uns = adata.uns["sf_mlflow"]
+    np.testing.assert_allclose(uns["moran_i"], logged)
+    assert list(uns["original_factor"]) == order and uns["model"] == kind
+    assert dict(uns["run_ids"]) == {"preprocess": pre_id, "train": train_id,
+                                    "analyze": analyze_id}
+    assert uns["metrics"]["heldout_deviance"] == pytest.approx(
+        MlflowClient().get_run(analyze_id).data.metrics["heldout_deviance"])
+
+    # factors: the model's own at training spots, its prediction from position at held-out
+    # ones (as analyze predicts them for the held-out deviance); the files say the same
+    model = PNMF.load(download_artifacts(train_id, "model.pth", tmp_path / "train"))
+    factors, scales = adata.obsm[key], adata.obsm[f"{key}_scales"]
+    assert factors.shape == scales.shape == (adata.n_obs, 3)
+    np.testing.assert_allclose(factors[~held], model.get_factors()[:, order], rtol=1e-12)
+    np.testing.assert_allclose(scales[~held], model.get_factor_scales()[:, order], rtol=1e-12)
+    X_held = pre.data.coordinates[held]
+    groups = pre.data.groups[held] if model.uses_groups_ else None
+    predicted = model.predict_at(X_held, groups=groups, neighbours=cfg.analysis.moran_k)
+    np.testing.assert_allclose(factors[held], predicted[:, order], rtol=1e-12)
+    if kind == "svgp":
+        _, std = model.predict_at(X_held, groups=groups, return_std=True)
+        np.testing.assert_allclose(scales[held], std[:, order], rtol=1e-6)
+    else:
+        assert np.isnan(scales[held]).all()
+    np.testing.assert_allclose(factors, np.load(a / "factors.npy"))
+    with open(a / "spots.csv") as fh:
+        spots = list(csv.DictReader(fh))
+    assert [s["spot"] for s in spots] == list(adata.obs_names)
+    assert [s["heldout"] == "1" for s in spots] == list(held)
+    np.testing.assert_allclose(adata.varm[f"{kind}_loadings"], model.loadings_[:, order])
+    # positions in the data set's own units: one scale and a shift away from the fitted ones
+    t = pre.metadata["coordinate_transform"]
+    np.testing.assert_allclose((adata.obsm["spatial"] - t["center"]) * t["scale"],
+                               pre.data.coordinates, atol=1e-9)
+
+
+def test_cli_export_writes_a_readable_h5ad(mlflow_store, tmp_path, capsys):
+    _, pre_id, train_id, analyze_id = chain("svgp", tmp_path)
+    out = tmp_path / "results.h5ad"
+    capsys.readouterr()
+    assert main(["export", "--run-id", analyze_id, "-o", str(out)]) == 0
+    assert f"wrote {out}" in capsys.readouterr().out
+    back = ad.read_h5ad(out)
+    assert back.n_obs == 300 and back.obs["heldout"].sum() == 30
+    assert back.uns["sf_mlflow"]["run_ids"]["analyze"] == analyze_id
+    assert back.obsm["X_svgp"].shape == (300, 3) and back.varm["svgp_loadings"].shape[1] == 3
+    np.testing.assert_allclose(back.obsm["X_svgp"], sf_mlflow.to_anndata(analyze_id).obsm["X_svgp"])
+
+    # a run of another stage, or an output that is not .h5ad: one line naming the fix
+    assert main(["export", "--run-id", train_id, "-o", str(out)]) == 2
+    assert "is a 'train' run, but a 'analyze' run ID is required" in user_error(
+        capsys.readouterr().err)
+    assert main(["export", "--run-id", analyze_id, "-o", str(tmp_path / "r.csv")]) == 2
+    assert "must end in .h5ad" in user_error(capsys.readouterr().err)
