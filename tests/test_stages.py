@@ -199,10 +199,15 @@ def test_unknown_dataset_is_a_config_error(mlflow_store, tmp_path, capsys):
     assert all_runs(MlflowClient()) == []  # nothing started, nothing left RUNNING
 
 
-def test_figures_compare_pnmf_and_svgp(mlflow_store, tmp_path):
-    """Several analyze run IDs: each run's figures plus the side-by-side comparisons."""
+def test_figures_compare_pnmf_and_svgp(mlflow_store, tmp_path, capsys):
+    """Several analyze run IDs: each run's figures plus the side-by-side comparisons.
+
+    The two models come from two preprocess runs with identical settings (accepted: same
+    settings hash, same spots); a run from other settings is refused before any drawing.
+    """
     import matplotlib.image as mpimg
 
+    from sf_mlflow.errors import RunLookupError
     from sf_mlflow.stages.analyze import run_analyze
     from sf_mlflow.stages.figures import run_figures
 
@@ -211,9 +216,12 @@ def test_figures_compare_pnmf_and_svgp(mlflow_store, tmp_path):
                                                 "num_inducing": 25, "lengthscale": 2.0},
                              "training": {**SMALL["training"], "max_iter": 20},
                              "analysis": {"group_loadings_iter": 10}}, "s.yaml")
-    pre_id = run_preprocess(pnmf)
-    ids = [run_analyze(cfg, run_train(cfg, pre_id)) for cfg in (pnmf, svgp)]
+    pre_ids = [run_preprocess(pnmf), run_preprocess(svgp)]  # same settings, two runs
+    assert pre_ids[0] != pre_ids[1]
+    ids = [run_analyze(cfg, run_train(cfg, pre)) for cfg, pre in zip((pnmf, svgp), pre_ids)]
+    capsys.readouterr()
     fig_id = run_figures(svgp, ids)
+    printed = capsys.readouterr().out
     client = MlflowClient()
     run = client.get_run(fig_id)
     assert run.data.tags["sf.upstream_run_id"] == ",".join(ids)
@@ -226,9 +234,38 @@ def test_figures_compare_pnmf_and_svgp(mlflow_store, tmp_path):
     assert f"svgp_{ids[1][:8]}/groupwise_factors.png" in names
     assert not any(n.startswith(f"pnmf_{ids[0][:8]}/groupwise") for n in names)
     assert run.data.metrics["n_figures"] == len(names)
+    assert printed.count("[figures] drew figures/") == len(names)  # each figure as it goes
+    assert "drew figures/compare_factors.png" in printed
     for p in local.rglob("*.png"):
         img = mpimg.imread(p)
         assert img[..., :3].var() > 1e-3, p
+
+    # other preprocessing settings: refused before anything is drawn or a run is opened
+    other = config_from_dict({**SMALL, "preprocessing": {**SMALL["preprocessing"],
+                                                         "holdout_fraction": 0.2},
+                              "training": {**SMALL["training"], "max_iter": 5}}, "o.yaml")
+    other_id = run_analyze(other, run_train(other, run_preprocess(other)))
+    n_runs = len(all_runs(client))
+    capsys.readouterr()
+    with pytest.raises(RunLookupError, match="preprocess runs with different settings"):
+        run_figures(svgp, [ids[0], other_id])
+    assert "drew" not in capsys.readouterr().out
+    assert len(all_runs(client)) == n_runs
+
+
+def test_figures_refuse_different_spot_indexes():
+    from sf_mlflow.errors import RunLookupError
+    from sf_mlflow.stages.figures import check_same_spots
+
+    class An:
+        def __init__(self, run_id, spots):
+            self.run_id, self.spots = run_id, np.array(spots)
+
+    check_same_spots([An("a", ["s1", "s2"]), An("b", ["s1", "s2"])])
+    with pytest.raises(RunLookupError, match=r"cover different spots \(1 rows differ\)"):
+        check_same_spots([An("a", ["s1", "s2"]), An("b", ["s1", "s3"])])
+    with pytest.raises(RunLookupError, match="different spots"):
+        check_same_spots([An("a", ["s1", "s2"]), An("b", ["s1"])])
 
 
 SPATIAL = {**SMALL, "model": {"n_components": 3, "prior": "SVGP", "groups": True,

@@ -94,6 +94,7 @@ def compare_factor_maps(coordinates: np.ndarray, factors: Mapping[str, np.ndarra
                         max_cols: int = MAX_COLS,
                         title: Optional[str] = "Factors of each model, paired by correlation",
                         invert_y: bool = INVERT_Y, heldout: Optional[np.ndarray] = None,
+                        match_spots: Optional[np.ndarray] = None,
                         path: Optional[str | os.PathLike] = None) -> Figure:
     """Factor maps of several models side by side, each factor beside its best partner.
 
@@ -124,6 +125,9 @@ def compare_factor_maps(coordinates: np.ndarray, factors: Mapping[str, np.ndarra
         :func:`sf_mlflow.plots.spatial.spatial_grid`.
     heldout : ndarray of bool, (N,), optional
         Held-out spots, drawn as hollow rings.
+    match_spots : ndarray of bool, (N,), optional
+        The spots the correlations are computed on (e.g. the training spots, whose
+        factors were fitted); default all.
     path : str or path-like, optional
         Save the figure there too.
 
@@ -145,7 +149,8 @@ def compare_factor_maps(coordinates: np.ndarray, factors: Mapping[str, np.ndarra
             raise DataError(f"titles[{label!r}] has {len(h)} entries; expected {F.shape[1]}")
         heads[label] = [str(t) for t in h] if h is not None else \
             [f"factor {k + 1}" for k in range(F.shape[1])]
-    blocks = _pair_blocks(mats, match)
+    use = as_mask(match_spots, X.shape[0], "match_spots")
+    blocks = _pair_blocks({k: (v if use is None else v[use]) for k, v in mats.items()}, match)
     labels = list(mats)
     M = len(labels)
     per_row = max(1, max_cols // M)

@@ -168,6 +168,7 @@ def groupwise_factors(coordinates: np.ndarray, factors: np.ndarray, groupwise: n
                       title: Optional[str] = "Factors as seen by each group's GP",
                       panel_width: float = 1.8, max_cols: int = MAX_COLS,
                       invert_y: bool = INVERT_Y, heldout: Optional[np.ndarray] = None,
+                      heldout_label: str = HELDOUT_LABEL,
                       path: Optional[str | os.PathLike] = None) -> Figure:
     """Factors overall and as predicted for every group, on a shared scale per factor.
 
@@ -194,7 +195,9 @@ def groupwise_factors(coordinates: np.ndarray, factors: np.ndarray, groupwise: n
     invert_y : bool
         Draw y downwards (as squidpy does, the default), see :func:`spatial_grid`.
     heldout : ndarray of bool, (N,), optional
-        Held-out spots, drawn as hollow rings in the "all groups" panel.
+        Held-out spots, drawn as hollow rings (grey where their value is NaN).
+    heldout_label : str
+        The legend's text for them.
     path : str or path-like, optional
         Save the figure there too.
 
@@ -233,14 +236,13 @@ def groupwise_factors(coordinates: np.ndarray, factors: np.ndarray, groupwise: n
         sc = None
         for r, ax in enumerate(axes):
             vals = F[:, l] if r == 0 else Gw[r - 1, l]
-            sc = tissue_scatter(ax, X, vals, s, FACTOR_CMAP, lo, hi, invert_y,
-                                held if r == 0 else None)
+            sc = tissue_scatter(ax, X, vals, s, FACTOR_CMAP, lo, hi, invert_y, held)
             ax.set_title(wrap(labels[r], pw), fontsize=TITLE_SIZE)
         colorbar(sub, sc, axes, FACTOR_LABEL, ext, shrink=0.9)
         sub.suptitle(wrap(heads[l].replace("\n", ", "), cols * pw), fontsize=TITLE_SIZE,
                      fontweight="bold")
     if held is not None:
-        heldout_legend(fig)
+        heldout_legend(fig, heldout_label)
     if title:
         fig.suptitle(title, fontsize=SUPTITLE_SIZE)
     return finish(fig, path)
