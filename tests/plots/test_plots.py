@@ -153,3 +153,59 @@ def test_errors_name_the_argument(data):
         plots.factors_with_genes(d.coordinates, F, d.counts[:, :39], W, d.gene_names)
     with pytest.raises(DataError, match=r"lfc has shape \(2,\)"):
         plots.gene_enrichment_heatmap(np.ones(2), None, ["a", "b"])
+
+
+def test_maps_draw_y_downwards_like_squidpy_and_can_flip(data):
+    d, F, _, _ = data
+    ax = plots.factors_spatial(d.coordinates, F).axes[0]
+    lo, hi = ax.get_ylim()
+    assert lo > hi  # y grows downwards, as squidpy.pl.spatial_scatter draws it
+    ax = plots.factors_spatial(d.coordinates, F, invert_y=False).axes[0]
+    assert ax.get_ylim()[0] < ax.get_ylim()[1]
+
+
+def test_heldout_rings_legend_labelled_colourbars_and_wrapping(data, tmp_path):
+    d, F, W, _ = data
+    held = np.zeros(len(F), bool)
+    held[::7] = True
+    F6 = np.column_stack([F, F[:, ::-1]])  # 6 panels: must wrap (at most 4 a row)
+    fig = plots.factors_spatial(d.coordinates, F6, heldout=held, path=tmp_path / "h.png")
+    check_png(fig, tmp_path / "h.png")
+    maps = [ax for ax in fig.axes if ax.get_title()]
+    assert len({round(ax.get_position().x0, 3) for ax in maps}) <= 4
+    assert len({round(ax.get_position().y0, 3) for ax in maps}) == 2
+    rings = [c for ax in maps for c in ax.collections if len(c.get_facecolors()) == 0]
+    assert len(rings) == 6 and all(len(c.get_offsets()) == held.sum() for c in rings)
+    assert "held-out spot" in fig.legends[0].get_texts()[0].get_text()
+    cbars = [ax for ax in fig.axes if not ax.get_title()]
+    assert all(ax.get_ylabel() == "factor value exp(F)" for ax in cbars)
+    scales = np.where(held[:, None], np.nan, 0.1 + 0.05 * np.abs(np.log(F)))
+    fig = plots.scales_spatial(d.coordinates, scales, heldout=held, path=tmp_path / "s.png")
+    check_png(fig, tmp_path / "s.png")
+
+
+def test_one_named_top_gene_criterion(data):
+    d, F, W, _ = data
+    top = plots.top_genes(W, d.gene_names, n=3)
+    pairs = plots.factors_with_genes(d.coordinates, F, d.counts, W, d.gene_names)
+    first = [ax.get_yticklabels()[0].get_text() for ax in top.axes]
+    shown = [ax.get_title() for sub in pairs.subfigs for ax in sub.axes
+             if ax.get_title().startswith("top gene: ")]
+    assert shown == [f"top gene: {g}" for g in first]
+    assert "loading \u00d7 share" in top._suptitle.get_text()
+    assert "loading \u00d7 share" in pairs._suptitle.get_text()
+
+
+def test_comparison_pairs_a_permutation_by_correlation(data, tmp_path):
+    d, F, _, _ = data
+    perm = [2, 0, 1]
+    fig = plots.compare_factor_maps(d.coordinates, {"A": F, "B": F[:, perm]},
+                                    path=tmp_path / "p.png")
+    check_png(fig, tmp_path / "p.png")
+    titles = [ax.get_title() for ax in fig.axes if ax.get_title()]
+    # block k: A factor k beside the B column holding the same factor, r = 1.00
+    for k in range(3):
+        j = perm.index(k)
+        assert f"A factor {k + 1}" in titles
+        assert f"B factor {j + 1}\nr = 1.00" in titles
+    assert titles.index(f"B factor {perm.index(0) + 1}\nr = 1.00") == titles.index("A factor 1") + 1
