@@ -268,6 +268,27 @@ def test_figures_refuse_different_spot_indexes():
         check_same_spots([An("a", ["s1", "s2"]), An("b", ["s1"])])
 
 
+def test_figures_read_runs_with_and_without_spots_csv(tmp_path):
+    """spots.csv: rows are every kept spot; absent (older runs): the training rows only."""
+    from types import SimpleNamespace
+
+    from sf_mlflow.errors import RunLookupError
+    from sf_mlflow.stages.figures import _expand, _spot_layout
+
+    pre = SimpleNamespace(data=SimpleNamespace(spot_names=np.array(["a", "b", "c"])),
+                          heldout=np.array([False, True, False]))
+    rows, complete = _spot_layout(tmp_path, pre)
+    assert not complete and rows.tolist() == [True, False, True]
+    F = _expand(np.array([[1.0], [3.0]]), rows)
+    assert F[0, 0] == 1.0 and np.isnan(F[1, 0]) and F[2, 0] == 3.0
+    (tmp_path / "spots.csv").write_text("spot,heldout\na,0\nb,1\nc,0\n")
+    rows, complete = _spot_layout(tmp_path, pre)
+    assert complete and rows.all()
+    (tmp_path / "spots.csv").write_text("spot,heldout\na,0\nc,0\nb,1\n")
+    with pytest.raises(RunLookupError, match="does not list the preprocess run's 3 spots"):
+        _spot_layout(tmp_path, pre)
+
+
 SPATIAL = {**SMALL, "model": {"n_components": 3, "prior": "SVGP", "groups": True,
                               "num_inducing": 40, "lengthscale": 2.0},
            "training": {"max_iter": 30, "device": "cpu", "log_every": 10, "validation_every": 5}}

@@ -183,7 +183,7 @@ def compare_factor_maps(coordinates: np.ndarray, factors: Mapping[str, np.ndarra
             head = f"{label} {heads[label][col]}".replace("\n", ", ")
             if label != labels[0] and block[0][0] >= 0:
                 head += "\nr = n/a" if np.isnan(r) else f"\nr = {r:.2f}"
-            ax.set_title(wrap(head, pw), fontsize=TITLE_SIZE)
+            ax.set_title(wrap(head, 0.9 * pw), fontsize=TITLE_SIZE)
     for sub in subs[len(blocks):]:
         sub.set_frameon(False)
     # one shared colour bar (every panel is on the same 0-1 scale) in a footer of its own
