@@ -70,7 +70,7 @@ class Analysis:
     preprocess_hash: str
     data: SpatialCounts          # all kept spots of the preprocess run, in its order
     heldout: np.ndarray          # (N,) bool
-    spots: np.ndarray            # (N,) spot names: the spot index the factors follow
+    spots: np.ndarray            # (N,) spot names: the index every array follows
     factors: np.ndarray          # (N, L), Moran's I order; NaN rows: no value
     scales: np.ndarray           # (N, L)
     loadings: np.ndarray         # (D, L)
@@ -168,7 +168,7 @@ def load_analysis(lin: Lineage, tmp: Path) -> Analysis:
     return Analysis(
         run_id=run_id, model=lin.model, preprocess_run_id=lin.preprocess_run_id,
         preprocess_hash=lin.preprocess_hash, data=pre.data, heldout=pre.heldout.astype(bool),
-        spots=np.asarray(pre.data.spot_names).astype(str)[rows_mask],
+        spots=np.asarray(pre.data.spot_names).astype(str),
         factors=factors, scales=scales, loadings=loadings,
         moran=np.array([float(r["moran_i"]) for r in rows]),
         order=np.array([int(r["original_factor"]) for r in rows]), elbo=elbo,
