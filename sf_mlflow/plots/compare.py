@@ -14,7 +14,7 @@ from sf_mlflow.analysis.ordering import factor_correlation, match_factors
 from sf_mlflow.errors import DataError
 from sf_mlflow.plots._common import (FACTOR_CMAP, INVERT_Y, LABEL_SIZE, MAX_COLS, QUALITATIVE,
                                      SUPTITLE_SIZE, TICK_SIZE, TITLE_SIZE, area_per_spot,
-                                     as_coordinates, as_mask, as_matrix, colorbar, finish,
+                                     as_coordinates, as_mask, as_matrix, finish,
                                      heldout_legend, marker_size, new_figure, tissue_aspect,
                                      tissue_scatter, wrap)
 
