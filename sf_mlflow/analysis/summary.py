@@ -24,7 +24,8 @@ import scipy.sparse as sp
 from scipy.spatial import cKDTree
 
 from sf_mlflow.analysis.deviance import poisson_deviance
-from sf_mlflow.analysis.enrichment import enrichment_summary, relative_enrichment, relevant_genes
+from sf_mlflow.analysis.enrichment import (enrichment_summary, group_gene_counts, relative_enrichment,
+                                           relevant_genes)
 from sf_mlflow.analysis.group_loadings import group_loadings
 from sf_mlflow.analysis.moran import knn_weights, morans_i
 from sf_mlflow.analysis.ordering import order_by
@@ -243,7 +244,9 @@ def analyze_model(model, train: SpatialCounts, heldout: Optional[SpatialCounts] 
                             n_groups=train.n_groups, n_iter=group_loadings_iter)
         Wg = Wg[:, :, order]
         arrays["group_loadings"] = Wg
-        lfc = relative_enrichment(arrays["loadings"], Wg)
+        # shrunk by each gene's counts in the group, as the figures draw it
+        lfc = relative_enrichment(arrays["loadings"], Wg, group_counts=group_gene_counts(
+            train.counts, train.groups, train.n_groups))
         arrays["enrichment_lfc"] = lfc
         mask = relevant_genes(arrays["loadings"], lfc)
         enrichment = enrichment_summary(lfc, list(train.gene_names), list(train.group_names),
