@@ -145,6 +145,9 @@ def lookup_experiment_id(config_name: Optional[str] = None) -> Optional[str]:
     if config_name is None:
         raise ValueError("no stage run is open: pass the experiment (or the config's name) "
                          "whose runs to search")
+    from sf_mlflow.tracking.runs import configure_tracking
+
+    configure_tracking()
     return experiment_id_for(MlflowClient(), config_name, create=False)
 
 

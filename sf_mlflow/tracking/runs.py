@@ -216,19 +216,19 @@ def _redirect_launcher(client: MlflowClient, launch: Launcher, exp_id: str, run_
 
 def _open(client: MlflowClient, experiment: str, run_name: str, parent_run_id: str | None) -> str:
     """The run a stage logs to: a child of ``parent_run_id``, ``mlflow run``'s run, or a new one."""
-    launch = launcher()
-    os.environ.pop("MLFLOW_RUN_ID", None)  # stages started from this one create their own runs
     if parent_run_id:
         # A child run lives in its parent's experiment, wherever the parent was put.
         exp_id = client.get_run(parent_run_id).info.experiment_id
         return client.create_run(exp_id, run_name=run_name).info.run_id
-    if launch is not None:
-        exp_id = experiment_id_for(client, experiment)
-        if exp_id == client.get_run(launch.run_id).info.experiment_id:
-            client.update_run(launch.run_id, name=run_name)
-            return launch.run_id
-        return _redirect_launcher(client, launch, exp_id, run_name)
-    return client.create_run(experiment_id_for(client, experiment), run_name=run_name).info.run_id
+    launch = launcher()
+    exp_id = experiment_id_for(client, experiment)  # (reads MLFLOW_RUN_ID: before the pop)
+    os.environ.pop("MLFLOW_RUN_ID", None)  # stages started from this one create their own runs
+    if launch is None:
+        return client.create_run(exp_id, run_name=run_name).info.run_id
+    if exp_id == client.get_run(launch.run_id).info.experiment_id:
+        client.update_run(launch.run_id, name=run_name)
+        return launch.run_id
+    return _redirect_launcher(client, launch, exp_id, run_name)
 
 
 @contextlib.contextmanager
