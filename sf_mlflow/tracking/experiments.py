@@ -18,9 +18,11 @@ name, the stage creates its run there and leaves ``mlflow run``'s run in Default
 upstream or reusable runs search one experiment only (:func:`lookup_experiment_id`).
 
 Every experiment the package creates or uses is tagged ``mlflow.experimentKind =
-custom_model_development`` (MLflow 3's UI then opens it on the runs table, not on the GenAI
-traces page) and carries a saved runs-table view with the headline metric columns
-(:data:`HEADLINE_VIEW`, opened by :func:`experiment_url`).
+custom_model_development`` (MLflow 3's "Machine learning" kind) and carries a saved
+runs-table view with the headline metric columns (:data:`HEADLINE_VIEW`).
+:func:`experiment_url` opens that view in the UI's "Model training" mode: MLflow 3.17's UI
+keeps a per-browser GenAI / Model training switch that starts on GenAI, where an experiment
+opens on its traces overview whatever its kind tag (checked with headless Chromium).
 """
 
 from __future__ import annotations
@@ -42,7 +44,7 @@ EXPERIMENT_KIND = "custom_model_development"
 DEFAULT_EXPERIMENT_ID = "0"
 
 #: Key of the saved runs-table view (experiment tag ``mlflow.sharedViewState.<key>``,
-#: opened by the URL ``#/experiments/<id>?viewStateShareKey=<key>``).
+#: opened by the URL of :func:`experiment_url`).
 HEADLINE_VIEW = "sf-headline"
 _SHARED_VIEW_PREFIX = "mlflow.sharedViewState."
 #: Metric columns of that view: the headline metrics of ``main`` and of the stage runs.
@@ -171,7 +173,10 @@ def mark_model_training(client: MlflowClient, experiment_id: str) -> None:
 
 def experiment_url(experiment_id: str, host: str = "http://127.0.0.1:5000") -> str:
     """URL of the experiment's runs table with the headline columns (``mlflow ui``'s default host)."""
-    return f"{host}/#/experiments/{experiment_id}?viewStateShareKey={HEADLINE_VIEW}"
+    # The runs route and workflowType=machine_learning: MLflow 3.17's UI otherwise opens in its
+    # GenAI mode (a per-browser setting, GenAI by default) on the experiment's traces overview.
+    return (f"{host}/#/experiments/{experiment_id}/runs?viewStateShareKey={HEADLINE_VIEW}"
+            "&workflowType=machine_learning")
 
 
 def describe_experiment(experiment_id: str) -> str:
