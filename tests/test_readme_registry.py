@@ -48,7 +48,8 @@ def test_readme_registry_snippet_runs_on_the_quickstart_model(mlflow_store, tmp_
     mv = client.get_model_version_by_alias("sf_quickstart", "champion")
     assert mv.run_id == train_id
     desc = mv.description
-    assert f"L = {cfg.model.n_components} factors" in desc and "fitted on data set `synthetic`" in desc
+    assert f"L = {cfg.model.n_components} factors" in desc
+    assert "fitted on data set `synthetic` with 3 groups" in desc
     assert "**Input**" in desc and "**Params**" in desc and "`output`" in desc
     assert ("`group`" in desc) == bool(overrides)
 

@@ -92,16 +92,19 @@ def describe_model(info: Mapping[str, Any]) -> str:
     """What a registered model is and how to call it (Markdown; the model version's description)."""
     L, kind = int(info["n_components"]), str(info["model_kind"])
     genes, groups = info["gene_names"], info.get("group_names") or []
-    prior = ("spatial: a sparse variational GP prior over spot coordinates"
+    prior = ("a sparse variational GP prior over spot coordinates"
              + (" with a multi-group kernel" if info["uses_groups"] else "")
-             if info["spatial"] else "non-spatial (independent Gaussian prior)")
+             if info["spatial"] else "non-spatial: independent Gaussian prior")
     cols = "`x`, `y`" + (", `group`" if info["uses_groups"] else "")
-    example_group = f', "group": ["{groups[0]}"]' if info["uses_groups"] else ""
+    shown = ", ".join(map(str, groups[:12])) + (", ..." if len(groups) > 12 else "")
+    if groups:
+        shown = f" with {len(groups)} groups ({shown})" + (
+            "" if info["uses_groups"] else ", which this model does not use")
+    far = ("the GP's prior (every factor 1.0)" if info["spatial"]
+           else "the factors of the nearest training spots")
     lines = [
-        f"**{kind.upper()} spatial factor model**, {prior}: L = {L} factors, loadings for "
-        f"{len(genes)} genes, fitted on data set `{info.get('dataset')}`"
-        + (f" with {len(groups)} groups ({', '.join(map(str, groups[:12]))}"
-           + (", ..." if len(groups) > 12 else "") + ")" if groups else "") + ".",
+        f"**{kind.upper()}** spatial factor model ({prior}): L = {L} factors, loadings for "
+        f"{len(genes)} genes, fitted on data set `{info.get('dataset')}`{shown}.",
         f"Train run `{info.get('train_run_id')}`, preprocess run `{info.get('preprocess_run_id')}`.",
         "",
         f"**Input**: a DataFrame with columns {cols}: spot coordinates in the data set's "
@@ -116,11 +119,11 @@ def describe_model(info: Mapping[str, Any]) -> str:
         + "`exp_mean` (E[exp F] instead of exp(E[F])).",
         "",
         "```python",
-        "import mlflow, pandas as pd",
+        "import mlflow",
         'model = mlflow.pyfunc.load_model("models:/<name>@<alias>")',
-        f'model.predict(pd.DataFrame({{"x": [0.0], "y": [0.0]{example_group}}}))',
+        "model.predict(model.input_example)   # 5 training spots, in the columns above",
         "```",
-        "Positions outside the training extent warn: there the prediction is the prior.",
+        f"Positions outside the training extent warn: far from the data the prediction is {far}.",
     ]
     return "\n".join(lines)
 
