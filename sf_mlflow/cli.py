@@ -3,7 +3,9 @@
 The MLproject's entry points call this same function, so ``mlflow run . -e train``
 and ``spatial_factorization train`` behave identically. Config keys can be
 overridden with ``--set model.lengthscale=2`` or ``--model.lengthscale 2`` (the
-form ``mlflow run -P model.lengthscale=2`` produces).
+form ``mlflow run -P model.lengthscale=2`` produces). Runs go to the experiment of the
+config's ``name`` unless ``--experiment-name`` or ``MLFLOW_EXPERIMENT_NAME`` names another
+(see :mod:`sf_mlflow.tracking.experiments`).
 
 Commands that are not stages (no config, no MLflow run) come from
 :data:`~sf_mlflow.stages.table.COMMANDS`: ``spatial_factorization export --run-id ID
@@ -33,6 +35,9 @@ def _build_parser() -> argparse.ArgumentParser:
         p.add_argument("-c", "--config", required=True, help="YAML config file")
         p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                        help="override a config key, e.g. model.n_components=5 (repeatable)")
+        p.add_argument("--experiment-name", default=None, metavar="NAME",
+                       help="MLflow experiment of the runs (default: MLFLOW_EXPERIMENT_NAME, "
+                            "else the config's name)")
         for arg in stage.args:
             p.add_argument(arg.flag, default=arg.default, type=arg.type, metavar=arg.metavar,
                            help=arg.help)
@@ -85,7 +90,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     overrides = list(args.set) + _dotted_overrides(extra, parser)
     try:
         from sf_mlflow.config import load_config
+        from sf_mlflow.tracking import select_experiment
 
+        select_experiment(args.experiment_name)
         config = load_config(args.config, overrides)
         stage = STAGES[args.stage]
         stage.load()(config, **stage.kwargs(args))

@@ -20,9 +20,9 @@ REPO = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.slow
 
 
-def mlflow_run(entry_point, params, tmp_path, uri):
+def mlflow_run(entry_point, params, tmp_path, uri, experiment="project_test"):
     cmd = [sys.executable, "-m", "mlflow", "run", str(REPO), "-e", entry_point,
-           "--env-manager", "local", "--experiment-name", "project_test"]
+           "--env-manager", "local"] + (["--experiment-name", experiment] if experiment else [])
     for k, v in params.items():
         cmd += ["-P", f"{k}={v}"]
     env = {**os.environ, "MLFLOW_TRACKING_URI": uri}
@@ -293,3 +293,57 @@ def test_ctrl_c_on_mlflow_run_train_checkpoints_and_resume_from_finishes(tmp_pat
                                  f"tags.`sf.resumed_from` = '{killed[0].info.run_id}'")
     assert len(resumed) == 1 and resumed[0].info.status == "FINISHED"
     assert resumed[0].data.metrics["n_iter"] == raw["training"]["max_iter"]
+
+
+def test_main_without_experiment_name_logs_to_the_configs_experiment_and_reuses_there(tmp_path):
+    """`mlflow run . -e main` given no experiment: every stage run in the config's experiment.
+
+    MLflow creates its run in Default before the config is read; it stays there as a
+    launcher run linked to the main run. The second run reuses every stage in the config's
+    experiment; a run in another experiment with the same settings is never reused.
+    """
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    config = tmp_path / "tiny.yaml"
+    config.write_text(yaml.safe_dump({
+        "name": "tiny_main", "seed": 2, "dataset": "synthetic",
+        "output_dir": str(tmp_path / "outputs"),
+        "data": {"synthetic": {"n_spots": 200, "n_genes": 30, "n_components": 2}},
+        "preprocessing": {"min_counts": 5, "min_cells": 3, "holdout_fraction": 0.1},
+        "model": {"n_components": 2, "prior": "Gaussian"},
+        "training": {"max_iter": 20, "tol": 0.0, "device": "cpu", "log_every": 10},
+    }))
+    first = mlflow_run("main", {"config": config}, tmp_path, uri, experiment=None)
+    assert first.returncode == 0, first.stderr[-3000:]
+    client = MlflowClient(uri)
+    exp = client.get_experiment_by_name("tiny_main")
+    assert exp.tags["mlflow.experimentKind"] == "custom_model_development"
+    assert "mlflow.sharedViewState.sf-headline" in exp.tags
+    runs = client.search_runs([exp.experiment_id])
+    stages = sorted(r.data.tags.get("sf.stage") for r in runs)
+    assert stages == ["analyze", "figures", "main", "preprocess", "train"], stages
+    (main_run,) = [r for r in runs if r.data.tags["sf.stage"] == "main"]
+    # the launcher run mlflow created in Default points at the main run, and back
+    (launcher,) = client.search_runs(["0"])
+    assert "sf.stage" not in launcher.data.tags
+    assert launcher.data.tags["sf.redirected_to_run_id"] == main_run.info.run_id
+    assert main_run.data.tags["sf.launcher_run_id"] == launcher.info.run_id
+    assert main_run.data.tags["mlflow.project.entryPoint"] == "main"
+    assert f"finished run {main_run.info.run_id}" in first.stdout
+    assert "experiment 'tiny_main'" in first.stdout and "artifacts:" in first.stdout
+
+    second = mlflow_run("main", {"config": config}, tmp_path, uri, experiment=None)
+    assert second.returncode == 0, second.stderr[-3000:]
+    mains = client.search_runs([exp.experiment_id], "tags.`sf.stage` = 'main'",
+                               order_by=["attributes.start_time DESC"])
+    assert len(mains) == 2 and mains[0].data.metrics["stages_reused"] == 4
+    assert len(client.search_runs([exp.experiment_id])) == 6  # only the new main run
+
+    # The console script with another experiment name: nothing of tiny_main is reused.
+    env = {**os.environ, "MLFLOW_TRACKING_URI": uri}
+    other = subprocess.run([sys.executable, "-m", "sf_mlflow.cli", "main", "-c", str(config),
+                            "--experiment-name", "elsewhere"], cwd=tmp_path, env=env,
+                           capture_output=True, text=True, timeout=600)
+    assert other.returncode == 0, other.stderr[-3000:]
+    elsewhere = client.get_experiment_by_name("elsewhere")
+    runs = client.search_runs([elsewhere.experiment_id], "tags.`sf.stage` = 'main'")
+    assert len(runs) == 1 and runs[0].data.metrics["stages_reused"] == 0

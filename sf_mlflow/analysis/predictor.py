@@ -18,6 +18,7 @@ A prediction is three steps, each a method of :class:`FactorPredictor`:
 from __future__ import annotations
 
 import copy
+import warnings
 from typing import Any, Mapping, Optional
 
 import numpy as np
@@ -26,7 +27,16 @@ import pandas as pd
 from sf_mlflow.errors import DataError, ModelError
 
 __all__ = ["DEFAULT_PARAMS", "OUTPUTS", "COORDINATE_MODES", "INFO_FORMAT",
-           "FactorPredictor", "prediction_info", "with_train_coordinates"]
+           "ExtrapolationWarning", "describe_model", "FactorPredictor", "prediction_info", "with_train_coordinates"]
+
+
+#: Margin of the training extent, as a fraction of its larger side: positions this close
+#: to the box of the training spots (e.g. held-out spots on the edge) do not warn.
+EXTENT_MARGIN = 0.05
+
+
+class ExtrapolationWarning(UserWarning):
+    """Predict positions lie outside the extent of the training spots."""
 
 #: Version of the ``prediction.json`` written from :func:`prediction_info`.
 INFO_FORMAT = 1
@@ -76,6 +86,46 @@ def prediction_info(model, metadata: Mapping[str, Any], *, model_kind: str, neig
         "train_run_id": train_run_id,
         "preprocess_run_id": preprocess_run_id,
     }
+
+
+def describe_model(info: Mapping[str, Any]) -> str:
+    """What a registered model is and how to call it (Markdown; the model version's description)."""
+    L, kind = int(info["n_components"]), str(info["model_kind"])
+    genes, groups = info["gene_names"], info.get("group_names") or []
+    prior = ("a sparse variational GP prior over spot coordinates"
+             + (" with a multi-group kernel" if info["uses_groups"] else "")
+             if info["spatial"] else "non-spatial: independent Gaussian prior")
+    cols = "`x`, `y`" + (", `group`" if info["uses_groups"] else "")
+    shown = ", ".join(map(str, groups[:12])) + (", ..." if len(groups) > 12 else "")
+    if groups:
+        shown = f" with {len(groups)} groups ({shown})" + (
+            "" if info["uses_groups"] else ", which this model does not use")
+    far = ("the GP's prior (every factor 1.0)" if info["spatial"]
+           else "the factors of the nearest training spots")
+    lines = [
+        f"**{kind.upper()}** spatial factor model ({prior}): L = {L} factors, loadings for "
+        f"{len(genes)} genes, fitted on data set `{info.get('dataset')}`{shown}.",
+        f"Train run `{info.get('train_run_id')}`, preprocess run `{info.get('preprocess_run_id')}`.",
+        "",
+        f"**Input**: a DataFrame with columns {cols}: spot coordinates in the data set's "
+        "original units" + (" and the group name (one of the groups above)"
+                            if info["uses_groups"] else "") + ".",
+        f"**Output**: columns `factor_0` .. `factor_{L - 1}` (the model's factor order), or "
+        "with `output=expected_counts` one column per gene.",
+        "**Params**: `output` (`factors` | `expected_counts`), `genes` (list, default all), "
+        "`coordinates` (`raw` | `scaled`), "
+        + (f"`neighbours` (k nearest training spots, default {int(info['neighbours'])}), "
+           if not info["spatial"] else "")
+        + "`exp_mean` (E[exp F] instead of exp(E[F])).",
+        "",
+        "```python",
+        "import mlflow",
+        'model = mlflow.pyfunc.load_model("models:/<name>@<alias>")',
+        "model.predict(model.input_example)   # 5 training spots, in the columns above",
+        "```",
+        f"Positions outside the training extent warn: far from the data the prediction is {far}.",
+    ]
+    return "\n".join(lines)
 
 
 def _choice(name: str, value: Any, allowed) -> str:
@@ -198,6 +248,44 @@ class FactorPredictor:
             frame["group"] = [self.info["group_names"][int(c)] for c in codes]
         return frame
 
+    def training_extent(self) -> Optional[tuple[np.ndarray, np.ndarray]]:
+        """``(low, high)``: the (2,) corners of the box of the training spots, widened by
+        :data:`EXTENT_MARGIN` of its larger side on every side, in scaled units; or None."""
+        T = self.train_coordinates
+        if T is None or len(T) == 0:
+            return None
+        low, high = T.min(axis=0), T.max(axis=0)
+        pad = EXTENT_MARGIN * float((high - low).max())
+        return low - pad, high + pad
+
+    def check_extent(self, X: np.ndarray) -> int:
+        """Warn (:class:`ExtrapolationWarning`) when scaled positions X (M, 2) lie outside the
+        training extent (:meth:`training_extent`); return how many do.
+
+        Far outside it a spatial model's GP returns its prior (every factor exactly 1.0),
+        and the non-spatial model repeats the factors of the nearest edge spots.
+        """
+        extent = self.training_extent()
+        if extent is None or X.shape[0] == 0:
+            return 0
+        low, high = extent
+        outside = ((X < low) | (X > high)).any(axis=1)
+        n = int(outside.sum())
+        if n:
+            lo, hi = self.raw_coordinates(low), self.raw_coordinates(high)
+            what = ("the GP returns its prior there (every factor 1.0 far from the data)"
+                    if self.info["spatial"] else
+                    "the non-spatial model repeats the factors of the nearest training spots")
+            warnings.warn(
+                f"{n} of {X.shape[0]} position(s) lie outside the training extent (the training "
+                f"spots' box plus {EXTENT_MARGIN:.0%}) "
+                f"x in [{lo[0]:.6g}, {hi[0]:.6g}], y in [{lo[1]:.6g}, {hi[1]:.6g}] (raw units of "
+                f"the data set; scaled [{low[0]:.4g}, {high[0]:.4g}] x [{low[1]:.4g}, "
+                f"{high[1]:.4g}]): {what}. Check that x, y are in the data set's original units "
+                "(or pass params={'coordinates': 'scaled'} for scaled ones)",
+                ExtrapolationWarning, stacklevel=3)
+        return n
+
     def factors(self, X: np.ndarray, groups: Optional[np.ndarray], *, neighbours: int,
                 exp_mean: bool = False) -> np.ndarray:
         """(M, L) factors at scaled coordinates X (M, 2) and group codes (M,) or None.
@@ -224,6 +312,7 @@ class FactorPredictor:
         output = _choice("output", p["output"], OUTPUTS)
         X = self.positions(frame, p["coordinates"])
         groups = self.group_codes(frame)
+        self.check_extent(X)
         F = self.factors(X, groups, neighbours=p["neighbours"], exp_mean=bool(p["exp_mean"]))
         if output == "factors":
             return pd.DataFrame(F, index=frame.index, columns=self.columns)

@@ -20,10 +20,13 @@ from sf_mlflow.tracking import (
     TAG_REUSABLE,
     TAG_STAGE_HASH,
     StageRun,
+    describe_experiment,
     describe_run,
     download_artifacts,
+    experiment_url,
     find_latest_run,
     get_stage_run,
+    lookup_experiment_id,
     stage_run,
 )
 
@@ -109,18 +112,22 @@ def resolve_upstream(config: Config, stage: str, run_id: str | None, *, by: str,
     """The upstream run of ``stage`` that stage ``by`` reads.
 
     The run ``run_id`` if given (checked to be a FINISHED ``stage`` run), else the newest
-    FINISHED ``stage`` run made for this config, else :class:`RunLookupError` with the
+    FINISHED ``stage`` run made for this config in this run's experiment (never another
+    experiment's: see :func:`~sf_mlflow.tracking.lookup_experiment_id`), else
+    :class:`RunLookupError` with the
     command that makes one and the MLproject parameter ``param`` (default
     ``<stage>_run_id``) that passes one.
     """
     if run_id:
         return get_stage_run(run_id, stage)
     tags, matching = _newest_matching(config, stage)
-    run = find_latest_run(stage, tags)
+    exp_id = lookup_experiment_id(config.name)
+    run = find_latest_run(stage, tags, exp_id) if exp_id is not None else None
     if run is None:
         src = config.source or "<your config>"
+        where = describe_experiment(exp_id) if exp_id is not None else f"'{config.name}'"
         raise RunLookupError(
-            f"no FINISHED {stage} run {matching}; run it first:\n"
+            f"no FINISHED {stage} run {matching} in experiment {where}; run it first:\n"
             f"  mlflow run . -e {stage} --env-manager local -P config={src}\n"
             f"or pass one with -P {param or stage + '_run_id'}=<run id>")
     say(by, f"using the newest matching {stage} run {describe_run(run)}")
@@ -154,9 +161,23 @@ def open_run(config: Config, stage: str, *, params: Mapping[str, Any],
         yield run
 
 
+#: Local output folders of the runs of this process (run ID -> folder), for :func:`finished`.
+_OUTPUT_DIRS: dict[str, Path] = {}
+
+
 def finished(stage: str, run: StageRun) -> str:
-    """Say that the run finished; return its ID."""
-    say(stage, f"finished run {run.run_id}")
+    """Say that the run finished and where its outputs are; return its ID.
+
+    Prints the run ID, its experiment, the artifact location and the local copy of the
+    outputs (the staging folder of :func:`staging_dir`), and the UI URL of the experiment.
+    """
+    info = run.info
+    say(stage, f"finished run {run.run_id} in experiment {describe_experiment(info.experiment_id)}")
+    say(stage, f"  artifacts:  {info.artifact_uri}")
+    local = _OUTPUT_DIRS.get(run.run_id)
+    if local is not None and local.is_dir():
+        say(stage, f"  local copy: {local.resolve()}")
+    say(stage, f"  in the UI:  {experiment_url(info.experiment_id)}  (after `mlflow ui`)")
     return run.run_id
 
 
@@ -178,3 +199,4 @@ def staging_dir(config: Config, stage: str, run_id: str) -> Iterator[Path]:
         raise
     shutil.rmtree(final, ignore_errors=True)
     partial.rename(final)
+    _OUTPUT_DIRS[run_id] = final

@@ -5,6 +5,15 @@ upstream runs. The model, data and analysis code know nothing of MLflow.
 """
 
 from sf_mlflow.tracking.existing import alias_run_id, existing_run
+from sf_mlflow.tracking.experiments import (
+    EXPERIMENT_KIND,
+    EXPERIMENT_KIND_TAG,
+    HEADLINE_VIEW,
+    describe_experiment,
+    experiment_url,
+    lookup_experiment_id,
+    select_experiment,
+)
 from sf_mlflow.tracking.lineage import (
     describe_run,
     download_artifacts,
@@ -42,6 +51,9 @@ __all__ = [
     "TAG_UPSTREAM",
     # runs
     "MetricStream", "StageRun", "configure_tracking", "existing_run", "stage_run",
+    # experiments
+    "EXPERIMENT_KIND", "EXPERIMENT_KIND_TAG", "HEADLINE_VIEW", "describe_experiment",
+    "experiment_url", "lookup_experiment_id", "select_experiment",
     # lineage
     "describe_run", "download_artifacts", "find_latest_run", "find_reusable_run",
     "get_stage_run", "run_metrics",

@@ -11,6 +11,7 @@ from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
 from sf_mlflow.errors import RunLookupError
+from sf_mlflow.tracking.experiments import lookup_experiment_id
 from sf_mlflow.tracking.runs import (
     TAG_CODE_VERSION,
     TAG_REUSABLE,
@@ -51,32 +52,40 @@ def get_stage_run(run_id: str, stage: str, statuses: tuple[str, ...] = ("FINISHE
     return run
 
 
-def find_latest_run(stage: str, tags: dict[str, str]):
-    """Newest FINISHED run of ``stage`` (in any active experiment) whose tags match, or None."""
+def find_latest_run(stage: str, tags: dict[str, str], experiment_id: str | None = None):
+    """Newest FINISHED run of ``stage`` in one experiment whose tags match, or None.
+
+    ``experiment_id``: the experiment to search; default the experiment of the stage run
+    open in this process (:func:`~sf_mlflow.tracking.experiments.lookup_experiment_id`).
+    Never searches other experiments: a chain's runs stay in its experiment.
+    """
     configure_tracking()
     client = MlflowClient()
-    exp_ids = [e.experiment_id for e in client.search_experiments(view_type=ViewType.ACTIVE_ONLY)]
-    if not exp_ids:
-        return None
+    if experiment_id is None:
+        experiment_id = lookup_experiment_id()
+        if experiment_id is None:
+            return None
     clauses = [f"tags.`{TAG_STAGE}` = {_quote(stage)}", "attributes.status = 'FINISHED'"]
     clauses += [f"tags.`{k}` = {_quote(v)}" for k, v in tags.items()]
-    runs = client.search_runs(exp_ids, " and ".join(clauses), run_view_type=ViewType.ACTIVE_ONLY,
+    runs = client.search_runs([str(experiment_id)], " and ".join(clauses),
+                              run_view_type=ViewType.ACTIVE_ONLY,
                               order_by=["attributes.start_time DESC"], max_results=1)
     return runs[0] if runs else None
 
 
 def find_reusable_run(stage: str, stage_hash: str, code_version: str,
-                      upstream_run_id: str | None = None):
+                      upstream_run_id: str | None = None, experiment_id: str | None = None):
     """Newest FINISHED run of ``stage`` that computed the same thing, or None.
 
     Same thing = the same stage hash (the settings the stage depends on), the same
     upstream run (none for preprocess) and the same code version; runs tagged
-    ``sf.reusable = false`` (work that stopped short) never qualify.
+    ``sf.reusable = false`` (work that stopped short) never qualify. Only runs of
+    ``experiment_id`` (default: the experiment of the stage run open in this process).
     """
     tags = {TAG_STAGE_HASH: stage_hash, TAG_CODE_VERSION: code_version, TAG_REUSABLE: "true"}
     if upstream_run_id:
         tags[TAG_UPSTREAM] = upstream_run_id
-    return find_latest_run(stage, tags)
+    return find_latest_run(stage, tags, experiment_id)
 
 
 def run_metrics(run_id: str) -> dict[str, float]:

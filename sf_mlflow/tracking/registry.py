@@ -73,6 +73,7 @@ from sf_mlflow.analysis.predictor import (
     DEFAULT_PARAMS,
     INFO_FORMAT,
     FactorPredictor,
+    describe_model,
     prediction_info,
 )
 from sf_mlflow.errors import ModelError, RunLookupError
@@ -90,6 +91,8 @@ TAG_PYFUNC_MODEL_ID = "sf.pyfunc_model_id"
 TAG_REGISTERED_MODEL = "sf.registered_model"
 TAG_REGISTERED_VERSION = "sf.registered_model_version"
 TAG_REGISTERED_ALIAS = "sf.registered_model_alias"
+#: Tag of the logged model: what it is and how to call it (the registered versions' description).
+TAG_DESCRIPTION = "sf.description"
 
 #: Name of the logged model inside its run, and the files it carries.
 LOGGED_MODEL_NAME = "spatial_factors"
@@ -195,7 +198,8 @@ def log_pyfunc_model(run_id: str, model_path: str | Path, info: Mapping[str, Any
         (tmp / MODEL_SCRIPT).write_text(_MODEL_SCRIPT_TEXT)
         logged = client.create_logged_model(
             experiment_id=run.info.experiment_id, name=LOGGED_MODEL_NAME, source_run_id=run_id,
-            tags={"sf.model": str(info["model_kind"]), "sf.train_run_id": run_id},
+            tags={"sf.model": str(info["model_kind"]), "sf.train_run_id": run_id,
+                  TAG_DESCRIPTION: describe_model(info)},
             params={"n_components": str(info["n_components"]), "spatial": str(info["spatial"]),
                     "uses_groups": str(info["uses_groups"])})
         Model.log(artifact_path=None, name=LOGGED_MODEL_NAME, flavor=mlflow.pyfunc, run_id=run_id,
@@ -211,8 +215,9 @@ def register_logged_model(model_id: str, name: str, alias: str = "latest", *,
     """Register a logged model as a new version of ``name`` and point ``alias`` at it.
 
     ``latest`` is MLflow's reserved alias that always resolves to the newest version, so
-    it is not set; any other alias is (re)assigned to the new version. Tags ``run_id``
-    (when given) with the model name, version and alias. Returns the version.
+    it is not set; any other alias is (re)assigned to the new version. The version's
+    description says what the model is and how to call it (:func:`describe_model`). Tags
+    ``run_id`` (when given) with the model name, version and alias. Returns the version.
     """
     if not name or not str(name).strip():
         raise ModelError("the registered model name is empty; pass a name, e.g. register_as=sf_slideseq")
@@ -221,6 +226,9 @@ def register_logged_model(model_id: str, name: str, alias: str = "latest", *,
     try:
         mv = mlflow.register_model(f"models:/{model_id}", name,
                                    tags={"sf.train_run_id": run_id} if run_id else None)
+        description = client.get_logged_model(model_id).tags.get(TAG_DESCRIPTION)
+        if description:
+            client.update_model_version(name, mv.version, description=description)
         if alias and alias.lower() != "latest":
             client.set_registered_model_alias(name, alias, mv.version)
     except MlflowException as e:

@@ -2,7 +2,7 @@
 
 :func:`stage_run` is the only way stages talk to MLflow. It attaches to the run
 that ``mlflow run`` created (``MLFLOW_RUN_ID``) or creates one in the config's
-experiment, and it always ends the run: FINISHED on success, KILLED on an
+experiment (see :mod:`sf_mlflow.tracking.experiments`), and it always ends the run: FINISHED on success, KILLED on an
 interrupt, FAILED on any error, so no run is ever left RUNNING. Artifacts are
 logged by the stage only once its outputs are complete, so a failed run never
 presents half-written results.
@@ -22,6 +22,17 @@ from mlflow.entities import Metric, Param, RunTag
 from mlflow.tracking import MlflowClient
 
 from sf_mlflow.provenance import code_version, git_commit
+from sf_mlflow.tracking.experiments import (
+    _ACTIVE,
+    TAG_LAUNCHER_RUN,
+    TAG_REDIRECTED_EXPERIMENT,
+    TAG_REDIRECTED_RUN,
+    Launcher,
+    describe_experiment,
+    experiment_id_for,
+    launcher,
+    mark_model_training,
+)
 
 #: Tag keys written on every stage run.
 TAG_STAGE = "sf.stage"
@@ -82,21 +93,6 @@ def _initialise_sqlite_store(uri: str) -> None:
         finally:
             fcntl.flock(lock, fcntl.LOCK_UN)
     _INITIALISED.add(uri)
-
-
-def _experiment_id(client: MlflowClient, name: str) -> str:
-    exp = client.get_experiment_by_name(name)
-    if exp is None:
-        try:
-            return client.create_experiment(name)
-        except mlflow.exceptions.MlflowException:
-            # Another process created it between our lookup and create.
-            exp = client.get_experiment_by_name(name)
-            if exp is None:
-                raise
-    elif exp.lifecycle_stage == "deleted":
-        client.restore_experiment(exp.experiment_id)
-    return exp.experiment_id
 
 
 def _param_str(value: Any) -> str:
@@ -187,17 +183,67 @@ class MetricStream:
             self._steps, self._values = [], []
 
 
+_LAUNCHER_TAG_PREFIXES = ("mlflow.source.", "mlflow.project.", "mlflow.gitRepoURL", "mlflow.user",
+                          "mlflow.docker.")
+
+
+def _redirect_launcher(client: MlflowClient, launch: Launcher, exp_id: str, run_name: str) -> str:
+    """Create the stage run in ``exp_id`` for ``mlflow run``'s run ``launch``; link the two.
+
+    The new run gets the launcher's source/project tags and its ``-P`` params; the launcher
+    (left in its experiment: MLflow cannot move a run) is renamed and tagged to point at it.
+    """
+    outer = client.get_run(launch.run_id)
+    run_id = client.create_run(exp_id, run_name=run_name).info.run_id
+    tags = {k: v for k, v in outer.data.tags.items() if k.startswith(_LAUNCHER_TAG_PREFIXES)}
+    tags[TAG_LAUNCHER_RUN] = launch.run_id
+    client.log_batch(run_id, tags=[RunTag(k, v) for k, v in tags.items()])
+    params = [Param(k, v) for k, v in outer.data.params.items()]
+    for i in range(0, len(params), _PARAM_BATCH):
+        client.log_batch(run_id, params=params[i:i + _PARAM_BATCH])
+    where = describe_experiment(exp_id)
+    client.update_run(launch.run_id, name=f"launcher -> {run_name}")
+    client.log_batch(launch.run_id, tags=[
+        RunTag(TAG_REDIRECTED_RUN, run_id), RunTag(TAG_REDIRECTED_EXPERIMENT, exp_id),
+        RunTag("mlflow.note.content",
+               f"`mlflow run` was given no experiment, so it created this run in Default before "
+               f"the config could be read. The stage ran as run {run_id} in experiment {where}, "
+               "the experiment of the config's name. Pass --experiment-name to choose another.")])
+    # Later checks in this process must not take Default as an explicit choice.
+    os.environ.pop("MLFLOW_EXPERIMENT_ID", None)
+    return run_id
+
+
+def _open(client: MlflowClient, experiment: str, run_name: str, parent_run_id: str | None) -> str:
+    """The run a stage logs to: a child of ``parent_run_id``, ``mlflow run``'s run, or a new one."""
+    if parent_run_id:
+        # A child run lives in its parent's experiment, wherever the parent was put.
+        exp_id = client.get_run(parent_run_id).info.experiment_id
+        return client.create_run(exp_id, run_name=run_name).info.run_id
+    launch = launcher()
+    exp_id = experiment_id_for(client, experiment)  # (reads MLFLOW_RUN_ID: before the pop)
+    os.environ.pop("MLFLOW_RUN_ID", None)  # stages started from this one create their own runs
+    if launch is None:
+        return client.create_run(exp_id, run_name=run_name).info.run_id
+    if exp_id == client.get_run(launch.run_id).info.experiment_id:
+        client.update_run(launch.run_id, name=run_name)
+        return launch.run_id
+    return _redirect_launcher(client, launch, exp_id, run_name)
+
+
 @contextlib.contextmanager
 def stage_run(stage: str, *, experiment: str, params: Mapping[str, Any], tags: Mapping[str, Any],
               run_name: str, description: str | None = None,
               parent_run_id: str | None = None) -> Iterator[StageRun]:
     """Run a stage inside one MLflow run and always end that run.
 
-    Attaches to the run ``mlflow run`` created when ``MLFLOW_RUN_ID`` is set (its
-    experiment is the one ``mlflow run --experiment-name`` chose), otherwise creates a
-    run in ``experiment`` (or, with ``parent_run_id``, a child run in the parent's
-    experiment, tagged ``mlflow.parentRunId``). Tags every run with the stage, the code
-    version and git commit.
+    ``experiment`` is the config's name; the run goes to the experiment chosen by
+    :mod:`sf_mlflow.tracking.experiments` (``--experiment-name``, ``MLFLOW_EXPERIMENT_NAME``,
+    ``mlflow run``'s explicit experiment, else ``experiment``). Attaches to the run
+    ``mlflow run`` created (``MLFLOW_RUN_ID``) when that run is in the chosen experiment,
+    else creates one there and links the two; with ``parent_run_id`` creates a child run in
+    the parent's experiment, tagged ``mlflow.parentRunId``. Tags every run with the stage,
+    the code version and git commit, and its experiment as a model-training experiment.
     """
     configure_tracking()
     client = MlflowClient()
@@ -207,17 +253,11 @@ def stage_run(stage: str, *, experiment: str, params: Mapping[str, Any], tags: M
         all_tags["mlflow.note.content"] = description
     if parent_run_id:
         all_tags["mlflow.parentRunId"] = parent_run_id
-    env_run_id = os.environ.pop("MLFLOW_RUN_ID", None)
-    if env_run_id:
-        run_id = env_run_id
-        client.update_run(run_id, name=run_name)
-    else:
-        # A child run lives in its parent's experiment, wherever the parent was put
-        # (e.g. by ``mlflow run --experiment-name``), so the UI shows them together.
-        exp_id = (client.get_run(parent_run_id).info.experiment_id if parent_run_id
-                  else _experiment_id(client, experiment))
-        run_id = client.create_run(exp_id, run_name=run_name).info.run_id
+    run_id = _open(client, experiment, run_name, parent_run_id)
+    exp_id = client.get_run(run_id).info.experiment_id
+    mark_model_training(client, exp_id)
     handle = StageRun(client, run_id)
+    _ACTIVE.append(exp_id)
     try:
         handle.set_tags(all_tags)
         handle.log_params(params)
@@ -230,3 +270,5 @@ def stage_run(stage: str, *, experiment: str, params: Mapping[str, Any], tags: M
         raise
     else:
         client.set_terminated(run_id, "FINISHED")
+    finally:
+        _ACTIVE.pop()
