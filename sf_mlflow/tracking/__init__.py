@@ -33,6 +33,7 @@ from sf_mlflow.tracking.runs import (
     stage_run,
 )
 from sf_mlflow.tracking.registry import register_train_run
+from sf_mlflow.tracking.runs import ui_command
 
 __all__ = [
     # tags
@@ -41,7 +42,7 @@ __all__ = [
     "TAG_PREPROCESS_HASH", "TAG_RESUMED_FROM", "TAG_REUSABLE", "TAG_STAGE", "TAG_STAGE_HASH",
     "TAG_UPSTREAM",
     # runs
-    "MetricStream", "StageRun", "configure_tracking", "existing_run", "stage_run",
+    "MetricStream", "StageRun", "configure_tracking", "existing_run", "stage_run", "ui_command",
     # lineage
     "describe_run", "download_artifacts", "find_latest_run", "find_reusable_run",
     "get_stage_run", "run_metrics",
