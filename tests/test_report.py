@@ -43,12 +43,33 @@ def test_render_report_escapes_inlines_and_marks_the_best(tmp_path):
     page = render_report("title <&>", models,
                          comparison=[Figure(tmp_path / "a.png", "compare moran i")])
     assert "title &lt;&amp;&gt;" in page and "a&lt;b" in page and "<x>" not in page
+    # a file Pillow cannot read is inlined as it is
     assert page.count("data:image/png;base64," + base64.b64encode(PNG).decode()) == 2
     assert not re.findall(r'src="(?!data:image/png;base64,)', page)   # self-contained
     assert '<td class="best">10.0</td>' in page       # lowest held-out deviance
     assert '<td class="best">0.700</td>' in page      # highest Moran's I
     assert "&ndash;" in page                          # a NaN ELBO is shown as missing
     assert "no figures" in section(page, "model-c")
+
+
+def test_inlined_pngs_are_smaller_and_the_same_picture(tmp_path):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from PIL import Image
+
+    from sf_mlflow.report import png_bytes
+
+    fig, ax = plt.subplots(figsize=(4, 3), dpi=100)
+    ax.scatter(*np.random.default_rng(0).random((2, 2000)), c=np.arange(2000), s=4)
+    fig.savefig(tmp_path / "map.png")
+    small = png_bytes(tmp_path / "map.png")
+    assert len(small) < (tmp_path / "map.png").stat().st_size
+    (tmp_path / "small.png").write_bytes(small)
+    a = np.asarray(Image.open(tmp_path / "map.png").convert("RGB"), dtype=float)
+    b = np.asarray(Image.open(tmp_path / "small.png").convert("RGB"), dtype=float)
+    assert a.shape == b.shape and np.abs(a - b).mean() < 2.0
 
 
 def test_main_compares_several_models_then_reuses_every_stage(mlflow_store, tmp_path, capsys):
