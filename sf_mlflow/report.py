@@ -58,7 +58,7 @@ h1 { font-size: 1.5em; } h2 { font-size: 1.25em; border-bottom: 1px solid #ccc; 
 h3 { font-size: 1.05em; }
 table { border-collapse: collapse; margin: 1em 0; }
 th, td { border: 1px solid #ccc; padding: 0.3em 0.7em; text-align: right; }
-th:first-child, td:first-child, td.text { text-align: left; }
+th.text, td.text { text-align: left; }
 td.best { font-weight: bold; background: #eef7ee; }
 figure { margin: 1em 0 2em 0; } figcaption { font-size: 0.9em; color: #555; }
 img { max-width: 100%; height: auto; border: 1px solid #eee; }
@@ -99,8 +99,9 @@ def metrics_table(models: Sequence[ModelResult]) -> str:
         converged = {True: "yes", False: "no", None: "&ndash;"}[m.converged]
         cells.append(f'<td class="text">{converged}</td>')
         rows.append("<tr>" + "".join(cells) + "</tr>")
-    return (f'<table id="metrics"><thead><tr><th>model</th><th>settings</th>{head}'
-            f"<th>converged</th></tr></thead><tbody>\n" + "\n".join(rows) + "\n</tbody></table>")
+    return (f'<table id="metrics"><thead><tr><th class="text">model</th>'
+            f'<th class="text">settings</th>{head}<th class="text">converged</th></tr></thead>'
+            "<tbody>\n" + "\n".join(rows) + "\n</tbody></table>")
 
 
 def png_bytes(path: str | Path) -> bytes:

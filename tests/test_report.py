@@ -117,7 +117,7 @@ def test_main_compares_several_models_then_reuses_every_stage(mlflow_store, tmp_
         assert len(own) >= 5
         assert section(page, f"model-{name}").count("data:image/png;base64,") == len(own)
     comparison = section(page, "comparison")
-    assert "compare moran i" in comparison and "compare factors" in comparison
+    assert "Compare moran i" in comparison and "Compare factors" in comparison
     assert page.count("data:image/png;base64,") == len([f for f in figures if f.endswith(".png")])
     assert not re.findall(r'src="(?!data:image/png;base64,)', page)
     out = capsys.readouterr().out

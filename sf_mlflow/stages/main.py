@@ -161,6 +161,7 @@ def _figures_by_model(figures_run_id: str, analyses: dict[str, str], tmp: Path
             owner = next((n for n, aid in analyses.items() if aid[:8] in rel.parts[0]), None)
         inner = Path(*rel.parts[1:]) if owner and len(analyses) > 1 else rel
         caption = str(inner.with_suffix("")).replace("_", " ").replace("/", ": ")
+        caption = caption[:1].upper() + caption[1:]
         (per[owner] if owner else comparison).append(Figure(path, caption))
     return per, comparison
 
