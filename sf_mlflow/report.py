@@ -148,8 +148,9 @@ def render_report(title: str, models: Sequence[ModelResult], *,
         "<h2>Metrics</h2>", metrics_table(models),
         '<p class="note">Held-out deviance: Poisson deviance of the held-out spots (lower is '
         "better). Moran's I: spatial autocorrelation of the factors, mean over factors. The "
-        "best value of each is in bold. ELBOs of different priors are not comparable "
-        "as goodness of fit.</p>",
+        "best value of each is in bold. The final ELBO bounds each model's own evidence; the "
+        "bounds of different priors differ in tightness, so held-out deviance is the fairer "
+        "comparison.</p>",
     ]
     if comparison:
         out.append('<section id="comparison"><h2>Comparison</h2>')
