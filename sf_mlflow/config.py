@@ -222,7 +222,9 @@ class TuningConfig:
 
 
 #: Sections left out of ``Config.flat()`` and ``Config.digest()`` unless asked for by name.
-UNHASHED_SECTIONS = ("tuning",)
+#: ``models`` is never hashed itself: each listed model's effective config is (see
+#: :meth:`Config.model_configs`), so a stage's hash is the one a one-model config gives.
+UNHASHED_SECTIONS = ("tuning", "models")
 
 
 @dataclass
@@ -239,6 +241,10 @@ class Config:
     training: TrainingConfig = field(default_factory=TrainingConfig)
     analysis: AnalysisConfig = field(default_factory=AnalysisConfig)
     tuning: TuningConfig = field(default_factory=TuningConfig)
+    models: dict[str, dict[str, dict[str, Any]]] = field(
+        default_factory=dict, metadata={"internal": True})
+    """Models fitted over one preprocess run by ``main``: name -> validated ``model`` and
+    ``training`` overrides (presets applied); empty = the one model of ``model:``."""
     source: Optional[str] = field(default=None, compare=False, repr=False,
                                   metadata={"internal": True})
 
@@ -247,12 +253,29 @@ class Config:
         """Nested plain dict of every setting (the form written back to YAML)."""
         d = dataclasses.asdict(self)
         d.pop("source", None)
+        if not d["models"]:
+            d.pop("models")
         return d
+
+    def model_configs(self) -> dict[str, "Config"]:
+        """The effective config of each model under ``models:``, in order (empty if none).
+
+        Each is this config with the model's ``model``/``training`` overrides applied and
+        no ``models:``, so its hashes and params are those of a one-model config with the
+        same settings.
+        """
+        out = {}
+        for name, sections in self.models.items():
+            out[name] = dataclasses.replace(
+                self, models={},
+                model=dataclasses.replace(self.model, **sections.get("model", {})),
+                training=dataclasses.replace(self.training, **sections.get("training", {})))
+        return out
 
     def flat(self, *sections: str) -> dict[str, Any]:
         """Dotted-key view, e.g. ``{"model.lengthscale": 4.0}``, optionally of some sections only.
 
-        Without sections: every section but ``tuning`` (see ``UNHASHED_SECTIONS``).
+        Without sections: every section but ``tuning`` and ``models`` (``UNHASHED_SECTIONS``).
         """
         d = self.to_dict()
         if sections:
@@ -266,7 +289,7 @@ class Config:
         return {k: v for k, v in self.flat("seed", "dataset", "data", "preprocessing").items()}
 
     def digest(self, *sections: str) -> str:
-        """Short stable hash of the given sections (all but ``tuning`` when none), for tags and lookups."""
+        """Short stable hash of the given sections (all but ``UNHASHED_SECTIONS`` when none)."""
         payload = json.dumps(self.flat(*sections), sort_keys=True, default=str)
         return hashlib.sha256(payload.encode()).hexdigest()[:12]
 
@@ -490,7 +513,7 @@ def _apply_overrides(raw: dict, overrides: Mapping[str, Any], source: str) -> di
     return raw
 
 
-def _check_renamed(raw: Mapping[str, Any], source: str) -> None:
+def _check_renamed(raw: Mapping[str, Any], source: str, prefix: str = "") -> None:
     """Keys of older versions get an error that says what replaced them."""
     model = raw.get("model")
     if isinstance(model, Mapping) and "spatial" in model:
@@ -498,7 +521,7 @@ def _check_renamed(raw: Mapping[str, Any], source: str) -> None:
             spatial = _coerce(model["spatial"], bool)
         except _Invalid:
             spatial = True
-        raise ConfigError(f"{source}: model.spatial was replaced by model.prior; write "
+        raise ConfigError(f"{source}: {prefix}model.spatial was replaced by model.prior; write "
                           f"`prior: {'SVGP' if spatial else 'Gaussian'}` instead of "
                           f"`spatial: {model['spatial']}`")
 
@@ -510,11 +533,18 @@ def config_from_dict(raw: Mapping[str, Any] | None, source: str = "<config>",
     if raw is not None and not isinstance(raw, Mapping):
         raise ConfigError(f"{source}: a config must be a mapping of keys to values, "
                           f"got {type(raw).__name__}")
-    merged = _apply_overrides(dict(raw or {}), ov, source)
+    from sf_mlflow.config_models import build_models, models_as_mapping
+
+    raw = dict(raw or {})
+    if "models" in raw:
+        raw["models"] = models_as_mapping(raw["models"], source)
+    merged = _apply_overrides(raw, ov, source)
     label = source + (" (with overrides)" if ov else "")
     _check_renamed(merged, label)
+    models = build_models(merged.pop("models", None), label)
     cfg = _build(Config, merged, label, "")
     _check_tuning(cfg, label)
+    cfg.models = models
     cfg.source = source
     return cfg
 

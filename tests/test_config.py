@@ -137,3 +137,61 @@ def test_digest_tracks_settings_and_sections():
     assert a.digest("seed", "dataset", "data", "preprocessing") == b.digest(
         "seed", "dataset", "data", "preprocessing")
     assert config_from_dict(a.to_dict()) == a
+
+
+# ---- models: several models over one preprocess run -------------------------------------------
+
+def test_models_list_and_mapping_give_each_model_its_effective_config():
+    cfg = config_from_dict({"model": {"n_components": 4, "lengthscale": 8.0},
+                            "models": ["pnmf", "svgp", "mggp"]}, "m.yaml",
+                           overrides=["models.svgp.training.max_iter=300"])
+    eff = cfg.model_configs()
+    assert list(eff) == ["pnmf", "svgp", "mggp"]
+    assert (eff["pnmf"].model.prior, eff["svgp"].model.groups, eff["mggp"].model.groups) == (
+        "Gaussian", False, True)
+    assert eff["svgp"].training.max_iter == 300 and eff["mggp"].training.max_iter == 2000
+    assert all(e.model.n_components == 4 and e.model.lengthscale == 8.0 and not e.models
+               for e in eff.values())
+    mapping = config_from_dict({"models": {"svgp": {"training": {"max_iter": "300"}},
+                                           "wide": {"model": {"prior": "SVGP",
+                                                              "lengthscale": "1.6e1"}}}}, "m.yaml")
+    eff = mapping.model_configs()
+    assert eff["svgp"].model.prior == "SVGP" and eff["svgp"].model.groups is False  # the preset
+    assert eff["svgp"].training.max_iter == 300 and eff["wide"].model.lengthscale == 16.0
+    # the block round-trips through to_dict / YAML
+    assert config_from_dict(yaml.safe_load(mapping.to_yaml())).models == mapping.models
+
+
+def test_models_key_changes_no_hash_and_a_models_config_hashes_like_one_model_configs():
+    plain = config_from_dict({"model": {"prior": "SVGP", "groups": False}}, "plain.yaml")
+    assert "models" not in plain.to_dict() and not plain.models
+    listed = config_from_dict({"models": ["pnmf", "svgp"]}, "listed.yaml")
+    assert listed.digest() == config_from_dict({}).digest()
+    assert not [k for k in listed.flat() if k.startswith("models")]
+    assert listed.model_configs()["svgp"].digest() == plain.digest()
+    assert config_from_dict({"models": None}).models == {}
+
+
+@pytest.mark.parametrize("models, message", [
+    (3, "models = 3 is invalid: expected a list of model names (pnmf, svgp, mggp) or a mapping"),
+    (["pnmf", "nsf"], "models[1] = 'nsf' is not a known model: expected one of pnmf, svgp, mggp"),
+    (["svgp", "svgp"], "models[1] = 'svgp' is listed twice"),
+    ({"a b": None}, "models: the name 'a b' is invalid"),
+    ({"x": 5}, "models.x = 5 is invalid: expected a mapping with model and/or training"),
+    ({"x": {"modle": {}}}, "unknown key 'models.x.modle' (did you mean 'models.x.model'?)"),
+    ({"x": {"preprocessing": {}}}, "unknown key 'models.x.preprocessing'"),
+    ({"x": {"model": {"prior": "GP"}}}, "models.x.model.prior = 'GP' is invalid: expected one of"),
+    ({"svgp": {"training": {"max_iter": 0}}}, "models.svgp.training.max_iter = 0 is out of range"),
+    ({"x": {"model": {"lenghtscale": 2}}},
+     "unknown key 'models.x.model.lenghtscale' (did you mean 'models.x.model.lengthscale'?)"),
+    ({"x": {"model": {"spatial": False}}}, "models.x.model.spatial was replaced by model.prior"),
+])
+def test_bad_models_entries_name_file_key_and_value(models, message):
+    with pytest.raises(ConfigError) as err:
+        config_from_dict({"models": models}, "bad.yaml")
+    assert str(err.value).startswith("bad.yaml: ") and message in str(err.value)
+
+
+def test_a_bad_models_override_names_the_override():
+    with pytest.raises(ConfigError, match=r"bad.yaml \(with overrides\): models.svgp.model.sigma"):
+        config_from_dict({"models": ["svgp"]}, "bad.yaml", overrides=["models.svgp.model.sigma=-1"])

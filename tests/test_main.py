@@ -40,8 +40,11 @@ def stage_runs(client, parent_id=None):
 
 
 def chain(client, main_id):
-    params = client.get_run(main_id).data.params
-    return {s: params[f"chain.{s}_run_id"] for s in ("preprocess", "train", "analyze", "figures")}
+    """The chain's run IDs: tags of the parent run (params would crowd the compare view)."""
+    run = client.get_run(main_id)
+    assert not [k for k in run.data.params if k.startswith("chain.")]
+    tags = run.data.tags
+    return {s: tags[f"sf.chain.{s}_run_id"] for s in ("preprocess", "train", "analyze", "figures")}
 
 
 def test_main_runs_then_reuses_then_forces(mlflow_store, tmp_path):
@@ -71,7 +74,7 @@ def test_main_runs_then_reuses_then_forces(mlflow_store, tmp_path):
         assert np.isfinite(m[key]), key
     assert m["final_elbo"] == client.get_run(links["train"]).data.metrics["final_elbo"]
     assert m["stages_reused"] == 0
-    assert {a.path for a in client.list_artifacts(first)} == {"chain.json"}
+    assert {a.path for a in client.list_artifacts(first)} == {"chain.json", "report.html"}
 
     # the same again: all four reused, no new stage runs
     n_stage_runs = len(stage_runs(client))

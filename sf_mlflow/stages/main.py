@@ -8,9 +8,16 @@ upstream run and the same code version (package version plus a hash of its sourc
 so uncommitted edits count and documentation-only commits do not). ``force=True``
 reruns every stage.
 
-The parent run records the chain of run IDs (params ``chain.<stage>_run_id``), which
-stages were reused (tags ``sf.reused.<stage>``) and the headline metrics of the
-chain, so the MLflow UI's run table compares configurations at a glance.
+A config with ``models:`` (:mod:`sf_mlflow.config_models`) preprocesses once, trains
+and analyzes every listed model on that preprocess run (each with its own effective
+config, so its runs are the ones a one-model config with the same settings makes and
+reuses), then draws the comparison figures of all of them in one figures run.
+
+The parent run records the chain of run IDs (tags ``sf.chain.<stage>_run_id``, and
+``sf.chain.<model>.<stage>_run_id`` for each model's train and analyze runs), which
+stages were reused (tags ``sf.reused.<stage>``), the headline metrics of the chain
+(``<model>.<metric>`` with several models) and ``report.html``: one self-contained
+page with every model's numbers and figures (:mod:`sf_mlflow.report`).
 """
 
 from __future__ import annotations
@@ -23,12 +30,29 @@ from typing import Callable
 
 from sf_mlflow.config import Config
 from sf_mlflow.provenance import code_version
-from sf_mlflow.stages._common import base_tags, model_kind, open_run, run_name, say, stage_hash
+from sf_mlflow.report import Figure, ModelResult, write_report
+from sf_mlflow.stages._common import (
+    base_tags,
+    model_kind,
+    open_run,
+    run_name,
+    say,
+    stage_hash,
+    staging_dir,
+)
 from sf_mlflow.stages.analyze import run_analyze
 from sf_mlflow.stages.figures import run_figures
 from sf_mlflow.stages.preprocess import run_preprocess
 from sf_mlflow.stages.train import run_train
-from sf_mlflow.tracking import TAG_MODEL, describe_run, find_reusable_run, run_metrics
+from sf_mlflow.tracking import (
+    TAG_MODEL,
+    StageRun,
+    describe_run,
+    download_artifacts,
+    find_reusable_run,
+    run_metrics,
+    ui_command,
+)
 
 STAGE = "main"
 
@@ -42,65 +66,181 @@ HEADLINE_METRICS = {
 
 @dataclass
 class StageOutcome:
-    """One link of the chain: which run holds a stage's result, and whether it was reused."""
+    """One link of the chain: which run holds a stage's result, and whether it was reused.
+
+    ``model`` names the model of a train or analyze run when the config lists several.
+    """
 
     stage: str
     run_id: str
     reused: bool
+    model: str | None = None
+
+    @property
+    def key(self) -> str:
+        """``<stage>`` or ``<model>.<stage>``: the suffix of the parent's chain tags."""
+        return f"{self.model}.{self.stage}" if self.model else self.stage
 
 
 def main_run_name(config: Config) -> str:
-    """``main/<dataset>/<model>/L<L>[/M<M>/l<lengthscale>]``."""
+    """``main/<dataset>/<model>/L<L>[/M<M>/l<lengthscale>]``, or ``main/<dataset>/<a>+<b>...``."""
+    if config.models:
+        return f"main/{config.dataset}/" + "+".join(config.models)
     return f"main/{config.dataset}/" + run_name(config).split("/", 1)[1]
 
 
+def describe_model(config: Config) -> str:
+    """The model of a config in words, e.g. ``SVGP prior with groups, M=auto, l=12, L=5``."""
+    m = config.model
+    if not m.spatial:
+        return f"Gaussian prior (non-spatial PNMF), L={m.n_components}"
+    groups = "with groups (MGGP)" if m.groups else "without groups"
+    return (f"SVGP prior {groups}, M={m.num_inducing}, lengthscale {m.lengthscale:g}, "
+            f"L={m.n_components}")
+
+
 def _reuse_or_run(stage: str, config: Config, upstream: str | None, force: bool,
-                  launch: Callable[[], str]) -> StageOutcome:
+                  launch: Callable[[], str], model: str | None = None) -> StageOutcome:
+    label = f"{stage} of {model}" if model else stage
     if not force:
         found = find_reusable_run(stage, stage_hash(config, stage), code_version(), upstream)
         if found is not None:
-            say(STAGE, f"{stage}: reusing {describe_run(found)}")
-            return StageOutcome(stage, found.info.run_id, True)
-    say(STAGE, f"{stage}: running" + (" (force)" if force else ""))
-    return StageOutcome(stage, launch(), False)
+            say(STAGE, f"{label}: reusing {describe_run(found)}")
+            return StageOutcome(stage, found.info.run_id, True, model)
+    say(STAGE, f"{label}: running" + (" (force)" if force else ""))
+    return StageOutcome(stage, launch(), False, model)
+
+
+def _fit_models(models: dict[str, Config], pre_id: str, pid: str, force: bool,
+                named: bool) -> dict[str, tuple[StageOutcome, StageOutcome]]:
+    """Train and analyze every model on the preprocess run ``pre_id`` (or reuse them)."""
+    out = {}
+    for name, cfg in models.items():
+        label = name if named else None
+        train = _reuse_or_run("train", cfg, pre_id, force, model=label, launch=(
+            lambda cfg=cfg: run_train(cfg, pre_id, parent_run_id=pid)))
+        analyze = _reuse_or_run("analyze", cfg, train.run_id, force, model=label, launch=(
+            lambda cfg=cfg, tid=train.run_id: run_analyze(cfg, tid, parent_run_id=pid)))
+        out[name] = (train, analyze)
+    return out
+
+
+def _headline(fitted: dict[str, tuple[StageOutcome, StageOutcome]], named: bool
+              ) -> tuple[dict[str, float], dict[str, dict[str, float]]]:
+    """The parent's metrics, and every model's train and analyze metrics (for the report)."""
+    per_model: dict[str, dict[str, float]] = {}
+    headline: dict[str, float] = {}
+    for name, outcomes in fitted.items():
+        got: dict[str, float] = {}
+        for o in outcomes:
+            got.update(run_metrics(o.run_id))
+        per_model[name] = got
+        keys = [k for o in outcomes for k in HEADLINE_METRICS[o.stage] if k in got]
+        headline.update({(f"{name}.{k}" if named else k): got[k] for k in keys})
+    return headline, per_model
+
+
+def _figures_by_model(figures_run_id: str, analyses: dict[str, str], tmp: Path
+                      ) -> tuple[dict[str, list[Figure]], list[Figure]]:
+    """The figures run's PNGs: each model's (by its analyze run ID in the folder name;
+    with one model all of them) and the comparison figures (the rest)."""
+    root = download_artifacts(figures_run_id, "", tmp)
+    listed = root / "figures.json"
+    if listed.is_file():
+        paths = [root / p for p in json.loads(listed.read_text()) if p.endswith(".png")]
+    else:
+        paths = sorted((root / "figures").rglob("*.png"))
+    per: dict[str, list[Figure]] = {name: [] for name in analyses}
+    comparison: list[Figure] = []
+    for path in paths:
+        rel = path.relative_to(root / "figures")
+        owner = None
+        if len(analyses) == 1:
+            owner = next(iter(analyses))
+        elif len(rel.parts) > 1:
+            owner = next((n for n, aid in analyses.items() if aid[:8] in rel.parts[0]), None)
+        inner = Path(*rel.parts[1:]) if owner and len(analyses) > 1 else rel
+        caption = str(inner.with_suffix("")).replace("_", " ").replace("/", ": ")
+        caption = caption[:1].upper() + caption[1:]
+        (per[owner] if owner else comparison).append(Figure(path, caption))
+    return per, comparison
+
+
+def _write_outputs(config: Config, parent: StageRun, chain: list[StageOutcome],
+                   models: dict[str, Config],
+                   fitted: dict[str, tuple[StageOutcome, StageOutcome]],
+                   headline: dict[str, float], per_model: dict[str, dict[str, float]]) -> Path:
+    """``chain.json`` and ``report.html``, kept under ``<output_dir>/main/<run id>`` and logged."""
+    figures = chain[-1]
+    with tempfile.TemporaryDirectory() as tmp, \
+            staging_dir(config, STAGE, parent.run_id) as out:
+        per, comparison = _figures_by_model(
+            figures.run_id, {n: analyze.run_id for n, (_, analyze) in fitted.items()}, Path(tmp))
+        results = []
+        for name, cfg in models.items():
+            got = per_model[name]
+            results.append(ModelResult(
+                name=name, description=describe_model(cfg), metrics=got,
+                run_ids={o.stage: o.run_id for o in fitted[name]}, figures=per[name],
+                converged=bool(got["converged"]) if "converged" in got else None))
+        (out / "chain.json").write_text(json.dumps(
+            {"chain": [asdict(o) for o in chain], "metrics": headline}, indent=2))
+        write_report(out / "report.html", f"{config.name}: {', '.join(models)} on "
+                     f"{config.dataset}", results, comparison=comparison,
+                     intro=f"Config {config.source or '<in memory>'}; main run {parent.run_id}.",
+                     footer={"main run": parent.run_id, "code version": code_version(),
+                             **{f"{o.key} run": o.run_id for o in chain}})
+        parent.log_artifacts(out)
+    return Path(config.output_dir).resolve() / STAGE / parent.run_id / "report.html"
+
+
+def _announce(parent: StageRun, report: Path, chain: list[StageOutcome]) -> None:
+    """The chain, where the report is, and how to open the MLflow UI on this run."""
+    reused = [o.key for o in chain if o.reused]
+    say(STAGE, "chain " + " -> ".join(f"{o.key} {o.run_id[:8]}" for o in chain)
+               + (f" (reused: {', '.join(reused)})" if reused else ""))
+    info = parent.info
+    say(STAGE, f"report: {report}")
+    say(STAGE, f"        (also the artifact report.html of run {parent.run_id}, "
+               f"{info.artifact_uri}/report.html)")
+    command, url = ui_command(info.experiment_id, parent.run_id)
+    say(STAGE, f"open the MLflow UI: {command}" + (f"\n        then {url}" if url else ""))
 
 
 def run_main(config: Config, force: bool = False) -> str:
-    """Run or reuse the four stages as children of one ``main`` run; return its run ID."""
-    kind = model_kind(config)
-    tags = {**base_tags(config), TAG_MODEL: kind}
+    """Run or reuse the stages as children of one ``main`` run; return its run ID.
+
+    With ``models:`` in the config: one preprocess run, a train and an analyze run per
+    model, one figures run comparing them, and ``report.html`` on the parent run.
+    """
+    named = bool(config.models)
+    models = config.model_configs() or {model_kind(config): config}
+    kind = "+".join(models) if named else model_kind(config)
     params = {**config.flat(), "force": bool(force)}
-    description = (f"Pipeline preprocess -> train -> analyze -> figures of {kind.upper()} "
-                   f"with L={config.model.n_components} on {config.dataset} "
-                   f"(config {config.source or '<in memory>'})")
-    with open_run(config, STAGE, params=params, tags=tags, run_name=main_run_name(config),
-                  description=description) as parent:
+    if named:
+        params["models"] = ",".join(models)
+        params.update({f"models.{n}.{s}.{k}": v for n, sections in config.models.items()
+                       for s, kv in sections.items() for k, v in kv.items()})
+    what = (f"{kind.upper()} with L={config.model.n_components}" if not named else
+            "the models " + ", ".join(f"{n} ({describe_model(c)})" for n, c in models.items()))
+    description = (f"Pipeline preprocess -> train -> analyze -> figures of {what} on "
+                   f"{config.dataset} (config {config.source or '<in memory>'})")
+    with open_run(config, STAGE, params=params, tags={**base_tags(config), TAG_MODEL: kind},
+                  run_name=main_run_name(config), description=description) as parent:
         pid = parent.run_id
         pre = _reuse_or_run("preprocess", config, None, force,
                             lambda: run_preprocess(config, parent_run_id=pid))
-        train = _reuse_or_run("train", config, pre.run_id, force,
-                              lambda: run_train(config, pre.run_id, parent_run_id=pid))
-        analyze = _reuse_or_run("analyze", config, train.run_id, force,
-                                lambda: run_analyze(config, train.run_id, parent_run_id=pid))
-        figures = _reuse_or_run("figures", config, analyze.run_id, force,
-                                lambda: run_figures(config, [analyze.run_id], parent_run_id=pid))
-        chain = [pre, train, analyze, figures]
-
-        parent.log_params({f"chain.{o.stage}_run_id": o.run_id for o in chain})
-        parent.set_tags({f"sf.reused.{o.stage}": str(o.reused).lower() for o in chain})
-        headline: dict[str, float] = {"stages_reused": float(sum(o.reused for o in chain))}
-        for outcome in chain:
-            got = run_metrics(outcome.run_id)
-            headline.update({k: got[k] for k in HEADLINE_METRICS.get(outcome.stage, ())
-                             if k in got})
+        fitted = _fit_models(models, pre.run_id, pid, force, named)
+        ids = [a.run_id for _, a in fitted.values()]
+        figures = _reuse_or_run("figures", config, ",".join(ids), force,
+                                lambda: run_figures(config, ids, parent_run_id=pid))
+        chain = [pre, *(o for pair in fitted.values() for o in pair), figures]
+        parent.set_tags({f"sf.chain.{o.key}_run_id": o.run_id for o in chain})
+        parent.set_tags({f"sf.reused.{o.key}": str(o.reused).lower() for o in chain})
+        headline, per_model = _headline(fitted, named)
+        headline["stages_reused"] = float(sum(o.reused for o in chain))
         parent.log_metrics(headline)
-        with tempfile.TemporaryDirectory() as tmp:
-            path = Path(tmp) / "chain.json"
-            path.write_text(json.dumps({"chain": [asdict(o) for o in chain],
-                                        "metrics": headline}, indent=2))
-            parent.log_artifact(path)
-        reused = [o.stage for o in chain if o.reused]
-        say(STAGE, "chain " + " -> ".join(f"{o.stage} {o.run_id[:8]}" for o in chain)
-                   + (f" (reused: {', '.join(reused)})" if reused else ""))
+        report = _write_outputs(config, parent, chain, models, fitted, headline, per_model)
+        _announce(parent, report, chain)
     say(STAGE, f"finished run {pid}")
     return pid

@@ -42,6 +42,7 @@ from sf_mlflow.tracking.runs import (
     stage_run,
 )
 from sf_mlflow.tracking.registry import register_train_run
+from sf_mlflow.tracking.runs import ui_command
 
 __all__ = [
     # tags
@@ -50,7 +51,7 @@ __all__ = [
     "TAG_PREPROCESS_HASH", "TAG_RESUMED_FROM", "TAG_REUSABLE", "TAG_STAGE", "TAG_STAGE_HASH",
     "TAG_UPSTREAM",
     # runs
-    "MetricStream", "StageRun", "configure_tracking", "existing_run", "stage_run",
+    "MetricStream", "StageRun", "configure_tracking", "existing_run", "stage_run", "ui_command",
     # experiments
     "EXPERIMENT_KIND", "EXPERIMENT_KIND_TAG", "HEADLINE_VIEW", "describe_experiment",
     "experiment_url", "lookup_experiment_id", "select_experiment",

@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import math
 import os
+import shlex
 import time
 from pathlib import Path
 from typing import Any, Iterator, Mapping
@@ -68,6 +69,20 @@ def configure_tracking() -> str:
     mlflow.set_tracking_uri(uri)
     _initialise_sqlite_store(uri)
     return uri
+
+
+def ui_command(experiment_id: str | None = None,
+               run_id: str | None = None) -> tuple[str, str | None]:
+    """How to look at the tracking store in use: the command that starts the MLflow UI on
+    it (for a tracking server, its address) and the UI's page of a run or experiment."""
+    uri = mlflow.get_tracking_uri()
+    page = ""
+    if experiment_id:
+        page = f"#/experiments/{experiment_id}" + (f"/runs/{run_id}" if run_id else "")
+    if uri.startswith(("http://", "https://")):
+        return f"open {uri}", (uri.rstrip("/") + "/" + page) if page else None
+    return (f"mlflow ui --backend-store-uri {shlex.quote(uri)}",
+            "http://127.0.0.1:5000/" + page)
 
 
 _INITIALISED: set[str] = set()
