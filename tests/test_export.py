@@ -138,3 +138,16 @@ def test_cli_export_writes_a_readable_h5ad(mlflow_store, tmp_path, capsys):
         capsys.readouterr().err)
     assert main(["export", "--run-id", analyze_id, "-o", str(tmp_path / "r.csv")]) == 2
     assert "must end in .h5ad" in user_error(capsys.readouterr().err)
+
+
+def test_all_spots_puts_rows_back_in_data_order():
+    from sf_mlflow.analysis.summary import all_spots
+
+    held = np.array([False, True, False, False, True])
+    out = all_spots(np.array([[0.0], [2.0], [3.0]]), np.array([[1.0], [4.0]]), held)
+    np.testing.assert_array_equal(out[:, 0], [0, 1, 2, 3, 4])
+    # nothing held out: no held-out rows needed
+    np.testing.assert_array_equal(all_spots(np.ones((3, 2)), None, np.zeros(3, bool)),
+                                  np.ones((3, 2)))
+    with pytest.raises(ValueError, match="2 held-out spots but 0 held-out rows"):
+        all_spots(np.ones((3, 1)), None, held)
