@@ -2,8 +2,9 @@
 
 The code block after ``<!-- registry-snippet -->`` in README.md is executed in a fresh
 Python process against a model registered as ``sf_quickstart@champion`` in a temp sqlite
-MLflow store: the quickstart config as shipped (a short fit), and the same data with the
-spatial model and groups, so that the snippet's groups come from the model itself.
+MLflow store: the quickstart config as shipped (its `model:` section is the grouped spatial
+model, a short fit), and the same data with the non-spatial model, so that the snippet's
+groups come from the model itself.
 """
 
 from __future__ import annotations
@@ -33,11 +34,12 @@ def readme_snippet() -> str:
     return m.group(1)
 
 
-@pytest.mark.parametrize("overrides", [
-    [],
-    ["model.prior=SVGP", "model.groups=true", "model.num_inducing=40"],
-], ids=["quickstart", "quickstart-svgp-groups"])
-def test_readme_registry_snippet_runs_on_the_quickstart_model(mlflow_store, tmp_path, overrides):
+@pytest.mark.parametrize("overrides, grouped", [
+    ([], True),
+    (["model.prior=Gaussian"], False),
+], ids=["quickstart", "quickstart-pnmf"])
+def test_readme_registry_snippet_runs_on_the_quickstart_model(mlflow_store, tmp_path, overrides,
+                                                               grouped):
     cfg = load_config(REPO / "configs/quickstart.yaml",
                       ["training.max_iter=15", "training.device=cpu",
                        f"output_dir={tmp_path / 'outputs'}", *overrides])
@@ -51,7 +53,7 @@ def test_readme_registry_snippet_runs_on_the_quickstart_model(mlflow_store, tmp_
     assert f"L = {cfg.model.n_components} factors" in desc
     assert "fitted on data set `synthetic` with 3 groups" in desc
     assert "**Input**" in desc and "**Params**" in desc and "`output`" in desc
-    assert ("`group`" in desc) == bool(overrides)
+    assert ("`group`" in desc) == grouped
 
     script = tmp_path / "snippet.py"
     script.write_text(readme_snippet())
@@ -64,5 +66,5 @@ def test_readme_registry_snippet_runs_on_the_quickstart_model(mlflow_store, tmp_
     # no "`group` is ignored", no positions outside the training extent
     assert "ignored" not in proc.stderr and "ExtrapolationWarning" not in proc.stderr, proc.stderr
     last = proc.stdout.strip().splitlines()[-1]
-    assert ("'group'" in last) == bool(overrides), last
+    assert ("'group'" in last) == grouped, last
     assert f"(5, {cfg.model.n_components})" in last and "(5, 2)" in last, last

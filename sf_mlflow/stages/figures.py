@@ -9,6 +9,7 @@ settings hash, same spot index) before anything is drawn.
 from __future__ import annotations
 
 import csv
+import dataclasses
 import json
 import tempfile
 import time
@@ -271,13 +272,15 @@ def load_all(ids: list[str]) -> list[Analysis]:
 
 
 def run_figures(config: Config, analyze_run_ids: list[str] | None = None, *,
-                parent_run_id: str | None = None) -> str:
+                parent_run_id: str | None = None, labels: dict[str, str] | None = None) -> str:
     """Draw every figure of the given analyze runs (or the newest for the config).
 
     One run: its figures under ``figures/``. Several: each run's figures under
     ``figures/<model>_<run id>/`` plus ``figures/compare_*.png``; they must come from
     preprocess runs with the same settings and cover the same spots, which is checked
-    before anything is drawn. Returns the run ID.
+    before anything is drawn. ``labels`` names models by analyze run ID (e.g. ``main``'s
+    ``models:`` names, so an SVGP and an MGGP-SVGP are told apart); otherwise a run is
+    labelled by its model kind. Returns the run ID.
     """
     ids = [i for i in (analyze_run_ids or []) if i]
     if not ids:
@@ -290,7 +293,8 @@ def run_figures(config: Config, analyze_run_ids: list[str] | None = None, *,
                   run_name=f"figures/{len(ids)}-run" + ("s" if len(ids) > 1 else ""),
                   description=f"Figures of analyze runs {', '.join(ids)}",
                   parent_run_id=parent_run_id, headline=f"figures of {', '.join(ids)}") as run:
-        analyses = analyses or load_all(ids)
+        analyses = [dataclasses.replace(an, model=(labels or {}).get(an.run_id, an.model))
+                    for an in analyses or load_all(ids)]
         with staging_dir(config, STAGE, run.run_id) as out:
             figdir = out / "figures"
             figdir.mkdir()

@@ -232,8 +232,9 @@ def run_main(config: Config, force: bool = False) -> str:
                             lambda: run_preprocess(config, parent_run_id=pid))
         fitted = _fit_models(models, pre.run_id, pid, force, named)
         ids = [a.run_id for _, a in fitted.values()]
+        labels = {a.run_id: name for name, (_, a) in fitted.items()} if len(fitted) > 1 else None
         figures = _reuse_or_run("figures", config, ",".join(ids), force,
-                                lambda: run_figures(config, ids, parent_run_id=pid))
+                                lambda: run_figures(config, ids, parent_run_id=pid, labels=labels))
         chain = [pre, *(o for pair in fitted.values() for o in pair), figures]
         parent.set_tags({f"sf.chain.{o.key}_run_id": o.run_id for o in chain})
         parent.set_tags({f"sf.reused.{o.key}": str(o.reused).lower() for o in chain})
