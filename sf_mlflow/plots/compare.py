@@ -195,7 +195,8 @@ def compare_factor_maps(coordinates: np.ndarray, factors: Mapping[str, np.ndarra
     if held is not None:
         heldout_legend(bottom, outside=False)
     if title:
-        fig.suptitle(title + ("; r: correlation with the first model's factor" if M > 1 else ""),
+        # two lines: one line overflowed the figure's width at three models
+        fig.suptitle(title + ("\nr: correlation with the first model's factor" if M > 1 else ""),
                      fontsize=SUPTITLE_SIZE)
     return finish(fig, path)
 
