@@ -101,6 +101,10 @@ def test_main_compares_several_models_then_reuses_every_stage(mlflow_store, tmp_
         assert np.isfinite(m) and m == analyze.data.metrics["heldout_deviance"]
         analyses[name] = analyze.info.run_id
     assert client.get_run(fig).data.tags["sf.upstream_run_id"] == ",".join(analyses.values())
+    # the experiment's headline view shows each model's numbers, not empty shared columns
+    view = client.get_experiment(run.info.experiment_id).tags["mlflow.sharedViewState.sf-headline"]
+    for name in analyses:
+        assert f"metrics.`{name}.heldout_deviance_mean`" in json.loads(view)["selectedColumns"]
 
     # report.html: the metrics table and every model's figures, inline
     assert {a.path for a in client.list_artifacts(first)} == {"chain.json", "report.html"}

@@ -47,6 +47,7 @@ from sf_mlflow.stages.train import run_train
 from sf_mlflow.tracking import (
     TAG_MODEL,
     StageRun,
+    add_headline_metrics,
     describe_run,
     download_artifacts,
     find_reusable_run,
@@ -55,6 +56,9 @@ from sf_mlflow.tracking import (
 )
 
 STAGE = "main"
+
+#: Per-model metrics of a multi-model ``main`` added to the experiment's headline view.
+_VIEW_METRICS = ("heldout_deviance_mean", "moran_i_mean", "final_elbo")
 
 #: Metrics of the child runs copied onto the parent run (stage -> metric keys).
 HEADLINE_METRICS = {
@@ -241,6 +245,9 @@ def run_main(config: Config, force: bool = False) -> str:
         headline, per_model = _headline(fitted, named)
         headline["stages_reused"] = float(sum(o.reused for o in chain))
         parent.log_metrics(headline)
+        if named:   # the view's fixed columns are empty for <model>.<metric>: add those
+            add_headline_metrics(parent.info.experiment_id,
+                                 [k for k in headline if "." in k and k.endswith(_VIEW_METRICS)])
         report = _write_outputs(config, parent, chain, models, fitted, headline, per_model)
         _announce(parent, report, chain)
     say(STAGE, f"finished run {pid}")

@@ -6,6 +6,7 @@ upstream runs. The model, data and analysis code know nothing of MLflow.
 
 from sf_mlflow.tracking.existing import alias_run_id, existing_run
 from sf_mlflow.tracking.experiments import (
+    add_headline_metrics,
     EXPERIMENT_KIND,
     EXPERIMENT_KIND_TAG,
     HEADLINE_VIEW,
@@ -53,7 +54,8 @@ __all__ = [
     # runs
     "MetricStream", "StageRun", "configure_tracking", "existing_run", "stage_run", "ui_command",
     # experiments
-    "EXPERIMENT_KIND", "EXPERIMENT_KIND_TAG", "HEADLINE_VIEW", "describe_experiment",
+    "EXPERIMENT_KIND", "EXPERIMENT_KIND_TAG", "HEADLINE_VIEW", "add_headline_metrics",
+    "describe_experiment",
     "experiment_url", "lookup_experiment_id", "select_experiment",
     # lineage
     "describe_run", "download_artifacts", "find_latest_run", "find_reusable_run",

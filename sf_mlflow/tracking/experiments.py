@@ -171,6 +171,21 @@ def mark_model_training(client: MlflowClient, experiment_id: str) -> None:
         client.set_experiment_tag(experiment_id, view, json.dumps(headline_view_state()))
 
 
+def add_headline_metrics(experiment_id: str, metrics) -> None:
+    """Add metric columns to the experiment's headline view (e.g. a multi-model ``main``'s
+    ``<model>.heldout_deviance_mean``, which the fixed columns leave empty)."""
+    client = MlflowClient()
+    key = _SHARED_VIEW_PREFIX + HEADLINE_VIEW
+    tags = client.get_experiment(experiment_id).tags
+    state = json.loads(tags[key]) if key in tags else headline_view_state()
+    columns = state["selectedColumns"]
+    new = [c for c in (f"metrics.`{m}`" for m in metrics) if c not in columns]
+    if new:
+        first_tag = next((i for i, c in enumerate(columns) if c.startswith("tags.")), len(columns))
+        state["selectedColumns"] = columns[:first_tag] + new + columns[first_tag:]
+        client.set_experiment_tag(experiment_id, key, json.dumps(state))
+
+
 def experiment_url(experiment_id: str, host: str = "http://127.0.0.1:5000") -> str:
     """URL of the experiment's runs table with the headline columns (``mlflow ui``'s default host)."""
     # The runs route and workflowType=machine_learning: MLflow 3.17's UI otherwise opens in its
