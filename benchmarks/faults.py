@@ -245,6 +245,10 @@ def fault_sigkill_fit(ws):
 def fault_sigkill_tune_worker(ws):
     """kill -9 of a tune worker mid-trial; the next worker fails and retries that trial."""
     storage = f"sqlite:///{ws.root / 'optuna.db'}"
+    config = yaml.safe_load(ws.config.read_text())
+    config["tuning"] = {"n_trials": 2, "lengthscale": {"low": 5.0, "high": 20.0, "log": True},
+                        "num_inducing": {"low": 20, "high": 60, "step": 10}}
+    ws.config.write_text(yaml.safe_dump(config))
     ws.run("preprocess")
     tune = ["--storage", storage, "--n-trials", "2", "--study-name", "faults"]
     env_fast = {"SF_OPTUNA_HEARTBEAT": "1"}
@@ -347,12 +351,15 @@ def fault_full_disk(ws):
     return rc, rc == 2, {"expect": "one error line naming the full path"}
 
 
-def _h5ad(ws, name: str, n_obs: int, groups: list[str] | None) -> Path:
+def _h5ad(ws, name: str, n_obs: int, groups: list[str] | None, live: int | None = None) -> Path:
+    """An h5ad of Poisson counts; with ``live``, only the first ``live`` spots have counts."""
     import anndata
     import numpy as np
 
     rng = np.random.default_rng(0)
     X = rng.poisson(5.0, size=(n_obs, 30)).astype(np.float32)
+    if live is not None:
+        X[live:] = 0
     adata = anndata.AnnData(X)
     adata.obsm["spatial"] = rng.uniform(0, 10, size=(n_obs, 2))
     if groups is not None:
@@ -385,8 +392,10 @@ def fault_empty_h5ad(ws):
 
 def fault_one_spot(ws):
     """Filters that leave a single spot: refused by preprocess, not by analyze."""
-    rc = ws.run("preprocess", "--set", "data.synthetic.n_spots=3",
-                "--set", "preprocessing.holdout_fraction=0.0").returncode
+    path = _h5ad(ws, "one_spot.h5ad", 50, None, live=1)
+    config = _h5ad_config(ws, path, None)
+    rc = ws.run("preprocess", "--set", "preprocessing.min_cells=1",
+                "--set", "preprocessing.holdout_fraction=0.0", config=config).returncode
     return rc, rc == 2 and not ws.run_of("preprocess", "FINISHED"), {
         "expect": "preprocess refuses fewer than moran_k + 1 spots"}
 
