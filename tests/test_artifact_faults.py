@@ -265,5 +265,5 @@ def test_full_disk_names_the_path(store, tmp_path):
     proc = cli(store, "export", "--run-id", store.analyze.info.run_id, "-o", str(out),
                cwd=tmp_path)
     line = error_line(proc)
-    assert line.startswith("error: no space left on the device writing ")
+    assert line.startswith(f"error: no space left on the device writing {out}")
     assert "free space or set output_dir" in line

@@ -208,7 +208,9 @@ def explain_artifact_error(err: ArtifactError) -> str:
     if path is None or err.problem is None:
         return str(err)
     path = Path(path).resolve()
-    for local, (run_id, artifact_path) in _DOWNLOADS.items():
-        if path == local or local in path.parents:
-            return _damaged(run_id, _artifact_name(local, artifact_path, path), err.problem)
-    return str(err)
+    found = [local for local in _DOWNLOADS if path == local or local in path.parents]
+    if not found:
+        return str(err)
+    local = max(found, key=lambda p: len(p.parts))  # the download that wrote this very file
+    run_id, artifact_path = _DOWNLOADS[local]
+    return _damaged(run_id, _artifact_name(local, artifact_path, path), err.problem)

@@ -12,6 +12,7 @@ from __future__ import annotations
 import errno
 import logging
 import os
+import re
 from pathlib import Path
 
 from sf_mlflow.errors import StoreError
@@ -87,7 +88,9 @@ def explain_failure(err: BaseException) -> str | None:
     os_err = _os_error(err)
     if os_err is None:
         return None
-    where = os_err.filename or "an output file"
+    # h5py puts the file's name only into its message ("filename = 'x.h5ad'")
+    named = re.search(r"filename = '([^']+)'", str(os_err))
+    where = os_err.filename or (named.group(1) if named else "an output file")
     if os_err.errno in (errno.ENOSPC, errno.EDQUOT):
         return (f"no space left on the device writing {where}; free space or set output_dir "
                 "(or the artifact location) elsewhere")
