@@ -3,18 +3,14 @@
 from __future__ import annotations
 
 import datetime as _dt
-import json
-import zipfile
 from pathlib import Path
-
-import numpy as np
 
 import mlflow
 from mlflow.entities import ViewType
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
-from sf_mlflow.errors import ArtifactError, RunLookupError
+from sf_mlflow.errors import RunLookupError
 from sf_mlflow.tracking.experiments import lookup_experiment_id
 from sf_mlflow.tracking.runs import (
     TAG_CODE_VERSION,
@@ -24,7 +20,6 @@ from sf_mlflow.tracking.runs import (
     TAG_UPSTREAM,
     configure_tracking,
 )
-from sf_mlflow.tracking.store import store_failure
 
 
 def _quote(value: str) -> str:
@@ -115,6 +110,9 @@ def download_artifacts(run_id: str, artifact_path: str, dst: str | Path) -> Path
     tracking store is locked or read-only. Files it downloaded are remembered, so a file
     found damaged later is traced back to its run (:func:`explain_artifact_error`).
     """
+    from sf_mlflow.errors import ArtifactError
+    from sf_mlflow.tracking.store import store_failure
+
     Path(dst).mkdir(parents=True, exist_ok=True)
     try:
         local = Path(mlflow.artifacts.download_artifacts(
@@ -161,7 +159,9 @@ def _damaged(run_id: str, name: str, problem: str) -> str:
             f"{_rerun_hint(stage)}")
 
 
-def _missing_artifact(run_id: str, artifact_path: str, err: BaseException) -> ArtifactError:
+def _missing_artifact(run_id: str, artifact_path: str, err: BaseException):
+    from sf_mlflow.errors import ArtifactError
+
     stage, where = _run_stage(run_id)
     name = artifact_path or "(all artifacts)"
     first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
@@ -179,6 +179,11 @@ def _artifact_name(local: Path, artifact_path: str, path: Path) -> str:
 
 def _file_problem(path: Path) -> str | None:
     """What is wrong with a downloaded file of a kind this package writes, or None."""
+    import json
+    import zipfile
+
+    import numpy as np
+
     suffix = path.suffix.lower()
     if suffix not in (".npz", ".pth", ".npy", ".json"):
         return None
@@ -202,7 +207,7 @@ def _file_problem(path: Path) -> str | None:
     return None
 
 
-def explain_artifact_error(err: ArtifactError) -> str:
+def explain_artifact_error(err) -> str:
     """``err``'s message, naming the run and artifact when its file came from a download."""
     path = getattr(err, "path", None)
     if path is None or err.problem is None:

@@ -23,7 +23,6 @@ from mlflow.entities import Metric, Param, RunTag
 from mlflow.tracking import MlflowClient
 
 from sf_mlflow.provenance import code_version, git_commit
-from sf_mlflow.tracking.store import quiet_translated_failures, sqlite_path, store_failure
 from sf_mlflow.tracking.experiments import (
     _ACTIVE,
     TAG_LAUNCHER_RUN,
@@ -68,6 +67,8 @@ def configure_tracking() -> str:
     if not uri:
         uri = f"sqlite:///{Path.cwd() / 'mlflow.db'}"
     mlflow.set_tracking_uri(uri)
+    from sf_mlflow.tracking.store import quiet_translated_failures
+
     # a locked or read-only store is reported in one line (sf_mlflow.tracking.store), not
     # also by MLflow's own ERROR log with a traceback
     quiet_translated_failures()
@@ -102,10 +103,13 @@ def _initialise_sqlite_store(uri: str) -> None:
     migrates nothing, so reading commands still work and writing ones fail on their first
     write with one line (:func:`~sf_mlflow.tracking.store.store_failure`).
     """
+    import fcntl
+
+    from sf_mlflow.tracking.store import sqlite_path, store_failure
+
     db = sqlite_path(uri)
     if db is None or uri in _INITIALISED:
         return
-    import fcntl
 
     try:
         db.parent.mkdir(parents=True, exist_ok=True)
