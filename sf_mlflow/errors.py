@@ -44,3 +44,7 @@ class ArtifactError(SfMlflowError, ValueError):
 
 class StoreError(SfMlflowError, RuntimeError):
     """The MLflow tracking store cannot be used: locked by another writer, read-only, full."""
+
+
+class ModelFileError(ArtifactError, ModelError):
+    """A model or checkpoint file cannot be loaded (a :class:`ModelError` too, as before)."""

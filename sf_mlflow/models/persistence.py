@@ -17,7 +17,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from sf_mlflow.errors import ArtifactError, ConfigError, DataError, ModelError, SfMlflowError
+from sf_mlflow.errors import ConfigError, DataError, ModelError, ModelFileError, SfMlflowError
 from sf_mlflow.models.device import resolve_device
 from sf_mlflow.models.priors import GaussianPrior
 from sf_mlflow.models.settings import SVGP
@@ -120,7 +120,7 @@ def _load_problem(err: BaseException) -> str:
 
 
 def _read_blob(path, what: str) -> Any:
-    """``torch.load`` of ``path`` (tensors and plain values only), or :class:`ArtifactError`."""
+    """``torch.load`` of ``path`` (tensors and plain values only), else ``ModelFileError``."""
     path = Path(path)
     problem = _container_problem(path)
     if problem is None:
@@ -131,8 +131,8 @@ def _read_blob(path, what: str) -> Any:
             problem = _load_problem(err)
     problem = f"not a valid sf_mlflow {what}: {problem}"
     how = "PNMF.save" if what == "model" else "PNMF.save_checkpoint"
-    raise ArtifactError(f"{path} is {problem}; write it again with {how} (or re-run the train "
-                        "stage that logged it)", path=path, problem=problem)
+    raise ModelFileError(f"{path} is {problem}; write it again with {how} (or re-run the train "
+                         "stage that logged it)", path=path, problem=problem)
 
 
 def _container_problem(path: Path) -> str | None:
@@ -149,15 +149,16 @@ def _container_problem(path: Path) -> str | None:
 def load_model(cls, path, device: str = "cpu"):
     """A fitted ``cls`` (PNMF) from a file of :func:`save_model`, on ``device``.
 
-    Raises :class:`~sf_mlflow.errors.ArtifactError` when the file is missing, truncated,
-    holds anything but tensors and plain values, or is not a model of a readable format.
+    Raises :class:`~sf_mlflow.errors.ModelFileError` (an ``ArtifactError`` and a
+    ``ModelError``) when the file is missing, truncated, holds anything but tensors and
+    plain values, or is not a model of a readable format.
     """
     blob = _read_blob(path, "model")
     version = blob.get("format_version") if isinstance(blob, dict) else None
     if version not in READABLE_VERSIONS:
         problem = (f"not a valid sf_mlflow model: format_version = {version!r}, expected one of "
                    f"{READABLE_VERSIONS} (not a PNMF file, or written by an incompatible version)")
-        raise ArtifactError(f"{path} is {problem}", path=path, problem=problem)
+        raise ModelFileError(f"{path} is {problem}", path=path, problem=problem)
     try:
         return _restore(cls, blob, device)
     except SfMlflowError:
@@ -165,7 +166,7 @@ def load_model(cls, path, device: str = "cpu"):
     except (KeyError, TypeError, AttributeError, ValueError, RuntimeError, IndexError) as err:
         problem = (f"not a valid sf_mlflow model: its contents do not match format {version} "
                    f"({type(err).__name__}: {err})")
-        raise ArtifactError(f"{path} is {problem}", path=path, problem=problem) from None
+        raise ModelFileError(f"{path} is {problem}", path=path, problem=problem) from None
 
 
 def _restore(cls, blob: dict, device: str):
