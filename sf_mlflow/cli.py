@@ -18,7 +18,7 @@ import argparse
 import sys
 from typing import Sequence
 
-from sf_mlflow.errors import SfMlflowError
+from sf_mlflow.errors import ArtifactError, SfMlflowError
 from sf_mlflow.stages.table import COMMANDS, STAGES
 
 
@@ -76,10 +76,33 @@ def _command(command, args: argparse.Namespace, extra: list[str],
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
     try:
         command.load()(**command.kwargs(args))
-    except SfMlflowError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+    except Exception as err:
+        return _report(err)
     return 0
+
+
+def _report(err: Exception) -> int:
+    """Print ``err`` as one ``error:`` line and return exit status 2, or re-raise it.
+
+    User mistakes (:class:`SfMlflowError`) and the failures of the store and the disk a
+    user can act on (locked or read-only store, full disk: see
+    :func:`sf_mlflow.tracking.store.explain_failure`) get one line; anything else is a bug
+    and keeps its traceback.
+    """
+    if isinstance(err, ArtifactError):
+        from sf_mlflow.tracking.lineage import explain_artifact_error
+
+        message = explain_artifact_error(err)
+    elif isinstance(err, SfMlflowError):
+        message = str(err)
+    else:
+        from sf_mlflow.tracking.store import explain_failure
+
+        message = explain_failure(err)
+        if message is None:
+            raise err
+    print(f"error: {message}", file=sys.stderr)
+    return 2
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -96,13 +119,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         config = load_config(args.config, overrides)
         stage = STAGES[args.stage]
         stage.load()(config, **stage.kwargs(args))
-    except SfMlflowError as err:
-        # User mistakes get one readable line, not a traceback.
-        print(f"error: {err}", file=sys.stderr)
-        return 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    except Exception as err:
+        # User mistakes and store or disk failures get one readable line, not a traceback.
+        return _report(err)
     return 0
 
 

@@ -5,6 +5,8 @@ Every error here is printed by the command-line front ends as a single line
 what would be accepted instead.
 """
 
+from __future__ import annotations
+
 
 class SfMlflowError(Exception):
     """Base class of user-facing errors: bad configuration, data or run IDs."""
@@ -24,3 +26,25 @@ class RunLookupError(SfMlflowError, LookupError):
 
 class ModelError(SfMlflowError, RuntimeError):
     """The model cannot be fitted or evaluated with the given settings."""
+
+
+class ArtifactError(SfMlflowError, ValueError):
+    """A file a run logged (or a model file passed in) is missing, truncated or not ours.
+
+    ``path`` is the local file that was read, when there is one, and ``problem`` what was
+    wrong with it in a few words; the command line uses them to name the run and artifact
+    the file was downloaded from (:func:`sf_mlflow.tracking.lineage.explain_artifact_error`).
+    """
+
+    def __init__(self, message: str, path=None, problem: str | None = None):
+        super().__init__(message)
+        self.path = path
+        self.problem = problem
+
+
+class StoreError(SfMlflowError, RuntimeError):
+    """The MLflow tracking store cannot be used: locked by another writer, read-only, full."""
+
+
+class ModelFileError(ArtifactError, ModelError):
+    """A model or checkpoint file cannot be loaded (a :class:`ModelError` too, as before)."""

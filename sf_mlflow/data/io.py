@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import os
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Optional
@@ -26,7 +27,7 @@ import scipy.sparse as sp
 
 from sf_mlflow.data.counts import SpatialCounts
 from sf_mlflow.data.preprocess import PreprocessResult
-from sf_mlflow.errors import DataError
+from sf_mlflow.errors import ArtifactError, DataError
 
 __all__ = ["PreprocessedData", "write_preprocessed", "read_preprocessed", "FILES"]
 
@@ -216,6 +217,24 @@ def _data_folder(folder: Path) -> Path:
                     f"<output_dir>/preprocess/<run id>/{DATA_SUBFOLDER}")
 
 
+def _read_truth(path: Path) -> dict[str, np.ndarray]:
+    with np.load(path) as z:
+        return {k: z[k] for k in z.files}
+
+
+def _read_array(folder: Path, name: str, read: Callable[[Path], Any]) -> Any:
+    """``read(folder / name)``; a file numpy cannot parse is an :class:`ArtifactError`."""
+    path = _require(folder, name)
+    try:
+        return read(path)
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile, KeyError) as e:
+        kind = Path(name).suffix
+        problem = "the file is empty" if path.stat().st_size == 0 else f"{type(e).__name__}: {e}"
+        problem = f"not a valid {kind} file: {problem}"
+        raise ArtifactError(f"preprocessed file {str(path)!r} is damaged ({problem}); run the "
+                            "preprocess step again", path=path, problem=problem) from None
+
+
 def read_preprocessed(directory: str | Path) -> PreprocessedData:
     """Read a folder written by :func:`write_preprocessed`.
 
@@ -237,19 +256,12 @@ def read_preprocessed(directory: str | Path) -> PreprocessedData:
         meta = json.loads(meta_path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise DataError(f"{meta_path}: not valid JSON ({e}); run the preprocess step again") from None
-    try:
-        X = np.load(_require(folder, COORDINATES_FILE))
-        Y = sp.load_npz(_require(folder, COUNTS_FILE)).tocsr()
-        C = np.load(_require(folder, GROUPS_FILE))
-    except DataError:
-        raise
-    except (OSError, ValueError) as e:
-        raise DataError(f"preprocessed folder {str(folder)!r}: a data file cannot be read "
-                        f"({e}); run the preprocess step again") from None
+    X = _read_array(folder, COORDINATES_FILE, np.load)
+    Y = _read_array(folder, COUNTS_FILE, lambda p: sp.load_npz(p).tocsr())
+    C = _read_array(folder, GROUPS_FILE, np.load)
     truth = None
     if meta.get("has_truth"):
-        with np.load(_require(folder, TRUTH_FILE)) as z:
-            truth = {k: z[k] for k in z.files}
+        truth = _read_array(folder, TRUTH_FILE, _read_truth)
 
     n, d = Y.shape
     if (meta.get("n_spots"), meta.get("n_genes")) != (n, d):

@@ -7,6 +7,9 @@ Files hold tensors, numbers, strings, lists and dicts only, so they are read wit
 
 from __future__ import annotations
 
+import pickle
+import re
+import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -14,7 +17,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from sf_mlflow.errors import ConfigError, DataError, ModelError
+from sf_mlflow.errors import ConfigError, DataError, ModelError, ModelFileError, SfMlflowError
 from sf_mlflow.models.device import resolve_device
 from sf_mlflow.models.priors import GaussianPrior
 from sf_mlflow.models.settings import SVGP
@@ -97,13 +100,77 @@ def save_model(model, path) -> None:
                 "state": state, "attributes": attributes}, Path(path))
 
 
+def _load_problem(err: BaseException) -> str:
+    """What was wrong with a file ``torch.load`` refused, in words a user can act on.
+
+    torch's own message for a rejected pickle advises ``weights_only=False``, i.e. running
+    whatever code the file names; that advice is never passed on.
+    """
+    text = str(err)
+    if isinstance(err, pickle.UnpicklingError) and "weights_only" in text:
+        found = re.search(r"Unsupported global: GLOBAL ([\w.]+)", text)
+        what = f" ({found.group(1)})" if found else ""
+        return f"it holds Python objects{what} besides tensors and plain values"
+    if isinstance(err, EOFError) or "failed finding central directory" in text:
+        return "the file is empty or truncated"
+    if isinstance(err, FileNotFoundError):
+        return "the file does not exist"
+    first = text.strip().splitlines()[0] if text.strip() else ""
+    return f"{type(err).__name__}: {first}" if first else type(err).__name__
+
+
+def _read_blob(path, what: str) -> Any:
+    """``torch.load`` of ``path`` (tensors and plain values only), else ``ModelFileError``."""
+    path = Path(path)
+    problem = _container_problem(path)
+    if problem is None:
+        try:
+            return torch.load(path, map_location="cpu", weights_only=True)
+        except (pickle.UnpicklingError, EOFError, OSError, RuntimeError, ValueError,
+                zipfile.BadZipFile, AttributeError, ImportError, IndexError, KeyError) as err:
+            problem = _load_problem(err)
+    problem = f"not a valid sf_mlflow {what}: {problem}"
+    how = "PNMF.save" if what == "model" else "PNMF.save_checkpoint"
+    raise ModelFileError(f"{path} is {problem}; write it again with {how} (or re-run the train "
+                         "stage that logged it)", path=path, problem=problem)
+
+
+def _container_problem(path: Path) -> str | None:
+    """Why ``path`` is not a ``torch.save`` archive (a zip file) at all, or None."""
+    if not path.is_file():
+        return "the file does not exist"
+    if path.stat().st_size == 0:
+        return "the file is empty"
+    if not zipfile.is_zipfile(path):
+        return "the file is truncated or not a torch.save archive"
+    return None
+
+
 def load_model(cls, path, device: str = "cpu"):
-    """A fitted ``cls`` (PNMF) from a file of :func:`save_model`, on ``device``."""
-    blob = torch.load(Path(path), map_location="cpu", weights_only=True)
+    """A fitted ``cls`` (PNMF) from a file of :func:`save_model`, on ``device``.
+
+    Raises :class:`~sf_mlflow.errors.ModelFileError` (an ``ArtifactError`` and a
+    ``ModelError``) when the file is missing, truncated, holds anything but tensors and
+    plain values, or is not a model of a readable format.
+    """
+    blob = _read_blob(path, "model")
     version = blob.get("format_version") if isinstance(blob, dict) else None
     if version not in READABLE_VERSIONS:
-        raise ModelError(f"{path}: format_version = {version!r}, expected one of {READABLE_VERSIONS} "
-                         "(not a PNMF file, or written by an incompatible version)")
+        problem = (f"not a valid sf_mlflow model: format_version = {version!r}, expected one of "
+                   f"{READABLE_VERSIONS} (not a PNMF file, or written by an incompatible version)")
+        raise ModelFileError(f"{path} is {problem}", path=path, problem=problem)
+    try:
+        return _restore(cls, blob, device)
+    except SfMlflowError:
+        raise
+    except (KeyError, TypeError, AttributeError, ValueError, RuntimeError, IndexError) as err:
+        problem = (f"not a valid sf_mlflow model: its contents do not match format {version} "
+                   f"({type(err).__name__}: {err})")
+        raise ModelFileError(f"{path} is {problem}", path=path, problem=problem) from None
+
+
+def _restore(cls, blob: dict, device: str):
+    """The model a checked file's ``blob`` describes."""
     model = cls(**params_from_portable(blob["hyperparameters"]))
     model.device = device
     p = model._validated()
@@ -148,7 +215,7 @@ def checkpoint_blob(model, trainer_state: dict) -> dict:
 
 def read_checkpoint(path) -> dict:
     """A checkpoint written with ``torch.save(checkpoint_blob(...))``."""
-    blob = torch.load(Path(path), map_location="cpu", weights_only=True)
+    blob = _read_blob(path, "checkpoint")
     if not isinstance(blob, dict) or blob.get("kind") != CHECKPOINT_KIND:
         raise ModelError(f"{path} is not a PNMF checkpoint (written by save_checkpoint)")
     return blob

@@ -102,8 +102,120 @@ def describe_run(run) -> str:
 
 
 def download_artifacts(run_id: str, artifact_path: str, dst: str | Path) -> Path:
-    """Download one artifact (file or folder; ``""`` = all) of a run into ``dst``; return its path."""
+    """Download one artifact (file or folder; ``""`` = all) of a run into ``dst``; return its path.
+
+    Raises :class:`~sf_mlflow.errors.ArtifactError` naming the run, its stage and the artifact
+    when the artifact is missing or a downloaded file is empty or not a valid file of its
+    kind (.npz, .pth, .npy, .json), and :class:`~sf_mlflow.errors.StoreError` when the
+    tracking store is locked or read-only. Files it downloaded are remembered, so a file
+    found damaged later is traced back to its run (:func:`explain_artifact_error`).
+    """
+    from sf_mlflow.errors import ArtifactError
+    from sf_mlflow.tracking.store import store_failure
+
     Path(dst).mkdir(parents=True, exist_ok=True)
-    local = mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path=artifact_path or None,
-                                                dst_path=str(dst))
-    return Path(local)
+    try:
+        local = Path(mlflow.artifacts.download_artifacts(
+            run_id=run_id, artifact_path=artifact_path or None, dst_path=str(dst)))
+    except (MlflowException, OSError) as err:
+        failure = store_failure(err)
+        if failure is not None:
+            raise failure from None
+        raise _missing_artifact(run_id, artifact_path, err) from None
+    _DOWNLOADS[local.resolve()] = (run_id, artifact_path or "")
+    for path in ([local] if local.is_file() else sorted(local.rglob("*"))):
+        problem = _file_problem(path) if path.is_file() else None
+        if problem:
+            name = _artifact_name(local, artifact_path, path)
+            raise ArtifactError(_damaged(run_id, name, problem), path=path)
+    return local
+
+
+# ---- damaged and missing artifacts ---------------------------------------------------------------
+
+#: Local path of each download of this process -> (run ID, artifact path).
+_DOWNLOADS: dict[Path, tuple[str, str]] = {}
+
+
+def _run_stage(run_id: str) -> tuple[str, object]:
+    """The stage tag and artifact URI of a run ("?" and None when the store cannot tell)."""
+    try:
+        run = MlflowClient().get_run(run_id)
+    except Exception:  # the run itself is gone: the message still names its ID
+        return "?", None
+    return run.data.tags.get(TAG_STAGE, "?"), run.info.artifact_uri
+
+
+def _rerun_hint(stage: str) -> str:
+    if stage == "?":
+        return "re-run the stage that logged it"
+    return (f"re-run the {stage} stage (mlflow run . -e {stage} --env-manager local "
+            "-P config=<your config>)")
+
+
+def _damaged(run_id: str, name: str, problem: str) -> str:
+    stage, _ = _run_stage(run_id)
+    return (f"artifact {name} of {stage} run {run_id} is damaged ({problem}); "
+            f"{_rerun_hint(stage)}")
+
+
+def _missing_artifact(run_id: str, artifact_path: str, err: BaseException):
+    from sf_mlflow.errors import ArtifactError
+
+    stage, where = _run_stage(run_id)
+    name = artifact_path or "(all artifacts)"
+    first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+    return ArtifactError(f"artifact {name} of {stage} run {run_id} is missing from its artifact "
+                         f"store {where} ({first}); {_rerun_hint(stage)}")
+
+
+def _artifact_name(local: Path, artifact_path: str, path: Path) -> str:
+    """The artifact path of ``path``, a file of the download ``local`` of ``artifact_path``."""
+    if path == local:
+        return artifact_path or path.name
+    rel = path.relative_to(local).as_posix()
+    return f"{artifact_path.rstrip('/')}/{rel}" if artifact_path else rel
+
+
+def _file_problem(path: Path) -> str | None:
+    """What is wrong with a downloaded file of a kind this package writes, or None."""
+    import json
+    import zipfile
+
+    import numpy as np
+
+    suffix = path.suffix.lower()
+    if suffix not in (".npz", ".pth", ".npy", ".json"):
+        return None
+    if path.stat().st_size == 0:
+        return f"not a valid {suffix} file: the file is empty"
+    try:
+        if suffix in (".npz", ".pth"):  # zip archives (torch.save's format too): check every CRC
+            with zipfile.ZipFile(path) as z:
+                bad = z.testzip()
+            return None if bad is None else f"not a valid {suffix} file: {bad} fails its CRC check"
+        if suffix == ".npy":
+            with open(path, "rb") as fh:
+                major, _ = np.lib.format.read_magic(fh)
+                read = (np.lib.format.read_array_header_1_0 if major == 1
+                        else np.lib.format.read_array_header_2_0)
+                read(fh)
+            return None
+        json.loads(path.read_text())
+    except (zipfile.BadZipFile, ValueError, EOFError, OSError, UnicodeDecodeError) as err:
+        return f"not a valid {suffix} file: {err}"
+    return None
+
+
+def explain_artifact_error(err) -> str:
+    """``err``'s message, naming the run and artifact when its file came from a download."""
+    path = getattr(err, "path", None)
+    if path is None or err.problem is None:
+        return str(err)
+    path = Path(path).resolve()
+    found = [local for local in _DOWNLOADS if path == local or local in path.parents]
+    if not found:
+        return str(err)
+    local = max(found, key=lambda p: len(p.parts))  # the download that wrote this very file
+    run_id, artifact_path = _DOWNLOADS[local]
+    return _damaged(run_id, _artifact_name(local, artifact_path, path), err.problem)

@@ -67,6 +67,11 @@ def configure_tracking() -> str:
     if not uri:
         uri = f"sqlite:///{Path.cwd() / 'mlflow.db'}"
     mlflow.set_tracking_uri(uri)
+    from sf_mlflow.tracking.store import quiet_translated_failures
+
+    # a locked or read-only store is reported in one line (sf_mlflow.tracking.store), not
+    # also by MLflow's own ERROR log with a traceback
+    quiet_translated_failures()
     _initialise_sqlite_store(uri)
     return uri
 
@@ -93,20 +98,37 @@ def _initialise_sqlite_store(uri: str) -> None:
 
     Two pipelines started at once on a new ``mlflow.db`` would otherwise both run
     MLflow's schema migrations and one of them fail; later writes are serialised by
-    sqlite itself.
+    sqlite itself. In a folder that cannot be written (a read-only copy of a store) the
+    lock file cannot be made either: the store is then only opened, which creates and
+    migrates nothing, so reading commands still work and writing ones fail on their first
+    write with one line (:func:`~sf_mlflow.tracking.store.store_failure`).
     """
-    if not uri.startswith("sqlite:///") or uri in _INITIALISED:
-        return
     import fcntl
 
-    db = Path(uri[len("sqlite:///"):])
-    db.parent.mkdir(parents=True, exist_ok=True)
-    with open(db.with_name(db.name + ".init-lock"), "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        try:
-            MlflowClient(uri).search_experiments(max_results=1)
-        finally:
+    from sf_mlflow.tracking.store import sqlite_path, store_failure
+
+    db = sqlite_path(uri)
+    if db is None or uri in _INITIALISED:
+        return
+
+    try:
+        db.parent.mkdir(parents=True, exist_ok=True)
+        lock = open(db.with_name(db.name + ".init-lock"), "a")
+    except OSError:  # read-only folder or file system
+        lock = None
+    try:
+        if lock is not None:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+        MlflowClient(uri).search_experiments(max_results=1)
+    except Exception as err:  # sqlite's, SQLAlchemy's or MLflow's wrapper of the same failure
+        failure = store_failure(err, uri)
+        if failure is None:
+            raise
+        raise failure from None
+    finally:
+        if lock is not None:
             fcntl.flock(lock, fcntl.LOCK_UN)
+            lock.close()
     _INITIALISED.add(uri)
 
 
