@@ -6,6 +6,16 @@ experiment (see :mod:`sf_mlflow.tracking.experiments`), and it always ends the r
 interrupt, FAILED on any error, so no run is ever left RUNNING. Artifacts are
 logged by the stage only once its outputs are complete, so a failed run never
 presents half-written results.
+
+Interrupts: SIGINT raises :class:`KeyboardInterrupt` (Python's default), and while a
+stage run is open SIGTERM and SIGHUP do too (unless the process installed its own
+handler), so every open run -- a child stage and its ``main`` parent -- ends KILLED on
+the way out and the CLI exits 130 for all three signals. The fit's
+:class:`~sf_mlflow.stages._signals.StopRequests` overrides these handlers while it runs
+(stop at the next iteration, log a checkpoint) and restores them. Signals are held back
+while a run is being created or ended, so they cannot leave one half-opened or RUNNING.
+A process killed outright (SIGKILL) cannot end its runs: the heartbeat of
+:mod:`sf_mlflow.tracking.liveness` lets the next lookup see that and end them FAILED.
 """
 
 from __future__ import annotations
@@ -14,6 +24,9 @@ import contextlib
 import math
 import os
 import shlex
+import signal
+import sys
+import threading
 import time
 from pathlib import Path
 from typing import Any, Iterator, Mapping
@@ -23,6 +36,7 @@ from mlflow.entities import Metric, Param, RunTag
 from mlflow.tracking import MlflowClient
 
 from sf_mlflow.provenance import code_version, git_commit
+from sf_mlflow.tracking.liveness import liveness_tags, start_heartbeat, stop_heartbeat
 from sf_mlflow.tracking.experiments import (
     _ACTIVE,
     TAG_LAUNCHER_RUN,
@@ -246,6 +260,65 @@ def _open(client: MlflowClient, experiment: str, run_name: str, parent_run_id: s
     return _redirect_launcher(client, launch, exp_id, run_name)
 
 
+#: Signals that end the open runs KILLED (SIGINT does it by Python's default handler).
+_INTERRUPTS = tuple(getattr(signal, n) for n in ("SIGTERM", "SIGHUP") if hasattr(signal, n))
+_HELD = {signal.SIGINT, *_INTERRUPTS}
+
+
+def _interrupt(signum: int, frame) -> None:
+    print(f"\n{signal.Signals(signum).name} received: ending the open runs as KILLED",
+          file=sys.stderr, flush=True)
+    raise KeyboardInterrupt
+
+
+def _in_main_thread() -> bool:
+    return threading.current_thread() is threading.main_thread()
+
+
+@contextlib.contextmanager
+def _signals_interrupt() -> Iterator[None]:
+    """SIGTERM and SIGHUP raise :class:`KeyboardInterrupt` inside the block.
+
+    Only where the process left their default (deadly) handler in place, and only in the
+    main thread (elsewhere handlers cannot be installed); the outermost block installs,
+    nested blocks find it done, and the handlers are restored on the way out.
+    """
+    previous = {}
+    if _in_main_thread():
+        for sig in _INTERRUPTS:
+            if signal.getsignal(sig) is signal.SIG_DFL:
+                previous[sig] = signal.signal(sig, _interrupt)
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+@contextlib.contextmanager
+def _signals_held() -> Iterator[None]:
+    """Hold SIGINT/SIGTERM/SIGHUP back during the block; they are handled right after it."""
+    if not _in_main_thread():
+        yield
+        return
+    old = signal.pthread_sigmask(signal.SIG_BLOCK, _HELD)
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, old)
+
+
+def _end(client: MlflowClient, run_id: str, status: str) -> None:
+    """End the run: no more heartbeats, then its terminal status (signals held back)."""
+    stop_heartbeat(run_id)
+    with _signals_held():
+        try:
+            client.set_terminated(run_id, status)
+        except KeyboardInterrupt:  # a signal that arrived just before the hold
+            client.set_terminated(run_id, status)
+            raise
+
+
 @contextlib.contextmanager
 def stage_run(stage: str, *, experiment: str, params: Mapping[str, Any], tags: Mapping[str, Any],
               run_name: str, description: str | None = None,
@@ -258,32 +331,41 @@ def stage_run(stage: str, *, experiment: str, params: Mapping[str, Any], tags: M
     ``mlflow run`` created (``MLFLOW_RUN_ID``) when that run is in the chosen experiment,
     else creates one there and links the two; with ``parent_run_id`` creates a child run in
     the parent's experiment, tagged ``mlflow.parentRunId``. Tags every run with the stage,
-    the code version and git commit, and its experiment as a model-training experiment.
+    the code version and git commit, its host, process and heartbeat
+    (:mod:`~sf_mlflow.tracking.liveness`), and its experiment as a model-training experiment.
+    SIGINT, SIGTERM and SIGHUP end it KILLED (see the module's docstring).
     """
     configure_tracking()
     client = MlflowClient()
     all_tags = {TAG_STAGE: stage, TAG_CODE_VERSION: code_version(), TAG_GIT_COMMIT: git_commit(),
-                **tags}
+                **liveness_tags(), **tags}
     if description:
         all_tags["mlflow.note.content"] = description
     if parent_run_id:
         all_tags["mlflow.parentRunId"] = parent_run_id
-    run_id = _open(client, experiment, run_name, parent_run_id)
-    exp_id = client.get_run(run_id).info.experiment_id
-    mark_model_training(client, exp_id)
-    handle = StageRun(client, run_id)
-    _ACTIVE.append(exp_id)
-    try:
-        handle.set_tags(all_tags)
-        handle.log_params(params)
-        yield handle
-    except KeyboardInterrupt:
-        client.set_terminated(run_id, "KILLED")
-        raise
-    except BaseException:
-        client.set_terminated(run_id, "FAILED")
-        raise
-    else:
-        client.set_terminated(run_id, "FINISHED")
-    finally:
-        _ACTIVE.pop()
+    with _signals_interrupt():
+        with _signals_held():  # a run once created is tagged and watched before any signal
+            run_id = _open(client, experiment, run_name, parent_run_id)
+            handle = StageRun(client, run_id)
+            try:
+                exp_id = client.get_run(run_id).info.experiment_id
+                handle.set_tags(all_tags)
+                start_heartbeat(client, run_id)
+                mark_model_training(client, exp_id)
+            except BaseException:
+                _end(client, run_id, "FAILED")
+                raise
+        _ACTIVE.append(exp_id)
+        try:
+            handle.log_params(params)
+            yield handle
+        except KeyboardInterrupt:
+            _end(client, run_id, "KILLED")
+            raise
+        except BaseException:
+            _end(client, run_id, "FAILED")
+            raise
+        else:
+            _end(client, run_id, "FINISHED")
+        finally:
+            _ACTIVE.pop()
