@@ -50,8 +50,6 @@ from sf_mlflow.stages.analyze import run_analyze
 from sf_mlflow.stages.figures import run_figures
 from sf_mlflow.stages.preprocess import run_preprocess
 from sf_mlflow.stages.train import run_train
-from sf_mlflow.tracking.lineage import find_interrupted_run
-from sf_mlflow.tracking.liveness import sweep_dead_runs
 from sf_mlflow.tracking import (
     TAG_MODEL,
     StageRun,
@@ -62,6 +60,8 @@ from sf_mlflow.tracking import (
     run_metrics,
     ui_command,
 )
+from sf_mlflow.tracking.lineage import find_interrupted_run
+from sf_mlflow.tracking.liveness import sweep_dead_runs
 
 STAGE = "main"
 
