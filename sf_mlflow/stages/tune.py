@@ -460,7 +460,9 @@ def run_trials(study, config: Config, trainer: _Trial, n_trials: int) -> dict[st
     while len(_counted(study)) < n_trials or _waiting(study):
         study.sampler = make_sampler(config, len(study.get_trials(deepcopy=False)))
         queued = {x.number for x in study.get_trials(deepcopy=False, states=(TrialState.WAITING,))}
-        trial = study.ask()
+        with warnings.catch_warnings():  # ask/tell with heartbeats is what we mean to do
+            warnings.filterwarnings("ignore", "Heartbeat of storage", UserWarning)
+            trial = study.ask()
         earlier = [x for x in _counted(study) if x.number < trial.number]
         # a queued trial (e.g. the retry of a dead worker's) was counted already
         if trial.number not in queued and len(earlier) >= n_trials:

@@ -9,7 +9,7 @@ presents half-written results.
 
 Interrupts: SIGINT raises :class:`KeyboardInterrupt` (Python's default), and while a
 stage run is open SIGTERM and SIGHUP do too (unless the process installed its own
-handler), so every open run -- a child stage and its ``main`` parent -- ends KILLED on
+handlers), so every open run -- a child stage and its ``main`` parent -- ends KILLED on
 the way out and the CLI exits 130 for all three signals. The fit's
 :class:`~sf_mlflow.stages._signals.StopRequests` overrides these handlers while it runs
 (stop at the next iteration, log a checkpoint) and restores them. Signals are held back
@@ -260,12 +260,18 @@ def _open(client: MlflowClient, experiment: str, run_name: str, parent_run_id: s
     return _redirect_launcher(client, launch, exp_id, run_name)
 
 
-#: Signals that end the open runs KILLED (SIGINT does it by Python's default handler).
-_INTERRUPTS = tuple(getattr(signal, n) for n in ("SIGTERM", "SIGHUP") if hasattr(signal, n))
-_HELD = {signal.SIGINT, *_INTERRUPTS}
+#: Signals that end the open runs KILLED: SIGINT's default handler raises KeyboardInterrupt
+#: already; ours does the same for SIGTERM and SIGHUP, and can hold all three back.
+_INTERRUPTS = tuple(getattr(signal, n) for n in ("SIGINT", "SIGTERM", "SIGHUP")
+                    if hasattr(signal, n))
+#: While ``depth`` > 0 a signal is only noted (``pending``) and raised when the hold ends.
+_HOLD: dict[str, Any] = {"depth": 0, "pending": None}
 
 
 def _interrupt(signum: int, frame) -> None:
+    if _HOLD["depth"]:
+        _HOLD["pending"] = signum
+        return
     print(f"\n{signal.Signals(signum).name} received: ending the open runs as KILLED",
           file=sys.stderr, flush=True)
     raise KeyboardInterrupt
@@ -275,18 +281,22 @@ def _in_main_thread() -> bool:
     return threading.current_thread() is threading.main_thread()
 
 
+def _default_handler(sig: int, handler) -> bool:
+    return handler is (signal.default_int_handler if sig == signal.SIGINT else signal.SIG_DFL)
+
+
 @contextlib.contextmanager
 def _signals_interrupt() -> Iterator[None]:
-    """SIGTERM and SIGHUP raise :class:`KeyboardInterrupt` inside the block.
+    """SIGINT, SIGTERM and SIGHUP raise :class:`KeyboardInterrupt` inside the block.
 
-    Only where the process left their default (deadly) handler in place, and only in the
-    main thread (elsewhere handlers cannot be installed); the outermost block installs,
+    Only where the process left their default handler in place, and only in the main
+    thread (elsewhere handlers cannot be installed); the outermost block installs,
     nested blocks find it done, and the handlers are restored on the way out.
     """
     previous = {}
     if _in_main_thread():
         for sig in _INTERRUPTS:
-            if signal.getsignal(sig) is signal.SIG_DFL:
+            if _default_handler(sig, signal.getsignal(sig)):
                 previous[sig] = signal.signal(sig, _interrupt)
     try:
         yield
@@ -297,26 +307,29 @@ def _signals_interrupt() -> Iterator[None]:
 
 @contextlib.contextmanager
 def _signals_held() -> Iterator[None]:
-    """Hold SIGINT/SIGTERM/SIGHUP back during the block; they are handled right after it."""
+    """Hold the signals of :func:`_signals_interrupt` back; one that came is raised after.
+
+    (A signal mask would not do: it is per thread, and any other thread -- the
+    heartbeat's, torch's -- would take the signal and run the handler all the same.)
+    """
     if not _in_main_thread():
         yield
         return
-    old = signal.pthread_sigmask(signal.SIG_BLOCK, _HELD)
+    _HOLD["depth"] += 1
     try:
         yield
     finally:
-        signal.pthread_sigmask(signal.SIG_SETMASK, old)
+        _HOLD["depth"] -= 1
+        if not _HOLD["depth"] and _HOLD["pending"] is not None:
+            signum, _HOLD["pending"] = _HOLD["pending"], None
+            _interrupt(signum, None)
 
 
 def _end(client: MlflowClient, run_id: str, status: str) -> None:
     """End the run: no more heartbeats, then its terminal status (signals held back)."""
     stop_heartbeat(run_id)
     with _signals_held():
-        try:
-            client.set_terminated(run_id, status)
-        except KeyboardInterrupt:  # a signal that arrived just before the hold
-            client.set_terminated(run_id, status)
-            raise
+        client.set_terminated(run_id, status)
 
 
 @contextlib.contextmanager
@@ -343,20 +356,20 @@ def stage_run(stage: str, *, experiment: str, params: Mapping[str, Any], tags: M
         all_tags["mlflow.note.content"] = description
     if parent_run_id:
         all_tags["mlflow.parentRunId"] = parent_run_id
-    with _signals_interrupt():
-        with _signals_held():  # a run once created is tagged and watched before any signal
-            run_id = _open(client, experiment, run_name, parent_run_id)
-            handle = StageRun(client, run_id)
-            try:
-                exp_id = client.get_run(run_id).info.experiment_id
-                handle.set_tags(all_tags)
-                start_heartbeat(client, run_id)
-                mark_model_training(client, exp_id)
-            except BaseException:
-                _end(client, run_id, "FAILED")
-                raise
-        _ACTIVE.append(exp_id)
+    with _signals_interrupt(), contextlib.ExitStack() as hold:
+        # From its creation until it is tagged and watched, and inside the try below that
+        # ends it, a run holds signals back: none can leave it half-opened and RUNNING.
+        hold.enter_context(_signals_held())
+        run_id = _open(client, experiment, run_name, parent_run_id)
+        handle = StageRun(client, run_id)
+        exp_id = None
         try:
+            exp_id = client.get_run(run_id).info.experiment_id
+            _ACTIVE.append(exp_id)
+            handle.set_tags(all_tags)
+            start_heartbeat(client, run_id)
+            mark_model_training(client, exp_id)
+            hold.close()  # a signal that came meanwhile is handled here, in the try
             handle.log_params(params)
             yield handle
         except KeyboardInterrupt:
@@ -368,4 +381,5 @@ def stage_run(stage: str, *, experiment: str, params: Mapping[str, Any], tags: M
         else:
             _end(client, run_id, "FINISHED")
         finally:
-            _ACTIVE.pop()
+            if exp_id is not None:
+                _ACTIVE.pop()
