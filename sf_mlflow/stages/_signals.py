@@ -1,4 +1,9 @@
-"""Graceful interruption: SIGINT / SIGTERM become a request to stop at the next safe point."""
+"""Graceful interruption: SIGINT / SIGTERM / SIGHUP become a request to stop at the next safe point.
+
+Outside the fit, :func:`~sf_mlflow.tracking.stage_run` makes these signals raise
+:class:`KeyboardInterrupt` so that every open run ends KILLED; :class:`StopRequests`
+takes them over for the fit and gives them back afterwards.
+"""
 
 from __future__ import annotations
 
@@ -10,7 +15,7 @@ from typing import Optional
 
 
 class StopRequests:
-    """Context manager that turns SIGINT and SIGTERM into a flag.
+    """Context manager that turns SIGINT, SIGTERM and SIGHUP into a flag.
 
     A training loop checks :attr:`requested` after each iteration and stops there,
     so the state it saves is consistent (a signal in the middle of an optimiser step
@@ -20,7 +25,8 @@ class StopRequests:
     changes and the default behaviour applies.
     """
 
-    SIGNALS = (signal.SIGINT, signal.SIGTERM)
+    SIGNALS = tuple(getattr(signal, n) for n in ("SIGINT", "SIGTERM", "SIGHUP")
+                    if hasattr(signal, n))
 
     def __init__(self, what: str = "training"):
         self.what = what

@@ -8,6 +8,12 @@ upstream run and the same code version (package version plus a hash of its sourc
 so uncommitted edits count and documentation-only commits do not). ``force=True``
 reruns every stage.
 
+A train run that SIGINT/SIGTERM stopped with a checkpoint (tag ``sf.interrupted``), of
+the same stage hash, preprocess run and code version, and with no finished run of the
+same thing after it, is not started over: ``main`` resumes it from its checkpoint (the
+new run is tagged ``sf.resumed_from``). Runs left RUNNING by a dead process (SIGKILL)
+are ended FAILED first (:mod:`sf_mlflow.tracking.liveness`).
+
 A config with ``models:`` (:mod:`sf_mlflow.config_models`) preprocesses once, trains
 and analyzes every listed model on that preprocess run (each with its own effective
 config, so its runs are the ones a one-model config with the same settings makes and
@@ -54,6 +60,8 @@ from sf_mlflow.tracking import (
     run_metrics,
     ui_command,
 )
+from sf_mlflow.tracking.lineage import find_interrupted_run
+from sf_mlflow.tracking.liveness import sweep_dead_runs
 
 STAGE = "main"
 
@@ -104,13 +112,24 @@ def describe_model(config: Config) -> str:
 
 
 def _reuse_or_run(stage: str, config: Config, upstream: str | None, force: bool,
-                  launch: Callable[[], str], model: str | None = None) -> StageOutcome:
+                  launch: Callable[[], str], model: str | None = None,
+                  resume: Callable[[str], str] | None = None) -> StageOutcome:
+    """Reuse a finished run of the stage, else resume an interrupted one (with ``resume``),
+    else ``launch`` a new one."""
     label = f"{stage} of {model}" if model else stage
     if not force:
         found = find_reusable_run(stage, stage_hash(config, stage), code_version(), upstream)
         if found is not None:
             say(STAGE, f"{label}: reusing {describe_run(found)}")
             return StageOutcome(stage, found.info.run_id, True, model)
+        stopped = (find_interrupted_run(stage, stage_hash(config, stage), code_version(),
+                                        upstream) if resume is not None and upstream else None)
+        if stopped is not None:
+            at = stopped.data.metrics.get("interrupted_at_iteration")
+            say(STAGE, f"{label}: resuming the interrupted run {stopped.info.run_id} "
+                       f"({stopped.info.run_name}, {stopped.info.status}) from its checkpoint"
+                       + (f" at iteration {at:.0f}" if at is not None else ""))
+            return StageOutcome(stage, resume(stopped.info.run_id), False, model)
     say(STAGE, f"{label}: running" + (" (force)" if force else ""))
     return StageOutcome(stage, launch(), False, model)
 
@@ -122,7 +141,8 @@ def _fit_models(models: dict[str, Config], pre_id: str, pid: str, force: bool,
     for name, cfg in models.items():
         label = name if named else None
         train = _reuse_or_run("train", cfg, pre_id, force, model=label, launch=(
-            lambda cfg=cfg: run_train(cfg, pre_id, parent_run_id=pid)))
+            lambda cfg=cfg: run_train(cfg, pre_id, parent_run_id=pid)), resume=(
+            lambda old, cfg=cfg: run_train(cfg, pre_id, parent_run_id=pid, resume_from=old)))
         analyze = _reuse_or_run("analyze", cfg, train.run_id, force, model=label, launch=(
             lambda cfg=cfg, tid=train.run_id: run_analyze(cfg, tid, parent_run_id=pid)))
         out[name] = (train, analyze)
@@ -232,6 +252,7 @@ def run_main(config: Config, force: bool = False) -> str:
     with open_run(config, STAGE, params=params, tags={**base_tags(config), TAG_MODEL: kind},
                   run_name=main_run_name(config), description=description) as parent:
         pid = parent.run_id
+        sweep_dead_runs([parent.info.experiment_id])
         pre = _reuse_or_run("preprocess", config, None, force,
                             lambda: run_preprocess(config, parent_run_id=pid))
         fitted = _fit_models(models, pre.run_id, pid, force, named)

@@ -9,7 +9,17 @@ poor trial early.
 
 Several processes running the same command against the same storage share one study:
 ``create_study(load_if_exists=True)``, and each worker stops once the study holds
-``n_trials`` trials that count (complete, pruned, running or waiting; failed ones do not).
+``n_trials`` trials that count (complete, pruned, running or waiting; failed ones do not)
+and no trial waits to be run.
+
+A worker killed outright (SIGKILL, a lost machine) cannot tell its trial's end. Each
+worker records an Optuna heartbeat for its running trial every
+``SF_OPTUNA_HEARTBEAT_INTERVAL`` seconds (default 60); before counting, a worker fails
+the trials whose heartbeat is older than ``SF_OPTUNA_GRACE_PERIOD`` seconds (default
+four intervals) and Optuna's :class:`~optuna.storages.RetryFailedTrialCallback` queues
+each once more (a WAITING copy with the same settings), so a dead worker's trial neither
+counts nor is lost. Its train run is ended FAILED by the MLflow lookups
+(:mod:`sf_mlflow.tracking.liveness`).
 """
 
 from __future__ import annotations
@@ -18,6 +28,7 @@ import csv
 import hashlib
 import json
 import math
+import os
 import random
 import time
 import warnings
@@ -117,10 +128,29 @@ def with_driver(url: str) -> str:
     return url
 
 
+HEARTBEAT_ENV = "SF_OPTUNA_HEARTBEAT_INTERVAL"
+GRACE_ENV = "SF_OPTUNA_GRACE_PERIOD"
+
+
+def heartbeat_settings() -> tuple[int, int]:
+    """Seconds between a running trial's heartbeats, and without one before it is failed."""
+    def seconds(name: str, default: int) -> int:
+        try:
+            value = int(float(os.environ.get(name, default)))
+        except ValueError:
+            return default
+        return value if value > 0 else default
+
+    interval = seconds(HEARTBEAT_ENV, 60)
+    return interval, seconds(GRACE_ENV, 4 * interval)
+
+
 def make_storage(url: str):
-    """Optuna RDB storage; sqlite gets a generous busy timeout for concurrent workers."""
+    """Optuna RDB storage with trial heartbeats; sqlite gets a generous busy timeout for
+    concurrent workers."""
     import optuna
 
+    interval, grace = heartbeat_settings()
     url = with_driver(url)
     if url.startswith("sqlite"):
         kwargs: dict[str, Any] = {"connect_args": {"timeout": 120}}
@@ -131,7 +161,11 @@ def make_storage(url: str):
     # database; the loser sees an error from the table creation and simply retries.
     for attempt in range(8):
         try:
-            return optuna.storages.RDBStorage(url, engine_kwargs=kwargs)
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+                return optuna.storages.RDBStorage(
+                    url, engine_kwargs=kwargs, heartbeat_interval=interval, grace_period=grace,
+                    failed_trial_callback=optuna.storages.RetryFailedTrialCallback(max_retry=1))
         except ImportError as err:
             raise ConfigError(f"storage {redact(url)!r} needs a database driver that is not "
                               f"installed: {err}") from None
@@ -336,10 +370,27 @@ def register_best(train_run_id: str, name: str, alias: str):
 # ---- checks and counts ------------------------------------------------------------------------
 
 def _counted(study) -> list:
+    """The trials that count toward ``n_trials``, after failing those of dead workers."""
+    import optuna
     from optuna.trial import TrialState
 
+    stale = {t.number for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        optuna.storages.fail_stale_trials(study)
+    failed = [t for t in study.get_trials(deepcopy=False, states=(TrialState.FAIL,))
+              if t.number in stale]
+    for t in failed:
+        say(STAGE, f"trial {t.number}: its worker stopped sending heartbeats (killed?); "
+                   "marked FAIL and queued once more")
     return study.get_trials(deepcopy=False, states=(
         TrialState.COMPLETE, TrialState.PRUNED, TrialState.RUNNING, TrialState.WAITING))
+
+
+def _waiting(study) -> bool:
+    from optuna.trial import TrialState
+
+    return bool(study.get_trials(deepcopy=False, states=(TrialState.WAITING,)))
 
 
 def check_tunable(config: Config) -> None:
@@ -402,20 +453,27 @@ def run_trials(study, config: Config, trainer: _Trial, n_trials: int) -> dict[st
     Returns how many trials this worker completed and pruned. A trial that raises is
     told FAIL before the error goes on.
     """
+    from optuna.storages._heartbeat import get_heartbeat_thread
     from optuna.trial import TrialState
 
     mine = {"complete": 0, "pruned": 0}
-    while len(_counted(study)) < n_trials:
+    while len(_counted(study)) < n_trials or _waiting(study):
         study.sampler = make_sampler(config, len(study.get_trials(deepcopy=False)))
-        trial = study.ask()
+        queued = {x.number for x in study.get_trials(deepcopy=False, states=(TrialState.WAITING,))}
+        with warnings.catch_warnings():  # ask/tell with heartbeats is what we mean to do
+            warnings.filterwarnings("ignore", "Heartbeat of storage", UserWarning)
+            trial = study.ask()
         earlier = [x for x in _counted(study) if x.number < trial.number]
-        if len(earlier) >= n_trials:
+        # a queued trial (e.g. the retry of a dead worker's) was counted already
+        if trial.number not in queued and len(earlier) >= n_trials:
             # another worker took the last slot between our count and our ask
             trial.set_user_attr(ATTR_SURPLUS, True)
             study.tell(trial, state=TrialState.FAIL)
             break
         try:
-            outcome, value, train_id, pruned_at = trainer.run(trial)
+            # the heartbeat says this worker is alive (what study.optimize does itself)
+            with get_heartbeat_thread(trial._trial_id, study._storage):
+                outcome, value, train_id, pruned_at = trainer.run(trial)
         except BaseException:
             study.tell(trial, state=TrialState.FAIL)
             raise

@@ -12,8 +12,11 @@ from mlflow.tracking import MlflowClient
 
 from sf_mlflow.errors import RunLookupError
 from sf_mlflow.tracking.experiments import lookup_experiment_id
+from sf_mlflow.tracking.liveness import sweep_dead_runs
 from sf_mlflow.tracking.runs import (
     TAG_CODE_VERSION,
+    TAG_DIVERGED,
+    TAG_INTERRUPTED,
     TAG_REUSABLE,
     TAG_STAGE,
     TAG_STAGE_HASH,
@@ -57,7 +60,10 @@ def find_latest_run(stage: str, tags: dict[str, str], experiment_id: str | None 
 
     ``experiment_id``: the experiment to search; default the experiment of the stage run
     open in this process (:func:`~sf_mlflow.tracking.experiments.lookup_experiment_id`).
-    Never searches other experiments: a chain's runs stay in its experiment.
+    Never searches other experiments: a chain's runs stay in its experiment. Runs of
+    that experiment left RUNNING by a dead process are first ended FAILED
+    (:func:`~sf_mlflow.tracking.liveness.sweep_dead_runs`), so none is taken for work
+    in progress.
     """
     configure_tracking()
     client = MlflowClient()
@@ -65,6 +71,7 @@ def find_latest_run(stage: str, tags: dict[str, str], experiment_id: str | None 
         experiment_id = lookup_experiment_id()
         if experiment_id is None:
             return None
+    sweep_dead_runs([str(experiment_id)], client)
     clauses = [f"tags.`{TAG_STAGE}` = {_quote(stage)}", "attributes.status = 'FINISHED'"]
     clauses += [f"tags.`{k}` = {_quote(v)}" for k, v in tags.items()]
     runs = client.search_runs([str(experiment_id)], " and ".join(clauses),
@@ -86,6 +93,39 @@ def find_reusable_run(stage: str, stage_hash: str, code_version: str,
     if upstream_run_id:
         tags[TAG_UPSTREAM] = upstream_run_id
     return find_latest_run(stage, tags, experiment_id)
+
+
+def find_interrupted_run(stage: str, stage_hash: str, code_version: str, upstream_run_id: str,
+                         experiment_id: str | None = None):
+    """The newest run of ``stage`` that an interrupt stopped with a checkpoint, or None.
+
+    Same stage hash, upstream run and code version as :func:`find_reusable_run`; tagged
+    ``sf.interrupted = true`` (it logged a checkpoint) and not diverged (resuming a
+    diverged fit with the same settings would diverge again); KILLED or FAILED (under
+    ``mlflow run`` the launcher turns KILLED into FAILED). None when a run of the same
+    thing started after it finished: that one is the result.
+    """
+    configure_tracking()
+    client = MlflowClient()
+    if experiment_id is None:
+        experiment_id = lookup_experiment_id()
+        if experiment_id is None:
+            return None
+    sweep_dead_runs([str(experiment_id)], client)
+    tags = {TAG_STAGE: stage, TAG_STAGE_HASH: stage_hash, TAG_CODE_VERSION: code_version,
+            TAG_UPSTREAM: upstream_run_id}
+    runs = client.search_runs([str(experiment_id)],
+                              " and ".join(f"tags.`{k}` = {_quote(v)}" for k, v in tags.items()),
+                              run_view_type=ViewType.ACTIVE_ONLY,
+                              order_by=["attributes.start_time DESC"], max_results=100)
+    for run in runs:
+        if run.info.status == "FINISHED":
+            return None
+        if (run.info.status in ("KILLED", "FAILED")
+                and run.data.tags.get(TAG_INTERRUPTED) == "true"
+                and run.data.tags.get(TAG_DIVERGED) != "true"):
+            return run
+    return None
 
 
 def run_metrics(run_id: str) -> dict[str, float]:

@@ -6,6 +6,16 @@ experiment (see :mod:`sf_mlflow.tracking.experiments`), and it always ends the r
 interrupt, FAILED on any error, so no run is ever left RUNNING. Artifacts are
 logged by the stage only once its outputs are complete, so a failed run never
 presents half-written results.
+
+Interrupts: SIGINT raises :class:`KeyboardInterrupt` (Python's default), and while a
+stage run is open SIGTERM and SIGHUP do too (unless the process installed its own
+handlers), so every open run -- a child stage and its ``main`` parent -- ends KILLED on
+the way out and the CLI exits 130 for all three signals. The fit's
+:class:`~sf_mlflow.stages._signals.StopRequests` overrides these handlers while it runs
+(stop at the next iteration, log a checkpoint) and restores them. Signals are held back
+while a run is being created or ended, so they cannot leave one half-opened or RUNNING.
+A process killed outright (SIGKILL) cannot end its runs: the heartbeat of
+:mod:`sf_mlflow.tracking.liveness` lets the next lookup see that and end them FAILED.
 """
 
 from __future__ import annotations
@@ -14,6 +24,9 @@ import contextlib
 import math
 import os
 import shlex
+import signal
+import sys
+import threading
 import time
 from pathlib import Path
 from typing import Any, Iterator, Mapping
@@ -23,6 +36,7 @@ from mlflow.entities import Metric, Param, RunTag
 from mlflow.tracking import MlflowClient
 
 from sf_mlflow.provenance import code_version, git_commit
+from sf_mlflow.tracking.liveness import liveness_tags, start_heartbeat, stop_heartbeat
 from sf_mlflow.tracking.experiments import (
     _ACTIVE,
     TAG_LAUNCHER_RUN,
@@ -268,6 +282,78 @@ def _open(client: MlflowClient, experiment: str, run_name: str, parent_run_id: s
     return _redirect_launcher(client, launch, exp_id, run_name)
 
 
+#: Signals that end the open runs KILLED: SIGINT's default handler raises KeyboardInterrupt
+#: already; ours does the same for SIGTERM and SIGHUP, and can hold all three back.
+_INTERRUPTS = tuple(getattr(signal, n) for n in ("SIGINT", "SIGTERM", "SIGHUP")
+                    if hasattr(signal, n))
+#: While ``depth`` > 0 a signal is only noted (``pending``) and raised when the hold ends.
+_HOLD: dict[str, Any] = {"depth": 0, "pending": None}
+
+
+def _interrupt(signum: int, frame) -> None:
+    if _HOLD["depth"]:
+        _HOLD["pending"] = signum
+        return
+    print(f"\n{signal.Signals(signum).name} received: ending the open runs as KILLED",
+          file=sys.stderr, flush=True)
+    raise KeyboardInterrupt
+
+
+def _in_main_thread() -> bool:
+    return threading.current_thread() is threading.main_thread()
+
+
+def _default_handler(sig: int, handler) -> bool:
+    return handler is (signal.default_int_handler if sig == signal.SIGINT else signal.SIG_DFL)
+
+
+@contextlib.contextmanager
+def _signals_interrupt() -> Iterator[None]:
+    """SIGINT, SIGTERM and SIGHUP raise :class:`KeyboardInterrupt` inside the block.
+
+    Only where the process left their default handler in place, and only in the main
+    thread (elsewhere handlers cannot be installed); the outermost block installs,
+    nested blocks find it done, and the handlers are restored on the way out.
+    """
+    previous = {}
+    if _in_main_thread():
+        for sig in _INTERRUPTS:
+            if _default_handler(sig, signal.getsignal(sig)):
+                previous[sig] = signal.signal(sig, _interrupt)
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+@contextlib.contextmanager
+def _signals_held() -> Iterator[None]:
+    """Hold the signals of :func:`_signals_interrupt` back; one that came is raised after.
+
+    (A signal mask would not do: it is per thread, and any other thread -- the
+    heartbeat's, torch's -- would take the signal and run the handler all the same.)
+    """
+    if not _in_main_thread():
+        yield
+        return
+    _HOLD["depth"] += 1
+    try:
+        yield
+    finally:
+        _HOLD["depth"] -= 1
+        if not _HOLD["depth"] and _HOLD["pending"] is not None:
+            signum, _HOLD["pending"] = _HOLD["pending"], None
+            _interrupt(signum, None)
+
+
+def _end(client: MlflowClient, run_id: str, status: str) -> None:
+    """End the run: no more heartbeats, then its terminal status (signals held back)."""
+    stop_heartbeat(run_id)
+    with _signals_held():
+        client.set_terminated(run_id, status)
+
+
 @contextlib.contextmanager
 def stage_run(stage: str, *, experiment: str, params: Mapping[str, Any], tags: Mapping[str, Any],
               run_name: str, description: str | None = None,
@@ -280,32 +366,42 @@ def stage_run(stage: str, *, experiment: str, params: Mapping[str, Any], tags: M
     ``mlflow run`` created (``MLFLOW_RUN_ID``) when that run is in the chosen experiment,
     else creates one there and links the two; with ``parent_run_id`` creates a child run in
     the parent's experiment, tagged ``mlflow.parentRunId``. Tags every run with the stage,
-    the code version and git commit, and its experiment as a model-training experiment.
+    the code version and git commit, its host, process and heartbeat
+    (:mod:`~sf_mlflow.tracking.liveness`), and its experiment as a model-training experiment.
+    SIGINT, SIGTERM and SIGHUP end it KILLED (see the module's docstring).
     """
     configure_tracking()
     client = MlflowClient()
     all_tags = {TAG_STAGE: stage, TAG_CODE_VERSION: code_version(), TAG_GIT_COMMIT: git_commit(),
-                **tags}
+                **liveness_tags(), **tags}
     if description:
         all_tags["mlflow.note.content"] = description
     if parent_run_id:
         all_tags["mlflow.parentRunId"] = parent_run_id
-    run_id = _open(client, experiment, run_name, parent_run_id)
-    exp_id = client.get_run(run_id).info.experiment_id
-    mark_model_training(client, exp_id)
-    handle = StageRun(client, run_id)
-    _ACTIVE.append(exp_id)
-    try:
-        handle.set_tags(all_tags)
-        handle.log_params(params)
-        yield handle
-    except KeyboardInterrupt:
-        client.set_terminated(run_id, "KILLED")
-        raise
-    except BaseException:
-        client.set_terminated(run_id, "FAILED")
-        raise
-    else:
-        client.set_terminated(run_id, "FINISHED")
-    finally:
-        _ACTIVE.pop()
+    with _signals_interrupt(), contextlib.ExitStack() as hold:
+        # From its creation until it is tagged and watched, and inside the try below that
+        # ends it, a run holds signals back: none can leave it half-opened and RUNNING.
+        hold.enter_context(_signals_held())
+        run_id = _open(client, experiment, run_name, parent_run_id)
+        handle = StageRun(client, run_id)
+        exp_id = None
+        try:
+            exp_id = client.get_run(run_id).info.experiment_id
+            _ACTIVE.append(exp_id)
+            handle.set_tags(all_tags)
+            start_heartbeat(client, run_id)
+            mark_model_training(client, exp_id)
+            hold.close()  # a signal that came meanwhile is handled here, in the try
+            handle.log_params(params)
+            yield handle
+        except KeyboardInterrupt:
+            _end(client, run_id, "KILLED")
+            raise
+        except BaseException:
+            _end(client, run_id, "FAILED")
+            raise
+        else:
+            _end(client, run_id, "FINISHED")
+        finally:
+            if exp_id is not None:
+                _ACTIVE.pop()
