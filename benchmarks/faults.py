@@ -251,13 +251,13 @@ def fault_sigkill_tune_worker(ws):
     ws.config.write_text(yaml.safe_dump(config))
     ws.run("preprocess")
     tune = ["--storage", storage, "--n-trials", "2", "--study-name", "faults"]
-    env_fast = {"SF_OPTUNA_HEARTBEAT": "1"}
+    env_fast = {"SF_OPTUNA_HEARTBEAT_INTERVAL": "1", "SF_OPTUNA_GRACE_PERIOD": "3"}
     ws.env.update(env_fast)
     proc = ws.start("tune", *tune, *endless(ws))
     running_fit(ws, proc)
     proc.kill()
     ws.finish(proc)
-    time.sleep(3)  # let the dead worker's Optuna heartbeat go stale
+    time.sleep(5)  # let the dead worker's Optuna heartbeat go stale
     rc = ws.run("tune", *tune, "--set", "training.max_iter=20").returncode
     import optuna
 
