@@ -212,14 +212,13 @@ def fault_sigterm_analyze_in_main(ws):
 
 
 def fault_sigterm_train_then_main(ws):
-    """SIGTERM during main's fit, then main again: it resumes from the checkpoint."""
-    proc = ws.start("main", *endless(ws))
+    """SIGTERM during main's fit, then the same main again: it resumes from the checkpoint."""
+    long_fit = [f"--set={k}={v}" for k, v in {**ENDLESS, "training.max_iter": 400}.items()]
+    proc = ws.start("main", *long_fit)
     killed = running_fit(ws, proc)["run_id"]
     proc.send_signal(signal.SIGTERM)
     rc = ws.finish(proc).returncode
-    # the second main must finish: a bounded fit, same train settings otherwise
-    again = ws.run("main", *[a for a in endless(ws) if "max_iter" not in a],
-                   "--set", "training.max_iter=60")
+    again = ws.run("main", *long_fit)
     resumed = [r for r in ws.runs() if r["tags"].get("sf.resumed_from") == killed]
     ok = rc != 0 and again.returncode == 0 and bool(resumed)
     return rc, ok, {"second_main_exit_code": again.returncode,
@@ -286,10 +285,10 @@ def _damage(path: Path, how: str) -> None:
     elif how == "deleted":
         path.unlink()
     elif how == "tampered":
-        import pickle
+        import torch
 
-        # a pickle that names a callable: weights-only loading must refuse it
-        path.write_bytes(pickle.dumps({"state": os.getcwd, "format": 2}))
+        # a valid torch archive whose pickle names a callable: weights-only loading refuses it
+        torch.save({"state": os.getcwd, "format": 2}, path)
 
 
 def fault_truncated_counts(ws):
