@@ -12,13 +12,14 @@ import numpy as np
 from sf_mlflow.analysis.summary import all_spots, analyze_model
 from sf_mlflow.config import Config
 from sf_mlflow.models.pnmf import PNMF
+from sf_mlflow.stages._checks import check_output_dir
 from sf_mlflow.stages._common import (
     base_tags,
     finished,
+    group_file_names,
     load_preprocessed,
     open_run,
     resolve_upstream,
-    safe_name,
     say,
     staging_dir,
 )
@@ -53,7 +54,11 @@ def run_analyze(config: Config, train_run_id: str | None = None, *,
     order; Moran's I and every metric are computed on the training spots.
     :func:`sf_mlflow.to_anndata` turns the run into an AnnData.
     """
-    train_run = resolve_upstream(config, "train", train_run_id, by=STAGE)
+    train_run = resolve_upstream(config, "train", train_run_id, by=STAGE, advice=(
+        "Pass a train run made with this config (for a model of a models: list or a tuning "
+        "trial, a config with its settings), or omit --train-run-id (-P train_run_id) to use "
+        "the newest matching one"))
+    check_output_dir(config)
     train_id = train_run.info.run_id
     kind = train_run.data.tags.get(TAG_MODEL, "pnmf")
     a = config.analysis
@@ -104,8 +109,8 @@ def write_outputs(out: Path, result, train, pre) -> None:
         w.writerows((r, int(o), repr(float(v)))
                     for r, (o, v) in enumerate(zip(result.order, result.moran)))
     if "group_loadings" in arrays:
-        for g, name in enumerate(train.group_names):
-            np.save(out / f"loadings_group_{safe_name(name)}.npy", arrays["group_loadings"][g])
+        for g, name in enumerate(group_file_names(train.group_names)):
+            np.save(out / f"loadings_group_{name}.npy", arrays["group_loadings"][g])
         (out / "gene_enrichment.json").write_text(json.dumps(result.enrichment, indent=1))
         np.save(out / "enrichment_lfc.npy", arrays["enrichment_lfc"])
     if "groupwise_factors" in arrays:
