@@ -7,6 +7,7 @@ one-line error, the exit code 2 and that no run (or output folder) was left behi
 
 from __future__ import annotations
 
+import traceback
 from pathlib import Path
 
 import anndata as ad
@@ -154,6 +155,25 @@ def test_analyze_and_figures_refuse_runs_of_other_settings(mlflow_store, tmp_pat
     assert runs("figures") == []
 
 
+def test_analyze_checks_the_data_a_train_run_read(mlflow_store, tmp_path, capsys):
+    """A train run tagged with this config but fitted on another preprocess run (as the old
+    bug made them) is refused by analyze, also when the automatic lookup picks it."""
+    path = write(tmp_path, BASE)
+    assert main(["preprocess", "-c", str(path), "--set", "data.synthetic.n_spots=90"]) == 0
+    other = only_run("preprocess")
+    assert main(["preprocess", "-c", str(path)]) == 0
+    assert main(["train", "-c", str(path)]) == 0
+    train_id = only_run("train")
+    MlflowClient().set_tag(train_id, "sf.upstream_run_id", other)  # what the old bug recorded
+    capsys.readouterr()
+    for extra in ([], ["--train-run-id", train_id]):
+        assert main(["analyze", "-c", str(path), *extra]) == 2
+        err = one_line_error(capsys)
+        assert err.startswith(f"error: train run {train_id} (its preprocess run {other}) does "
+                              f"not match {path}: sf.preprocess_hash is ")
+    assert runs("analyze") == []
+
+
 # ---- 2. checks before the long fit ------------------------------------------------------------
 
 def test_bad_registered_name_is_refused_before_the_fit(mlflow_store, tmp_path, capsys):
@@ -181,10 +201,11 @@ def test_failed_registration_leaves_no_complete_output(mlflow_store, tmp_path, m
     blocker = tmp_path / "not_a_folder"
     blocker.write_text("")
     monkeypatch.setenv("MLFLOW_REGISTRY_URI", f"sqlite:///{blocker / 'registry.db'}")
-    with pytest.raises(Exception):
+    with pytest.raises(OSError) as failed:  # the registry's sqlite file cannot be made
         run_train(cfg, register_as="fine_name")
+    assert "register_fitted_model" in "".join(traceback.format_tb(failed.tb))
     (train,) = runs("train")
-    assert train.info.status == "FAILED"
+    assert train.info.status == "FAILED" and "elbo" in train.data.metrics  # fitted, then failed
     folder = tmp_path / "outputs" / "train"
     assert not folder.exists() or list(folder.iterdir()) == []  # no final, no .partial
 

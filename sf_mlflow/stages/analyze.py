@@ -12,7 +12,7 @@ import numpy as np
 from sf_mlflow.analysis.summary import all_spots, analyze_model
 from sf_mlflow.config import Config
 from sf_mlflow.models.pnmf import PNMF
-from sf_mlflow.stages._checks import check_output_dir
+from sf_mlflow.stages._checks import check_output_dir, check_tags
 from sf_mlflow.stages._common import (
     base_tags,
     finished,
@@ -23,7 +23,7 @@ from sf_mlflow.stages._common import (
     say,
     staging_dir,
 )
-from sf_mlflow.tracking import TAG_MODEL, TAG_UPSTREAM, download_artifacts
+from sf_mlflow.tracking import TAG_MODEL, TAG_UPSTREAM, download_artifacts, get_stage_run
 
 STAGE = "analyze"
 
@@ -54,10 +54,15 @@ def run_analyze(config: Config, train_run_id: str | None = None, *,
     order; Moran's I and every metric are computed on the training spots.
     :func:`sf_mlflow.to_anndata` turns the run into an AnnData.
     """
-    train_run = resolve_upstream(config, "train", train_run_id, by=STAGE, advice=(
-        "Pass a train run made with this config (for a model of a models: list or a tuning "
-        "trial, a config with its settings), or omit --train-run-id (-P train_run_id) to use "
-        "the newest matching one"))
+    advice = ("Pass a train run made with this config (for a model of a models: list or a "
+              "tuning trial, a config with its settings), or omit --train-run-id "
+              "(-P train_run_id) to use the newest matching one")
+    train_run = resolve_upstream(config, "train", train_run_id, by=STAGE, advice=advice)
+    # the data the train run read, by its preprocess run's own tags (not the train run's)
+    pre_id = train_run.data.tags.get(TAG_UPSTREAM, "")
+    check_tags(config, "train", train_run.info.run_id,
+               get_stage_run(pre_id, "preprocess").data.tags, advice=advice, stage_hash=False,
+               via=f" (its preprocess run {pre_id})")
     check_output_dir(config)
     train_id = train_run.info.run_id
     kind = train_run.data.tags.get(TAG_MODEL, "pnmf")
