@@ -319,6 +319,10 @@ def run_train(config: Config, preprocess_run_id: str | None = None, *,
     registers it as a new version of ``<name>`` with alias ``register_alias`` (see
     :mod:`sf_mlflow.tracking.registry`); the run is tagged ``sf.registered_model`` and
     ``sf.registered_model_version``.
+
+    Before any run is opened, a ``preprocess_run_id`` must name a run of this config's data
+    set and preprocessing settings, and :func:`check_before_fit` refuses what would fail
+    only after the fit; a registration that fails ends the run FAILED with no output folder.
     """
     resumed = None
     if resume_from:
