@@ -54,9 +54,9 @@ def run_analyze(config: Config, train_run_id: str | None = None, *,
     order; Moran's I and every metric are computed on the training spots.
     :func:`sf_mlflow.to_anndata` turns the run into an AnnData.
     """
-    advice = ("Pass a train run made with this config (for a model of a models: list or a "
-              "tuning trial, a config with its settings), or omit --train-run-id "
-              "(-P train_run_id) to use the newest matching one")
+    advice = ("Pass a train run made with this config and the overrides (--set, -P) it was "
+              "trained with (for a model of a models: list or a tuning trial, its settings), "
+              "or omit --train-run-id (-P train_run_id) to use the newest matching one")
     train_run = resolve_upstream(config, "train", train_run_id, by=STAGE, advice=advice)
     # the data the train run read, by its preprocess run's own tags (not the train run's)
     pre_id = train_run.data.tags.get(TAG_UPSTREAM, "")
