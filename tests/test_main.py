@@ -137,16 +137,19 @@ def test_main_through_the_cli_and_a_failing_stage(mlflow_store, tmp_path):
                            capture_output=True, text=True, env=env, cwd=tmp_path)
     assert again.returncode == 0 and "reused: preprocess, train, analyze, figures" in again.stdout
 
-    # a stage that raises ends its own run and the parent FAILED, and the next main
-    # does not reuse anything of the failed stage
+    # a stage that refuses its settings (more inducing points than spots: checked before
+    # the train run is opened) ends the parent FAILED, leaves no train run to reuse
     bad = write_config(tmp_path, {**PIPELINE, "model": {**PIPELINE["model"], "num_inducing": 10**6,
                                                         "n_components": 2}}, "bad.yaml")
+    n_train = sum(r.data.tags.get("sf.stage") == "train" for r in all_runs(MlflowClient()))
     fail = subprocess.run([sys.executable, "-m", "sf_mlflow.cli", "main", "-c", str(bad)],
                           capture_output=True, text=True, env=env, cwd=tmp_path)
     assert fail.returncode != 0
+    assert "model.num_inducing = 1000000 exceeds the" in fail.stderr
     client = MlflowClient()
     failed = [r for r in all_runs(client) if r.info.status == "FAILED"]
-    assert sorted(r.data.tags["sf.stage"] for r in failed) == ["main", "train"]
+    assert sorted(r.data.tags["sf.stage"] for r in failed) == ["main"]
+    assert sum(r.data.tags.get("sf.stage") == "train" for r in all_runs(client)) == n_train
     train_dir = tmp_path / "outputs"
     assert not list(train_dir.rglob("*.partial"))
 

@@ -122,8 +122,10 @@ def test_spatial_train_on_osmfish_via_mlflow_run(tmp_path, shared_file):
     assert any(k.startswith("Lu") for k in prior)
     assert saved["state"]["loadings"].shape == (33, 6)
 
-    # analyze -> figures on the same run chain
-    analyze = mlflow_run("analyze", {"config": config, "train_run_id": run.info.run_id},
+    # analyze -> figures on the same run chain; analyze takes the train run's overrides too
+    # (a train run of other model or training settings than the config's is refused)
+    analyze = mlflow_run("analyze", {"config": config, "train_run_id": run.info.run_id,
+                                     "training.max_iter": 20, "model.num_inducing": 200},
                          tmp_path, uri)
     assert analyze.returncode == 0, analyze.stderr[-3000:]
     (an,) = client.search_runs([exp.experiment_id], "tags.`sf.stage` = 'analyze'")

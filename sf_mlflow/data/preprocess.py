@@ -232,7 +232,8 @@ def heldout_split(n_spots: int, fraction: float, seed: int,
     return mask
 
 
-def preprocess(data: SpatialCounts, cfg: PreprocessingConfig, seed: int = 0) -> PreprocessResult:
+def preprocess(data: SpatialCounts, cfg: PreprocessingConfig, seed: int = 0,
+               min_training_spots: int = 1) -> PreprocessResult:
     """Filter spots and genes, rescale coordinates and draw the held-out split.
 
     Parameters
@@ -243,6 +244,9 @@ def preprocess(data: SpatialCounts, cfg: PreprocessingConfig, seed: int = 0) -> 
         The settings (see the module docstring for the order of the steps).
     seed : int
         Seed of the held-out split.
+    min_training_spots : int
+        Fewest training (kept, not held-out) spots accepted; the stage asks for
+        ``analysis.moran_k + 1``, the spots Moran's I needs.
 
     Returns
     -------
@@ -282,7 +286,23 @@ def preprocess(data: SpatialCounts, cfg: PreprocessingConfig, seed: int = 0) -> 
     # (f) held-out split
     heldout = heldout_split(out.n_spots, cfg.holdout_fraction, seed, out.groups)
     report["n_heldout"] = int(heldout.sum())
+    _check_training_spots(report, cfg, min_training_spots)
     return PreprocessResult(data=out, heldout=heldout, report=report)
+
+
+def _check_training_spots(report: dict, cfg: PreprocessingConfig, need: int) -> None:
+    """Refuse fewer than ``need`` training spots, naming the counts and the filters to loosen."""
+    n_train = report["spots_kept"] - report["n_heldout"]
+    if n_train >= need:
+        return
+    raise DataError(
+        f"preprocessing kept {report['spots_kept']} of {report['spots_input']} spots "
+        f"({report['n_heldout']} held out), leaving {n_train} training spots, fewer than "
+        f"the {need} the analysis needs (analysis.moran_k + 1); loosen the filters: "
+        f"preprocessing.min_counts = {cfg.min_counts} (removed {report['spots_min_counts']}), "
+        f"max_mt_fraction = {cfg.max_mt_fraction} "
+        f"(removed {report.get('spots_mt_fraction', 0)}), "
+        f"holdout_fraction = {cfg.holdout_fraction:g}; or lower analysis.moran_k")
 
 
 # ---- the steps of preprocess, in order; each records what it removed in ``report`` ------------

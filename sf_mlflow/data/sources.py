@@ -206,6 +206,7 @@ def counts_from_anndata(adata: Any, source: str = "AnnData", coordinates_key: st
     if not (use_raw == "auto" or isinstance(use_raw, (bool, np.bool_))):
         raise DataError(f"{source}: use_raw = {use_raw!r} is invalid; expected 'auto', true or "
                         "false (data.use_raw)")
+    _check_not_empty(adata, source)
     what = _which_counts(adata, source, layer, use_raw, prefer_raw)
     counts, gene_names = _counts_matrix(adata, source, what, layer)
     coords = _coordinates(adata, source, coordinates_key)
@@ -228,6 +229,21 @@ def counts_from_anndata(adata: Any, source: str = "AnnData", coordinates_key: st
                     source, int((~keep).sum()), keep.size, group_key)
         data = data.subset(spots=keep)
     return data.validate(source=source)
+
+
+def _check_not_empty(adata: Any, source: str) -> None:
+    """Refuse an AnnData without spots or genes before anything else is read from it
+    (its group column, coordinates or counts would each report a misleading problem)."""
+    n_obs, n_vars = int(adata.n_obs), int(adata.n_vars)
+    raw = getattr(adata, "raw", None)
+    if raw is not None:
+        n_vars = max(n_vars, int(raw.n_vars))
+    if n_obs == 0 or n_vars == 0:
+        missing = " and ".join(w for w, n in (("no spots (0 obs)", n_obs),
+                                                ("no genes (0 vars)", n_vars)) if n == 0)
+        raise DataError(f"{source}: the file has {missing}: it is an empty AnnData "
+                        f"({n_obs} spots x {n_vars} genes); set data.path to a file that "
+                        "holds the counts")
 
 
 def _which_counts(adata: Any, source: str, layer: Optional[str], use_raw: UseRaw,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import re
 import shutil
 import tempfile
@@ -12,6 +13,7 @@ from typing import Any, Iterator, Mapping
 from sf_mlflow.config import Config
 from sf_mlflow.data.io import PreprocessedData, read_preprocessed
 from sf_mlflow.errors import RunLookupError
+from sf_mlflow.stages._checks import check_upstream
 from sf_mlflow.stages.table import STAGES
 from sf_mlflow.tracking import (
     TAG_CONFIG_HASH,
@@ -87,6 +89,23 @@ def safe_name(name: str) -> str:
     return re.sub(r"[^A-Za-z0-9._-]+", "_", str(name)).strip("_") or "group"
 
 
+def group_file_names(names) -> list[str]:
+    """File-name parts of the groups ``names``, in order, all distinct.
+
+    :func:`safe_name` of each; groups whose safe names coincide (``L2/3`` and ``L2_3``)
+    get a short suffix from a hash of their own name, so neither overwrites the other's
+    file and the names stay the same from run to run (and for groups that do not clash,
+    the same as before).
+    """
+    safe = [safe_name(n) for n in names]
+    counts: dict[str, int] = {}
+    for s in safe:
+        counts[s] = counts.get(s, 0) + 1
+    return [s if counts[s] == 1 else
+            f"{s}_{hashlib.sha256(str(n).encode()).hexdigest()[:6]}"
+            for s, n in zip(safe, names)]
+
+
 def say(stage: str, message: str) -> None:
     """Progress line on stdout, prefixed with the stage (flushed: runs may be long)."""
     print(f"[{stage}] {message}", flush=True)
@@ -108,10 +127,13 @@ def _newest_matching(config: Config, stage: str) -> tuple[dict[str, str], str]:
 
 
 def resolve_upstream(config: Config, stage: str, run_id: str | None, *, by: str,
-                     param: str | None = None):
+                     param: str | None = None, advice: str | None = None):
     """The upstream run of ``stage`` that stage ``by`` reads.
 
-    The run ``run_id`` if given (checked to be a FINISHED ``stage`` run), else the newest
+    The run ``run_id`` if given (checked to be a FINISHED ``stage`` run made from this
+    config's data and, for a train or analyze run, its settings: see
+    :func:`~sf_mlflow.stages._checks.check_upstream`, whose ``advice`` ends a refusal),
+    else the newest
     FINISHED ``stage`` run made for this config in this run's experiment (never another
     experiment's: see :func:`~sf_mlflow.tracking.lookup_experiment_id`), else
     :class:`RunLookupError` with the
@@ -119,7 +141,9 @@ def resolve_upstream(config: Config, stage: str, run_id: str | None, *, by: str,
     ``<stage>_run_id``) that passes one.
     """
     if run_id:
-        return get_stage_run(run_id, stage)
+        run = get_stage_run(run_id, stage)
+        check_upstream(config, stage, run, param=param, advice=advice)
+        return run
     tags, matching = _newest_matching(config, stage)
     exp_id = lookup_experiment_id(config.name)
     run = find_latest_run(stage, tags, exp_id) if exp_id is not None else None

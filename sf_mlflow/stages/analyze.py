@@ -12,17 +12,18 @@ import numpy as np
 from sf_mlflow.analysis.summary import all_spots, analyze_model
 from sf_mlflow.config import Config
 from sf_mlflow.models.pnmf import PNMF
+from sf_mlflow.stages._checks import check_output_dir, check_tags
 from sf_mlflow.stages._common import (
     base_tags,
     finished,
+    group_file_names,
     load_preprocessed,
     open_run,
     resolve_upstream,
-    safe_name,
     say,
     staging_dir,
 )
-from sf_mlflow.tracking import TAG_MODEL, TAG_UPSTREAM, download_artifacts
+from sf_mlflow.tracking import TAG_MODEL, TAG_UPSTREAM, download_artifacts, get_stage_run
 
 STAGE = "analyze"
 
@@ -53,7 +54,16 @@ def run_analyze(config: Config, train_run_id: str | None = None, *,
     order; Moran's I and every metric are computed on the training spots.
     :func:`sf_mlflow.to_anndata` turns the run into an AnnData.
     """
-    train_run = resolve_upstream(config, "train", train_run_id, by=STAGE)
+    advice = ("Pass a train run made with this config and the overrides (--set, -P) it was "
+              "trained with (for a model of a models: list or a tuning trial, its settings), "
+              "or omit --train-run-id (-P train_run_id) to use the newest matching one")
+    train_run = resolve_upstream(config, "train", train_run_id, by=STAGE, advice=advice)
+    # the data the train run read, by its preprocess run's own tags (not the train run's)
+    pre_id = train_run.data.tags.get(TAG_UPSTREAM, "")
+    check_tags(config, "train", train_run.info.run_id,
+               get_stage_run(pre_id, "preprocess").data.tags, advice=advice, stage_hash=False,
+               via=f" (its preprocess run {pre_id})")
+    check_output_dir(config)
     train_id = train_run.info.run_id
     kind = train_run.data.tags.get(TAG_MODEL, "pnmf")
     a = config.analysis
@@ -104,8 +114,8 @@ def write_outputs(out: Path, result, train, pre) -> None:
         w.writerows((r, int(o), repr(float(v)))
                     for r, (o, v) in enumerate(zip(result.order, result.moran)))
     if "group_loadings" in arrays:
-        for g, name in enumerate(train.group_names):
-            np.save(out / f"loadings_group_{safe_name(name)}.npy", arrays["group_loadings"][g])
+        for g, name in enumerate(group_file_names(train.group_names)):
+            np.save(out / f"loadings_group_{name}.npy", arrays["group_loadings"][g])
         (out / "gene_enrichment.json").write_text(json.dumps(result.enrichment, indent=1))
         np.save(out / "enrichment_lfc.npy", arrays["enrichment_lfc"])
     if "groupwise_factors" in arrays:

@@ -25,17 +25,18 @@ from sf_mlflow.config import Config
 from sf_mlflow.data.counts import SpatialCounts
 from sf_mlflow.errors import RunLookupError
 from sf_mlflow.plots._common import HELDOUT_LABEL
+from sf_mlflow.stages._checks import check_output_dir, check_tags
 from sf_mlflow.stages._common import (
     base_tags,
     finished,
+    group_file_names,
     load_preprocessed,
     open_run,
     resolve_upstream,
-    safe_name,
     say,
     staging_dir,
 )
-from sf_mlflow.tracking import (TAG_MODEL, TAG_PREPROCESS_HASH, TAG_UPSTREAM,
+from sf_mlflow.tracking import (TAG_DATASET, TAG_MODEL, TAG_PREPROCESS_HASH, TAG_UPSTREAM,
                                 download_artifacts, get_stage_run)
 
 STAGE = "figures"
@@ -59,6 +60,7 @@ class Lineage:
     train_run_id: str
     preprocess_run_id: str
     preprocess_hash: str
+    dataset: str | None = None
 
 
 @dataclass
@@ -91,7 +93,21 @@ def lineage(run_id: str) -> Lineage:
     pre = get_stage_run(pre_id, "preprocess")
     return Lineage(run_id=run_id, model=run.data.tags.get(TAG_MODEL, "model"),
                    train_run_id=train.info.run_id, preprocess_run_id=pre_id,
-                   preprocess_hash=pre.data.tags.get(TAG_PREPROCESS_HASH, f"run {pre_id}"))
+                   preprocess_hash=pre.data.tags.get(TAG_PREPROCESS_HASH, f"run {pre_id}"),
+                   dataset=pre.data.tags.get(TAG_DATASET))
+
+
+def check_config(config: Config, runs: list[Lineage]) -> None:
+    """Refuse analyze runs whose preprocess run holds other data than the config describes.
+
+    Only the data are compared (data set and preprocessing settings): the figures depend on
+    no config section, and comparison figures show models of other settings side by side.
+    """
+    for r in runs:
+        check_tags(config, "analyze", r.run_id,
+                   {TAG_DATASET: r.dataset, TAG_PREPROCESS_HASH: r.preprocess_hash},
+                   param="analyze_run_ids", stage_hash=False,
+                   via=f" (its preprocess run {r.preprocess_run_id})")
 
 
 def check_same_settings(runs: list[Lineage]) -> None:
@@ -184,7 +200,7 @@ def _enrichment(a: Path, pre, loadings: np.ndarray) -> np.ndarray | None:
     d = pre.data
     if not d.group_names:
         return None
-    files = [a / f"loadings_group_{safe_name(g)}.npy" for g in d.group_names]
+    files = [a / f"loadings_group_{g}.npy" for g in group_file_names(d.group_names)]
     if all(f.is_file() for f in files) and d.groups is not None:
         train = ~pre.heldout
         n = group_gene_counts(d.counts[np.flatnonzero(train)], d.groups[train],
@@ -233,10 +249,10 @@ def single_figures(an: Analysis, save: _Saver) -> None:
         save(lambda: plots.gene_enrichment_heatmap(an.lfc, genes, d.group_names, titles,
                                                    loadings=an.loadings),
              "gene_enrichment.png")
-        for g, name in enumerate(d.group_names):
+        for g, (name, file) in enumerate(zip(d.group_names, group_file_names(d.group_names))):
             save(lambda g=g, name=name: plots.enrichment_for_group(
                 an.lfc[g], genes, name, titles, loadings=an.loadings),
-                f"enrichment_by_group/{safe_name(name)}.png")
+                f"enrichment_by_group/{file}.png")
     if an.groupwise is not None and d.group_names:
         save(lambda: plots.groupwise_factors(
             X, an.factors, an.groupwise, d.group_names, titles, invert_y=INVERT_Y,
@@ -261,10 +277,8 @@ def comparison_figures(analyses: list[Analysis], save: _Saver) -> None:
         "compare_factors.png")
 
 
-def load_all(ids: list[str]) -> list[Analysis]:
+def load_all(runs: list[Lineage]) -> list[Analysis]:
     """Every analyze run's outputs, checked to cover the same spots before returning."""
-    runs = [lineage(i) for i in ids]
-    check_same_settings(runs)
     with tempfile.TemporaryDirectory() as tmp:
         analyses = [load_analysis(r, Path(tmp)) for r in runs]
     check_same_spots(analyses)
@@ -286,7 +300,12 @@ def run_figures(config: Config, analyze_run_ids: list[str] | None = None, *,
     if not ids:
         ids = [resolve_upstream(config, "analyze", None, by=STAGE,
                                 param="analyze_run_ids").info.run_id]
-    analyses = load_all(ids) if len(ids) > 1 else None  # refuse before opening a run
+    # refuse wrong run IDs, other data and unwritable outputs before opening a run
+    runs = [lineage(i) for i in ids]
+    check_same_settings(runs)
+    check_config(config, runs)
+    check_output_dir(config)
+    analyses = load_all(runs) if len(runs) > 1 else None
     params = {"upstream.analyze_run_ids": ",".join(ids)}
     tags = {**base_tags(config, STAGE), TAG_UPSTREAM: ",".join(ids)}
     with open_run(config, STAGE, params=params, tags=tags,
@@ -294,7 +313,7 @@ def run_figures(config: Config, analyze_run_ids: list[str] | None = None, *,
                   description=f"Figures of analyze runs {', '.join(ids)}",
                   parent_run_id=parent_run_id, headline=f"figures of {', '.join(ids)}") as run:
         analyses = [dataclasses.replace(an, model=(labels or {}).get(an.run_id, an.model))
-                    for an in analyses or load_all(ids)]
+                    for an in analyses or load_all(runs)]
         with staging_dir(config, STAGE, run.run_id) as out:
             figdir = out / "figures"
             figdir.mkdir()

@@ -40,7 +40,8 @@ def run_preprocess(config: Config, *, parent_run_id: str | None = None) -> str:
         say(STAGE, f"loaded {raw.n_spots:,} spots x {raw.n_genes:,} genes"
                    + (f" from {raw.counts_source}" if raw.counts_source else "")
                    + (f", {raw.n_groups} groups" if raw.groups is not None else ", no groups"))
-        result = preprocess(raw, config.preprocessing, seed=config.seed)
+        result = preprocess(raw, config.preprocessing, seed=config.seed,
+                            min_training_spots=config.analysis.moran_k + 1)
         kept = result.data
         say(STAGE, f"kept {kept.n_spots:,} spots x {kept.n_genes:,} genes "
                    f"({int(result.heldout.sum()):,} spots held out)")

@@ -19,6 +19,12 @@ from sf_mlflow.data.io import PreprocessedData
 from sf_mlflow.errors import ConfigError, RunLookupError
 from sf_mlflow.models.pnmf import PNMF, ConvergenceWarning, NonFiniteELBOError
 from sf_mlflow.models.settings import ModelParams, TrainingParams
+from sf_mlflow.stages._checks import (
+    check_num_inducing,
+    check_output_dir,
+    check_registration,
+    check_training_spots,
+)
 from sf_mlflow.stages._common import (
     base_tags,
     finished,
@@ -236,8 +242,13 @@ def summarize(model: PNMF, data: SpatialCounts, pre: PreprocessedData,
     }
 
 
-def log_results(run: StageRun, config: Config, model: PNMF, summary: dict[str, Any]) -> None:
-    """Log ``model.pth``, ``elbo_history.csv``, ``training.json``, ``config.yaml`` and metrics."""
+def log_results(run: StageRun, config: Config, model: PNMF, summary: dict[str, Any],
+                register: Callable[[Path], None] | None = None) -> None:
+    """Log ``model.pth``, ``elbo_history.csv``, ``training.json``, ``config.yaml`` and metrics.
+
+    ``register(<path of model.pth>)`` runs inside the staging folder, so a registration
+    that fails leaves no output folder that looks complete (and the run ends FAILED).
+    """
     history = np.asarray(model.elbo_history_, dtype=float)
     with staging_dir(config, STAGE, run.run_id) as out:
         model.save(out / "model.pth")
@@ -248,24 +259,38 @@ def log_results(run: StageRun, config: Config, model: PNMF, summary: dict[str, A
         (out / "training.json").write_text(json.dumps(summary, indent=2))
         (out / "config.yaml").write_text(config.to_yaml())
         run.log_artifacts(out)
+        if register is not None:
+            register(out / "model.pth")
     run.log_metrics({k: float(v) for k, v in summary.items() if isinstance(v, (int, float))})
     say(STAGE, f"final ELBO {summary['final_elbo']:.6g} after {summary['n_iter']} iterations "
                f"({summary['training_time_s']:.1f} s, converged={summary['converged']})")
 
 
 def register(run: StageRun, config: Config, pre: PreprocessedData, data: SpatialCounts,
-             upstream_id: str, name: str, alias: str) -> None:
+             upstream_id: str, name: str, alias: str, model_path: Path) -> None:
     """Register the logged model as a new version of the pyfunc model ``name``, with ``alias``."""
     from sf_mlflow.tracking.registry import register_fitted_model
 
     alias = alias or "latest"
     version = register_fitted_model(
-        run.run_id, Path(config.output_dir) / STAGE / run.run_id / "model.pth",
-        pre.metadata, name=name, alias=alias, model_kind=model_kind(config),
-        neighbours=config.analysis.moran_k, preprocess_run_id=upstream_id,
-        train_coordinates=data.coordinates)
+        run.run_id, model_path, pre.metadata, name=name, alias=alias,
+        model_kind=model_kind(config), neighbours=config.analysis.moran_k,
+        preprocess_run_id=upstream_id, train_coordinates=data.coordinates)
     say(STAGE, f"registered model {name!r} version {version}; load it with "
                f"mlflow.pyfunc.load_model('models:/{name}@{alias}')")
+
+
+def check_before_fit(config: Config, upstream_id: str, data: SpatialCounts, groups,
+                     register_as: str | None, register_alias: str) -> None:
+    """What would fail only after the fit, refused before the run is opened.
+
+    A registered-model name MLflow refuses, an output folder that cannot be written, fewer
+    training spots than the analysis needs, more inducing points than spot locations.
+    """
+    check_registration(register_as, register_alias)
+    check_output_dir(config)
+    check_training_spots(config, data.n_spots, upstream_id)
+    check_num_inducing(config, data.coordinates, groups)
 
 
 # ---- the stage ----------------------------------------------------------------------------------
@@ -294,11 +319,21 @@ def run_train(config: Config, preprocess_run_id: str | None = None, *,
     registers it as a new version of ``<name>`` with alias ``register_alias`` (see
     :mod:`sf_mlflow.tracking.registry`); the run is tagged ``sf.registered_model`` and
     ``sf.registered_model_version``.
+
+    Before any run is opened, a ``preprocess_run_id`` must name a run of this config's data
+    set and preprocessing settings, and :func:`check_before_fit` refuses what would fail
+    only after the fit; a registration that fails ends the run FAILED with no output folder.
     """
     resumed = None
     if resume_from:
         resumed, preprocess_run_id = resumed_run(resume_from, preprocess_run_id)
-    upstream_id = resolve_upstream(config, "preprocess", preprocess_run_id, by=STAGE).info.run_id
+    upstream_id = resolve_upstream(
+        config, "preprocess", preprocess_run_id, by=STAGE,
+        advice=(f"Resume with the config run {resume_from} was made with" if resume_from
+                else None)).info.run_id
+    pre, checkpoint = read_inputs(upstream_id, resumed)
+    data, groups = training_inputs(config, pre)
+    check_before_fit(config, upstream_id, data, groups, register_as, register_alias)
     kind = model_kind(config)
     params = {**config.flat(), "upstream.preprocess_run_id": upstream_id}
     tags = {**base_tags(config, STAGE), TAG_UPSTREAM: upstream_id, TAG_MODEL: kind}
@@ -308,8 +343,6 @@ def run_train(config: Config, preprocess_run_id: str | None = None, *,
                    f"{upstream_id} ({config.dataset})")
     with open_run(config, STAGE, params=params, tags=tags, run_name=run_name(config),
                   description=description, parent_run_id=parent_run_id) as run:
-        pre, checkpoint = read_inputs(upstream_id, resumed)
-        data, groups = training_inputs(config, pre)
         model = build_model(config)
         if checkpoint is not None:
             replay_history(run, checkpoint, resume_from)
@@ -317,7 +350,7 @@ def run_train(config: Config, preprocess_run_id: str | None = None, *,
         fit(run, config, model, pre, data, groups, checkpoint=checkpoint,
             on_iteration=on_iteration)
         tag_fit(run, model)
-        log_results(run, config, model, summarize(model, data, pre, upstream_id))
-        if register_as:
-            register(run, config, pre, data, upstream_id, register_as, register_alias)
+        log_results(run, config, model, summarize(model, data, pre, upstream_id), register=(
+            (lambda path: register(run, config, pre, data, upstream_id, register_as,
+                                   register_alias, path)) if register_as else None))
     return finished(STAGE, run)
