@@ -267,3 +267,25 @@ def test_full_disk_names_the_path(store, tmp_path):
     line = error_line(proc)
     assert line.startswith(f"error: no space left on the device writing {out}")
     assert "free space or set output_dir" in line
+
+
+def test_a_full_disk_inside_a_stage_names_its_output_folder(tmp_path):
+    """numpy raises ENOSPC without a file name; the staging folder supplies one."""
+    import numpy as np
+
+    from sf_mlflow.config import load_config
+    from sf_mlflow.stages._common import staging_dir
+    from sf_mlflow.tracking.store import explain_failure
+
+    config = load_config(REPO / "configs" / "quickstart.yaml",
+                         [f"output_dir={tmp_path / 'outputs'}"])
+    with pytest.raises(OSError) as caught:
+        with staging_dir(config, "analyze", "run123"):
+            with open("/dev/full", "wb") as fh:
+                np.save(fh, np.zeros(100_000))
+                fh.flush()
+    line = explain_failure(caught.value)
+    assert line.startswith("no space left on the device writing ")
+    assert line.split("writing ", 1)[1].startswith(str(tmp_path / "outputs" / "analyze" / "run123.partial"))
+    assert not (tmp_path / "outputs" / "analyze" / "run123.partial").exists()
+    assert not (tmp_path / "outputs" / "analyze" / "run123").exists()

@@ -218,8 +218,11 @@ def staging_dir(config: Config, stage: str, run_id: str) -> Iterator[Path]:
     partial.mkdir(parents=True)
     try:
         yield partial
-    except BaseException:
+    except BaseException as err:
         shutil.rmtree(partial, ignore_errors=True)
+        if isinstance(err, OSError) and err.filename is None:
+            # numpy, h5py and zipfile often raise ENOSPC without the file: name the folder
+            err.filename = str(partial)
         raise
     shutil.rmtree(final, ignore_errors=True)
     partial.rename(final)

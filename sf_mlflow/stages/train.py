@@ -16,7 +16,7 @@ from sf_mlflow.analysis.summary import gp_facts
 from sf_mlflow.config import Config
 from sf_mlflow.data.counts import SpatialCounts
 from sf_mlflow.data.io import PreprocessedData
-from sf_mlflow.errors import ConfigError, RunLookupError
+from sf_mlflow.errors import ArtifactError, ConfigError, RunLookupError
 from sf_mlflow.models.pnmf import PNMF, ConvergenceWarning, NonFiniteELBOError
 from sf_mlflow.models.settings import ModelParams, TrainingParams
 from sf_mlflow.stages._checks import (
@@ -89,6 +89,13 @@ def load_checkpoint(run, tmp: Path) -> dict:
     try:
         path = download_artifacts(run.info.run_id, f"{CHECKPOINT_DIR}/{CHECKPOINT_FILE}",
                                   tmp / "checkpoint")
+    except ArtifactError as err:
+        if "is missing from" not in str(err):
+            raise  # a damaged checkpoint: the artifact error names the run and what to do
+        raise RunLookupError(
+            f"train run {run.info.run_id} ({run.info.status}) has no {CHECKPOINT_DIR}/"
+            f"{CHECKPOINT_FILE} artifact to resume from (it was not stopped by SIGINT/SIGTERM "
+            "during the fit)") from None
     except Exception as err:  # the artifact store's own error type differs by backend
         raise RunLookupError(
             f"train run {run.info.run_id} ({run.info.status}) has no {CHECKPOINT_DIR}/"

@@ -40,7 +40,13 @@ def get_stage_run(run_id: str, stage: str, statuses: tuple[str, ...] = ("FINISHE
     run_id = str(run_id).strip()
     try:
         run = client.get_run(run_id)
-    except MlflowException:
+    except MlflowException as err:
+        from sf_mlflow.tracking.store import store_failure
+
+        # a locked or unreadable store is not a missing run: say what is wrong with the store
+        failure = store_failure(err, uri)
+        if failure is not None:
+            raise failure from None
         raise RunLookupError(
             f"{stage} run ID {run_id!r} does not exist in the tracking store {uri} "
             f"(check the ID in the MLflow UI, or MLFLOW_TRACKING_URI)") from None
