@@ -2,7 +2,9 @@
 
 Files hold tensors, numbers, strings, lists and dicts only, so they are read with
 ``torch.load(..., weights_only=True)``. The spatial prior's settings are stored as
-``{"svgp": {...}}``; files of format 1 (flat spatial keyword arguments) still load.
+``{"svgp": {...}}``; files of format 1 (flat spatial keyword arguments) still load. A
+hybrid prior (``spatial_components``) is stored as its two parts' states
+(``spatial.*``, ``gaussian.*``) and rebuilt by :func:`sf_mlflow.models.hybrid.empty_prior`.
 """
 
 from __future__ import annotations

@@ -231,3 +231,30 @@ def test_an_unset_spatial_components_leaves_hashes_and_params_as_they_were():
     model = build_model(hybrid)
     assert model.spatial_components == 2 and isinstance(model.prior, SVGP)
     assert build_model(base).spatial_components is None
+
+
+# ---- the train stage ------------------------------------------------------------------------------
+
+def test_the_train_stage_fits_and_tags_a_hybrid(mlflow_store):
+    from mlflow.tracking import MlflowClient
+
+    from sf_mlflow.stages.preprocess import run_preprocess
+    from sf_mlflow.stages.train import run_train
+
+    cfg = config_from_dict({
+        "name": "hybrid_stage", "seed": 3, "dataset": "synthetic",
+        "data": {"synthetic": {"n_spots": 200, "n_genes": 40, "n_components": 3, "n_groups": 2,
+                               "mean_counts": 200}},
+        "preprocessing": {"min_counts": 5, "min_cells": 3, "holdout_fraction": 0.1,
+                          "spatial_scale": 10.0},
+        "model": {"n_components": 3, "spatial_components": 2, "num_inducing": 20},
+        "training": {"max_iter": 5, "device": "cpu", "tol": 0.0}}, "hybrid.yaml")
+    train_id = run_train(cfg, run_preprocess(cfg))
+    run = MlflowClient().get_run(train_id)
+    assert run.info.status == "FINISHED"
+    assert run.info.run_name == "train/hybrid/L3/K2/M20/l4"
+    assert run.data.tags["sf.model"] == "hybrid" and run.data.tags["sf.spatial_components"] == "2"
+    assert run.data.params["model.spatial_components"] == "2"
+    assert run.data.metrics["n_iter"] == 5
+    model = PNMF.load(f"{cfg.output_dir}/train/{train_id}/model.pth")
+    assert model.spatial_factors_.tolist() == [True, True, False] and model.uses_groups_
