@@ -151,6 +151,8 @@ class PNMF:
         Rows of (iteration, held-out Poisson deviance); empty without validation.
     num_inducing_ : int or None
         M of the fitted SVGP prior (None for the Gaussian prior).
+    spatial_factors_ : ndarray of bool, (L,)
+        Which factors follow the GP prior (a hybrid's first K; all or none otherwise).
     train_coordinates_ : ndarray, (N, 2), float64, or None
         The coordinates passed to :meth:`fit`.
     train_groups_ : ndarray of int, (N,), or None
@@ -261,8 +263,9 @@ class PNMF:
             p["optimizer"] = "natural" if p["n_spatial"] > 0 else "Adam"
         if p["optimizer"] == "natural":
             if p["n_spatial"] == 0:
-                raise ConfigError("optimizer = 'natural' needs prior = 'svgp' (natural-gradient steps "
-                                  "act on the GP's q(v)); use optimizer = 'Adam' for the Gaussian prior")
+                raise ConfigError("optimizer = 'natural' needs prior = 'svgp' and spatial_components "
+                                  "null or > 0 (natural-gradient steps act on the GP's q(v)); use "
+                                  "optimizer = 'Adam' for the Gaussian prior")
             if p["learning_rate"] > 1.0:
                 raise ConfigError(f"learning_rate = {self.learning_rate!r} is invalid with optimizer "
                                   "'natural': it is the natural-gradient step, expected a number in "
