@@ -290,8 +290,15 @@ class Config:
         return {k: v for k, v in self.flat("seed", "dataset", "data", "preprocessing").items()}
 
     def digest(self, *sections: str) -> str:
-        """Short stable hash of the given sections (all but ``UNHASHED_SECTIONS`` when none)."""
-        payload = json.dumps(self.flat(*sections), sort_keys=True, default=str)
+        """Short stable hash of the given sections (all but ``UNHASHED_SECTIONS`` when none).
+
+        ``unhashed`` settings (:func:`sf_mlflow.constraints.param`, e.g. ``training.distributed``:
+        K processes compute the single-process result) are left out, so a run made either way
+        is reused by the other.
+        """
+        unhashed = _unset_omitted(self, hashing=True)
+        flat = {k: v for k, v in self.flat(*sections).items() if k not in unhashed}
+        payload = json.dumps(flat, sort_keys=True, default=str)
         return hashlib.sha256(payload.encode()).hexdigest()[:12]
 
     def to_yaml(self) -> str:
@@ -311,14 +318,16 @@ def _flatten(d: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
     return out
 
 
-def _unset_omitted(obj: Any, prefix: str = "") -> set[str]:
-    """Dotted keys of the ``omit_unset`` fields that are None (:func:`sf_mlflow.constraints.param`)."""
+def _unset_omitted(obj: Any, prefix: str = "", hashing: bool = False) -> set[str]:
+    """Dotted keys of the ``omit_unset`` fields that are None and of the ``unhashed`` ones at
+    their default (all ``unhashed`` ones with ``hashing``), see :func:`sf_mlflow.constraints.param`."""
     out: set[str] = set()
     for f in dataclasses.fields(obj):
         value = getattr(obj, f.name)
         if dataclasses.is_dataclass(value):
-            out |= _unset_omitted(value, f"{prefix}{f.name}.")
-        elif value is None and f.metadata.get("omit_unset"):
+            out |= _unset_omitted(value, f"{prefix}{f.name}.", hashing)
+        elif (value is None and f.metadata.get("omit_unset")) or (
+                f.metadata.get("unhashed") and (hashing or value == f.default)):
             out.add(prefix + f.name)
     return out
 

@@ -34,6 +34,7 @@ import torch
 from torch import Tensor
 
 from sf_mlflow.errors import ModelError
+from sf_mlflow.models.batching import IndexStream, literal_state
 from sf_mlflow.models.likelihood import CountBatch, expected_log_likelihood, likelihood_and_update, poisson_deviance
 from sf_mlflow.models.priors import FactorPrior
 
@@ -83,53 +84,6 @@ class FitState:
     iteration: int
     elbo: float
     checkpoint: Callable[[], dict]
-
-
-# ---- batching ----------------------------------------------------------------------------------
-
-def literal_state(text: str) -> dict:
-    """Parse a numpy bit-generator state saved with ``repr`` (a dict of str and int)."""
-    import ast
-
-    return ast.literal_eval(text)
-
-
-class IndexStream:
-    """Endless stream of index batches covering 0..n-1 once per epoch, with savable state.
-
-    Batches of one epoch differ in size by at most one (``array_split``), so every
-    batch of a shuffled epoch is a uniformly random subset and the N/B scaling
-    keeps the ELBO estimate unbiased. The state (the current epoch's order and the
-    position in it) is saved in checkpoints so a resumed fit draws the same batches.
-    """
-
-    def __init__(self, n: int, size: Optional[int], shuffle: bool, rng: np.random.Generator):
-        self.n, self.shuffle, self.rng = n, shuffle, rng
-        self.full = size is None or size >= n
-        self.n_batches = 1 if self.full else -(-n // size)
-        self.order: Optional[np.ndarray] = None
-        self.pos = self.n_batches   # forces a new epoch on the first draw
-
-    def __iter__(self) -> "IndexStream":
-        return self
-
-    def __next__(self) -> np.ndarray:
-        if self.full:
-            return np.arange(self.n)
-        if self.pos >= self.n_batches:
-            self.order = self.rng.permutation(self.n) if self.shuffle else np.arange(self.n)
-            self.pos = 0
-        part = np.array_split(self.order, self.n_batches)[self.pos]
-        self.pos += 1
-        return np.sort(part)   # sorted indices make the CSR row gather contiguous-ish
-
-    def state_dict(self) -> dict:
-        return {"order": None if self.order is None else torch.tensor(self.order),
-                "pos": int(self.pos)}
-
-    def load_state_dict(self, state: dict) -> None:
-        self.order = None if state["order"] is None else state["order"].numpy()
-        self.pos = int(state["pos"])
 
 
 # ---- the optimisation loop -------------------------------------------------------------------
@@ -319,7 +273,28 @@ class Trainer:
                 None if self.groups is None else self.groups[idx])
 
     def _scale(self, batch: CountBatch) -> float:
-        return (self.N / batch.n_spots) * (self.D / batch.n_genes)
+        return (self.N / self._spots_in(batch)) * (self.D / batch.n_genes)
+
+    # ---- hooks of the data-parallel trainer (sf_mlflow.models.distributed): identities here --
+
+    def _spots_in(self, batch: CountBatch) -> int:
+        """Spots of the step's whole batch (all ranks' shares together)."""
+        return batch.n_spots
+
+    def _kl(self, module: FactorPrior, idx: Tensor) -> Tensor:
+        """This process's share of ``module``'s KL term of the step."""
+        return module.kl(idx)
+
+    def _total(self, value: Tensor) -> Tensor:
+        """A sum over the step's spots, completed over all ranks."""
+        return value
+
+    def _reduce_grads(self) -> None:
+        """Complete the optimiser's gradients over all ranks (before its step)."""
+
+    def _agree(self, stop: bool) -> bool:
+        """Whether every rank stops (any rank asking stops all)."""
+        return stop
 
     def _likelihood(self, batch: CountBatch, mean: Tensor, var: Tensor,
                     gidx: Optional[Tensor]) -> tuple[Tensor, Optional[Tensor]]:
@@ -341,15 +316,17 @@ class Trainer:
         coords, groups = self._at(idx)
         mean, var = prior.marginals(idx, coords, groups)
         ll, new_W = self._likelihood(batch, mean, var, gidx)
-        elbo = self._scale(batch) * ll - prior.kl(idx)
-        if not torch.isfinite(elbo):
-            return float(elbo.detach())     # no step from a non-finite state
+        elbo = self._scale(batch) * ll - self._kl(prior, idx)
+        total = self._total(elbo.detach())
+        if not torch.isfinite(total):
+            return float(total)     # no step from a non-finite state
         self.optimizer.zero_grad(set_to_none=True)
         (-elbo / self.N).backward()
+        self._reduce_grads()
         self.optimizer.step()
         if new_W is not None:
-            self._update_loadings(new_W, mean.detach(), var.detach(), gidx, batch.n_spots)
-        return float(elbo.detach())
+            self._update_loadings(new_W, mean.detach(), var.detach(), gidx, self._spots_in(batch))
+        return float(total)
 
     def _natural_step(self, batch: CountBatch, idx: Tensor, gidx: Optional[Tensor]) -> float:
         """Natural-gradient step of q(v); Adam on trained kernel hyperparameters, on a hybrid
@@ -370,7 +347,7 @@ class Trainer:
         ll, new_W = self._likelihood(batch, m, v, gidx)
         scaled = self._scale(batch) * ll
         with torch.no_grad():
-            elbo = float(scaled.detach() - prior.kl(idx))
+            elbo = float(self._total(scaled.detach() - self._kl(prior, idx)))
         if not math.isfinite(elbo):
             return elbo
         leaves = [m, v] + ([self.raw_loadings] if self.gradient_loadings else [])
@@ -385,17 +362,18 @@ class Trainer:
                 seeds += [-grads[0][:K] / self.N, -grads[1][:K] / self.N]
             if rest is not None:
                 # d(-ELBO/N) of the Gaussian part: its likelihood gradients, plus its KL term
-                outputs += [mean_r, var_r, rest.kl(idx)]
+                outputs += [mean_r, var_r, self._kl(rest, idx)]
                 seeds += [-grads[0][K:] / self.N, -grads[1][K:] / self.N,
                           torch.tensor(1.0 / self.N, dtype=self.dtype, device=self.device)]
             if outputs:
                 torch.autograd.backward(outputs, seeds)
+            self._reduce_grads()
             self.optimizer.step()
         self.natural.step(At.detach(), grads[0][:K], grads[1][:K])
         if hyper:
             self.natural.reset()    # the kernel moved: Lzz and A change under q(v)
         if new_W is not None:
-            self._update_loadings(new_W, m.detach(), v.detach(), gidx, batch.n_spots)
+            self._update_loadings(new_W, m.detach(), v.detach(), gidx, self._spots_in(batch))
         return elbo
 
     @torch.no_grad()
@@ -436,7 +414,7 @@ class Trainer:
             return
         if not hasattr(self, "stat_s"):
             self._init_statistics()
-        t_batch = torch.exp(mean + 0.5 * var).sum(dim=1) / rho    # (L,), scaled to N spots
+        t_batch = self._total(torch.exp(mean + 0.5 * var).sum(dim=1)) / rho    # (L,), scaled to N
         rows = slice(None) if gidx is None else gidx
         s = (1 - rho) * self.stat_s[rows] + rho * (new_W * t_batch)
         t = (1 - rho) * self.stat_t[rows] + rho * t_batch
@@ -562,11 +540,11 @@ class Trainer:
                 check = self.evaluate_elbo() if self._eval_block()[0] is not self.full else \
                     sum(history[-w:]) / len(history[-w:])
                 self.checks.append(check)
-                if self._converged():
+                if self._agree(self._converged()):
                     self._reason, done = "tol", True
-            if val_every and it % val_every == 0 and self._validate(it):
+            if val_every and it % val_every == 0 and self._agree(self._validate(it)):
                 self._reason, done = "validation", True
-            if callback is not None and callback(it, value) is True:
+            if self._agree(callback is not None and callback(it, value) is True):
                 self._reason, done = "callback", True
             if it == p["max_iter"]:
                 done = True

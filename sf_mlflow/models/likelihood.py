@@ -442,6 +442,23 @@ def likelihood_and_update(batch: CountBatch, mean: Tensor, var: Tensor, loadings
     return ll, new
 
 
+def likelihood_and_statistics(batch: CountBatch, mean: Tensor, var: Tensor, loadings: Tensor,
+                              mode: str = "lower-bound", num_samples: int = 8,
+                              generator: Optional[torch.Generator] = None):
+    """:func:`likelihood_and_update` with the step's sums over spots instead of the step.
+
+    Returns ``(ll, numer (Db, L), spot_sums (L,))``; the new loadings are
+    ``_mm_ratio(loadings, numer, spot_sums)``. Both statistics are sums over the block's
+    spots, so a data-parallel fit adds them over the ranks' shares of a batch first.
+    """
+    loadings = loadings.detach()
+    ll, parts, spot_sums = _evaluate(batch, mean, var, loadings, mode, num_samples, generator)
+    with torch.no_grad():
+        numer = (sum(p.mm_numerator(batch) for p in parts) / len(parts) if parts
+                 else torch.zeros_like(loadings))
+    return ll, numer, spot_sums.detach()
+
+
 @torch.no_grad()
 def poisson_deviance(batch: CountBatch, log_factors: Tensor, loadings: Tensor) -> float:
     """Poisson deviance ``2 sum [y log(y / mu) - (y - mu)]`` of a block under ``mu = W exp(F)``.

@@ -31,8 +31,9 @@ READABLE_VERSIONS = (1, 2)
 CHECKPOINT_KIND = "pnmf-checkpoint"
 
 #: Hyperparameters that may change between a checkpoint and the fit resuming from it.
+#: (``distributed``: a data-parallel fit computes the single-process one, so either resumes the other.)
 RESUMABLE_CHANGES = ("max_iter", "tol", "tol_window", "verbose", "log_every", "learning_rate",
-                     "validation_every", "patience")
+                     "validation_every", "patience", "distributed")
 
 #: Spatial keyword arguments of format-1 files, by their current SVGP field name.
 _FORMAT1_SPATIAL = {"kernel": "kernel", "num_inducing": "num_inducing", "lengthscale": "lengthscale",

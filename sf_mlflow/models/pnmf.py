@@ -20,6 +20,7 @@ import inspect
 import time
 import warnings
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any, Callable, Optional
 
@@ -32,6 +33,7 @@ from sf_mlflow.errors import ConfigError, DataError, ModelError
 from sf_mlflow.models import persistence
 from sf_mlflow.models._training import ConvergenceWarning, FitResult, FitState, NonFiniteELBOError, Trainer
 from sf_mlflow.models.device import resolve_device
+from sf_mlflow.models.distributed import Communicator, DistributedTrainer
 from sf_mlflow.models.hybrid import initial_prior
 from sf_mlflow.models.initialization import fixed_point_scale, initial_state
 from sf_mlflow.models.inputs import (check_coordinates, check_counts, check_groups, check_validation,
@@ -123,6 +125,8 @@ class PNMF:
     shuffle : bool
         Draw mini-batches in a new random order every epoch.
     log_every : int
+    distributed : bool
+        Data-parallel fit in a torchrun worker (:mod:`sf_mlflow.models.distributed`).
     random_state : int
         Seeds the initialisation, mini-batch order, Monte Carlo draws and inducing
         points. Torch's and numpy's global generators are not touched.
@@ -174,7 +178,7 @@ class PNMF:
                  tol=_T.tol, tol_window=_T.tol_window, validation_every=_T.validation_every,
                  patience=_T.patience, dtype=_T.dtype, device=_T.device, batch_size=_T.batch_size,
                  y_batch_size=_T.y_batch_size, shuffle=_T.shuffle, log_every=_T.log_every,
-                 random_state=0, verbose=False):
+                 distributed=_T.distributed, random_state=0, verbose=False):
         self.n_components = n_components
         self.prior = prior
         self.mode = mode
@@ -195,6 +199,7 @@ class PNMF:
         self.y_batch_size = y_batch_size
         self.shuffle = shuffle
         self.log_every = log_every
+        self.distributed = distributed
         self.random_state = random_state
         self.verbose = verbose
 
@@ -354,6 +359,8 @@ class PNMF:
     def _start(self, p: dict, Yc, X: Optional[np.ndarray], g: Optional[np.ndarray], val) -> Trainer:
         """Initialise the prior and loadings, set the learned attributes, build the trainer."""
         device, dtype = resolve_device(p["device"]), p["dtype"]
+        comm = Communicator.join(device) if p["distributed"] else None   # cuda:LOCAL_RANK
+        device = device if comm is None else comm.device
         gen = torch.Generator(device=device).manual_seed(p["random_state"])
         full = CountBatch.from_scipy(Yc, device=device, dtype=dtype)
         spatial = p["spatial"]
@@ -369,7 +376,8 @@ class PNMF:
         self.train_groups_ = None if used_groups is None else g
         self._loadings_t = W0
         self.num_inducing_ = getattr(prior, "num_inducing", None)
-        return Trainer(p, self.prior_, W0, Yc, full, gen, coords_t, used_groups,
+        trainer = Trainer if comm is None else partial(DistributedTrainer, comm=comm)
+        return trainer(p, self.prior_, W0, Yc, full, gen, coords_t, used_groups,
                        train_loadings=True, validation=val)
 
     def _on_iteration(self, trainer: Trainer, callback: Optional[Callback]):

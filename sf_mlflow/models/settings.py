@@ -138,6 +138,11 @@ class TrainingParams:
     y_batch_size: Optional[int] = param(None, 1, doc="genes per mini-batch; null = all genes")
     shuffle: bool = param(True, doc="draw mini-batches in a fresh random order every epoch")
     log_every: int = param(50, 1, doc="iterations between progress lines")
+    distributed: bool = param(
+        False, unhashed=True,
+        doc="data-parallel fit on torch.distributed: each of the processes torchrun starts fits a "
+            "share of every batch (same result as one process); launch with torchrun "
+            "--nproc-per-node K -m sf_mlflow.cli train ... --set training.distributed=true")
 
 
 def spatial_settings(prior: Any) -> Optional[SVGP]:

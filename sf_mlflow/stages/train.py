@@ -16,7 +16,9 @@ from sf_mlflow.analysis.summary import gp_facts
 from sf_mlflow.config import Config
 from sf_mlflow.data.counts import SpatialCounts
 from sf_mlflow.data.io import PreprocessedData
-from sf_mlflow.errors import ConfigError, RunLookupError
+from sf_mlflow.errors import ConfigError, RunLookupError, SfMlflowError
+from sf_mlflow.models.device import resolve_device
+from sf_mlflow.models.distributed import Communicator
 from sf_mlflow.models.pnmf import PNMF, ConvergenceWarning, NonFiniteELBOError
 from sf_mlflow.models.settings import ModelParams, TrainingParams
 from sf_mlflow.stages._common import (
@@ -268,6 +270,60 @@ def register(run: StageRun, config: Config, pre: PreprocessedData, data: Spatial
                f"mlflow.pyfunc.load_model('models:/{name}@{alias}')")
 
 
+# ---- data-parallel fits (training.distributed, under torchrun) ----------------------------------
+
+def process_group(config: Config) -> Communicator | None:
+    """This process's place in a distributed fit (None without ``training.distributed``).
+
+    Raises ConfigError, before any run is made, when the process was not started by torchrun.
+    """
+    if not config.training.distributed:
+        return None
+    return Communicator.join(resolve_device(config.training.device))
+
+
+def train_worker(config: Config, comm: Communicator, resume_from: str | None) -> str:
+    """A rank > 0 of a distributed train stage: the fit on its share of each batch, nothing else.
+
+    It reads the same inputs as rank 0 (the preprocess run rank 0 resolved, sent over; the
+    checkpoint of ``resume_from``) but opens no run and writes no outputs, artifacts or
+    registry entries: rank 0 does all of that. Returns "" (no run of its own).
+    """
+    upstream_id = comm.broadcast()
+    if upstream_id is None:   # rank 0 could not resolve its inputs and reports why
+        return ""
+    resumed = get_stage_run(resume_from, STAGE, statuses=("KILLED", "FAILED")) if resume_from else None
+    pre, checkpoint = read_inputs(upstream_id, resumed)
+    data, groups = training_inputs(config, pre)
+    model = build_model(config)
+    model.verbose = False
+    with StopRequests() as stop, warnings.catch_warnings():   # torchrun passes signals on
+        warnings.simplefilter("ignore", ConvergenceWarning)      # rank 0 reports them
+        model.fit(data.counts, coordinates=data.coordinates, groups=groups,
+                  callback=lambda state: stop.requested or None, resume=checkpoint,
+                  validation=validation_inputs(config, pre, model))
+    comm.leave()
+    return ""
+
+
+def resolve_inputs(config: Config, comm: Communicator | None, preprocess_run_id: str | None,
+                   resume_from: str | None):
+    """The run to resume (or None) and the preprocess run's ID, sent to the other ranks of a
+    distributed fit (None when they cannot be resolved, so that those ranks end quietly)."""
+    try:
+        resumed = None
+        if resume_from:
+            resumed, preprocess_run_id = resumed_run(resume_from, preprocess_run_id)
+        upstream_id = resolve_upstream(config, "preprocess", preprocess_run_id, by=STAGE).info.run_id
+    except SfMlflowError:
+        if comm is not None:
+            comm.broadcast(None)
+        raise
+    if comm is not None:
+        comm.broadcast(upstream_id)
+    return resumed, upstream_id
+
+
 # ---- the stage ----------------------------------------------------------------------------------
 
 def run_train(config: Config, preprocess_run_id: str | None = None, *,
@@ -294,11 +350,15 @@ def run_train(config: Config, preprocess_run_id: str | None = None, *,
     registers it as a new version of ``<name>`` with alias ``register_alias`` (see
     :mod:`sf_mlflow.tracking.registry`); the run is tagged ``sf.registered_model`` and
     ``sf.registered_model_version``.
+
+    With ``training.distributed: true`` the process must be a torchrun worker (else
+    ConfigError); rank 0 does all of the above, the other ranks only fit their share of
+    every batch (:func:`train_worker`) and return "".
     """
-    resumed = None
-    if resume_from:
-        resumed, preprocess_run_id = resumed_run(resume_from, preprocess_run_id)
-    upstream_id = resolve_upstream(config, "preprocess", preprocess_run_id, by=STAGE).info.run_id
+    comm = process_group(config)
+    if comm is not None and comm.rank > 0:
+        return train_worker(config, comm, resume_from)
+    resumed, upstream_id = resolve_inputs(config, comm, preprocess_run_id, resume_from)
     kind = model_kind(config)
     params = {**config.flat(), "upstream.preprocess_run_id": upstream_id}
     tags = {**base_tags(config, STAGE), TAG_UPSTREAM: upstream_id, TAG_MODEL: kind}
@@ -318,6 +378,8 @@ def run_train(config: Config, preprocess_run_id: str | None = None, *,
         say(STAGE, f"fitting on {data.n_spots:,} spots x {data.n_genes:,} genes")
         fit(run, config, model, pre, data, groups, checkpoint=checkpoint,
             on_iteration=on_iteration)
+        if comm is not None:
+            comm.leave()   # the other ranks are done
         tag_fit(run, model)
         log_results(run, config, model, summarize(model, data, pre, upstream_id))
         if register_as:
