@@ -11,7 +11,7 @@ from typing import Any, Iterator, Mapping
 
 from sf_mlflow.config import Config
 from sf_mlflow.data.io import PreprocessedData, read_preprocessed
-from sf_mlflow.errors import RunLookupError
+from sf_mlflow.errors import ConfigError, RunLookupError
 from sf_mlflow.stages.table import STAGES
 from sf_mlflow.tracking import (
     TAG_CONFIG_HASH,
@@ -55,6 +55,21 @@ def stage_hash(config: Config, stage: str) -> str:
     if sections is None:
         raise KeyError(f"unknown stage {stage!r}")
     return config.digest(*sections) if sections else "none"
+
+
+def single_process(config: Config, stage: str) -> None:
+    """Refuse ``training.distributed`` in a stage that fits in one process (main, tune).
+
+    Only the train entry point splits a fit across torchrun's processes; under torchrun
+    every process of another stage would make its own runs.
+    """
+    where = [f"{config.source}: training.distributed"] if config.training.distributed else []
+    where += [f"{config.source}: models.{name}.training.distributed"
+              for name, c in config.model_configs().items() if c.training.distributed]
+    if where:
+        raise ConfigError(f"{where[0]} = true is supported by the train entry point only, not by "
+                          f"{stage}: set it false here, or train with `torchrun --nproc-per-node K "
+                          "-m sf_mlflow.cli train -c CONFIG --set training.distributed=true`")
 
 
 def base_tags(config: Config, stage: str | None = None) -> dict[str, str]:

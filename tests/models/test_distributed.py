@@ -198,7 +198,7 @@ def test_the_train_stage_under_torchrun_makes_one_run_from_rank_0(mlflow_store, 
     assert len(runs) == 1
     run = runs[0]
     assert run.info.status == "FINISHED"
-    assert run.data.params["training.distributed"] == "True"
+    assert run.data.params["training.distributed"] == "true"
     curve = client.get_metric_history(run.info.run_id, "elbo")
     assert sorted(m.step for m in curve) == list(range(1, 13))
     assert sorted(p.name for p in (tmp_path / "outputs" / "train").iterdir()) == [run.info.run_id]
@@ -225,3 +225,40 @@ def test_the_train_stage_refuses_distributed_outside_torchrun_before_making_a_ru
                                           r"sf_mlflow\.cli train"):
         run_train(config_from_dict(raw, "dist.yaml"))
     assert _train_runs(MlflowClient(mlflow_store)) == []
+
+
+def test_distributed_is_not_hashed_and_is_a_param_only_when_set():
+    """K processes compute the single-process fit, so ``training.distributed`` changes no hash
+    (either run is reused for the other); a config without it keeps its params and hashes."""
+    from sf_mlflow.config import config_from_dict, load_config
+    from sf_mlflow.stages._common import STAGE_SECTIONS, stage_hash
+
+    plain = config_from_dict(STAGE_CONFIG, "dist.yaml")
+    on = config_from_dict({**STAGE_CONFIG, "training": {**STAGE_CONFIG["training"],
+                                                        "distributed": True}}, "dist.yaml")
+    assert on.training.distributed is True and plain.training.distributed is False
+    assert "training.distributed" not in plain.flat()
+    assert on.flat()["training.distributed"] is True
+    assert on.digest() == plain.digest()
+    assert {s: stage_hash(on, s) for s in STAGE_SECTIONS if s not in ("tune", "main")} == \
+        {s: stage_hash(plain, s) for s in STAGE_SECTIONS if s not in ("tune", "main")}
+    overridden = load_config(str(REPO / "configs" / "quickstart.yaml"), ["training.distributed=true"])
+    assert overridden.training.distributed is True
+    with pytest.raises(ConfigError, match="training.distributed"):
+        load_config(str(REPO / "configs" / "quickstart.yaml"), ["training.distributed=maybe"])
+
+
+@pytest.mark.parametrize("stage", ["main", "tune"])
+def test_main_and_tune_refuse_distributed_before_making_a_run(mlflow_store, stage):
+    from mlflow.tracking import MlflowClient
+
+    from sf_mlflow.config import config_from_dict
+    from sf_mlflow.stages.main import run_main
+    from sf_mlflow.stages.tune import run_tune
+
+    raw = {**STAGE_CONFIG, "training": {**STAGE_CONFIG["training"], "distributed": True}}
+    with pytest.raises(ConfigError, match=f"training.distributed = true is supported by the train "
+                                          f"entry point only, not by {stage}"):
+        (run_main if stage == "main" else run_tune)(config_from_dict(raw, "dist.yaml"))
+    client = MlflowClient(mlflow_store)
+    assert [r for e in client.search_experiments() for r in client.search_runs([e.experiment_id])] == []
