@@ -29,8 +29,8 @@ initialisation and GP warm start, the first estimate of the loadings' running st
 the ELBO on the fixed evaluation block and the held-out deviance. Their cost is the
 single-process one on each rank; splitting them is future work.
 
-The Monte Carlo ELBO modes (``expanded``, ``simple``) draw each rank's noise from its own
-copy of the generator, so they are unbiased but not equal to the single-process draws.
+In the Monte Carlo ELBO modes (``expanded``, ``simple``) every rank draws the noise of the
+whole batch, as the single process does, and uses its share's columns.
 
 Backends: gloo on the CPU, NCCL on GPUs (rank k uses ``cuda:LOCAL_RANK``).
 """
@@ -47,7 +47,8 @@ from torch import Tensor
 
 from sf_mlflow.errors import ConfigError, ModelError
 from sf_mlflow.models._training import Trainer
-from sf_mlflow.models.likelihood import CountBatch, _mm_ratio, likelihood_and_statistics
+from sf_mlflow.models.likelihood import (CountBatch, _mm_ratio, expected_log_likelihood,
+                                         likelihood_and_statistics)
 from sf_mlflow.models.priors import FactorPrior
 
 __all__ = ["Communicator", "DistributedTrainer", "launched_by_torchrun", "LAUNCH"]
@@ -199,13 +200,27 @@ class DistributedTrainer(Trainer):
 
     def _likelihood(self, batch: CountBatch, mean: Tensor, var: Tensor,
                     gidx: Optional[Tensor]) -> tuple[Tensor, Optional[Tensor]]:
-        """As the base trainer's, with the multiplicative W step from the sums of its
-        statistics over all ranks."""
-        if not (self.train_loadings and not self.gradient_loadings):
-            return super()._likelihood(batch, mean, var, gidx)
+        """As the base trainer's, with the Monte Carlo draws of this rank's columns of the whole
+        batch's draw and the multiplicative W step from its statistics summed over all ranks."""
         p = self.p
         W = self.loadings() if gidx is None else self.loadings()[gidx]
-        ll, numer, spot_sums = likelihood_and_statistics(
-            batch, mean, var, W, mode=p["mode"], num_samples=p["num_samples"], generator=self.gen)
+        gen = self.gen if p["mode"] == "lower-bound" else _ShareOfDraw(self)
+        kw = dict(mode=p["mode"], num_samples=p["num_samples"], generator=gen)
+        if not (self.train_loadings and not self.gradient_loadings):
+            return expected_log_likelihood(batch, mean, var, W, **kw), None
+        ll, numer, spot_sums = likelihood_and_statistics(batch, mean, var, W, **kw)
         numer, spot_sums = self.comm.sum_all(numer, spot_sums)
         return ll, _mm_ratio(W.detach(), numer, spot_sums)
+
+
+class _ShareOfDraw:
+    """Standard normal noise for a rank's share of a batch: its columns (spots) of the draw
+    the single-process fit makes for the whole batch, from the same generator state."""
+
+    def __init__(self, trainer: DistributedTrainer):
+        self.trainer = trainer
+
+    def draw(self, shape: tuple, device: torch.device, dtype: torch.dtype) -> Tensor:
+        t = self.trainer
+        whole = torch.randn((*shape[:-1], t._batch_spots), generator=t.gen, device=device, dtype=dtype)
+        return whole[..., t.comm.share(t._batch_spots)]

@@ -301,9 +301,16 @@ def _check_shapes(batch: CountBatch, mean: Tensor, var: Tensor, loadings: Tensor
 
 def _samples(mean: Tensor, var: Tensor, num_samples: int,
              generator: Optional[torch.Generator]) -> Tensor:
-    """Reparametrised draws F = m + sqrt(v) eps, (E, L, B)."""
-    eps = torch.randn((num_samples, *mean.shape), generator=generator,
-                      device=mean.device, dtype=mean.dtype)
+    """Reparametrised draws F = m + sqrt(v) eps, (E, L, B).
+
+    A ``generator`` with a ``draw(shape, device, dtype)`` method supplies eps itself (a
+    data-parallel rank's columns of the whole batch's draw, :mod:`sf_mlflow.models.distributed`).
+    """
+    shape = (num_samples, *mean.shape)
+    if hasattr(generator, "draw"):
+        eps = generator.draw(shape, mean.device, mean.dtype)
+    else:
+        eps = torch.randn(shape, generator=generator, device=mean.device, dtype=mean.dtype)
     # The floor keeps sqrt's gradient finite where a variance is exactly zero.
     std = torch.sqrt(var.clamp_min(torch.finfo(var.dtype).tiny))
     return mean + std * eps
