@@ -114,7 +114,17 @@ def validation_inputs(config: Config, pre: PreprocessedData, model: PNMF):
     return held.counts, held.coordinates, groups
 
 
-def save_checkpoint_and_stop(run, model: PNMF) -> None:
+def resume_hint(config: Config, run_id: str) -> str:
+    """The command that continues run ``run_id`` from its checkpoint (torchrun for a
+    distributed fit; with one process it may continue either way)."""
+    if config.training.distributed:
+        return (f"  torchrun --nproc-per-node K -m sf_mlflow.cli train -c <same config> "
+                f"--set training.distributed=true --resume-from {run_id}")
+    return (f"  mlflow run . -e train --env-manager local -P config=<same config> "
+            f"-P resume_from={run_id}")
+
+
+def save_checkpoint_and_stop(run, model: PNMF, config: Config) -> None:
     """Log the training state of an interrupted fit, then end the run as KILLED."""
     log_checkpoint(run, model)
     run.log_metrics({"interrupted_at_iteration": model.n_iter_})
@@ -123,8 +133,7 @@ def save_checkpoint_and_stop(run, model: PNMF) -> None:
     # the status string with integer codes), so the tag is what marks a resumable run.
     run.set_tags({TAG_INTERRUPTED: "true"})
     say(STAGE, f"interrupted at iteration {model.n_iter_}; checkpoint logged. Continue with\n"
-               f"  mlflow run . -e train --env-manager local -P config=<same config> "
-               f"-P resume_from={run.run_id}")
+               + resume_hint(config, run.run_id))
     raise KeyboardInterrupt
 
 
@@ -187,7 +196,7 @@ def fit(run: StageRun, config: Config, model: PNMF, pre: PreprocessedData, data:
                           validation=validation_inputs(config, pre, model))
             except NonFiniteELBOError as err:
                 elbo_stream.flush()
-                log_divergence(run, model, err)
+                log_divergence(run, model, err, config)
                 raise
     for w in caught:
         if issubclass(w.category, ConvergenceWarning):
@@ -196,16 +205,17 @@ def fit(run: StageRun, config: Config, model: PNMF, pre: PreprocessedData, data:
             warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
     elbo_stream.flush()
     if stop.requested:
-        save_checkpoint_and_stop(run, model)
+        save_checkpoint_and_stop(run, model, config)
 
 
-def log_divergence(run: StageRun, model: PNMF, err: NonFiniteELBOError) -> None:
+def log_divergence(run: StageRun, model: PNMF, err: NonFiniteELBOError, config: Config) -> None:
     """Log the checkpoint of a fit whose ELBO became non-finite and mark the run not reusable."""
     log_checkpoint(run, model)
     run.set_tags({TAG_DIVERGED: "true", TAG_CONVERGED: "false", TAG_REUSABLE: "false"})
+    smaller = (" --set training.learning_rate=<smaller>" if config.training.distributed
+               else " -P training.learning_rate=<smaller>")
     say(STAGE, f"{err}. Its checkpoint is logged; continue with\n"
-               f"  mlflow run . -e train --env-manager local -P config=<same config> "
-               f"-P resume_from={run.run_id} -P training.learning_rate=<smaller>")
+               + resume_hint(config, run.run_id) + smaller)
 
 
 def tag_fit(run: StageRun, model: PNMF) -> None:

@@ -76,11 +76,10 @@ WORKER = textwrap.dedent('''
     for case in CASES:
         if mode == "fit":
             m = model(case, True).fit(Y, coordinates=X)
-        elif mode == "stop":          # interrupted after 7 iterations, checkpointed by rank 0
-            m = model(case, True).fit(Y, coordinates=X, callback=lambda s: s.iteration == 7)
+            # and a fit interrupted after 7 iterations, checkpointed by rank 0
+            stopped = model(case, True).fit(Y, coordinates=X, callback=lambda s: s.iteration == 7)
             if dist.get_rank() == 0:
-                m.save_checkpoint(f"{{out}}.{{case}}.ckpt")
-            continue
+                stopped.save_checkpoint(f"{{out}}.{{case}}.ckpt")
         else:                          # resumed in a new torchrun from that checkpoint
             m = model(case, True).fit(Y, coordinates=X, resume=f"{{out}}.{{case}}.ckpt")
         results[case] = result(m)
@@ -108,12 +107,14 @@ def torchrun(args: list[str], cwd: Path, env: dict | None = None) -> subprocess.
     return proc
 
 
-def run_worker(tmp_path: Path, mode: str) -> dict | None:
+def run_worker(tmp_path: Path, mode: str) -> dict:
+    """Rank 0's results; ``fit`` also leaves ``rank0.pt.<case>.ckpt``, the checkpoint of each
+    case's fit stopped by its callback after 7 iterations, which ``resume`` continues."""
     script = tmp_path / "worker.py"
     script.write_text(WORKER)
     out = tmp_path / "rank0.pt"
     torchrun([str(script), mode, str(out)], tmp_path)
-    return torch.load(out) if mode != "stop" else None
+    return torch.load(out)
 
 
 def assert_same_fit(got: dict, want: dict, rtol: float, atol: float) -> None:
@@ -125,9 +126,15 @@ def assert_same_fit(got: dict, want: dict, rtol: float, atol: float) -> None:
 
 
 @pytest.fixture(scope="module")
-def two_process_fits(tmp_path_factory):
-    """Rank 0's results of every case, fitted by 2 gloo processes in one torchrun."""
-    return run_worker(tmp_path_factory.mktemp("dist"), "fit")
+def two_process_run(tmp_path_factory):
+    """The folder of a torchrun of 2 gloo processes that fitted every case, and rank 0's results."""
+    folder = tmp_path_factory.mktemp("dist")
+    return folder, run_worker(folder, "fit")
+
+
+@pytest.fixture
+def two_process_fits(two_process_run):
+    return two_process_run[1]
 
 
 @pytest.mark.filterwarnings("ignore:PNMF did not converge")
@@ -143,12 +150,12 @@ def test_two_processes_fit_what_one_process_fits_on_the_same_batches(two_process
         assert any(k.startswith("spatial.mu") for k in single["prior"])
 
 
-def test_a_distributed_fit_resumes_from_its_checkpoint_in_a_new_torchrun(two_process_fits, tmp_path):
-    run_worker(tmp_path, "stop")
+def test_a_distributed_fit_resumes_from_its_checkpoint_in_a_new_torchrun(two_process_run):
+    folder, two_process_fits = two_process_run
     for case in CASES:
-        blob = PNMF.load_checkpoint(tmp_path / f"rank0.pt.{case}.ckpt")
+        blob = PNMF.load_checkpoint(folder / f"rank0.pt.{case}.ckpt")
         assert blob["trainer"]["iteration"] == 7
-    resumed = run_worker(tmp_path, "resume")
+    resumed = run_worker(folder, "resume")
     for case in CASES:
         # the same processes, the same batches, the same additions: the uninterrupted fit
         assert_same_fit(resumed[case], two_process_fits[case], rtol=1e-6, atol=1e-7)
@@ -179,40 +186,6 @@ STAGE_CONFIG = {
 def _train_runs(client):
     exps = [e.experiment_id for e in client.search_experiments()]
     return [r for r in client.search_runs(exps) if r.data.tags.get("sf.stage") == "train"]
-
-
-def test_the_train_stage_under_torchrun_makes_one_run_from_rank_0(mlflow_store, tmp_path):
-    from mlflow.tracking import MlflowClient
-
-    from sf_mlflow.config import config_from_dict
-    from sf_mlflow.stages._common import stage_hash
-    from sf_mlflow.stages.preprocess import run_preprocess
-    from sf_mlflow.stages.train import run_train
-
-    cfg = config_from_dict(STAGE_CONFIG, "dist.yaml")
-    run_preprocess(cfg)
-    path = tmp_path / "dist.yaml"
-    path.write_text(yaml.safe_dump(STAGE_CONFIG))
-    env = {**_env(), "MLFLOW_TRACKING_URI": mlflow_store}
-    proc = torchrun(["-m", "sf_mlflow.cli", "train", "-c", str(path),
-                     "--set", "training.distributed=true"], tmp_path, env)
-    assert proc.stdout.count("final ELBO") == 1     # only rank 0 reports
-    client = MlflowClient(mlflow_store)
-    runs = _train_runs(client)
-    assert len(runs) == 1
-    run = runs[0]
-    assert run.info.status == "FINISHED"
-    assert run.data.params["training.distributed"] == "true"
-    curve = client.get_metric_history(run.info.run_id, "elbo")
-    assert sorted(m.step for m in curve) == list(range(1, 13))
-    assert sorted(p.name for p in (tmp_path / "outputs" / "train").iterdir()) == [run.info.run_id]
-    # the single-process stage fits the same model, under the same stage hash
-    single_id = run_train(cfg)
-    single = client.get_metric_history(single_id, "elbo")
-    np.testing.assert_allclose([m.value for m in sorted(curve, key=lambda m: m.step)],
-                               [m.value for m in sorted(single, key=lambda m: m.step)], rtol=1e-4)
-    assert run.data.tags["sf.stage_hash"] == stage_hash(cfg, "train") == \
-        client.get_run(single_id).data.tags["sf.stage_hash"]
 
 
 def test_the_train_stage_refuses_distributed_outside_torchrun_before_making_a_run(mlflow_store,
@@ -266,3 +239,60 @@ def test_main_and_tune_refuse_distributed_before_making_a_run(mlflow_store, stag
         (run_main if stage == "main" else run_tune)(config_from_dict(raw, "dist.yaml"))
     client = MlflowClient(mlflow_store)
     assert [r for e in client.search_experiments() for r in client.search_runs([e.experiment_id])] == []
+
+
+def test_the_train_stage_under_torchrun_makes_one_run_from_rank_0_and_resumes_after_sigterm(
+        mlflow_store, tmp_path):
+    """The CLI's train entry point under torchrun, 2 ranks: only rank 0 makes a run (one per
+    launch), logs and writes outputs. SIGTERM to torchrun reaches every rank; all stop after the
+    same iteration, rank 0 logs the checkpoint once and ends the run interrupted; a new torchrun
+    resumes it to the fit one process makes without interruption, under the same stage hash."""
+    import signal
+
+    from mlflow.tracking import MlflowClient
+
+    from sf_mlflow.config import config_from_dict
+    from sf_mlflow.stages._common import stage_hash
+    from sf_mlflow.stages.preprocess import run_preprocess
+    from sf_mlflow.stages.train import run_train
+
+    raw = {**STAGE_CONFIG, "training": {**STAGE_CONFIG["training"], "max_iter": 10**6, "log_every": 1}}
+    run_preprocess(config_from_dict(raw, "dist.yaml"))
+    path = tmp_path / "dist.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    env = {**_env(), "MLFLOW_TRACKING_URI": mlflow_store}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+           "-m", "sf_mlflow.cli", "train", "-c", str(path), "--set", "training.distributed=true"]
+    proc = subprocess.Popen(cmd, cwd=tmp_path, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+    for line in proc.stdout:
+        if line.startswith("iter") and int(line.split()[1].split("/")[0]) >= 3:
+            proc.send_signal(signal.SIGTERM)
+            break
+    out = proc.stdout.read()
+    assert proc.wait() != 0
+    assert out.count("checkpoint logged") == 1, out[-3000:]
+    client = MlflowClient(mlflow_store)
+    (killed,) = _train_runs(client)
+    assert killed.data.tags["sf.interrupted"] == "true"
+    stopped = int(killed.data.metrics["interrupted_at_iteration"])
+    assert "--resume-from " + killed.info.run_id in out
+    done = torchrun(["-m", "sf_mlflow.cli", "train", "-c", str(path), "--set",
+                     "training.distributed=true", "--set", f"training.max_iter={stopped + 4}",
+                     "--resume-from", killed.info.run_id], tmp_path, env)
+    assert done.stdout.count("final ELBO") == 1     # only rank 0 reports
+    (resumed,) = [r for r in _train_runs(client) if r.info.run_id != killed.info.run_id]
+    assert resumed.info.status == "FINISHED"
+    assert resumed.data.params["training.distributed"] == "true"
+    assert sorted(p.name for p in (tmp_path / "outputs" / "train").iterdir()) == [resumed.info.run_id]
+    one = config_from_dict({**raw, "training": {**raw["training"], "max_iter": stopped + 4}}, "one.yaml")
+    single = run_train(one)
+
+    def curve(run_id):
+        history = sorted(client.get_metric_history(run_id, "elbo"), key=lambda m: m.step)
+        assert [m.step for m in history] == list(range(1, stopped + 5))
+        return [m.value for m in history]
+
+    np.testing.assert_allclose(curve(resumed.info.run_id), curve(single), rtol=1e-4)
+    assert resumed.data.tags["sf.stage_hash"] == stage_hash(one, "train") == \
+        client.get_run(single).data.tags["sf.stage_hash"]
