@@ -17,7 +17,9 @@ Training maximises the ELBO ``E_q[log p(Y | F, W)] - KL(q(F) || p(F))``:
 
 :class:`Trainer` is the explicit fit state. It knows nothing of the estimator
 (:class:`sf_mlflow.models.pnmf.PNMF`), which builds it, reads its state and result,
-and wraps its checkpoints.
+and wraps its checkpoints. Its data-parallel variant
+(:class:`sf_mlflow.models.distributed.DistributedTrainer`) fills the hooks that are
+identities here (``_spots_in``, ``_kl``, ``_total``, ``_reduce_grads``, ``_agree``).
 """
 
 from __future__ import annotations
