@@ -33,7 +33,7 @@ from sf_mlflow.constraints import coerce as _coerce
 from sf_mlflow.constraints import describe as _describe
 from sf_mlflow.constraints import param as _f
 from sf_mlflow.errors import ConfigError
-from sf_mlflow.models.settings import SVGP, ModelParams, TrainingParams
+from sf_mlflow.models.settings import SVGP, ModelParams, TrainingParams, check_spatial_components
 
 __all__ = [
     "Config",
@@ -282,15 +282,23 @@ class Config:
             d = {k: v for k, v in d.items() if k in sections}
         else:
             d = {k: v for k, v in d.items() if k not in UNHASHED_SECTIONS}
-        return _flatten(d)
+        unset = _unset_omitted(self)
+        return {k: v for k, v in _flatten(d).items() if k not in unset}
 
     def preprocess_settings(self) -> dict[str, Any]:
         """Everything that determines a preprocess run's output."""
         return {k: v for k, v in self.flat("seed", "dataset", "data", "preprocessing").items()}
 
     def digest(self, *sections: str) -> str:
-        """Short stable hash of the given sections (all but ``UNHASHED_SECTIONS`` when none)."""
-        payload = json.dumps(self.flat(*sections), sort_keys=True, default=str)
+        """Short stable hash of the given sections (all but ``UNHASHED_SECTIONS`` when none).
+
+        ``unhashed`` settings (:func:`sf_mlflow.constraints.param`, e.g. ``training.distributed``:
+        K processes compute the single-process result) are left out, so a run made either way
+        is reused by the other.
+        """
+        unhashed = _unset_omitted(self, hashing=True)
+        flat = {k: v for k, v in self.flat(*sections).items() if k not in unhashed}
+        payload = json.dumps(flat, sort_keys=True, default=str)
         return hashlib.sha256(payload.encode()).hexdigest()[:12]
 
     def to_yaml(self) -> str:
@@ -308,6 +316,28 @@ def _flatten(d: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
         else:
             out[key] = v
     return out
+
+
+def _unset_omitted(obj: Any, prefix: str = "", hashing: bool = False) -> set[str]:
+    """Dotted keys of the ``omit_unset`` fields that are None and of the ``unhashed`` ones at
+    their default (all ``unhashed`` ones with ``hashing``), see :func:`sf_mlflow.constraints.param`."""
+    out: set[str] = set()
+    for f in dataclasses.fields(obj):
+        value = getattr(obj, f.name)
+        if dataclasses.is_dataclass(value):
+            out |= _unset_omitted(value, f"{prefix}{f.name}.", hashing)
+        elif (value is None and f.metadata.get("omit_unset")) or (
+                f.metadata.get("unhashed") and (hashing or value == f.default)):
+            out.add(prefix + f.name)
+    return out
+
+
+def _check_model(cfg: Config, source: str) -> None:
+    """Checks across the model section's keys, of ``model:`` and of every ``models:`` entry."""
+    named = ((f"models.{name}.model.", c) for name, c in cfg.model_configs().items())
+    for where, c in [("model.", cfg), *named]:
+        check_spatial_components(c.model.n_components, c.model.spatial, c.model.spatial_components,
+                                 f"{source}: {where}")
 
 
 def _build(cls: type, raw: Any, source: str, prefix: str) -> Any:
@@ -545,6 +575,7 @@ def config_from_dict(raw: Mapping[str, Any] | None, source: str = "<config>",
     cfg = _build(Config, merged, label, "")
     _check_tuning(cfg, label)
     cfg.models = models
+    _check_model(cfg, label)
     cfg.source = source
     return cfg
 

@@ -17,7 +17,9 @@ Training maximises the ELBO ``E_q[log p(Y | F, W)] - KL(q(F) || p(F))``:
 
 :class:`Trainer` is the explicit fit state. It knows nothing of the estimator
 (:class:`sf_mlflow.models.pnmf.PNMF`), which builds it, reads its state and result,
-and wraps its checkpoints.
+and wraps its checkpoints. Its data-parallel variant
+(:class:`sf_mlflow.models.distributed.DistributedTrainer`) fills the hooks that are
+identities here (``_spots_in``, ``_kl``, ``_total``, ``_reduce_grads``, ``_agree``).
 """
 
 from __future__ import annotations
@@ -34,6 +36,7 @@ import torch
 from torch import Tensor
 
 from sf_mlflow.errors import ModelError
+from sf_mlflow.models.batching import IndexStream, literal_state
 from sf_mlflow.models.likelihood import CountBatch, expected_log_likelihood, likelihood_and_update, poisson_deviance
 from sf_mlflow.models.priors import FactorPrior
 
@@ -85,53 +88,6 @@ class FitState:
     checkpoint: Callable[[], dict]
 
 
-# ---- batching ----------------------------------------------------------------------------------
-
-def literal_state(text: str) -> dict:
-    """Parse a numpy bit-generator state saved with ``repr`` (a dict of str and int)."""
-    import ast
-
-    return ast.literal_eval(text)
-
-
-class IndexStream:
-    """Endless stream of index batches covering 0..n-1 once per epoch, with savable state.
-
-    Batches of one epoch differ in size by at most one (``array_split``), so every
-    batch of a shuffled epoch is a uniformly random subset and the N/B scaling
-    keeps the ELBO estimate unbiased. The state (the current epoch's order and the
-    position in it) is saved in checkpoints so a resumed fit draws the same batches.
-    """
-
-    def __init__(self, n: int, size: Optional[int], shuffle: bool, rng: np.random.Generator):
-        self.n, self.shuffle, self.rng = n, shuffle, rng
-        self.full = size is None or size >= n
-        self.n_batches = 1 if self.full else -(-n // size)
-        self.order: Optional[np.ndarray] = None
-        self.pos = self.n_batches   # forces a new epoch on the first draw
-
-    def __iter__(self) -> "IndexStream":
-        return self
-
-    def __next__(self) -> np.ndarray:
-        if self.full:
-            return np.arange(self.n)
-        if self.pos >= self.n_batches:
-            self.order = self.rng.permutation(self.n) if self.shuffle else np.arange(self.n)
-            self.pos = 0
-        part = np.array_split(self.order, self.n_batches)[self.pos]
-        self.pos += 1
-        return np.sort(part)   # sorted indices make the CSR row gather contiguous-ish
-
-    def state_dict(self) -> dict:
-        return {"order": None if self.order is None else torch.tensor(self.order),
-                "pos": int(self.pos)}
-
-    def load_state_dict(self, state: dict) -> None:
-        self.order = None if state["order"] is None else state["order"].numpy()
-        self.pos = int(state["pos"])
-
-
 # ---- the optimisation loop -------------------------------------------------------------------
 
 class FitResult:
@@ -170,18 +126,23 @@ class Trainer:
         self.gradient_loadings = train_loadings and p["loadings_mode"] == "gradient"
         self.natural = None
         self._frozen: list[Tensor] = []
+        self._kernel_params: list[Tensor] = []
+        # a hybrid prior's non-spatial part: its marginals are optimised with the optimiser
+        self._rest = getattr(prior, "gaussian", None)
         if p["optimizer"] == "natural":
             from sf_mlflow.models.natural import NaturalGradient
 
-            self.natural = NaturalGradient(prior, p["learning_rate"])
+            gp = getattr(prior, "spatial", prior)   # the SVGP prior, alone or a hybrid's part
+            self.natural = NaturalGradient(gp, p["learning_rate"])
             # q(v) moves by natural steps only; autograd then skips the costly backward
             # pass through the variance term (restored by close()).
-            variational = [prm for name, prm in prior.named_parameters()
+            variational = [prm for name, prm in gp.named_parameters()
                            if not name.startswith("kernel.")]
             self._frozen = [prm for prm in variational if prm.requires_grad]
             for prm in self._frozen:
                 prm.requires_grad_(False)
-            params = [prm for prm in prior.kernel.parameters() if prm.requires_grad]
+            self._kernel_params = [prm for prm in gp.kernel.parameters() if prm.requires_grad]
+            params = self._kernel_params + ([] if self._rest is None else list(self._rest.parameters()))
         else:
             params = list(prior.parameters())
         if self.gradient_loadings:
@@ -314,7 +275,28 @@ class Trainer:
                 None if self.groups is None else self.groups[idx])
 
     def _scale(self, batch: CountBatch) -> float:
-        return (self.N / batch.n_spots) * (self.D / batch.n_genes)
+        return (self.N / self._spots_in(batch)) * (self.D / batch.n_genes)
+
+    # ---- hooks of the data-parallel trainer (sf_mlflow.models.distributed): identities here --
+
+    def _spots_in(self, batch: CountBatch) -> int:
+        """Spots of the step's whole batch (all ranks' shares together)."""
+        return batch.n_spots
+
+    def _kl(self, module: FactorPrior, idx: Tensor) -> Tensor:
+        """This process's share of ``module``'s KL term of the step."""
+        return module.kl(idx)
+
+    def _total(self, value: Tensor) -> Tensor:
+        """A sum over the step's spots, completed over all ranks."""
+        return value
+
+    def _reduce_grads(self) -> None:
+        """Complete the optimiser's gradients over all ranks (before its step)."""
+
+    def _agree(self, stop: bool) -> bool:
+        """Whether every rank stops (any rank asking stops all)."""
+        return stop
 
     def _likelihood(self, batch: CountBatch, mean: Tensor, var: Tensor,
                     gidx: Optional[Tensor]) -> tuple[Tensor, Optional[Tensor]]:
@@ -336,30 +318,38 @@ class Trainer:
         coords, groups = self._at(idx)
         mean, var = prior.marginals(idx, coords, groups)
         ll, new_W = self._likelihood(batch, mean, var, gidx)
-        elbo = self._scale(batch) * ll - prior.kl(idx)
-        if not torch.isfinite(elbo):
-            return float(elbo.detach())     # no step from a non-finite state
+        elbo = self._scale(batch) * ll - self._kl(prior, idx)
+        total = self._total(elbo.detach())
+        if not torch.isfinite(total):
+            return float(total)     # no step from a non-finite state
         self.optimizer.zero_grad(set_to_none=True)
         (-elbo / self.N).backward()
+        self._reduce_grads()
         self.optimizer.step()
         if new_W is not None:
-            self._update_loadings(new_W, mean.detach(), var.detach(), gidx, batch.n_spots)
-        return float(elbo.detach())
+            self._update_loadings(new_W, mean.detach(), var.detach(), gidx, self._spots_in(batch))
+        return float(total)
 
     def _natural_step(self, batch: CountBatch, idx: Tensor, gidx: Optional[Tensor]) -> float:
-        """Natural-gradient step of q(v); Adam on trained kernel hyperparameters (and raw W)."""
-        prior = self.prior
+        """Natural-gradient step of q(v); Adam on trained kernel hyperparameters, on a hybrid
+        prior's non-spatial part (the factors after the spatial ones) and on raw W."""
+        prior, gp, rest = self.prior, self.natural.prior, self._rest
         coords, groups = self._at(idx)
-        hyper = self.optimizer is not None and any(
-            prm is not getattr(self, "raw_loadings", None) for prm in self.params)
+        hyper = bool(self._kernel_params)
         with torch.set_grad_enabled(hyper):
-            mean, var, At = prior.marginals_and_interp(coords, groups)
-        m = mean.detach().requires_grad_(True)
-        v = var.detach().requires_grad_(True)
+            mean, var, At = gp.marginals_and_interp(coords, groups)
+        K = mean.shape[0]
+        if rest is not None:
+            mean_r, var_r = rest.marginals(idx)
+            m = torch.cat([mean.detach(), mean_r.detach()]).requires_grad_(True)
+            v = torch.cat([var.detach(), var_r.detach()]).requires_grad_(True)
+        else:
+            m = mean.detach().requires_grad_(True)
+            v = var.detach().requires_grad_(True)
         ll, new_W = self._likelihood(batch, m, v, gidx)
         scaled = self._scale(batch) * ll
         with torch.no_grad():
-            elbo = float(scaled.detach() - prior.kl(idx))
+            elbo = float(self._total(scaled.detach() - self._kl(prior, idx)))
         if not math.isfinite(elbo):
             return elbo
         leaves = [m, v] + ([self.raw_loadings] if self.gradient_loadings else [])
@@ -368,14 +358,24 @@ class Trainer:
             self.optimizer.zero_grad(set_to_none=True)
             if self.gradient_loadings:
                 self.raw_loadings.grad = -grads[2] / self.N
+            outputs, seeds = [], []
             if hyper:
-                torch.autograd.backward([mean, var], [-grads[0] / self.N, -grads[1] / self.N])
+                outputs += [mean, var]
+                seeds += [-grads[0][:K] / self.N, -grads[1][:K] / self.N]
+            if rest is not None:
+                # d(-ELBO/N) of the Gaussian part: its likelihood gradients, plus its KL term
+                outputs += [mean_r, var_r, self._kl(rest, idx)]
+                seeds += [-grads[0][K:] / self.N, -grads[1][K:] / self.N,
+                          torch.tensor(1.0 / self.N, dtype=self.dtype, device=self.device)]
+            if outputs:
+                torch.autograd.backward(outputs, seeds)
+            self._reduce_grads()
             self.optimizer.step()
-        self.natural.step(At.detach(), grads[0], grads[1])
+        self.natural.step(At.detach(), grads[0][:K], grads[1][:K])
         if hyper:
             self.natural.reset()    # the kernel moved: Lzz and A change under q(v)
         if new_W is not None:
-            self._update_loadings(new_W, m.detach(), v.detach(), gidx, batch.n_spots)
+            self._update_loadings(new_W, m.detach(), v.detach(), gidx, self._spots_in(batch))
         return elbo
 
     @torch.no_grad()
@@ -416,7 +416,7 @@ class Trainer:
             return
         if not hasattr(self, "stat_s"):
             self._init_statistics()
-        t_batch = torch.exp(mean + 0.5 * var).sum(dim=1) / rho    # (L,), scaled to N spots
+        t_batch = self._total(torch.exp(mean + 0.5 * var).sum(dim=1)) / rho    # (L,), scaled to N
         rows = slice(None) if gidx is None else gidx
         s = (1 - rho) * self.stat_s[rows] + rho * (new_W * t_batch)
         t = (1 - rho) * self.stat_t[rows] + rho * t_batch
@@ -542,11 +542,11 @@ class Trainer:
                 check = self.evaluate_elbo() if self._eval_block()[0] is not self.full else \
                     sum(history[-w:]) / len(history[-w:])
                 self.checks.append(check)
-                if self._converged():
+                if self._agree(self._converged()):
                     self._reason, done = "tol", True
-            if val_every and it % val_every == 0 and self._validate(it):
+            if val_every and it % val_every == 0 and self._agree(self._validate(it)):
                 self._reason, done = "validation", True
-            if callback is not None and callback(it, value) is True:
+            if self._agree(callback is not None and callback(it, value) is True):
                 self._reason, done = "callback", True
             if it == p["max_iter"]:
                 done = True

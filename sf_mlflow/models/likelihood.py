@@ -301,9 +301,16 @@ def _check_shapes(batch: CountBatch, mean: Tensor, var: Tensor, loadings: Tensor
 
 def _samples(mean: Tensor, var: Tensor, num_samples: int,
              generator: Optional[torch.Generator]) -> Tensor:
-    """Reparametrised draws F = m + sqrt(v) eps, (E, L, B)."""
-    eps = torch.randn((num_samples, *mean.shape), generator=generator,
-                      device=mean.device, dtype=mean.dtype)
+    """Reparametrised draws F = m + sqrt(v) eps, (E, L, B).
+
+    A ``generator`` with a ``draw(shape, device, dtype)`` method supplies eps itself (a
+    data-parallel rank's columns of the whole batch's draw, :mod:`sf_mlflow.models.distributed`).
+    """
+    shape = (num_samples, *mean.shape)
+    if hasattr(generator, "draw"):
+        eps = generator.draw(shape, mean.device, mean.dtype)
+    else:
+        eps = torch.randn(shape, generator=generator, device=mean.device, dtype=mean.dtype)
     # The floor keeps sqrt's gradient finite where a variance is exactly zero.
     std = torch.sqrt(var.clamp_min(torch.finfo(var.dtype).tiny))
     return mean + std * eps
@@ -440,6 +447,23 @@ def likelihood_and_update(batch: CountBatch, mean: Tensor, var: Tensor, loadings
         numer = sum(p.mm_numerator(batch) for p in parts) / len(parts)
         new = _mm_ratio(loadings, numer, spot_sums.detach())
     return ll, new
+
+
+def likelihood_and_statistics(batch: CountBatch, mean: Tensor, var: Tensor, loadings: Tensor,
+                              mode: str = "lower-bound", num_samples: int = 8,
+                              generator: Optional[torch.Generator] = None):
+    """:func:`likelihood_and_update` with the step's sums over spots instead of the step.
+
+    Returns ``(ll, numer (Db, L), spot_sums (L,))``; the new loadings are
+    ``_mm_ratio(loadings, numer, spot_sums)``. Both statistics are sums over the block's
+    spots, so a data-parallel fit adds them over the ranks' shares of a batch first.
+    """
+    loadings = loadings.detach()
+    ll, parts, spot_sums = _evaluate(batch, mean, var, loadings, mode, num_samples, generator)
+    with torch.no_grad():
+        numer = (sum(p.mm_numerator(batch) for p in parts) / len(parts) if parts
+                 else torch.zeros_like(loadings))
+    return ll, numer, spot_sums.detach()
 
 
 @torch.no_grad()

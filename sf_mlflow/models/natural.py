@@ -143,6 +143,10 @@ class NaturalGradient:
         self.halvings = 0
         self.shrinks = 0
         self.skipped = 0
+        #: Data-parallel fits (:mod:`sf_mlflow.models.distributed`) set a communicator: each
+        #: rank then holds a share of the batch's spots, and the sums over spots (g_mu, g_S)
+        #: and the trust region's largest move are completed over all ranks.
+        self.comm = None
 
     # ---- state -----------------------------------------------------------------------------
     def reset(self) -> None:
@@ -201,6 +205,8 @@ class NaturalGradient:
             g_S = ((A_l * g_var[l, :, None]).mT @ A_l).to(_F64)                # (M, M)
             g_S = 0.5 * (g_S + g_S.mT)
             g_mu = (g_mean[l] @ A_l).to(_F64)                                  # (M,)
+            if self.comm is not None:
+                g_S, g_mu = self.comm.sum_all(g_S, g_mu)
             P, mu = P_all[l], mu_all[l]
             theta1 = P @ mu
             grad_theta1 = g_mu - 2.0 * (g_S @ mu)
@@ -228,6 +234,8 @@ class NaturalGradient:
         if A.shape[0] == 0 or bound is None:
             return step
         moved = (step.to(A.dtype) @ A.mT).abs().amax(dim=-1, keepdim=True).to(step.dtype)
+        if self.comm is not None:
+            moved = self.comm.max(moved)
         factor = torch.where(moved > bound, bound / moved, torch.ones_like(moved))
         self.shrinks += int((moved > bound).sum())
         return step * torch.nan_to_num(factor, nan=0.0)
@@ -256,6 +264,8 @@ class NaturalGradient:
         else:
             g_s = torch.bmm(g_var[:, None, :], A2).squeeze(1).to(_F64)
             g_mu = torch.bmm(g_mean[:, None, :], At).squeeze(1).to(_F64)
+        if self.comm is not None:
+            g_s, g_mu = self.comm.sum_all(g_s, g_mu)
         theta1 = p * mu
         gamma = torch.full((p.shape[0], 1), self.lr, dtype=_F64, device=p.device)
         for _ in range(MAX_HALVINGS + 1):

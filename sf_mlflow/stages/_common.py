@@ -12,7 +12,7 @@ from typing import Any, Iterator, Mapping
 
 from sf_mlflow.config import Config
 from sf_mlflow.data.io import PreprocessedData, read_preprocessed
-from sf_mlflow.errors import RunLookupError
+from sf_mlflow.errors import ConfigError, RunLookupError
 from sf_mlflow.stages._checks import check_upstream
 from sf_mlflow.stages.table import STAGES
 from sf_mlflow.tracking import (
@@ -59,6 +59,21 @@ def stage_hash(config: Config, stage: str) -> str:
     return config.digest(*sections) if sections else "none"
 
 
+def single_process(config: Config, stage: str) -> None:
+    """Refuse ``training.distributed`` in a stage that fits in one process (main, tune).
+
+    Only the train entry point splits a fit across torchrun's processes; under torchrun
+    every process of another stage would make its own runs.
+    """
+    where = [f"{config.source}: training.distributed"] if config.training.distributed else []
+    where += [f"{config.source}: models.{name}.training.distributed"
+              for name, c in config.model_configs().items() if c.training.distributed]
+    if where:
+        raise ConfigError(f"{where[0]} = true is supported by the train entry point only, not by "
+                          f"{stage}: set it false here, or train with `torchrun --nproc-per-node K "
+                          "-m sf_mlflow.cli train -c CONFIG --set training.distributed=true`")
+
+
 def base_tags(config: Config, stage: str | None = None) -> dict[str, str]:
     tags = {TAG_DATASET: config.dataset, TAG_CONFIG_HASH: config.digest(),
             TAG_PREPROCESS_HASH: preprocess_hash(config)}
@@ -71,15 +86,21 @@ def base_tags(config: Config, stage: str | None = None) -> dict[str, str]:
 # ---- names --------------------------------------------------------------------------------------
 
 def model_kind(config: Config) -> str:
-    """``"svgp"`` or ``"pnmf"``: the short model name used in run names and tags."""
-    return "svgp" if config.model.spatial else "pnmf"
+    """``"svgp"``, ``"hybrid"`` (SVGP with ``model.spatial_components``) or ``"pnmf"``: the
+    short model name used in run names and tags."""
+    if not config.model.spatial:
+        return "pnmf"
+    return "svgp" if config.model.spatial_components is None else "hybrid"
 
 
 def run_name(config: Config) -> str:
-    """``train/<model>/L<L>[/M<M>/l<lengthscale>]``."""
+    """``train/<model>/L<L>[/K<spatial components>][/M<M>/l<lengthscale>]``."""
     m = config.model
-    name = f"train/{model_kind(config)}/L{m.n_components}"
-    if model_kind(config) == "svgp":
+    kind = model_kind(config)
+    name = f"train/{kind}/L{m.n_components}"
+    if kind == "hybrid":
+        name += f"/K{m.spatial_components}"
+    if kind in ("svgp", "hybrid"):
         name += f"/M{m.num_inducing}/l{m.lengthscale:g}"
     return name
 

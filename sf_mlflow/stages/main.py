@@ -43,6 +43,7 @@ from sf_mlflow.stages._common import (
     open_run,
     run_name,
     say,
+    single_process,
     stage_hash,
     staging_dir,
 )
@@ -237,6 +238,7 @@ def run_main(config: Config, force: bool = False) -> str:
     With ``models:`` in the config: one preprocess run, a train and an analyze run per
     model, one figures run comparing them, and ``report.html`` on the parent run.
     """
+    single_process(config, STAGE)
     named = bool(config.models)
     models = config.model_configs() or {model_kind(config): config}
     kind = "+".join(models) if named else model_kind(config)

@@ -8,7 +8,7 @@ import json
 import tempfile
 import warnings
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, NamedTuple
 
 import numpy as np
 
@@ -17,6 +17,8 @@ from sf_mlflow.config import Config
 from sf_mlflow.data.counts import SpatialCounts
 from sf_mlflow.data.io import PreprocessedData
 from sf_mlflow.errors import ArtifactError, ConfigError, RunLookupError
+from sf_mlflow.models.device import resolve_device
+from sf_mlflow.models.distributed import Communicator
 from sf_mlflow.models.pnmf import PNMF, ConvergenceWarning, NonFiniteELBOError
 from sf_mlflow.models.settings import ModelParams, TrainingParams
 from sf_mlflow.stages._checks import (
@@ -75,7 +77,7 @@ def training_inputs(config: Config, pre: PreprocessedData):
     """Counts, coordinates and groups of the training (not held-out) spots."""
     data = pre.training_spots()
     groups = None
-    if config.model.spatial and config.model.groups:
+    if config.model.spatial and config.model.groups and config.model.spatial_components != 0:
         if data.groups is None:
             raise ConfigError(
                 f"{config.source}: model.groups is true but dataset '{config.dataset}' has no "
@@ -125,7 +127,17 @@ def validation_inputs(config: Config, pre: PreprocessedData, model: PNMF):
     return held.counts, held.coordinates, groups
 
 
-def save_checkpoint_and_stop(run, model: PNMF) -> None:
+def resume_hint(config: Config, run_id: str) -> str:
+    """The command that continues run ``run_id`` from its checkpoint (torchrun for a
+    distributed fit; with one process it may continue either way)."""
+    if config.training.distributed:
+        return (f"  torchrun --nproc-per-node K -m sf_mlflow.cli train -c <same config> "
+                f"--set training.distributed=true --resume-from {run_id}")
+    return (f"  mlflow run . -e train --env-manager local -P config=<same config> "
+            f"-P resume_from={run_id}")
+
+
+def save_checkpoint_and_stop(run, model: PNMF, config: Config) -> None:
     """Log the training state of an interrupted fit, then end the run as KILLED."""
     log_checkpoint(run, model)
     run.log_metrics({"interrupted_at_iteration": model.n_iter_})
@@ -134,8 +146,7 @@ def save_checkpoint_and_stop(run, model: PNMF) -> None:
     # the status string with integer codes), so the tag is what marks a resumable run.
     run.set_tags({TAG_INTERRUPTED: "true"})
     say(STAGE, f"interrupted at iteration {model.n_iter_}; checkpoint logged. Continue with\n"
-               f"  mlflow run . -e train --env-manager local -P config=<same config> "
-               f"-P resume_from={run.run_id}")
+               + resume_hint(config, run.run_id))
     raise KeyboardInterrupt
 
 
@@ -198,7 +209,7 @@ def fit(run: StageRun, config: Config, model: PNMF, pre: PreprocessedData, data:
                           validation=validation_inputs(config, pre, model))
             except NonFiniteELBOError as err:
                 elbo_stream.flush()
-                log_divergence(run, model, err)
+                log_divergence(run, model, err, config)
                 raise
     for w in caught:
         if issubclass(w.category, ConvergenceWarning):
@@ -207,16 +218,17 @@ def fit(run: StageRun, config: Config, model: PNMF, pre: PreprocessedData, data:
             warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
     elbo_stream.flush()
     if stop.requested:
-        save_checkpoint_and_stop(run, model)
+        save_checkpoint_and_stop(run, model, config)
 
 
-def log_divergence(run: StageRun, model: PNMF, err: NonFiniteELBOError) -> None:
+def log_divergence(run: StageRun, model: PNMF, err: NonFiniteELBOError, config: Config) -> None:
     """Log the checkpoint of a fit whose ELBO became non-finite and mark the run not reusable."""
     log_checkpoint(run, model)
     run.set_tags({TAG_DIVERGED: "true", TAG_CONVERGED: "false", TAG_REUSABLE: "false"})
+    smaller = (" --set training.learning_rate=<smaller>" if config.training.distributed
+               else " -P training.learning_rate=<smaller>")
     say(STAGE, f"{err}. Its checkpoint is logged; continue with\n"
-               f"  mlflow run . -e train --env-manager local -P config=<same config> "
-               f"-P resume_from={run.run_id} -P training.learning_rate=<smaller>")
+               + resume_hint(config, run.run_id) + smaller)
 
 
 def tag_fit(run: StageRun, model: PNMF) -> None:
@@ -300,6 +312,82 @@ def check_before_fit(config: Config, upstream_id: str, data: SpatialCounts, grou
     check_num_inducing(config, data.coordinates, groups)
 
 
+# ---- data-parallel fits (training.distributed, under torchrun) ----------------------------------
+
+def process_group(config: Config) -> Communicator | None:
+    """This process's place in a distributed fit (None without ``training.distributed``).
+
+    Raises ConfigError, before any run is made, when the process was not started by torchrun.
+    """
+    if not config.training.distributed:
+        return None
+    return Communicator.join(resolve_device(config.training.device))
+
+
+def train_worker(config: Config, comm: Communicator, resume_from: str | None) -> str:
+    """A rank > 0 of a distributed train stage: the fit on its share of each batch, nothing else.
+
+    It reads the same inputs as rank 0 (the preprocess run rank 0 resolved, sent over; the
+    checkpoint of ``resume_from``) but opens no run and writes no outputs, artifacts or
+    registry entries: rank 0 does all of that. Returns "" (no run of its own).
+    """
+    upstream_id = comm.broadcast()
+    if upstream_id is None:   # rank 0 could not resolve its inputs and reports why
+        return ""
+    resumed = get_stage_run(resume_from, STAGE, statuses=("KILLED", "FAILED")) if resume_from else None
+    pre, checkpoint = read_inputs(upstream_id, resumed)
+    data, groups = training_inputs(config, pre)
+    model = build_model(config)
+    model.verbose = False
+    with StopRequests() as stop, warnings.catch_warnings():   # torchrun passes signals on
+        warnings.simplefilter("ignore", ConvergenceWarning)      # rank 0 reports them
+        model.fit(data.counts, coordinates=data.coordinates, groups=groups,
+                  callback=lambda state: stop.requested or None, resume=checkpoint,
+                  validation=validation_inputs(config, pre, model))
+    comm.leave()
+    return ""
+
+
+class TrainInputs(NamedTuple):
+    """What rank 0 of a train stage read and checked before opening its run."""
+
+    resumed: Any
+    upstream_id: str
+    pre: PreprocessedData
+    checkpoint: dict | None
+    data: SpatialCounts
+    groups: Any
+
+
+def resolve_inputs(config: Config, comm: Communicator | None, preprocess_run_id: str | None,
+                   resume_from: str | None, register_as: str | None,
+                   register_alias: str) -> TrainInputs:
+    """The run to resume, the preprocess run and its data, checked by :func:`check_before_fit`.
+
+    In a distributed fit the preprocess run's ID is then sent to the other ranks, or None
+    when anything failed, so that those ranks end quietly instead of waiting for a fit
+    that never starts.
+    """
+    try:
+        resumed = None
+        if resume_from:
+            resumed, preprocess_run_id = resumed_run(resume_from, preprocess_run_id)
+        upstream_id = resolve_upstream(
+            config, "preprocess", preprocess_run_id, by=STAGE,
+            advice=(f"Resume with the config run {resume_from} was made with" if resume_from
+                    else None)).info.run_id
+        pre, checkpoint = read_inputs(upstream_id, resumed)
+        data, groups = training_inputs(config, pre)
+        check_before_fit(config, upstream_id, data, groups, register_as, register_alias)
+    except BaseException:
+        if comm is not None:
+            comm.broadcast(None)
+        raise
+    if comm is not None:
+        comm.broadcast(upstream_id)
+    return TrainInputs(resumed, upstream_id, pre, checkpoint, data, groups)
+
+
 # ---- the stage ----------------------------------------------------------------------------------
 
 def run_train(config: Config, preprocess_run_id: str | None = None, *,
@@ -330,20 +418,21 @@ def run_train(config: Config, preprocess_run_id: str | None = None, *,
     Before any run is opened, a ``preprocess_run_id`` must name a run of this config's data
     set and preprocessing settings, and :func:`check_before_fit` refuses what would fail
     only after the fit; a registration that fails ends the run FAILED with no output folder.
+
+    With ``training.distributed: true`` the process must be a torchrun worker (else
+    ConfigError); rank 0 does all of the above, the other ranks only fit their share of
+    every batch (:func:`train_worker`) and return "".
     """
-    resumed = None
-    if resume_from:
-        resumed, preprocess_run_id = resumed_run(resume_from, preprocess_run_id)
-    upstream_id = resolve_upstream(
-        config, "preprocess", preprocess_run_id, by=STAGE,
-        advice=(f"Resume with the config run {resume_from} was made with" if resume_from
-                else None)).info.run_id
-    pre, checkpoint = read_inputs(upstream_id, resumed)
-    data, groups = training_inputs(config, pre)
-    check_before_fit(config, upstream_id, data, groups, register_as, register_alias)
+    comm = process_group(config)
+    if comm is not None and comm.rank > 0:
+        return train_worker(config, comm, resume_from)
+    resumed, upstream_id, pre, checkpoint, data, groups = resolve_inputs(
+        config, comm, preprocess_run_id, resume_from, register_as, register_alias)
     kind = model_kind(config)
     params = {**config.flat(), "upstream.preprocess_run_id": upstream_id}
     tags = {**base_tags(config, STAGE), TAG_UPSTREAM: upstream_id, TAG_MODEL: kind}
+    if config.model.spatial_components is not None:
+        tags["sf.spatial_components"] = str(config.model.spatial_components)
     if resume_from:
         tags[TAG_RESUMED_FROM] = resume_from
     description = (f"Train {kind.upper()} with L={config.model.n_components} on preprocess run "
@@ -356,6 +445,8 @@ def run_train(config: Config, preprocess_run_id: str | None = None, *,
         say(STAGE, f"fitting on {data.n_spots:,} spots x {data.n_genes:,} genes")
         fit(run, config, model, pre, data, groups, checkpoint=checkpoint,
             on_iteration=on_iteration)
+        if comm is not None:
+            comm.leave()   # the other ranks are done
         tag_fit(run, model)
         log_results(run, config, model, summarize(model, data, pre, upstream_id), register=(
             (lambda path: register(run, config, pre, data, upstream_id, register_as,

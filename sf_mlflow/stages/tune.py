@@ -49,6 +49,7 @@ from sf_mlflow.stages._common import (
     open_run,
     resolve_upstream,
     say,
+    single_process,
     staging_dir,
 )
 from sf_mlflow.stages.table import STAGES
@@ -567,6 +568,7 @@ def run_tune(config: Config, preprocess_run_id: str | None = None, n_trials: int
     ``best_heldout_deviance``, and registers the best trial's model under ``tuning.alias``.
     """
     check_tunable(config)
+    single_process(config, STAGE)
     s = study_settings(config, n_trials, storage, study_name)
     upstream_id = resolve_upstream(config, "preprocess", preprocess_run_id, by=STAGE).info.run_id
     train_xy, heldout = scoring_inputs(config, upstream_id)
