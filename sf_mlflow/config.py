@@ -33,7 +33,7 @@ from sf_mlflow.constraints import coerce as _coerce
 from sf_mlflow.constraints import describe as _describe
 from sf_mlflow.constraints import param as _f
 from sf_mlflow.errors import ConfigError
-from sf_mlflow.models.settings import SVGP, ModelParams, TrainingParams
+from sf_mlflow.models.settings import SVGP, ModelParams, TrainingParams, check_spatial_components
 
 __all__ = [
     "Config",
@@ -282,7 +282,8 @@ class Config:
             d = {k: v for k, v in d.items() if k in sections}
         else:
             d = {k: v for k, v in d.items() if k not in UNHASHED_SECTIONS}
-        return _flatten(d)
+        unset = _unset_omitted(self)
+        return {k: v for k, v in _flatten(d).items() if k not in unset}
 
     def preprocess_settings(self) -> dict[str, Any]:
         """Everything that determines a preprocess run's output."""
@@ -308,6 +309,26 @@ def _flatten(d: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
         else:
             out[key] = v
     return out
+
+
+def _unset_omitted(obj: Any, prefix: str = "") -> set[str]:
+    """Dotted keys of the ``omit_unset`` fields that are None (:func:`sf_mlflow.constraints.param`)."""
+    out: set[str] = set()
+    for f in dataclasses.fields(obj):
+        value = getattr(obj, f.name)
+        if dataclasses.is_dataclass(value):
+            out |= _unset_omitted(value, f"{prefix}{f.name}.")
+        elif value is None and f.metadata.get("omit_unset"):
+            out.add(prefix + f.name)
+    return out
+
+
+def _check_model(cfg: Config, source: str) -> None:
+    """Checks across the model section's keys, of ``model:`` and of every ``models:`` entry."""
+    named = ((f"models.{name}.model.", c) for name, c in cfg.model_configs().items())
+    for where, c in [("model.", cfg), *named]:
+        check_spatial_components(c.model.n_components, c.model.spatial, c.model.spatial_components,
+                                 f"{source}: {where}")
 
 
 def _build(cls: type, raw: Any, source: str, prefix: str) -> Any:
@@ -545,6 +566,7 @@ def config_from_dict(raw: Mapping[str, Any] | None, source: str = "<config>",
     cfg = _build(Config, merged, label, "")
     _check_tuning(cfg, label)
     cfg.models = models
+    _check_model(cfg, label)
     cfg.source = source
     return cfg
 

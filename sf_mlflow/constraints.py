@@ -27,9 +27,18 @@ def _range(lo: float | None = None, hi: float | None = None, *, lo_open: bool = 
 
 
 def param(default: Any, lo: float | None = None, hi: float | None = None, *, lo_open: bool = False,
-       hi_open: bool = False, doc: str = "") -> Any:
-    """A dataclass field with a default, an optional numeric range and a description."""
+       hi_open: bool = False, doc: str = "", omit_unset: bool = False) -> Any:
+    """A dataclass field with a default, an optional numeric range and a description.
+
+    ``omit_unset``: a setting added after runs were hashed, whose default (None) keeps the
+    old behaviour; while it is None it is left out of the config's flat view, so the stage
+    hashes, params and study names of configs that do not set it stay what they were.
+    """
     meta = _range(lo, hi, lo_open=lo_open, hi_open=hi_open, doc=doc)
+    if omit_unset:
+        if default is not None:
+            raise TypeError("omit_unset needs the default None")
+        meta["omit_unset"] = True
     if isinstance(default, (dict, list)) or dataclasses.is_dataclass(default):
         raise TypeError("use field(default_factory=...) for mutable defaults")
     return field(default=default, metadata=meta)

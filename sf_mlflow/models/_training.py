@@ -170,18 +170,23 @@ class Trainer:
         self.gradient_loadings = train_loadings and p["loadings_mode"] == "gradient"
         self.natural = None
         self._frozen: list[Tensor] = []
+        self._kernel_params: list[Tensor] = []
+        # a hybrid prior's non-spatial part: its marginals are optimised with the optimiser
+        self._rest = getattr(prior, "gaussian", None)
         if p["optimizer"] == "natural":
             from sf_mlflow.models.natural import NaturalGradient
 
-            self.natural = NaturalGradient(prior, p["learning_rate"])
+            gp = getattr(prior, "spatial", prior)   # the SVGP prior, alone or a hybrid's part
+            self.natural = NaturalGradient(gp, p["learning_rate"])
             # q(v) moves by natural steps only; autograd then skips the costly backward
             # pass through the variance term (restored by close()).
-            variational = [prm for name, prm in prior.named_parameters()
+            variational = [prm for name, prm in gp.named_parameters()
                            if not name.startswith("kernel.")]
             self._frozen = [prm for prm in variational if prm.requires_grad]
             for prm in self._frozen:
                 prm.requires_grad_(False)
-            params = [prm for prm in prior.kernel.parameters() if prm.requires_grad]
+            self._kernel_params = [prm for prm in gp.kernel.parameters() if prm.requires_grad]
+            params = self._kernel_params + ([] if self._rest is None else list(self._rest.parameters()))
         else:
             params = list(prior.parameters())
         if self.gradient_loadings:
@@ -347,15 +352,21 @@ class Trainer:
         return float(elbo.detach())
 
     def _natural_step(self, batch: CountBatch, idx: Tensor, gidx: Optional[Tensor]) -> float:
-        """Natural-gradient step of q(v); Adam on trained kernel hyperparameters (and raw W)."""
-        prior = self.prior
+        """Natural-gradient step of q(v); Adam on trained kernel hyperparameters, on a hybrid
+        prior's non-spatial part (the factors after the spatial ones) and on raw W."""
+        prior, gp, rest = self.prior, self.natural.prior, self._rest
         coords, groups = self._at(idx)
-        hyper = self.optimizer is not None and any(
-            prm is not getattr(self, "raw_loadings", None) for prm in self.params)
+        hyper = bool(self._kernel_params)
         with torch.set_grad_enabled(hyper):
-            mean, var, At = prior.marginals_and_interp(coords, groups)
-        m = mean.detach().requires_grad_(True)
-        v = var.detach().requires_grad_(True)
+            mean, var, At = gp.marginals_and_interp(coords, groups)
+        K = mean.shape[0]
+        if rest is not None:
+            mean_r, var_r = rest.marginals(idx)
+            m = torch.cat([mean.detach(), mean_r.detach()]).requires_grad_(True)
+            v = torch.cat([var.detach(), var_r.detach()]).requires_grad_(True)
+        else:
+            m = mean.detach().requires_grad_(True)
+            v = var.detach().requires_grad_(True)
         ll, new_W = self._likelihood(batch, m, v, gidx)
         scaled = self._scale(batch) * ll
         with torch.no_grad():
@@ -368,10 +379,19 @@ class Trainer:
             self.optimizer.zero_grad(set_to_none=True)
             if self.gradient_loadings:
                 self.raw_loadings.grad = -grads[2] / self.N
+            outputs, seeds = [], []
             if hyper:
-                torch.autograd.backward([mean, var], [-grads[0] / self.N, -grads[1] / self.N])
+                outputs += [mean, var]
+                seeds += [-grads[0][:K] / self.N, -grads[1][:K] / self.N]
+            if rest is not None:
+                # d(-ELBO/N) of the Gaussian part: its likelihood gradients, plus its KL term
+                outputs += [mean_r, var_r, rest.kl(idx)]
+                seeds += [-grads[0][K:] / self.N, -grads[1][K:] / self.N,
+                          torch.tensor(1.0 / self.N, dtype=self.dtype, device=self.device)]
+            if outputs:
+                torch.autograd.backward(outputs, seeds)
             self.optimizer.step()
-        self.natural.step(At.detach(), grads[0], grads[1])
+        self.natural.step(At.detach(), grads[0][:K], grads[1][:K])
         if hyper:
             self.natural.reset()    # the kernel moved: Lzz and A change under q(v)
         if new_W is not None:

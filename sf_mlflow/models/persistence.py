@@ -2,7 +2,9 @@
 
 Files hold tensors, numbers, strings, lists and dicts only, so they are read with
 ``torch.load(..., weights_only=True)``. The spatial prior's settings are stored as
-``{"svgp": {...}}``; files of format 1 (flat spatial keyword arguments) still load.
+``{"svgp": {...}}``; files of format 1 (flat spatial keyword arguments) still load. A
+hybrid prior (``spatial_components``) is stored as its two parts' states
+(``spatial.*``, ``gaussian.*``) and rebuilt by :func:`sf_mlflow.models.hybrid.empty_prior`.
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ from torch import Tensor
 
 from sf_mlflow.errors import ConfigError, DataError, ModelError, ModelFileError, SfMlflowError
 from sf_mlflow.models.device import resolve_device
-from sf_mlflow.models.priors import GaussianPrior
+from sf_mlflow.models.hybrid import empty_prior
 from sf_mlflow.models.settings import SVGP
 
 __all__ = ["FORMAT_VERSION", "save_model", "load_model", "checkpoint_blob", "read_checkpoint",
@@ -176,21 +178,17 @@ def _restore(cls, blob: dict, device: str):
     p = model._validated()
     dev, dtype = resolve_device(device), p["dtype"]
     st, at = blob["state"], blob["attributes"]
-    n, L = int(at["n_spots_"]), p["n_components"]
+    n = int(at["n_spots_"])
     model._coordinates = None if st["coordinates"] is None else st["coordinates"].to(dev, dtype)
     model._groups = None if st["groups"] is None else st["groups"].to(dev)
     # float64 coordinates where the file has them (format 1: the model's dtype)
     X = st.get("train_coordinates", st["coordinates"])
     model.train_coordinates_ = None if X is None else X.double().numpy()
     model.train_groups_ = None if st["groups"] is None else st["groups"].numpy()
-    if p["spatial"] is None:
-        prior = GaussianPrior(n, L, dtype=dtype, kl_weight=p["kl_weight"])
-    else:
-        ip, ig = st.get("inducing_points"), st.get("inducing_groups")
-        prior = p["spatial"].build(model._coordinates, model._groups, L, kl_weight=p["kl_weight"],
-                                   seed=p["random_state"],
-                                   inducing_points=None if ip is None else ip.to(dev, dtype),
-                                   inducing_groups=None if ig is None else ig.to(dev))
+    ip, ig = st.get("inducing_points"), st.get("inducing_groups")
+    prior = empty_prior(p, n, model._coordinates, model._groups,
+                        inducing_points=None if ip is None else ip.to(dev, dtype),
+                        inducing_groups=None if ig is None else ig.to(dev), dtype=dtype)
     prior = prior.to(device=dev, dtype=dtype)
     prior.load_state_dict(st["prior"])
     model.prior_ = prior

@@ -32,13 +32,15 @@ from sf_mlflow.errors import ConfigError, DataError, ModelError
 from sf_mlflow.models import persistence
 from sf_mlflow.models._training import ConvergenceWarning, FitResult, FitState, NonFiniteELBOError, Trainer
 from sf_mlflow.models.device import resolve_device
-from sf_mlflow.models.initialization import fixed_point_scale, initial_state, warm_start
+from sf_mlflow.models.hybrid import initial_prior
+from sf_mlflow.models.initialization import fixed_point_scale, initial_state
 from sf_mlflow.models.inputs import (check_coordinates, check_counts, check_groups, check_validation,
                                      validated_dtype)
 from sf_mlflow.models.likelihood import CountBatch
-from sf_mlflow.models.neighbours import nearest_neighbour_log_factors
-from sf_mlflow.models.priors import FactorPrior, GaussianPrior
-from sf_mlflow.models.settings import SVGP, ModelParams, TrainingParams, spatial_settings
+from sf_mlflow.models.prediction import predict_factors
+from sf_mlflow.models.priors import GaussianPrior
+from sf_mlflow.models.settings import (SVGP, ModelParams, TrainingParams, check_spatial_components,
+                                       spatial_settings)
 
 __all__ = ["PNMF", "FitState", "ConvergenceWarning", "NonFiniteELBOError"]
 
@@ -80,6 +82,11 @@ class PNMF:
         optimised with the variational parameters.
     kl_weight : float
         Weight of the KL term for either prior; 1 (default) is the true ELBO.
+    spatial_components : int or None
+        With the SVGP prior, K in [0, L]: the first K factors are spatial (SVGP prior)
+        and the other L - K non-spatial (Gaussian prior), fitted jointly with one W
+        (the hybrid model NSFH, :mod:`sf_mlflow.models.hybrid`). None (default): all L
+        factors follow ``prior``.
     max_iter : int
         Maximum number of iterations (one mini-batch each).
     learning_rate : float
@@ -144,6 +151,8 @@ class PNMF:
         Rows of (iteration, held-out Poisson deviance); empty without validation.
     num_inducing_ : int or None
         M of the fitted SVGP prior (None for the Gaussian prior).
+    spatial_factors_ : ndarray of bool, (L,)
+        Which factors follow the GP prior (a hybrid's first K; all or none otherwise).
     train_coordinates_ : ndarray, (N, 2), float64, or None
         The coordinates passed to :meth:`fit`.
     train_groups_ : ndarray of int, (N,), or None
@@ -160,7 +169,8 @@ class PNMF:
 
     def __init__(self, n_components=_M.n_components, *, prior="gaussian", mode=_M.mode,
                  num_samples=_M.num_samples, loadings_mode=_M.loadings_mode, kl_weight=_M.kl_weight,
-                 max_iter=_T.max_iter, learning_rate=_T.learning_rate, optimizer=_T.optimizer,
+                 spatial_components=_M.spatial_components, max_iter=_T.max_iter,
+                 learning_rate=_T.learning_rate, optimizer=_T.optimizer,
                  tol=_T.tol, tol_window=_T.tol_window, validation_every=_T.validation_every,
                  patience=_T.patience, dtype=_T.dtype, device=_T.device, batch_size=_T.batch_size,
                  y_batch_size=_T.y_batch_size, shuffle=_T.shuffle, log_every=_T.log_every,
@@ -171,6 +181,7 @@ class PNMF:
         self.num_samples = num_samples
         self.loadings_mode = loadings_mode
         self.kl_weight = kl_weight
+        self.spatial_components = spatial_components
         self.max_iter = max_iter
         self.learning_rate = learning_rate
         self.optimizer = optimizer
@@ -244,12 +255,17 @@ class PNMF:
         if spatial is not None:
             spatial = SVGP(**spatial.to_dict())   # validates settings changed after construction
         p = {**own, "dtype": dtype, "spatial": spatial, "prior": "gaussian" if spatial is None else "svgp"}
+        L, K = p["n_components"], p["spatial_components"]
+        check_spatial_components(L, spatial is not None, K, "PNMF: ")
+        # n_spatial: factors under the GP prior; hybrid: the two priors are combined
+        p.update(n_spatial=0 if spatial is None else L if K is None else K, hybrid=K is not None)
         if p["optimizer"] == "auto":
-            p["optimizer"] = "natural" if spatial is not None else "Adam"
+            p["optimizer"] = "natural" if p["n_spatial"] > 0 else "Adam"
         if p["optimizer"] == "natural":
-            if spatial is None:
-                raise ConfigError("optimizer = 'natural' needs prior = 'svgp' (natural-gradient steps "
-                                  "act on the GP's q(v)); use optimizer = 'Adam' for the Gaussian prior")
+            if p["n_spatial"] == 0:
+                raise ConfigError("optimizer = 'natural' needs prior = 'svgp' and spatial_components "
+                                  "null or > 0 (natural-gradient steps act on the GP's q(v)); use "
+                                  "optimizer = 'Adam' for the Gaussian prior")
             if p["learning_rate"] > 1.0:
                 raise ConfigError(f"learning_rate = {self.learning_rate!r} is invalid with optimizer "
                                   "'natural': it is the natural-gradient step, expected a number in "
@@ -305,9 +321,9 @@ class PNMF:
         if p["spatial"] is not None and X is None:
             raise DataError("coordinates = None, but prior = 'svgp' needs the spot coordinates: "
                             f"pass an array of shape (n_spots, 2) = ({n}, 2)")
-        if validation is not None and p["spatial"] is None:
-            raise ConfigError("validation needs prior = 'svgp': held-out spots are scored from "
-                              "factors predicted at their coordinates")
+        if validation is not None and (p["spatial"] is None or p["hybrid"]):
+            raise ConfigError("validation needs prior = 'svgp' with all factors spatial: held-out "
+                              "spots are scored from factors the GP predicts at their coordinates")
         val = check_validation(validation, d, g is not None and p["spatial"] is not None
                                and p["spatial"].groups)
         if callback is not None and not callable(callback):
@@ -340,19 +356,12 @@ class PNMF:
         device, dtype = resolve_device(p["device"]), p["dtype"]
         gen = torch.Generator(device=device).manual_seed(p["random_state"])
         full = CountBatch.from_scipy(Yc, device=device, dtype=dtype)
-        L, spatial = p["n_components"], p["spatial"]
-        W0, mu0 = initial_state(full, L, gen)
+        spatial = p["spatial"]
         coords_t = None if X is None else torch.as_tensor(X, dtype=dtype, device=device)
         groups_t = None if g is None else torch.as_tensor(g, device=device)
-        used_groups = groups_t if spatial is not None and spatial.groups else None
-        if spatial is None:
-            prior: FactorPrior = GaussianPrior(Yc.shape[0], L, mean=mu0, scale=fixed_point_scale(mu0, W0),
-                                               kl_weight=p["kl_weight"])
-        else:
-            prior = spatial.build(coords_t, groups_t, L, kl_weight=p["kl_weight"],
-                                  seed=p["random_state"]).to(device=device, dtype=dtype)
-            warm_start(prior, mu0, coords_t, used_groups, gen)
-        self.prior_ = prior.to(device=device, dtype=dtype)
+        used_groups = groups_t if spatial is not None and spatial.groups and p["n_spatial"] else None
+        prior, W0 = initial_prior(p, full, gen, coords_t, used_groups)
+        self.prior_ = prior
         self.device_ = device
         self.n_spots_, self.n_features_in_ = Yc.shape
         self._coordinates, self._groups = coords_t, used_groups
@@ -387,8 +396,17 @@ class PNMF:
 
     @property
     def is_spatial(self) -> bool:
-        """True for the SVGP prior: factors are a function of position, predictable anywhere."""
-        return spatial_settings(self.prior) is not None
+        """True for the SVGP prior with all factors spatial: factors are a function of
+        position, predictable anywhere (False for a hybrid, see ``spatial_factors_``)."""
+        return spatial_settings(self.prior) is not None and self.spatial_components is None
+
+    @property
+    def spatial_factors_(self) -> np.ndarray:
+        """Which of the L factors follow the GP prior, bool (L,): with ``spatial_components`` K
+        the first K, else all (SVGP prior) or none (Gaussian prior)."""
+        self._check_fitted("spatial_factors_")
+        p = self._validated()
+        return np.arange(p["n_components"]) < p["n_spatial"]
 
     @property
     def uses_groups_(self) -> bool:
@@ -509,6 +527,8 @@ class PNMF:
 
         * spatial (SVGP) prior: the GP predictive ``exp(E[F])`` at ``coordinates`` and
           ``groups`` (groups are needed when ``uses_groups_``, ignored otherwise);
+        * hybrid (``spatial_components``): the spatial factors as the SVGP prior's, the
+          others as the Gaussian prior's (std NaN);
         * Gaussian prior: its posterior at an unseen spot is the prior, the same for every
           spot, so the prediction is the mean posterior log-factor of the ``neighbours``
           nearest training spots (:mod:`sf_mlflow.models.neighbours`); it needs a fit
@@ -530,31 +550,8 @@ class PNMF:
         if coordinates is None:
             raise DataError("coordinates = None; predict_at needs the positions, shape (n_spots, 2)")
         X = check_coordinates(coordinates, None, "coordinates")
-        if not self.is_spatial:
-            if return_std:
-                raise ModelError("predict_at(return_std=True) needs prior = 'svgp'; the "
-                                 "nearest-neighbour prediction of the Gaussian prior has no std")
-            if self.train_coordinates_ is None:
-                raise ModelError("predict_at() of a Gaussian-prior model needs the training "
-                                 "coordinates: fit(Y, coordinates=X) stores them")
-            train_log = np.log(self.get_factors(exp_mean=exp_mean))
-            return np.exp(nearest_neighbour_log_factors(self.train_coordinates_, train_log, X,
-                                                        k=neighbours))
-        g = check_groups(groups, X.shape[0]) if self.uses_groups_ else None
-        if self.uses_groups_ and g is None:
-            raise DataError(f"groups = None, but the model was fitted with groups: pass the "
-                            f"group code (0..{int(self.train_groups_.max())}) of each of the "
-                            f"{X.shape[0]} positions")
-        c = torch.as_tensor(X, dtype=validated_dtype(self.dtype), device=self.device_)
-        gg = None if g is None else torch.as_tensor(g, device=self.device_)
-        with torch.no_grad():
-            if not (return_std or exp_mean):
-                m = self.prior_.predict(c, gg, chunk_size=chunk_size, return_var=False)
-                return torch.exp(m).T.cpu().double().numpy()
-            m, v = self.prior_.predict(c, gg, chunk_size=chunk_size)
-        f = torch.exp(m + 0.5 * v) if exp_mean else torch.exp(m)
-        f = f.T.cpu().double().numpy()
-        return (f, torch.sqrt(v).T.cpu().double().numpy()) if return_std else f
+        return predict_factors(self, X, groups, neighbours=neighbours, return_std=return_std,
+                               exp_mean=exp_mean, chunk_size=chunk_size)
 
     def elbo(self) -> float:
         """The last ELBO estimate of training (see ``elbo_history_``)."""

@@ -24,7 +24,8 @@ from typing import Any, Literal, Optional, Union
 from sf_mlflow.constraints import checked_fields, param
 from sf_mlflow.errors import ConfigError
 
-__all__ = ["SVGP", "ModelParams", "TrainingParams", "spatial_settings", "KERNEL_NAMES"]
+__all__ = ["SVGP", "ModelParams", "TrainingParams", "spatial_settings", "check_spatial_components",
+           "KERNEL_NAMES"]
 
 #: Kernels of :data:`sf_mlflow.models.kernels.KERNELS`, by name (kept here so that the
 #: settings and the config load without torch; a test keeps the two equal).
@@ -108,6 +109,10 @@ class ModelParams:
     loadings_mode: Literal["multiplicative", "gradient"] = param(
         "multiplicative", doc="how loadings W are updated")
     kl_weight: float = param(1.0, 0.0, doc="weight of the KL term (1 = the true ELBO)")
+    spatial_components: Optional[int] = param(
+        None, 0, omit_unset=True,
+        doc="with the SVGP prior: the first K of the L factors are spatial (GP prior) and the "
+            "other L - K non-spatial (Gaussian prior), fitted jointly (NSFH); null = all L spatial")
 
 
 @dataclass
@@ -143,3 +148,21 @@ def spatial_settings(prior: Any) -> Optional[SVGP]:
         return SVGP() if prior.lower() == "svgp" else None
     raise ConfigError(f"prior = {prior!r} is not recognised; expected 'gaussian', 'svgp' or a "
                       "settings object sf_mlflow.models.settings.SVGP(...)")
+
+
+def check_spatial_components(n_components: int, spatial: bool, value: Optional[int], where: str) -> None:
+    """Check ``spatial_components`` against the other model settings; raise ConfigError.
+
+    ``where`` prefixes the message with the owner and key path (``"PNMF: "``,
+    ``"run.yaml: model."``). None is always valid; a K needs the spatial prior (the
+    Gaussian prior has no spatial factors to count) and ``0 <= K <= n_components``.
+    """
+    if value is None:
+        return
+    if not spatial:
+        raise ConfigError(f"{where}spatial_components = {value!r} needs the SVGP prior (it counts "
+                          "the factors that follow the GP prior; with the Gaussian prior none "
+                          "does): set prior SVGP, or spatial_components null")
+    if not 0 <= value <= n_components:
+        raise ConfigError(f"{where}spatial_components = {value!r} is out of range: expected "
+                          f"0 <= spatial_components <= n_components = {n_components}")

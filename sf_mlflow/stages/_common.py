@@ -71,15 +71,21 @@ def base_tags(config: Config, stage: str | None = None) -> dict[str, str]:
 # ---- names --------------------------------------------------------------------------------------
 
 def model_kind(config: Config) -> str:
-    """``"svgp"`` or ``"pnmf"``: the short model name used in run names and tags."""
-    return "svgp" if config.model.spatial else "pnmf"
+    """``"svgp"``, ``"hybrid"`` (SVGP with ``model.spatial_components``) or ``"pnmf"``: the
+    short model name used in run names and tags."""
+    if not config.model.spatial:
+        return "pnmf"
+    return "svgp" if config.model.spatial_components is None else "hybrid"
 
 
 def run_name(config: Config) -> str:
-    """``train/<model>/L<L>[/M<M>/l<lengthscale>]``."""
+    """``train/<model>/L<L>[/K<spatial components>][/M<M>/l<lengthscale>]``."""
     m = config.model
-    name = f"train/{model_kind(config)}/L{m.n_components}"
-    if model_kind(config) == "svgp":
+    kind = model_kind(config)
+    name = f"train/{kind}/L{m.n_components}"
+    if kind == "hybrid":
+        name += f"/K{m.spatial_components}"
+    if kind in ("svgp", "hybrid"):
         name += f"/M{m.num_inducing}/l{m.lengthscale:g}"
     return name
 

@@ -75,7 +75,7 @@ def training_inputs(config: Config, pre: PreprocessedData):
     """Counts, coordinates and groups of the training (not held-out) spots."""
     data = pre.training_spots()
     groups = None
-    if config.model.spatial and config.model.groups:
+    if config.model.spatial and config.model.groups and config.model.spatial_components != 0:
         if data.groups is None:
             raise ConfigError(
                 f"{config.source}: model.groups is true but dataset '{config.dataset}' has no "
@@ -344,6 +344,8 @@ def run_train(config: Config, preprocess_run_id: str | None = None, *,
     kind = model_kind(config)
     params = {**config.flat(), "upstream.preprocess_run_id": upstream_id}
     tags = {**base_tags(config, STAGE), TAG_UPSTREAM: upstream_id, TAG_MODEL: kind}
+    if config.model.spatial_components is not None:
+        tags["sf.spatial_components"] = str(config.model.spatial_components)
     if resume_from:
         tags[TAG_RESUMED_FROM] = resume_from
     description = (f"Train {kind.upper()} with L={config.model.n_components} on preprocess run "
