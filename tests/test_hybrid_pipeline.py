@@ -180,6 +180,8 @@ def test_tune_searches_the_number_of_spatial_factors(mlflow_store, tmp_path):
         k = int(t.data.params["model.spatial_components"])
         assert 0 <= k <= L and t.data.tags["sf.spatial_components"] == str(k)
         assert t.data.tags["sf.model"] == "hybrid"
+    # the best trial's hybrid is registered (its held-out check found by predict_at)
+    assert client.get_model_version_by_alias("hybrid_tuned", "best").version == "1"
 
 
 def test_the_tuning_range_of_k_is_checked_against_n_components():
