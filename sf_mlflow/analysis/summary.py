@@ -4,7 +4,8 @@
 training (and held-out) spots into arrays, tables and scalar metrics. One code path
 serves the non-spatial, the spatial and the hybrid model (NSFH: K spatial factors beside
 L - K non-spatial ones, :mod:`sf_mlflow.models.hybrid`); only the held-out prediction and
-the GP facts differ, and a hybrid's GP facts and group-wise factors are its spatial part's. The held-out prediction is the model's own
+the GP facts differ (a hybrid's GP facts and group-wise factors are its spatial part's).
+The held-out prediction is the model's own
 :meth:`~sf_mlflow.models.pnmf.PNMF.predict_at` (:func:`heldout_factors`):
 
 * spatial model: held-out factors are the GP predictive at the held-out coordinates

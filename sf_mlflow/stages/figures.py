@@ -85,11 +85,11 @@ class Analysis:
     heldout_label: str = HELDOUT_LABEL
     spatial: np.ndarray | None = None  # (L,) bool, a hybrid's marking of its GP factors
 
-    def titles(self, one_line: bool = False) -> list[str]:
+    def titles(self) -> list[str]:
         """Panel titles in rank order; a hybrid's say which factors are spatial."""
         original = np.empty_like(self.moran)
         original[self.order] = self.moran  # factor_titles wants scores in the original order
-        titles = factor_titles(original, order=self.order, one_line=one_line)
+        titles = factor_titles(original, order=self.order)
         if self.spatial is None:
             return titles
         return [t.replace(")", "), " + ("spatial" if s else "non-spatial"), 1)
