@@ -211,3 +211,19 @@ def test_the_hybrid_preset_makes_half_the_factors_spatial_rounded_up():
     # the YAML of the config says which K was fitted, and reads back the same
     again = config_from_dict(cfg.to_dict(), "again.yaml")
     assert again.model_configs()["hybrid"].digest() == eff["hybrid"].digest()
+
+
+def test_main_and_the_report_describe_a_hybrid():
+    from sf_mlflow.report import ModelResult, render_report
+    from sf_mlflow.stages.main import describe_model
+
+    cfg = config_from_dict(HYBRID, "h.yaml")
+    text = describe_model(cfg)
+    assert text.startswith("hybrid (NSFH): 2 spatial factors with the SVGP prior with groups")
+    assert text.endswith("2 non-spatial with the Gaussian prior")
+    metrics = {"n_spatial_factors": 2, "moran_i_mean_spatial": 0.61, "moran_i_mean_nonspatial": 0.04}
+    page = render_report("r", [ModelResult("hybrid", text, metrics, {"train": "abc"}),
+                               ModelResult("svgp", "SVGP", {"moran_i_mean": 0.5}, {})])
+    assert ("hybrid: 2 spatial factors (GP prior), the others non-spatial (Gaussian prior); "
+            "figure panels say which; mean Moran's I spatial 0.610, non-spatial 0.040.") in page
+    assert page.count("spatial factors (GP prior)") == 1
