@@ -182,6 +182,14 @@ class InducingRange:
 
 
 @dataclass
+class SpatialComponentsRange:
+    """Search range of ``model.spatial_components`` (the hybrid's K) in the tune stage."""
+
+    low: Optional[int] = _f(None, 0, omit_unset=True, doc="fewest spatial factors tried; null: K not searched")
+    high: Optional[int] = _f(None, 0, omit_unset=True, doc="most tried, at most model.n_components")
+
+
+@dataclass
 class SearchParam:
     """One further search-space entry: ``tuning.search_space.<dotted config key>``."""
 
@@ -204,6 +212,7 @@ class TuningConfig:
     n_trials: int = _f(20, 1, doc="trials in the whole study (all workers together)")
     lengthscale: LengthscaleRange = field(default_factory=LengthscaleRange)
     num_inducing: InducingRange = field(default_factory=InducingRange)
+    spatial_components: SpatialComponentsRange = field(default_factory=SpatialComponentsRange)
     search_space: dict[str, SearchParam] = field(default_factory=dict)
     pruner: Literal["median", "percentile", "hyperband", "none"] = _f(
         "median", doc="stops trials whose held-out deviance is poor part-way through")
@@ -425,6 +434,11 @@ def _check_tuning(cfg: Config, source: str) -> None:
         if rng.low > rng.high:
             raise ConfigError(f"{source}: tuning.{key}.low = {rng.low!r} is larger than "
                               f"tuning.{key}.high = {rng.high!r}")
+    k, L = t.spatial_components, cfg.model.n_components
+    if (k.low is None) != (k.high is None) or k.low is not None and not k.low <= k.high <= L:
+        raise ConfigError(f"{source}: tuning.spatial_components = {{low: {k.low}, high: {k.high}}} is "
+                          f"invalid: expected 0 <= low <= high <= model.n_components = {L} (both "
+                          "set), or neither (the hybrid's K is then not searched)")
     if t.num_inducing.log and t.num_inducing.step != 1:
         raise ConfigError(f"{source}: tuning.num_inducing.step = {t.num_inducing.step!r} cannot "
                           "be combined with tuning.num_inducing.log: true (use step: 1)")
@@ -438,7 +452,7 @@ def _check_tuning(cfg: Config, source: str) -> None:
                 + (f" (did you mean {hint[0]!r}?)" if hint else "")
                 + f"; expected a dotted key of a {' or '.join(TUNABLE_SECTIONS)} setting such as "
                 "model.sigma (the preprocess run is fixed during tuning)")
-        if key in ("model.lengthscale", "model.num_inducing"):
+        if key in ("model.lengthscale", "model.num_inducing", "model.spatial_components"):
             raise ConfigError(f"{source}: {where}: set its range in tuning.{key.split('.')[1]} "
                               "instead (low, high)")
         tp, fld = target
@@ -563,7 +577,7 @@ def config_from_dict(raw: Mapping[str, Any] | None, source: str = "<config>",
     if raw is not None and not isinstance(raw, Mapping):
         raise ConfigError(f"{source}: a config must be a mapping of keys to values, "
                           f"got {type(raw).__name__}")
-    from sf_mlflow.config_models import build_models, models_as_mapping
+    from sf_mlflow.config_models import build_models, half_spatial, models_as_mapping
 
     raw = dict(raw or {})
     if "models" in raw:
@@ -574,7 +588,7 @@ def config_from_dict(raw: Mapping[str, Any] | None, source: str = "<config>",
     models = build_models(merged.pop("models", None), label)
     cfg = _build(Config, merged, label, "")
     _check_tuning(cfg, label)
-    cfg.models = models
+    cfg.models = half_spatial(models, cfg.model.n_components)
     _check_model(cfg, label)
     cfg.source = source
     return cfg

@@ -2,7 +2,7 @@
 
 ``models:`` is a list of preset names (:data:`MODEL_PRESETS`)::
 
-    models: [pnmf, svgp, mggp]
+    models: [pnmf, svgp, mggp, hybrid]
 
 or a mapping of names to overrides of the ``model`` and ``training`` sections (a preset's
 name starts from the preset)::
@@ -26,7 +26,7 @@ from typing import Any, Mapping
 from sf_mlflow.config import ModelConfig, TrainingConfig, _build, _check_renamed
 from sf_mlflow.errors import ConfigError
 
-__all__ = ["MODEL_PRESETS", "MODEL_SECTIONS", "models_as_mapping", "build_models"]
+__all__ = ["MODEL_PRESETS", "MODEL_SECTIONS", "models_as_mapping", "build_models", "half_spatial"]
 
 #: Names a ``models:`` list may use, and the ``model``/``training`` overrides they stand for.
 #: As keys of a ``models:`` mapping they start from these overrides too.
@@ -34,7 +34,12 @@ MODEL_PRESETS: dict[str, dict[str, dict[str, Any]]] = {
     "pnmf": {"model": {"prior": "Gaussian"}},
     "svgp": {"model": {"prior": "SVGP", "groups": False}},
     "mggp": {"model": {"prior": "SVGP", "groups": True}},
+    # NSFH: spatial_components is half of n_components, rounded up (see half_spatial)
+    "hybrid": {"model": {"prior": "SVGP", "groups": False}},
 }
+
+#: Presets whose ``model.spatial_components`` (unless given) is half the model's L, rounded up.
+HALF_SPATIAL = ("hybrid",)
 
 #: The sections a ``models:`` entry may override.
 MODEL_SECTIONS = ("model", "training")
@@ -104,3 +109,18 @@ def build_models(raw: Any, source: str) -> dict[str, dict[str, dict[str, Any]]]:
                               "digits, '_' or '-' (it names runs, tags and figure folders)")
         models[name] = _build_entry(name, entry, source)
     return models
+
+
+def half_spatial(models: dict[str, dict[str, dict[str, Any]]], n_components: int
+                 ) -> dict[str, dict[str, dict[str, Any]]]:
+    """``models`` with the ``hybrid`` preset's K set: ``ceil(L / 2)`` of its L factors
+    spatial (L: the entry's ``model.n_components``, else the config's ``n_components``),
+    unless the entry sets ``model.spatial_components`` itself. Written into the entry, so
+    the config's YAML (``to_dict``) says which K was fitted."""
+    out = {}
+    for name, sections in models.items():
+        model = dict(sections.get("model", {}))
+        if name in HALF_SPATIAL and "spatial_components" not in model:
+            model["spatial_components"] = -(-int(model.get("n_components", n_components)) // 2)
+        out[name] = {**sections, "model": model}
+    return out

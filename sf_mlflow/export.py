@@ -115,14 +115,22 @@ def _uns(run, kind: str, train_id: str, pre_id: str, order: np.ndarray, moran: n
         "original_factor": order,
         "moran_k": int(params["analysis.moran_k"]) if "analysis.moran_k" in params else -1,
         "metrics": metrics,
+        **_marking(analyze_dir),
     }
+
+
+def _marking(analyze_dir: Path) -> dict[str, Any]:
+    """``{"spatial_factors": bool (L,)}``: which factors (in the reported order) have the GP
+    prior, from ``spatial_factors.npy``; empty for runs made before analyze wrote it."""
+    f = analyze_dir / "spatial_factors.npy"
+    return {"spatial_factors": np.load(f).astype(bool)} if f.is_file() else {}
 
 
 def to_anndata(analyze_run_id: str):
     """The results of an analyze run as an :class:`anndata.AnnData`.
 
     Spots and genes are the preprocess run's kept ones, in their order; held-out spots
-    are included. With ``<model>`` the run's model kind (``svgp`` or ``pnmf``):
+    are included. With ``<model>`` the run's model kind (``svgp``, ``pnmf`` or ``hybrid``):
 
     * ``X``: the preprocessed counts (N, D), sparse CSR;
     * ``obs["heldout"]`` (bool), ``obs["group"]`` (categorical, when the data has groups);
@@ -131,11 +139,13 @@ def to_anndata(analyze_run_id: str):
     * ``obsm["X_<model>"]`` (N, L): factors in descending Moran's I order (held-out rows:
       the model's prediction from position, as analyze predicts them);
       ``obsm["X_<model>_scales"]`` (N, L): posterior sd of the log-factors (held-out: GP
-      predictive sd; NaN for ``pnmf``);
+      predictive sd; NaN for ``pnmf`` and a hybrid's non-spatial factors);
     * ``varm["<model>_loadings"]`` (D, L), same factor order;
     * ``uns["sf_mlflow"]``: model, dataset, ``run_ids`` of preprocess, train and analyze,
-      ``moran_i`` (L,) and ``original_factor`` (L,) from ``moran_i.csv``, ``moran_k`` and
-      the run's ``metrics``.
+      ``moran_i`` (L,) and ``original_factor`` (L,) from ``moran_i.csv``,
+      ``spatial_factors`` (bool (L,), same order: which factors have the GP prior; a
+      hybrid's K spatial ones, all or none for the other models), ``moran_k`` and the
+      run's ``metrics``.
     """
     import anndata as ad
     import pandas as pd

@@ -125,10 +125,22 @@ def _image(fig: Figure) -> str:
             f"<figcaption>{_esc(fig.caption)}</figcaption></figure>")
 
 
+def _marking(m: ModelResult) -> list[str]:
+    """A hybrid's line on its two kinds of factor (its analyze metrics mark the hybrid)."""
+    if "n_spatial_factors" not in m.metrics:
+        return []
+    means = ", ".join(f"{kind} {float(m.metrics[key]):.3f}" for kind, key in (
+        ("spatial", "moran_i_mean_spatial"), ("non-spatial", "moran_i_mean_nonspatial"))
+        if key in m.metrics)
+    return [f'<p class="note">hybrid: {int(m.metrics["n_spatial_factors"])} spatial factors '
+            "(GP prior), the others non-spatial (Gaussian prior); figure panels say which"
+            + (f"; mean Moran's I {_esc(means)}" if means else "") + ".</p>"]
+
+
 def _model_section(m: ModelResult) -> str:
     runs = ", ".join(f"{_esc(stage)} <code>{_esc(rid)}</code>" for stage, rid in m.run_ids.items())
     parts = [f'<section id="model-{_esc(m.name)}"><h2>{_esc(m.name)}</h2>',
-             f"<p>{_esc(m.description)}</p>", f'<p class="note">runs: {runs}</p>']
+             f"<p>{_esc(m.description)}</p>", *_marking(m), f'<p class="note">runs: {runs}</p>']
     parts += [_image(f) for f in m.figures] or ['<p class="note">no figures</p>']
     parts.append("</section>")
     return "\n".join(parts)

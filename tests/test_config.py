@@ -173,7 +173,7 @@ def test_models_key_changes_no_hash_and_a_models_config_hashes_like_one_model_co
 
 
 @pytest.mark.parametrize("models, message", [
-    (3, "models = 3 is invalid: expected a list of model names (pnmf, svgp, mggp) or a mapping"),
+    (3, "models = 3 is invalid: expected a list of model names (pnmf, svgp, mggp, hybrid) or a mapping"),
     (["pnmf", "nsf"], "models[1] = 'nsf' is not a known model: expected one of pnmf, svgp, mggp"),
     (["svgp", "svgp"], "models[1] = 'svgp' is listed twice"),
     ({"a b": None}, "models: the name 'a b' is invalid"),

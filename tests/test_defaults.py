@@ -52,7 +52,7 @@ def test_default_spatial_model_converges_on_every_shared_data_set(name, shared_f
 
 
 @pytest.mark.parametrize("config", ["osmfish/svgp.yaml", "osmfish/pnmf.yaml",
-                                    "slideseq/window_pnmf.yaml"])
+                                    "slideseq/window_pnmf.yaml", "slideseq/window_hybrid.yaml"])
 def test_shipped_configs_converge_on_their_data_at_their_own_settings(config, shared_file):
     raw = yaml.safe_load((REPO_ROOT / "configs" / config).read_text())
     raw["data"]["path"] = str(shared_file(raw["data"]["path"].rsplit("/", 1)[-1]))

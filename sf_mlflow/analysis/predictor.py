@@ -65,7 +65,8 @@ def prediction_info(model, metadata: Mapping[str, Any], *, model_kind: str, neig
         raise DataError("the preprocess metadata has no coordinate transform (center, scale); "
                         "run the preprocess stage again with this version of the package")
     spatial = model.is_spatial
-    uses_groups = spatial and model.uses_groups_
+    # a hybrid's GP factors need the groups too (uses_groups_ is set only by a GP with groups)
+    uses_groups = bool(model.uses_groups_)
     group_names = metadata.get("group_names")
     if uses_groups and not group_names:
         raise DataError("the model uses groups but the preprocess metadata names none")
@@ -73,6 +74,7 @@ def prediction_info(model, metadata: Mapping[str, Any], *, model_kind: str, neig
         "format_version": INFO_FORMAT,
         "model_kind": str(model_kind),
         "spatial": bool(spatial),
+        "spatial_factors": [bool(s) for s in model.spatial_factors_],
         "uses_groups": uses_groups,
         "n_components": int(model.n_components),
         "factor_columns": [f"factor_{i}" for i in range(int(model.n_components))],
@@ -92,16 +94,23 @@ def describe_model(info: Mapping[str, Any]) -> str:
     """What a registered model is and how to call it (Markdown; the model version's description)."""
     L, kind = int(info["n_components"]), str(info["model_kind"])
     genes, groups = info["gene_names"], info.get("group_names") or []
-    prior = ("a sparse variational GP prior over spot coordinates"
-             + (" with a multi-group kernel" if info["uses_groups"] else "")
-             if info["spatial"] else "non-spatial: independent Gaussian prior")
+    marked = info.get("spatial_factors") or []
+    K = sum(map(bool, marked))
+    gp = ("a sparse variational GP prior over spot coordinates"
+          + (" with a multi-group kernel" if info["uses_groups"] else ""))
+    prior = gp if info["spatial"] else "non-spatial: independent Gaussian prior"
+    if not info["spatial"] and K:    # a hybrid (NSFH)
+        spatial_cols = ", ".join(f"`factor_{i}`" for i, s in enumerate(marked) if s)
+        prior = (f"hybrid: {K} spatial factors ({spatial_cols}) with {gp}, the other {L - K} "
+                 "non-spatial with an independent Gaussian prior")
     cols = "`x`, `y`" + (", `group`" if info["uses_groups"] else "")
     shown = ", ".join(map(str, groups[:12])) + (", ..." if len(groups) > 12 else "")
     if groups:
         shown = f" with {len(groups)} groups ({shown})" + (
             "" if info["uses_groups"] else ", which this model does not use")
     far = ("the GP's prior (every factor 1.0)" if info["spatial"]
-           else "the factors of the nearest training spots")
+           else "the factors of the nearest training spots" if not K else
+           "the GP's prior for the spatial factors (1.0), the nearest training spots' for the others")
     lines = [
         f"**{kind.upper()}** spatial factor model ({prior}): L = {L} factors, loadings for "
         f"{len(genes)} genes, fitted on data set `{info.get('dataset')}`{shown}.",

@@ -2,8 +2,10 @@
 
 :func:`analyze_model` turns a fitted :class:`~sf_mlflow.models.pnmf.PNMF` plus its
 training (and held-out) spots into arrays, tables and scalar metrics. One code path
-serves the non-spatial and the spatial model; only the held-out prediction and the
-GP facts differ. The held-out prediction is the model's own
+serves the non-spatial, the spatial and the hybrid model (NSFH: K spatial factors beside
+L - K non-spatial ones, :mod:`sf_mlflow.models.hybrid`); only the held-out prediction and
+the GP facts differ (a hybrid's GP facts and group-wise factors are its spatial part's).
+The held-out prediction is the model's own
 :meth:`~sf_mlflow.models.pnmf.PNMF.predict_at` (:func:`heldout_factors`):
 
 * spatial model: held-out factors are the GP predictive at the held-out coordinates
@@ -11,7 +13,8 @@ GP facts differ. The held-out prediction is the model's own
 * non-spatial model: the factors of a new spot are unknown without its counts, so
   the honest prediction is the mean log-factor of its nearest training spots
   (:func:`~sf_mlflow.models.neighbours.nearest_neighbour_log_factors`); the held-out
-  counts are used only to score.
+  counts are used only to score;
+* hybrid: the first rule for its spatial factors, the second for the others.
 """
 
 from __future__ import annotations
@@ -40,7 +43,8 @@ class AnalysisResult:
     arrays : name -> ndarray, e.g. ``factors`` (N, L), ``scales`` (N, L) of the N training
         spots, ``heldout_factors`` (Nh, L) and ``heldout_scales`` (Nh, L) of the held-out
         spots (when given), ``loadings`` (D, L), ``group_loadings`` (G, D, L),
-        ``groupwise_factors`` (G, L, N)
+        ``groupwise_factors`` (G, L, N; NaN for a hybrid's non-spatial factors),
+        ``spatial_factors`` bool (L,): which factors have the GP prior
     metrics : scalar metrics (Moran's I per rank, deviances, reconstruction error, GP facts)
     order : (L,) original factor index of each rank
     moran : (L,) Moran's I in rank order
@@ -80,16 +84,25 @@ def _deviance_metrics(prefix: str, Y, factors, loadings) -> dict[str, float]:
             f"{prefix}_deviance_nsf": dev["nsf"]}
 
 
+def gp_prior(model):
+    """The fitted SVGP prior of a model's spatial factors: the whole prior of a spatial
+    model, a hybrid's spatial part; None without spatial factors."""
+    if model.is_spatial:
+        return model.prior_
+    return getattr(model.prior_, "spatial", None) if model.spatial_components is not None else None
+
+
 def gp_facts(model) -> dict[str, float]:
-    """Kernel facts of a fitted spatial model (empty for the non-spatial one).
+    """Kernel facts of a fitted model's spatial factors (empty without any).
 
     ``num_inducing``, ``sigma``, ``group_diff_param``, ``jitter_used`` (when a Cholesky
     needed more than the configured jitter) and ``lengthscale`` (the mean, plus
-    ``lengthscale_<l>`` per factor when each factor has its own).
+    ``lengthscale_<l>`` per factor when each factor has its own; for a hybrid, l counts
+    its spatial factors in the model's order).
     """
-    if not model.is_spatial:
+    prior = gp_prior(model)
+    if prior is None:
         return {}
-    prior = model.prior_
     ls = prior.lengthscale
     facts = {"num_inducing": int(prior.num_inducing), "sigma": float(prior.sigma),
              "group_diff_param": float(prior.group_diff_param),
@@ -123,9 +136,10 @@ def heldout_scales(model, heldout: SpatialCounts, *, chunk_size: int = 10000) ->
 
     The GP predictive sd of a spatial model (:meth:`PNMF.predict_at
     <sf_mlflow.models.pnmf.PNMF.predict_at>` with ``return_std=True``); NaN for the
-    non-spatial model, whose nearest-spot prediction has no sd.
+    non-spatial model, whose nearest-spot prediction has no sd, and so for a hybrid's
+    non-spatial factors.
     """
-    if not model.is_spatial:
+    if gp_prior(model) is None:
         return np.full((heldout.n_spots, np.shape(model.loadings_)[1]), np.nan)
     groups = heldout.groups if model.uses_groups_ else None
     _, std = model.predict_at(heldout.coordinates, groups=groups, return_std=True,
@@ -174,9 +188,10 @@ def heldout_deviance(model, train_coordinates: Optional[np.ndarray], heldout: Sp
 
 def _spatial_outputs(model, train: SpatialCounts, order: np.ndarray, arrays: dict,
                      chunk_size: int, say) -> dict[str, float]:
-    """GP facts and the distance to the inducing points; ``groupwise_factors`` into ``arrays``."""
+    """GP facts and the distance to the inducing points; ``groupwise_factors`` into ``arrays``
+    (a hybrid's non-spatial factors have no group-wise GP: NaN rows)."""
     X = train.coordinates
-    prior = model.prior_
+    prior = gp_prior(model)
     if model.uses_groups_ and train.group_names:
         say(f"groupwise factors for {train.n_groups} groups")
         import torch
@@ -184,7 +199,9 @@ def _spatial_outputs(model, train: SpatialCounts, order: np.ndarray, arrays: dic
         with torch.no_grad():
             coords = torch.as_tensor(X, dtype=prior.Z.dtype, device=prior.Z.device)
             gw = prior.groupwise(coords, list(range(train.n_groups)), chunk_size=chunk_size)
-        arrays["groupwise_factors"] = np.exp(gw.detach().cpu().double().numpy())[:, order, :]
+        full = np.full((train.n_groups, len(order), X.shape[0]), np.nan)
+        full[:, model.spatial_factors_] = np.exp(gw.detach().cpu().double().numpy())
+        arrays["groupwise_factors"] = full[:, order, :]
     metrics = gp_facts(model)
     dist, _ = cKDTree(model.inducing_points_).query(X, k=1)
     metrics["mean_distance_to_inducing"] = float(np.mean(dist))
@@ -219,6 +236,12 @@ def analyze_model(model, train: SpatialCounts, heldout: Optional[SpatialCounts] 
     moran = moran_orig[order]
     metrics: dict[str, float] = {f"moran_i_{r}": float(v) for r, v in enumerate(moran)}
     metrics["moran_i_mean"] = float(np.nanmean(moran))
+    spatial = np.asarray(model.spatial_factors_, dtype=bool)[order]
+    if model.spatial_components is not None:   # a hybrid: each kind's mean where it has any
+        metrics["n_spatial_factors"] = int(spatial.sum())
+        for name, which in (("spatial", spatial), ("nonspatial", ~spatial)):
+            if which.any():
+                metrics[f"moran_i_mean_{name}"] = float(np.nanmean(moran[which]))
 
     say("reconstruction error and deviance")
     metrics["reconstruction_error"] = reconstruction_error(train.counts, factors, loadings)
@@ -226,7 +249,7 @@ def analyze_model(model, train: SpatialCounts, heldout: Optional[SpatialCounts] 
 
     arrays: dict[str, np.ndarray] = {
         "factors": factors[:, order], "scales": scales[:, order], "loadings": loadings[:, order],
-        "factor_order": order,
+        "factor_order": order, "spatial_factors": spatial,
     }
     if heldout is not None and heldout.n_spots > 0:
         say(f"held-out deviance on {heldout.n_spots:,} spots")
@@ -252,7 +275,7 @@ def analyze_model(model, train: SpatialCounts, heldout: Optional[SpatialCounts] 
         enrichment = enrichment_summary(lfc, list(train.gene_names), list(train.group_names),
                                         n=n_top_genes, mask=mask)
 
-    if model.is_spatial:
+    if gp_prior(model) is not None:
         metrics.update(_spatial_outputs(model, train, order, arrays, chunk_size, say))
     return AnalysisResult(arrays=arrays, metrics=metrics, order=order, moran=moran,
                           enrichment=enrichment)

@@ -37,6 +37,7 @@ from torch import Tensor
 
 from sf_mlflow.errors import ModelError
 from sf_mlflow.models.batching import IndexStream, literal_state
+from sf_mlflow.models.hybrid import validation_predictor
 from sf_mlflow.models.likelihood import CountBatch, expected_log_likelihood, likelihood_and_update, poisson_deviance
 from sf_mlflow.models.priors import FactorPrior
 
@@ -169,6 +170,7 @@ class Trainer:
                 CountBatch.from_scipy(Yv, device=self.device, dtype=self.dtype),
                 torch.as_tensor(Xv, dtype=self.dtype, device=self.device),
                 None if gv is None or groups is None else torch.as_tensor(gv, device=self.device))
+            self._predict_val = validation_predictor(prior, coords, self.validation[1])
         self._eval = None
         self._good: Optional[dict] = None      # last state whose ELBO was finite
         self._best: Optional[dict] = None      # best state by held-out deviance
@@ -472,9 +474,10 @@ class Trainer:
 
     @torch.no_grad()
     def heldout_deviance(self) -> float:
-        """Poisson deviance of the validation spots under the GP's predicted mean factors."""
-        batch, x, g = self.validation
-        F = self.prior.predict(x, g, return_var=False)
+        """Poisson deviance of the validation spots under their predicted mean factors (GP
+        predictive; a hybrid's non-spatial factors: the nearest training spots')."""
+        batch, _, g = self.validation
+        F = self._predict_val(g)
         return poisson_deviance(batch, F, self.loadings())
 
     def _patience_used(self) -> int:

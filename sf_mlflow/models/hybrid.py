@@ -30,7 +30,7 @@ from sf_mlflow.models.initialization import fixed_point_scale, initial_state, wa
 from sf_mlflow.models.likelihood import CountBatch
 from sf_mlflow.models.priors import FactorPrior, GaussianPrior
 
-__all__ = ["HybridPrior", "initial_prior", "empty_prior", "spatial_order"]
+__all__ = ["HybridPrior", "initial_prior", "empty_prior", "spatial_order", "validation_predictor"]
 
 #: Neighbours of the spot graph on which :func:`spatial_order` measures autocorrelation.
 NEIGHBOURS = 6
@@ -180,3 +180,28 @@ def empty_prior(p: dict, n_spots: int, coords: Optional[Tensor], groups: Optiona
     if not p["hybrid"]:
         return gp if gp is not None else gaussian
     return HybridPrior(gp, gaussian)
+
+
+def validation_predictor(prior: FactorPrior, coords: Optional[Tensor], x: Tensor,
+                         k: int = NEIGHBOURS):
+    """``predict(groups) -> log-factors (L, Nv)`` at validation spots ``x`` (Nv, 2), the
+    rule of ``predict_at`` (:mod:`sf_mlflow.models.prediction`) on the live training state.
+
+    A plain spatial prior: its GP predictive mean. A hybrid: that for the spatial factors
+    and, for the others, the mean current log-factor of the ``k`` nearest training spots
+    (``coords`` (N, 2)); the neighbours are found once, as training spots do not move.
+    """
+    if not isinstance(prior, HybridPrior):
+        return lambda g: prior.predict(x, g, return_var=False)
+    idx = None
+    if prior.gaussian is not None:
+        k = max(1, min(int(k), int(coords.shape[0])))
+        _, nn = cKDTree(coords.detach().cpu().double().numpy()).query(
+            x.detach().cpu().double().numpy(), k=k)
+        idx = torch.as_tensor(np.asarray(nn).reshape(x.shape[0], k), device=x.device)
+
+    def predict(g: Optional[Tensor]) -> Tensor:
+        spatial = None if prior.spatial is None else prior.spatial.predict(x, g, return_var=False)
+        rest = None if idx is None else prior.gaussian.mu[:, idx].mean(dim=2)
+        return prior._stack(spatial, rest)
+    return predict

@@ -305,8 +305,9 @@ class PNMF:
             ``verbose`` and ``log_every`` may differ from the checkpoint's.
         validation : tuple ``(Y_val, coordinates_val, groups_val)``, optional
             Held-out spots (``groups_val`` may be None) scored every
-            ``validation_every`` iterations by the Poisson deviance of the GP's
-            predicted rates (spatial prior only); with ``patience`` this is early stopping.
+            ``validation_every`` iterations by the Poisson deviance of the rates
+            :meth:`predict_at` gives them (SVGP prior, hybrid too); with ``patience`` this
+            is early stopping.
 
         Returns
         -------
@@ -326,11 +327,11 @@ class PNMF:
         if p["spatial"] is not None and X is None:
             raise DataError("coordinates = None, but prior = 'svgp' needs the spot coordinates: "
                             f"pass an array of shape (n_spots, 2) = ({n}, 2)")
-        if validation is not None and (p["spatial"] is None or p["hybrid"]):
-            raise ConfigError("validation needs prior = 'svgp' with all factors spatial: held-out "
-                              "spots are scored from factors the GP predicts at their coordinates")
+        if validation is not None and p["spatial"] is None:
+            raise ConfigError("validation needs prior = 'svgp': held-out spots are scored from "
+                              "factors predicted at their coordinates (predict_at)")
         val = check_validation(validation, d, g is not None and p["spatial"] is not None
-                               and p["spatial"].groups)
+                               and p["spatial"].groups and p["n_spatial"] > 0)
         if callback is not None and not callable(callback):
             raise ConfigError(f"callback = {callback!r} is not callable; expected f(state) -> bool")
         trainer = self._start(p, Yc, X, g, val)

@@ -47,11 +47,16 @@ def run_analyze(config: Config, train_run_id: str | None = None, *,
     prediction from position, :meth:`~sf_mlflow.models.pnmf.PNMF.predict_at`, as used for
     the held-out deviance, and the GP predictive sd -- NaN for the non-spatial model);
     ``spots.csv`` (``spot,heldout``: spot name, 0/1) in the same row order;
-    ``loadings.npy`` (D, L), ``moran_i.csv`` (rank, original factor, Moran's I),
-    ``metrics.json``, and with groups ``loadings_group_<g>.npy`` (D, L),
-    ``gene_enrichment.json`` and ``enrichment_lfc.npy`` (G, D, L); spatial models add
-    ``groupwise_factors.npz`` (G, L, N_train). Factor axes are in descending Moran's I
-    order; Moran's I and every metric are computed on the training spots.
+    ``loadings.npy`` (D, L), ``moran_i.csv`` (rank, original factor, Moran's I, ``spatial``
+    0/1: whether the factor has the GP prior), ``spatial_factors.npy`` (bool (L,), the same
+    marking: all True for the spatial model, all False for the non-spatial one, a hybrid's
+    K spatial factors wherever Moran's I ranks them), ``metrics.json``, and with groups
+    ``loadings_group_<g>.npy`` (D, L), ``gene_enrichment.json`` and ``enrichment_lfc.npy``
+    (G, D, L); models with spatial factors add ``groupwise_factors.npz`` (G, L, N_train;
+    NaN for a hybrid's non-spatial factors). Factor axes are in descending Moran's I
+    order; Moran's I and every metric are computed on the training spots. A hybrid's
+    held-out rows: GP predictive for its spatial factors (with its sd), nearest training
+    spots for the others (sd NaN).
     :func:`sf_mlflow.to_anndata` turns the run into an AnnData.
     """
     advice = ("Pass a train run made with this config and the overrides (--set, -P) it was "
@@ -86,7 +91,11 @@ def run_analyze(config: Config, train_run_id: str | None = None, *,
                 indent=2))
             run.log_artifacts(out)
         run.log_metrics(result.metrics)
-        say(STAGE, f"mean Moran's I {result.metrics['moran_i_mean']:.3f}; train deviance "
+        say(STAGE, f"mean Moran's I {result.metrics['moran_i_mean']:.3f}"
+                   + "".join(f" ({kind} factors {result.metrics[f'moran_i_mean_{key}']:.3f})"
+                             for kind, key in (("spatial", "spatial"), ("non-spatial", "nonspatial"))
+                             if f"moran_i_mean_{key}" in result.metrics)
+                   + "; train deviance "
                    f"{result.metrics['train_deviance']:.6g}"
                    + (f"; held-out deviance {result.metrics['heldout_deviance']:.6g}"
                       if "heldout_deviance" in result.metrics else ""))
@@ -104,15 +113,16 @@ def write_outputs(out: Path, result, train, pre) -> None:
         np.save(out / f"{name}.npy",
                 all_spots(arrays[name], arrays.get(f"heldout_{name}"), pre.heldout))
     np.save(out / "loadings.npy", arrays["loadings"])
+    np.save(out / "spatial_factors.npy", np.asarray(arrays["spatial_factors"], dtype=bool))
     with open(out / "spots.csv", "w", newline="") as fh:
         w = csv.writer(fh)
         w.writerow(["spot", "heldout"])
         w.writerows(zip(map(str, pre.data.spot_names), pre.heldout.astype(int)))
     with open(out / "moran_i.csv", "w", newline="") as fh:
         w = csv.writer(fh)
-        w.writerow(["rank", "original_factor", "moran_i"])
-        w.writerows((r, int(o), repr(float(v)))
-                    for r, (o, v) in enumerate(zip(result.order, result.moran)))
+        w.writerow(["rank", "original_factor", "moran_i", "spatial"])
+        w.writerows((r, int(o), repr(float(v)), int(sf)) for r, (o, v, sf) in enumerate(
+            zip(result.order, result.moran, arrays["spatial_factors"])))
     if "group_loadings" in arrays:
         for g, name in enumerate(group_file_names(train.group_names)):
             np.save(out / f"loadings_group_{name}.npy", arrays["group_loadings"][g])

@@ -83,6 +83,17 @@ class Analysis:
     lfc: np.ndarray | None       # (G, D, L)
     groupwise: np.ndarray | None  # (G, L, N), NaN at held-out spots
     heldout_label: str = HELDOUT_LABEL
+    spatial: np.ndarray | None = None  # (L,) bool, a hybrid's marking of its GP factors
+
+    def titles(self) -> list[str]:
+        """Panel titles in rank order; a hybrid's say which factors are spatial."""
+        original = np.empty_like(self.moran)
+        original[self.order] = self.moran  # factor_titles wants scores in the original order
+        titles = factor_titles(original, order=self.order)
+        if self.spatial is None:
+            return titles
+        return [t.replace(")", "), " + ("spatial" if s else "non-spatial"), 1)
+                for t, s in zip(titles, self.spatial)]
 
 
 def lineage(run_id: str) -> Lineage:
@@ -190,7 +201,14 @@ def load_analysis(lin: Lineage, tmp: Path) -> Analysis:
         moran=np.array([float(r["moran_i"]) for r in rows]),
         order=np.array([int(r["original_factor"]) for r in rows]), elbo=elbo,
         lfc=_enrichment(a, pre, loadings), groupwise=gw,
-        heldout_label=HELDOUT_LABEL if complete else NO_VALUE_LABEL)
+        heldout_label=HELDOUT_LABEL if complete else NO_VALUE_LABEL, spatial=_marking(a, lin))
+
+
+def _marking(a: Path, lin: Lineage) -> np.ndarray | None:
+    """A hybrid analyze run's ``spatial_factors.npy`` (rank order); None for other models,
+    whose factors are all of one kind (and runs made before the file was written)."""
+    f = a / "spatial_factors.npy"
+    return np.load(f).astype(bool) if lin.model == "hybrid" and f.is_file() else None
 
 
 def _enrichment(a: Path, pre, loadings: np.ndarray) -> np.ndarray | None:
@@ -230,9 +248,7 @@ def single_figures(an: Analysis, save: _Saver) -> None:
     """Every figure of one analyze run, saved with ``save``."""
     d = an.data
     X, held = d.coordinates, an.heldout
-    moran_original = np.empty_like(an.moran)
-    moran_original[an.order] = an.moran  # factor_titles wants scores in the original order
-    titles = factor_titles(moran_original, order=an.order)
+    titles = an.titles()
     genes = list(d.gene_names)
     opts = dict(invert_y=INVERT_Y, heldout=held)
     no_sd = "held-out spot (not fitted; grey: no posterior sd)"
@@ -253,9 +269,12 @@ def single_figures(an: Analysis, save: _Saver) -> None:
             save(lambda g=g, name=name: plots.enrichment_for_group(
                 an.lfc[g], genes, name, titles, loadings=an.loadings),
                 f"enrichment_by_group/{file}.png")
-    if an.groupwise is not None and d.group_names:
+    # only factors with a GP have group-wise predictions (a hybrid's non-spatial: none)
+    gp = np.ones(an.moran.size, bool) if an.spatial is None else an.spatial
+    if an.groupwise is not None and d.group_names and gp.any():
         save(lambda: plots.groupwise_factors(
-            X, an.factors, an.groupwise, d.group_names, titles, invert_y=INVERT_Y,
+            X, an.factors[:, gp], an.groupwise[:, gp], d.group_names,
+            [t for t, s in zip(titles, gp) if s], invert_y=INVERT_Y,
             heldout=held, heldout_label="held-out spot (not fitted; grey: no group-wise "
                                         "prediction)"), "groupwise_factors.png")
 
@@ -271,7 +290,9 @@ def comparison_figures(analyses: list[Analysis], save: _Saver) -> None:
          "compare_moran_i.png")
     save(lambda: plots.compare_factor_maps(
         first.data.coordinates, {lab: an.factors for lab, an in zip(labels, analyses)},
-        titles={lab: [f"factor {r + 1}, Moran's I {v:.2f}" for r, v in enumerate(an.moran)]
+        titles={lab: [f"factor {r + 1}" + ("" if an.spatial is None else
+                                           ", spatial" if an.spatial[r] else ", non-spatial")
+                      + f", Moran's I {v:.2f}" for r, v in enumerate(an.moran)]
                 for lab, an in zip(labels, analyses)},
         invert_y=INVERT_Y, heldout=first.heldout, match_spots=~first.heldout),
         "compare_factors.png")

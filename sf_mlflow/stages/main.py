@@ -108,8 +108,12 @@ def describe_model(config: Config) -> str:
     if not m.spatial:
         return f"Gaussian prior (non-spatial PNMF), L={m.n_components}"
     groups = "with groups (MGGP)" if m.groups else "without groups"
-    return (f"SVGP prior {groups}, M={m.num_inducing}, lengthscale {m.lengthscale:g}, "
+    text = (f"SVGP prior {groups}, M={m.num_inducing}, lengthscale {m.lengthscale:g}, "
             f"L={m.n_components}")
+    if m.spatial_components is None:
+        return text
+    return (f"hybrid (NSFH): {m.spatial_components} spatial factors with the {text}, "
+            f"{m.n_components - m.spatial_components} non-spatial with the Gaussian prior")
 
 
 def _reuse_or_run(stage: str, config: Config, upstream: str | None, force: bool,

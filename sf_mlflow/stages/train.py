@@ -117,11 +117,12 @@ def log_checkpoint(run, model: PNMF) -> None:
 def validation_inputs(config: Config, pre: PreprocessedData, model: PNMF):
     """``(Y, coordinates, groups)`` of the held-out spots for early stopping, or None.
 
-    Only spatial models predict held-out spots (from their coordinates), and only when
+    Only models with the SVGP prior (a hybrid's too) are scored on held-out spots during
+    the fit (from factors predicted at their coordinates), and only when
     ``training.validation_every > 0`` and the preprocess run held spots out.
     """
     held = pre.heldout_spots()
-    if held is None or not model.is_spatial or config.training.validation_every == 0:
+    if held is None or not config.model.spatial or config.training.validation_every == 0:
         return None
     groups = held.groups if config.model.groups else None
     return held.counts, held.coordinates, groups

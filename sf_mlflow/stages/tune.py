@@ -1,4 +1,5 @@
-"""The tune stage: an Optuna study over the spatial model's lengthscale and inducing points.
+"""The tune stage: an Optuna study over the spatial model's lengthscale and inducing points
+(and a hybrid's number of spatial factors, ``tuning.spatial_components``).
 
 Each trial is a train run (a child of the tune run) with the trial's settings. The
 objective is the mean Poisson deviance of the held-out spots, predicted from their
@@ -76,7 +77,8 @@ ATTR_SURPLUS = "surplus"
 
 def searched_keys(config: Config) -> list[str]:
     """Dotted config keys the study searches, in a fixed order."""
-    return ["model.lengthscale", "model.num_inducing", *config.tuning.search_space]
+    k = ["model.spatial_components"] if config.tuning.spatial_components.low is not None else []
+    return ["model.lengthscale", "model.num_inducing", *k, *config.tuning.search_space]
 
 
 def default_storage(config: Config) -> str:
@@ -95,7 +97,8 @@ def default_study_name(config: Config) -> str:
     searched = {*searched_keys(config), "output_dir"}  # output_dir: where, not what
     fixed = {k: v for k, v in config.flat().items() if k not in searched}
     space = {k: v for k, v in config.flat("tuning").items()
-             if k.startswith(("tuning.lengthscale.", "tuning.num_inducing.", "tuning.search_space."))}
+             if k.startswith(("tuning.lengthscale.", "tuning.num_inducing.", "tuning.search_space.",
+                              "tuning.spatial_components."))}
     payload = json.dumps({"fixed": fixed, "space": space}, sort_keys=True, default=str)
     return f"{config.name}-{hashlib.sha256(payload.encode()).hexdigest()[:12]}"
 
@@ -221,6 +224,9 @@ def suggest(trial, config: Config) -> dict[str, Any]:
                                                 t.num_inducing.high, step=t.num_inducing.step,
                                                 log=t.num_inducing.log),
     }
+    k = t.spatial_components     # the hybrid's K, when its range is set
+    if k.low is not None:
+        out["model.spatial_components"] = trial.suggest_int("model.spatial_components", k.low, k.high)
     for key, sp in t.search_space.items():
         if sp.type == "categorical":
             out[key] = trial.suggest_categorical(key, list(sp.choices))

@@ -16,9 +16,9 @@ Input ``frame`` (a pandas DataFrame, one row per query spot):
     ``params={"coordinates": "scaled"}`` they are taken as already scaled (the units
     of the preprocess run's ``data/X.npy``).
 ``group`` (str)
-    The spot's group (cell type) name as in the data set. Required by a spatial model
-    fitted with groups (multi-group kernel); otherwise not part of the signature and
-    ignored.
+    The spot's group (cell type) name as in the data set. Required by a model whose GP
+    (over all factors, or a hybrid's spatial ones) was fitted with groups (multi-group
+    kernel); otherwise not part of the signature and ignored.
 
 Output: a DataFrame with the input's index and columns ``factor_0 .. factor_{L-1}``:
 the factors ``exp(E[F])`` in the model's own factor order (NOT the descending Moran's I

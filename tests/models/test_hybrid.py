@@ -200,8 +200,32 @@ def test_the_estimator_checks_spatial_components(data):
         PNMF(prior="gaussian", spatial_components=2, **small()).fit(Y, X, g)
     with pytest.raises(ConfigError, match="optimizer = 'natural' needs"):
         PNMF(prior=SPATIAL, spatial_components=0, optimizer="natural", **small()).fit(Y, X, g)
-    with pytest.raises(ConfigError, match="validation needs prior = 'svgp' with all factors spatial"):
-        PNMF(prior=SPATIAL, spatial_components=2, **small()).fit(Y, X, g, validation=(Y, X, g))
+
+
+@pytest.mark.parametrize("K", [0, 2])
+def test_validation_scores_a_hybrid_by_its_predict_at_and_stops_it_early(data, K):
+    """The trainer's held-out check is the deviance of the rates predict_at gives (GP
+    predictive for the spatial factors, nearest training spots for the others), so a
+    check at the last iteration equals that deviance of the fitted model."""
+    from sf_mlflow.models.likelihood import CountBatch, poisson_deviance
+
+    Y, X, g = data
+    train, val = np.arange(100), np.arange(100, 120)
+    Yv, Xv, gv = Y[val], X[val], g[val]
+    with pytest.warns(UserWarning, match="did not converge"):
+        model = PNMF(prior=SPATIAL, spatial_components=K, validation_every=4, patience=50,
+                     **small()).fit(Y[train], X[train], g[train], validation=(Yv, Xv, gv))
+    assert model.validation_history_[:, 0].tolist() == [4, 8]
+    F = np.log(model.predict_at(Xv, gv if model.uses_groups_ else None))
+    expected = poisson_deviance(CountBatch.from_scipy(sp.csr_matrix(Yv), dtype=torch.float64),
+                                torch.as_tensor(F.T), torch.as_tensor(model.loadings_))
+    assert model.validation_history_[-1, 1] == pytest.approx(expected, rel=1e-9)
+    # patience 1: the first check that does not improve the held-out deviance stops the fit
+    stopped = PNMF(prior=SPATIAL, spatial_components=K, validation_every=1, patience=1,
+                   **small(max_iter=80)).fit(Y[train], X[train], g[train], validation=(Yv, Xv, gv))
+    assert stopped.stop_reason_ == "validation" and stopped.converged_
+    dev = stopped.validation_history_[:, 1]
+    assert stopped.n_iter_ < 80 and dev[-1] >= dev[:-1].min() * (1 - 1e-4)
 
 
 def test_the_config_checks_spatial_components_naming_key_value_and_range():
