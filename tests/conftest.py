@@ -7,6 +7,11 @@ from pathlib import Path
 
 import pytest
 
+if "PYTEST_XDIST_WORKER" in os.environ:
+    # One torch thread per test worker (and its subprocesses, which inherit the variable):
+    # the workers already use every core, and oversubscribed threads only slow them down.
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
 #: The folder of real .h5ad files; see ../shared/data/README.md.

@@ -21,6 +21,7 @@ A process killed outright (SIGKILL) cannot end its runs: the heartbeat of
 from __future__ import annotations
 
 import contextlib
+import gc
 import math
 import os
 import shlex
@@ -28,6 +29,7 @@ import signal
 import sys
 import threading
 import time
+import traceback
 from pathlib import Path
 from typing import Any, Iterator, Mapping
 
@@ -176,21 +178,24 @@ class StageRun:
         """
         existing = self.client.get_run(self.run_id).data.params
         items = [Param(k, _param_str(v)) for k, v in params.items() if k not in existing]
-        for i in range(0, len(items), _PARAM_BATCH):
-            self.client.log_batch(self.run_id, params=items[i:i + _PARAM_BATCH])
+        with _signals_held():
+            for i in range(0, len(items), _PARAM_BATCH):
+                self.client.log_batch(self.run_id, params=items[i:i + _PARAM_BATCH])
 
     def set_tags(self, tags: Mapping[str, Any]) -> None:
         items = [RunTag(k, str(v)) for k, v in tags.items() if v is not None]
         if items:
-            self.client.log_batch(self.run_id, tags=items)
+            with _signals_held():
+                self.client.log_batch(self.run_id, tags=items)
 
     def log_metrics(self, metrics: Mapping[str, float], step: int = 0) -> None:
         """Log scalar metrics (non-finite values are skipped: MLflow's UI cannot plot them)."""
         ts = int(time.time() * 1000)
         items = [Metric(k, float(v), ts, step) for k, v in metrics.items()
                  if v is not None and math.isfinite(float(v))]
-        for i in range(0, len(items), _BATCH):
-            self.client.log_batch(self.run_id, metrics=items[i:i + _BATCH])
+        with _signals_held():
+            for i in range(0, len(items), _BATCH):
+                self.client.log_batch(self.run_id, metrics=items[i:i + _BATCH])
 
     def log_metric_history(self, key: str, values, steps=None) -> None:
         """Log a whole step series (e.g. the ELBO curve) in batches of 1000."""
@@ -198,8 +203,9 @@ class StageRun:
         steps = range(len(values)) if steps is None else steps
         items = [Metric(key, float(v), ts, int(s)) for s, v in zip(steps, values)
                  if math.isfinite(float(v))]
-        for i in range(0, len(items), _BATCH):
-            self.client.log_batch(self.run_id, metrics=items[i:i + _BATCH])
+        with _signals_held():
+            for i in range(0, len(items), _BATCH):
+                self.client.log_batch(self.run_id, metrics=items[i:i + _BATCH])
 
     def metric_stream(self, key: str, flush_every: int = 100) -> "MetricStream":
         return MetricStream(self, key, flush_every)
@@ -347,10 +353,33 @@ def _signals_held() -> Iterator[None]:
             _interrupt(signum, None)
 
 
-def _end(client: MlflowClient, run_id: str, status: str) -> None:
+def _release_interrupted_connections(client: MlflowClient,
+                                     interrupt: BaseException | None = None) -> None:
+    """Close the store connections an interrupt may have left inside a transaction.
+
+    A KeyboardInterrupt raised in the middle of a store call can leave its sqlite
+    connection holding a lock; ending the run from another connection would then wait
+    for this very process and fail as "database is locked". The interrupted session is
+    kept alive by the exception's traceback, so its finished frames are cleared first
+    (the traceback keeps its lines); collecting the session then returns its connection
+    to the pool, rolled back, and disposing of the pool closes it.
+    """
+    if interrupt is not None:
+        traceback.clear_frames(interrupt.__traceback__)
+    gc.collect()
+    store = getattr(getattr(client, "_tracking_client", None), "store", None)
+    engine = getattr(store, "engine", None)
+    if engine is not None:
+        engine.dispose()
+
+
+def _end(client: MlflowClient, run_id: str, status: str,
+         interrupt: BaseException | None = None) -> None:
     """End the run: no more heartbeats, then its terminal status (signals held back)."""
     stop_heartbeat(run_id)
     with _signals_held():
+        if interrupt is not None:
+            _release_interrupted_connections(client, interrupt)
         client.set_terminated(run_id, status)
 
 
@@ -394,8 +423,8 @@ def stage_run(stage: str, *, experiment: str, params: Mapping[str, Any], tags: M
             hold.close()  # a signal that came meanwhile is handled here, in the try
             handle.log_params(params)
             yield handle
-        except KeyboardInterrupt:
-            _end(client, run_id, "KILLED")
+        except KeyboardInterrupt as interrupt:
+            _end(client, run_id, "KILLED", interrupt)
             raise
         except BaseException:
             _end(client, run_id, "FAILED")
