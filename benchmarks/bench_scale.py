@@ -7,7 +7,7 @@ is its own:
 * ``generate``: :func:`sf_mlflow.data.synthetic.make_synthetic` (uniform layout, D genes,
   L true factors, G groups, planted smooth fields), written as a raw CSR npz;
 * ``preprocess``: :func:`sf_mlflow.data.preprocess.preprocess` with the shipped defaults
-  (all genes kept, 5% group-stratified held-out split) and
+  (all genes kept, 5% group-stratified held-out split) but ``min_counts`` = 20 and
   :func:`sf_mlflow.data.io.write_preprocessed`;
 * ``train``: ``PNMF`` with the MGGP-SVGP prior (Matern-3/2, ``--num-inducing`` k-means
   inducing points, groups, lengthscale 4), KL-NMF initialisation and GP warm start as
@@ -90,7 +90,8 @@ def stage_preprocess(args, work: Path) -> dict:
                          gene_names=np.array([f"gene{j}" for j in range(d)], dtype=object),
                          spot_names=np.array([f"spot{i}" for i in range(n)], dtype=object),
                          groups=g, group_names=[f"group{k}" for k in range(args.groups)])
-    res = preprocess(data, PreprocessingConfig(), seed=args.seed)
+    # min_counts lowered from the default 100: at mean_counts ~100 it would drop half the spots
+    res = preprocess(data, PreprocessingConfig(min_counts=args.min_counts), seed=args.seed)
     write_preprocessed(work / "pre", res)
     return {"n_spots_kept": int(res.data.n_spots), "n_genes_kept": int(res.data.n_genes),
             "n_heldout": int(res.heldout.sum())}
@@ -192,7 +193,7 @@ def worker(args) -> None:
 
 def run_stage(args, stage: str, n: int, work: Path) -> dict:
     cmd = [sys.executable, __file__, "--worker", stage, "--n", str(n), "--work", str(work)]
-    for k in ("genes", "components", "groups", "mean_counts", "num_inducing", "iters",
+    for k in ("genes", "components", "groups", "mean_counts", "min_counts", "num_inducing", "iters",
               "batch_size", "group_iter", "threads", "seed"):
         cmd += [f"--{k.replace('_', '-')}", str(getattr(args, k))]
     before = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
@@ -225,6 +226,7 @@ def main() -> None:
     p.add_argument("--groups", type=int, default=20)
     p.add_argument("--mean-counts", type=float, default=100.0,
                    help="expected total count per spot (Slide-seq-like)")
+    p.add_argument("--min-counts", type=int, default=20, help="preprocessing.min_counts")
     p.add_argument("--num-inducing", type=int, default=2000)
     p.add_argument("--iters", type=int, default=20, help="fixed mini-batch steps of train")
     p.add_argument("--batch-size", type=int, default=10_000)
