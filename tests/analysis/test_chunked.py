@@ -16,6 +16,7 @@ import sf_mlflow.plots._common as plot_common
 from sf_mlflow.analysis.deviance import poisson_deviance
 from sf_mlflow.analysis.group_loadings import group_loadings
 from sf_mlflow.analysis.summary import analyze_model, reconstruction_error
+from sf_mlflow.data.preprocess import poisson_null_deviance
 from sf_mlflow.data.synthetic import make_synthetic
 from sf_mlflow.models.pnmf import PNMF
 from sf_mlflow.models.settings import SVGP
@@ -57,6 +58,13 @@ def test_reconstruction_error_in_tiny_blocks_equals_one_block(data):
     dense = np.linalg.norm(Y.toarray() - F @ W.T) / np.linalg.norm(Y.toarray())
     assert small == pytest.approx(whole, rel=1e-12)
     assert whole == pytest.approx(dense, rel=1e-9)
+
+
+def test_null_deviance_in_tiny_blocks_equals_one_block(data):
+    Y = sp.csr_matrix(data.counts)
+    whole = poisson_null_deviance(Y, block=HUGE)
+    np.testing.assert_allclose(poisson_null_deviance(Y, block=3), whole, rtol=1e-12)
+    assert (whole > 0).all()
 
 
 def test_deviance_in_tiny_blocks_equals_one_block(data, monkeypatch):
