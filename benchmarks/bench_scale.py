@@ -28,9 +28,11 @@ start and end of each stage is recorded with it.
 
 Output: one JSON line per (stage, N), then one ``{"case": "growth"}`` line per stage with
 the slope of log time and of log peak memory against log N, fitted over the sizes run
-(1 = linear). Usage::
+(1 = linear; peak memory includes the ~300 MB of an interpreter with torch, so its slope
+reads low at small N). Usage::
 
     python benchmarks/bench_scale.py --sizes 10000 100000 [1000000] [--threads 1]
+    python benchmarks/bench_scale.py --summarize run1.jsonl run2.jsonl   # growth only
 """
 
 from __future__ import annotations
@@ -238,9 +240,20 @@ def main() -> None:
     p.add_argument("--worker", choices=STAGES, help=argparse.SUPPRESS)
     p.add_argument("--n", type=int, help=argparse.SUPPRESS)
     p.add_argument("--work", help=argparse.SUPPRESS)
+    p.add_argument("--summarize", nargs="+", metavar="JSONL",
+                   help="only print the growth lines of the stage lines in these outputs "
+                        "(e.g. sizes run in separate invocations)")
     args = p.parse_args()
     if args.worker:
         return worker(args)
+    if args.summarize:
+        results: dict[str, list[dict]] = {}
+        for path in args.summarize:
+            for line in Path(path).read_text().splitlines():
+                rec = json.loads(line)
+                if rec.get("case") == "stage":
+                    results.setdefault(rec["stage"], []).append(rec)
+        return print_growth(results)
 
     print(json.dumps({"case": "settings", "genes": args.genes, "components": args.components,
                       "groups": args.groups, "mean_counts": args.mean_counts,
@@ -261,8 +274,13 @@ def main() -> None:
                 break
         if not args.keep:
             shutil.rmtree(root, ignore_errors=True)
+    print_growth(results)
+
+
+def print_growth(results: dict[str, list[dict]]) -> None:
+    """One ``{"case": "growth"}`` line per stage: log-log slopes over the sizes run."""
     for stage, recs in results.items():
-        ok = [r for r in recs if "error" not in r]
+        ok = sorted((r for r in recs if "error" not in r), key=lambda r: r["n_spots"])
         ns = [r["n_spots"] for r in ok]
         print(json.dumps({"case": "growth", "stage": stage, "sizes": ns,
                           "time_exponent": slope(ns, [r["seconds"] for r in ok]),
