@@ -33,6 +33,10 @@ __all__ = ["group_loadings", "refit_loadings"]
 #: Non-zeros x factors per row block when evaluating R at the non-zeros (~16 MB float64).
 _BLOCK_ENTRIES = 2_000_000
 
+#: Non-zeros x factors of the factor rows gathered once per fit and kept (~256 MB float64);
+#: blocks beyond it gather theirs on every update, so memory stays bounded at any N.
+_CACHE_ENTRIES = 32_000_000
+
 
 def _check_inputs(counts, factors, loadings):
     """Validate and convert; returns (Y csr float64, H (N, L), W (D, L))."""
@@ -71,15 +75,23 @@ def _split(Y: sp.csr_matrix, H: np.ndarray) -> list[tuple[sp.csr_matrix, np.ndar
     """Row blocks ``(Y_b, H_b, H at every non-zero of Y_b)``, fixed across iterations.
 
     The factor rows at the non-zeros, (nnz_b, L), do not change between updates, so they
-    are gathered once here rather than on every update (half of an update's time).
+    are gathered once here rather than on every update (half of an update's time), up to
+    :data:`_CACHE_ENTRIES` in all; later blocks carry None and gather them per update.
     """
     out = []
+    cached = 0
     for blk in _row_blocks(Y, H.shape[1]):
         Yb = Y[blk]
         Yb.sort_indices()
-        rows = np.repeat(np.arange(Yb.shape[0]), np.diff(Yb.indptr))
-        out.append((Yb, H[blk], H[blk][rows]))
+        keep = cached + Yb.nnz * H.shape[1] <= _CACHE_ENTRIES
+        cached += Yb.nnz * H.shape[1] if keep else 0
+        out.append((Yb, H[blk], _rows_at_nonzeros(Yb, H[blk]) if keep else None))
     return out
+
+
+def _rows_at_nonzeros(Yb: sp.csr_matrix, Hb: np.ndarray) -> np.ndarray:
+    """The factor row of every non-zero of ``Yb``, (nnz_b, L)."""
+    return Hb[np.repeat(np.arange(Yb.shape[0]), np.diff(Yb.indptr))]
 
 
 def _kl_step(blocks, W: np.ndarray, col_sum_h: np.ndarray,
@@ -93,6 +105,8 @@ def _kl_step(blocks, W: np.ndarray, col_sum_h: np.ndarray,
     num = np.zeros_like(W)
     loglik_nz = 0.0
     for Yb, Hb, H_nz in blocks:
+        if H_nz is None:
+            H_nz = _rows_at_nonzeros(Yb, Hb)
         c = Yb.indices
         # R at the non-zeros of this block only: (nnz_b,)
         R_nz = np.einsum("kl,kl->k", H_nz, W[c]) + eps

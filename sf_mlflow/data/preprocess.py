@@ -69,13 +69,16 @@ def _total(Y: sp.csr_matrix) -> int:
     return int(round(float(Y.sum())))
 
 
-def poisson_null_deviance(counts: sp.spmatrix) -> np.ndarray:
+def poisson_null_deviance(counts: sp.spmatrix, *, block: int = 2_000_000) -> np.ndarray:
     """Per-gene Poisson deviance against the rank-one null model ``mu_ij = n_i p_j``.
 
     Parameters
     ----------
     counts : scipy.sparse matrix, (N, D)
         Non-negative counts.
+    block : int
+        About this many non-zeros per row block (memory bound; the result does not depend
+        on it beyond rounding).
 
     Returns
     -------
@@ -91,12 +94,17 @@ def poisson_null_deviance(counts: sp.spmatrix) -> np.ndarray:
     if total <= 0:
         return np.zeros(Y.shape[1])
     p = col / total
-    rows = np.repeat(np.arange(Y.shape[0]), np.diff(Y.indptr))
-    y = Y.data.astype(np.float64)
-    pos = y > 0  # explicit zeros contribute y log y = 0
-    r, c, y = rows[pos], Y.indices[pos], y[pos]
-    contrib = y * np.log(y / (n[r] * p[c]))
-    return 2.0 * np.bincount(c, weights=contrib, minlength=Y.shape[1])
+    out = np.zeros(Y.shape[1])
+    # row blocks of ~block non-zeros: the temporaries stay ~100 MB at any N
+    step = max(1, int(block // max(Y.nnz / max(Y.shape[0], 1), 1.0)))
+    for start in range(0, Y.shape[0], step):
+        part = Y[start:start + step]
+        rows = start + np.repeat(np.arange(part.shape[0]), np.diff(part.indptr))
+        y = part.data.astype(np.float64)
+        pos = y > 0  # explicit zeros contribute y log y = 0
+        r, c, y = rows[pos], part.indices[pos], y[pos]
+        out += np.bincount(c, weights=y * np.log(y / (n[r] * p[c])), minlength=Y.shape[1])
+    return 2.0 * out
 
 
 def _is_mt(gene_names) -> np.ndarray:

@@ -211,7 +211,7 @@ def groupwise_factors(coordinates: np.ndarray, factors: np.ndarray, groupwise: n
     X = as_coordinates(coordinates)
     F = as_matrix(factors, X.shape[0], "factors")
     N, L = F.shape
-    Gw = np.asarray(groupwise, dtype=np.float64)
+    Gw = np.asarray(groupwise)  # float32 from analyze: a float64 copy would double (G, L, N)
     if Gw.ndim != 3 or Gw.shape[1:] != (L, N):
         raise DataError(f"groupwise has shape {Gw.shape}; expected (G, L, N) = (G, {L}, {N})")
     G = Gw.shape[0]
