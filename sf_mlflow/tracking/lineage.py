@@ -61,6 +61,22 @@ def get_stage_run(run_id: str, stage: str, statuses: tuple[str, ...] = ("FINISHE
     return run
 
 
+def _swept_experiment(experiment_id: str | None):
+    """``(client, experiment ID)`` a lookup searches, its dead runs swept; None without one.
+
+    The experiment is ``experiment_id``, else the one of the stage run open in this
+    process; runs left RUNNING there by a dead process are first ended FAILED.
+    """
+    configure_tracking()
+    client = MlflowClient()
+    if experiment_id is None:
+        experiment_id = lookup_experiment_id()
+        if experiment_id is None:
+            return None
+    sweep_dead_runs([str(experiment_id)], client)
+    return client, experiment_id
+
+
 def find_latest_run(stage: str, tags: dict[str, str], experiment_id: str | None = None):
     """Newest FINISHED run of ``stage`` in one experiment whose tags match, or None.
 
@@ -71,13 +87,10 @@ def find_latest_run(stage: str, tags: dict[str, str], experiment_id: str | None 
     (:func:`~sf_mlflow.tracking.liveness.sweep_dead_runs`), so none is taken for work
     in progress.
     """
-    configure_tracking()
-    client = MlflowClient()
-    if experiment_id is None:
-        experiment_id = lookup_experiment_id()
-        if experiment_id is None:
-            return None
-    sweep_dead_runs([str(experiment_id)], client)
+    searched = _swept_experiment(experiment_id)
+    if searched is None:
+        return None
+    client, experiment_id = searched
     clauses = [f"tags.`{TAG_STAGE}` = {_quote(stage)}", "attributes.status = 'FINISHED'"]
     clauses += [f"tags.`{k}` = {_quote(v)}" for k, v in tags.items()]
     runs = client.search_runs([str(experiment_id)], " and ".join(clauses),
@@ -111,13 +124,10 @@ def find_interrupted_run(stage: str, stage_hash: str, code_version: str, upstrea
     ``mlflow run`` the launcher turns KILLED into FAILED). None when a run of the same
     thing started after it finished: that one is the result.
     """
-    configure_tracking()
-    client = MlflowClient()
-    if experiment_id is None:
-        experiment_id = lookup_experiment_id()
-        if experiment_id is None:
-            return None
-    sweep_dead_runs([str(experiment_id)], client)
+    searched = _swept_experiment(experiment_id)
+    if searched is None:
+        return None
+    client, experiment_id = searched
     tags = {TAG_STAGE: stage, TAG_STAGE_HASH: stage_hash, TAG_CODE_VERSION: code_version,
             TAG_UPSTREAM: upstream_run_id}
     runs = client.search_runs([str(experiment_id)],
