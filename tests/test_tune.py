@@ -25,7 +25,8 @@ from sf_mlflow.cli import main
 from sf_mlflow.config import config_from_dict
 from sf_mlflow.errors import ConfigError
 from sf_mlflow.stages.preprocess import run_preprocess
-from sf_mlflow.stages.tune import default_study_name, run_tune, with_driver
+from sf_mlflow.stages._study import with_driver
+from sf_mlflow.stages.tune import default_study_name, run_tune
 
 REPO = Path(__file__).resolve().parents[1]
 

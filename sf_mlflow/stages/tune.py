@@ -29,9 +29,6 @@ import csv
 import hashlib
 import json
 import math
-import os
-import random
-import time
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -53,6 +50,7 @@ from sf_mlflow.stages._common import (
     single_process,
     staging_dir,
 )
+from sf_mlflow.stages._study import make_storage, redact
 from sf_mlflow.stages.table import STAGES
 from sf_mlflow.tracking import TAG_MODEL, TAG_UPSTREAM, StageRun, alias_run_id, existing_run
 
@@ -101,86 +99,6 @@ def default_study_name(config: Config) -> str:
                               "tuning.spatial_components."))}
     payload = json.dumps({"fixed": fixed, "space": space}, sort_keys=True, default=str)
     return f"{config.name}-{hashlib.sha256(payload.encode()).hexdigest()[:12]}"
-
-
-def redact(url: str) -> str:
-    """A storage URL without its password, for logs and params."""
-    try:
-        from sqlalchemy.engine import make_url
-
-        return make_url(url).render_as_string(hide_password=True)
-    except Exception:  # not a database URL: nothing to hide
-        return url
-
-
-def with_driver(url: str) -> str:
-    """``postgresql://`` with the PostgreSQL driver that is installed.
-
-    SQLAlchemy 2.1 reads a bare ``postgresql://`` as psycopg 3; the dev extras install
-    psycopg2 (``psycopg2-binary``), so a bare URL uses it when psycopg 3 is absent.
-    """
-    import importlib.util
-
-    for bare in ("postgresql://", "postgres://"):
-        if url.startswith(bare):
-            if importlib.util.find_spec("psycopg") is not None:
-                return "postgresql+psycopg://" + url[len(bare):]
-            if importlib.util.find_spec("psycopg2") is not None:
-                return "postgresql+psycopg2://" + url[len(bare):]
-            raise ConfigError(f"storage {redact(url)!r} needs a PostgreSQL driver: "
-                              "pip install psycopg2-binary (or psycopg[binary])")
-    return url
-
-
-HEARTBEAT_ENV = "SF_OPTUNA_HEARTBEAT_INTERVAL"
-GRACE_ENV = "SF_OPTUNA_GRACE_PERIOD"
-
-
-def heartbeat_settings() -> tuple[int, int]:
-    """Seconds between a running trial's heartbeats, and without one before it is failed."""
-    def seconds(name: str, default: int) -> int:
-        try:
-            value = int(float(os.environ.get(name, default)))
-        except ValueError:
-            return default
-        return value if value > 0 else default
-
-    interval = seconds(HEARTBEAT_ENV, 60)
-    return interval, seconds(GRACE_ENV, 4 * interval)
-
-
-def make_storage(url: str):
-    """Optuna RDB storage with trial heartbeats; sqlite gets a generous busy timeout for
-    concurrent workers."""
-    import optuna
-
-    interval, grace = heartbeat_settings()
-    url = with_driver(url)
-    if url.startswith("sqlite"):
-        kwargs: dict[str, Any] = {"connect_args": {"timeout": 120}}
-    else:
-        kwargs = {"pool_pre_ping": True}
-    last = None
-    # Workers starting at the same moment may race to create the tables of a fresh
-    # database; the loser sees an error from the table creation and simply retries.
-    for attempt in range(8):
-        try:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-                return optuna.storages.RDBStorage(
-                    url, engine_kwargs=kwargs, heartbeat_interval=interval, grace_period=grace,
-                    failed_trial_callback=optuna.storages.RetryFailedTrialCallback(max_retry=1))
-        except ImportError as err:
-            raise ConfigError(f"storage {redact(url)!r} needs a database driver that is not "
-                              f"installed: {err}") from None
-        except Exception as err:  # sqlalchemy / optuna errors of table creation
-            if "Could not parse" in str(err) or "Can't load plugin" in str(err):
-                raise ConfigError(f"storage = {redact(url)!r} is not a valid database URL "
-                                  "(e.g. sqlite:///optuna.db or "
-                                  "postgresql://user@host:5432/db): " + str(err)) from None
-            last = err
-            time.sleep(0.2 + random.random() * (attempt + 1))
-    raise ConfigError(f"cannot open the Optuna storage {redact(url)}: {last}") from None
 
 
 def make_pruner(config: Config):
@@ -554,12 +472,29 @@ def log_best(run: StageRun, metrics: dict[str, float], best, register_as: str,
     run.set_tags({"sf.tune.best_train_run_id": best_train})
     say(STAGE, f"best: trial {best.number} ({_fmt(best.params)}) held-out deviance "
                f"{best.value:.5g}, train run {best_train}")
-    if alias_run_id(register_as, alias) == best_train:
-        # e.g. another worker of this study registered it already
-        say(STAGE, f"{register_as}@{alias} already is train run {best_train}")
-    else:
+
+
+def publish_best(study, register_as: str, alias: str, attempts: int = 5) -> None:
+    """Point ``register_as@alias`` at the study's best complete trial, as it is in storage now.
+
+    Workers of one study finish in any order and each registers what it sees as best; a
+    worker that read the study before another's last trial completed would otherwise move
+    the alias back to a worse trial. So the best is re-read from the storage right before
+    each write and checked again after it, until the alias and the best agree.
+    """
+    for _ in range(attempts):
+        _, best = study_metrics(study, {"complete": 0, "pruned": 0})
+        if best is None:
+            return
+        best_train = best.user_attrs[ATTR_TRAIN_RUN]
+        if alias_run_id(register_as, alias) == best_train:
+            say(STAGE, f"{register_as}@{alias} is train run {best_train} (trial {best.number})")
+            return
         version = register_best(best_train, register_as, alias)
-        say(STAGE, f"registered {register_as} version {version} with alias {alias!r}")
+        say(STAGE, f"registered {register_as} version {version} with alias {alias!r} "
+                   f"(trial {best.number})")
+    say(STAGE, f"warning: {register_as}@{alias} kept moving while other workers registered; "
+               "it points at the last trial registered")
 
 
 # ---- the stage ----------------------------------------------------------------------------------
@@ -596,6 +531,7 @@ def run_tune(config: Config, preprocess_run_id: str | None = None, n_trials: int
         metrics, best = study_metrics(study, mine)
         log_study(run, config, study)
         log_best(run, metrics, best, s.register_as, config.tuning.alias)
+        publish_best(study, s.register_as, config.tuning.alias)
         say(STAGE, f"{metrics['n_trials_complete']} complete, {metrics['n_trials_pruned']} "
                    f"pruned in the study; this worker ran {metrics['n_trials_this_worker']}")
     return finished(STAGE, run)
