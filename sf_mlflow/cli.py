@@ -38,7 +38,7 @@ def _build_parser() -> argparse.ArgumentParser:
         p.add_argument("--experiment-name", default=None, metavar="NAME",
                        help="MLflow experiment of the runs (default: MLFLOW_EXPERIMENT_NAME, "
                             "else the config's name)")
-        for arg in stage.args:
+        for arg in (*stage.args, *stage.launch):
             p.add_argument(arg.flag, default=arg.default, type=arg.type, metavar=arg.metavar,
                            help=arg.help)
     for name, command in COMMANDS.items():
@@ -47,6 +47,49 @@ def _build_parser() -> argparse.ArgumentParser:
             p.add_argument(*opt.flags, dest=opt.keyword, required=opt.default is None,
                            default=opt.default, metavar=opt.metavar, help=opt.help)
     return parser
+
+
+#: The launch option of ``train`` (see :func:`_relaunch_under_torchrun`).
+NPROC = "--nproc-per-node"
+
+
+def _relaunch_under_torchrun(argv: list[str], nproc: int) -> int:
+    """Replace this process by ``torchrun --standalone --nproc-per-node nproc`` running the
+    same command with ``training.distributed=true`` (this machine only; for several machines
+    start torchrun yourself). ``mlflow run . -e train -P nproc_per_node=K`` comes here, and
+    the ``MLFLOW_RUN_ID`` it set reaches rank 0, which alone makes and logs the run.
+
+    Exec, not a child process: signals from a terminal or ``mlflow run`` reach torchrun,
+    which passes them to every rank.
+    """
+    import os
+    from pathlib import Path
+
+    if os.environ.get("TORCHELASTIC_RUN_ID") or os.environ.get("LOCAL_RANK"):
+        print(f"error: {NPROC} {nproc} was given to a process that torchrun already started; "
+              f"leave {NPROC} out under torchrun (its own --nproc-per-node sets the processes)",
+              file=sys.stderr)
+        return 2
+    rest, i = [], 0
+    while i < len(argv):          # drop our option, in either spelling
+        if argv[i] == NPROC:
+            i += 2
+            continue
+        if not argv[i].startswith(NPROC + "="):
+            rest.append(argv[i])
+        i += 1
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
+           f"--nproc-per-node={nproc}", "-m", "sf_mlflow.cli", *rest,
+           "--set", "training.distributed=true"]
+    # the ranks import this package from where this process did (also an uninstalled checkout)
+    root = str(Path(__file__).resolve().parents[1])
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(
+        [root, *filter(None, [os.environ.get("PYTHONPATH")])])}
+    print(f"[train] starting {nproc} processes: torchrun --standalone --nproc-per-node "
+          f"{nproc} -m sf_mlflow.cli {' '.join(rest)} --set training.distributed=true",
+          flush=True)
+    os.execve(sys.executable, cmd, env)
+    return 0  # not reached
 
 
 def _dotted_overrides(extra: list[str], parser: argparse.ArgumentParser) -> list[str]:
@@ -107,7 +150,10 @@ def _report(err: Exception) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = _build_parser()
+    argv = list(sys.argv[1:] if argv is None else argv)
     args, extra = parser.parse_known_args(argv)
+    if int(getattr(args, "nproc_per_node", 1)) > 1:
+        return _relaunch_under_torchrun(argv, int(args.nproc_per_node))
     if args.stage in COMMANDS:
         return _command(COMMANDS[args.stage], args, extra, parser)
     overrides = list(args.set) + _dotted_overrides(extra, parser)

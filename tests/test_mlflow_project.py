@@ -349,3 +349,41 @@ def test_main_without_experiment_name_logs_to_the_configs_experiment_and_reuses_
     elsewhere = client.get_experiment_by_name("elsewhere")
     runs = client.search_runs([elsewhere.experiment_id], "tags.`sf.stage` = 'main'")
     assert len(runs) == 1 and runs[0].data.metrics["stages_reused"] == 0
+
+
+def test_train_on_two_processes_via_mlflow_run(tmp_path):
+    """`-P nproc_per_node=2`: the entry point re-runs itself under torchrun (2 gloo ranks);
+    rank 0 takes over the run `mlflow run` made, the other rank makes none, and the fit equals
+    the one-process fit of the same batches."""
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    config = tmp_path / "two.yaml"
+    config.write_text(yaml.safe_dump({
+        "name": "project_test", "seed": 2, "dataset": "synthetic",
+        "output_dir": str(tmp_path / "outputs"),
+        "data": {"synthetic": {"n_spots": 200, "n_genes": 40, "n_components": 3}},
+        "preprocessing": {"min_counts": 5, "min_cells": 3, "holdout_fraction": 0.1},
+        "model": {"n_components": 3, "prior": "SVGP", "num_inducing": 20},
+        "training": {"max_iter": 8, "tol": 0.0, "device": "cpu", "log_every": 4,
+                     "batch_size": 60},
+    }))
+    assert mlflow_run("preprocess", {"config": config}, tmp_path, uri).returncode == 0
+    two = mlflow_run("train", {"config": config, "nproc_per_node": 2}, tmp_path, uri)
+    assert two.returncode == 0, (two.stdout + two.stderr)[-3000:]
+    assert "starting 2 processes: torchrun --standalone --nproc-per-node 2" in two.stdout
+    client = MlflowClient(uri)
+    exp = client.get_experiment_by_name("project_test")
+    (run,) = client.search_runs([exp.experiment_id], "tags.`sf.stage` = 'train'")
+    assert run.info.status == "FINISHED" and run.data.params["training.distributed"] == "true"
+    one = mlflow_run("train", {"config": config}, tmp_path, uri)
+    assert one.returncode == 0, one.stderr[-3000:]
+    runs = client.search_runs([exp.experiment_id], "tags.`sf.stage` = 'train'")
+    (single,) = [r for r in runs if r.info.run_id != run.info.run_id]
+
+    def curve(run_id):
+        return [m.value for m in sorted(client.get_metric_history(run_id, "elbo"),
+                                        key=lambda m: m.step)]
+
+    assert len(curve(run.info.run_id)) == 8
+    np.testing.assert_allclose(curve(run.info.run_id), curve(single.info.run_id), rtol=1e-4)
+    bad = mlflow_run("train", {"config": config, "nproc_per_node": 0}, tmp_path, uri)
+    assert bad.returncode != 0 and "'0' is not a number of processes" in bad.stderr

@@ -41,7 +41,7 @@ def test_mlproject_parameters_are_the_stage_arguments(name):
     flags = re.findall(r"(--[a-z][a-z-]*) \{(\w+)\}", entry["command"])
     assert entry["command"].startswith(f"python entry_points/{name}.py ")
     assert {param for _, param in flags} == set(entry["parameters"])
-    args = {a.flag: a for a in STAGES[name].args}
+    args = {a.flag: a for a in (*STAGES[name].args, *STAGES[name].launch)}
     assert {flag for flag, _ in flags} == {"--config", *args}
     for flag, param in flags:
         if flag != "--config":

@@ -235,6 +235,33 @@ class StationaryKernel(nn.Module):
             k = _mul(k, _where_same(g1, g2, cross ** self.mggp_exponent(x1.shape[1])), inplace)
         return _mul(k, self.outputscale.to(dtype), inplace)
 
+    def within_and_across(self, x1: Tensor, x2: Tensor, *,
+                          dtype: Optional[torch.dtype] = None) -> tuple[Tensor, Tensor]:
+        """The two values a multi-group kernel takes between ``x1: (N1, 2)`` and ``x2: (N2, 2)``.
+
+        ``within``: both points in one group (the plain kernel); ``across``: in different
+        groups. Each is (N1, N2), or (L, N1, N2) with per-factor lengthscales, and
+        :meth:`forward` picks one of the two entrywise, bit for bit. A prediction for every
+        group at once (:meth:`SVGPPrior.groupwise
+        <sf_mlflow.models.svgp.SVGPPrior.groupwise>`) then costs two kernel evaluations
+        instead of one per group.
+        """
+        if not self.multigroup:
+            raise ModelError("within_and_across needs a multi-group kernel (group_diff_param set)")
+        ref = self.raw_sigma
+        dtype = dtype or ref.dtype
+        x1 = x1.detach().to(dtype=dtype, device=ref.device)
+        x2 = x2.detach().to(dtype=dtype, device=ref.device)
+        r2 = squared_distances(x1, x2)
+        inplace = not (torch.is_grad_enabled() and self.trainable)
+        inv_ls = self._inv_lengthscale(dtype)
+        cross = 1.0 / (self.group_diff_param.to(dtype) + 1.0)
+        across = self._shape(r2.clone(), cross.clone(), inv_ls, inplace)
+        across = _mul(across, cross ** self.mggp_exponent(x1.shape[1]), inplace)
+        within = self._shape(r2, None, inv_ls, inplace)
+        scale = self.outputscale.to(dtype)
+        return _mul(within, scale, inplace), _mul(across, scale, inplace)
+
     def mggp_exponent(self, p: int = 2) -> float:
         """Exponent of the MGGP prefactor ``nu^e``: ``(2 nu_m + p) / 2``, or ``p / 2`` for the RBF."""
         if math.isinf(self.smoothness):

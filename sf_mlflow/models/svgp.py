@@ -53,6 +53,7 @@ from sf_mlflow.models.blocktri import (BlockLayout, default_block_size, strict_l
                                       triangular_quad)
 from sf_mlflow.models.inducing import place_inducing
 from sf_mlflow.models.kernels import StationaryKernel, make_kernel, squared_distances
+from sf_mlflow.models.positive import from_positive, log_positive, to_positive
 from sf_mlflow.models.priors import FactorPrior
 from sf_mlflow.models.settings import SVGP
 
@@ -74,22 +75,12 @@ CHOLESKY_DTYPE = torch.float64
 
 # ---- positive diagonal maps ------------------------------------------------------------------
 
-def _to_positive(raw: Tensor, mode: str) -> Tensor:
-    return torch.exp(raw) if mode == "exp" else nn.functional.softplus(raw)
-
-
-def _log_positive(raw: Tensor, mode: str) -> Tensor:
-    """``log`` of :func:`_to_positive`, without the underflow of ``log(softplus(x))`` at x << 0."""
-    if mode == "exp":
-        return raw
-    # log(softplus(x)) -> x as x -> -inf, where softplus(x) underflows; the unused branch is
-    # fed a safe value so that its gradient is not 0 * inf = NaN.
-    tiny = raw < -30.0
-    return torch.where(tiny, raw, torch.log(nn.functional.softplus(torch.where(tiny, 0.0, raw))))
-
-
-def _from_positive(value: float, mode: str) -> float:
-    return math.log(value) if mode == "exp" else math.log(math.expm1(value))
+def _weighted(Kxz: Tensor, weights: Tensor) -> Tensor:
+    """``Kxz w``: the predictive mean (L, B) from a kernel matrix (B, M) and weights (M, L),
+    or per factor from (L, B, M) and (L, M, 1)."""
+    if Kxz.dim() == 2:
+        return (Kxz @ weights).T
+    return torch.bmm(Kxz, weights).squeeze(-1)
 
 
 # ---- the prior -------------------------------------------------------------------------------
@@ -210,7 +201,7 @@ class SVGPPrior(FactorPrior):
             trainable=train_lengthscale, dtype=dtype, device=device)
 
         self.mu = nn.Parameter(torch.zeros(L, M, dtype=dtype, device=device))
-        raw_diag = _from_positive(INIT_SCALE, cholesky_mode)
+        raw_diag = from_positive(INIT_SCALE, cholesky_mode)
         self.Lu_diag_raw = nn.Parameter(torch.full((L, M), raw_diag, dtype=dtype, device=device))
         self.layout = BlockLayout(M, L, default_block_size(M))
         self.register_buffer("Lu_block", torch.tensor(self.layout.block, device=device))
@@ -323,7 +314,7 @@ class SVGPPrior(FactorPrior):
     # ---- q(F) ----------------------------------------------------------------------------
     def lu_diagonal(self) -> Tensor:
         """Positive diagonal of Lu, (L, M)."""
-        return _to_positive(self.Lu_diag_raw, self.cholesky_mode)
+        return to_positive(self.Lu_diag_raw, self.cholesky_mode)
 
     def lu(self) -> Tensor:
         """Lu as a dense lower-triangular (L, M, M) tensor (for inspection and tests)."""
@@ -406,10 +397,7 @@ class SVGPPrior(FactorPrior):
 
     def _mean_only(self, x: Tensor, g: Optional[Tensor], weights: Tensor) -> Tensor:
         """Predictive mean (L, B) from precomputed :meth:`_mean_weights`."""
-        Kxz = self.kernel(x, self.Z, g, self.g_Z)                  # (B, M) or (L, B, M)
-        if Kxz.dim() == 2:
-            return (Kxz @ weights).T
-        return torch.bmm(Kxz, weights).squeeze(-1)
+        return _weighted(self.kernel(x, self.Z, g, self.g_Z), weights)
 
     def means(self, index: Tensor, coordinates: Optional[Tensor] = None,
               groups: Optional[Tensor] = None) -> Tensor:
@@ -479,7 +467,7 @@ class SVGPPrior(FactorPrior):
         fro2 = (d * d).sum()
         if not self.diagonal_only:
             fro2 = fro2 + strict_lower_sq_norm(self.Lu_lower, self.layout)
-        logdet = _log_positive(self.Lu_diag_raw, self.cholesky_mode).sum()
+        logdet = log_positive(self.Lu_diag_raw, self.cholesky_mode).sum()
         L, M = self.mu.shape
         kl = 0.5 * (fro2 + self.mu.square().sum() - L * M) - logdet
         return self.kl_weight * kl
@@ -549,11 +537,25 @@ class SVGPPrior(FactorPrior):
             raise ModelError(f"chunk_size = {chunk_size!r} must be a positive integer")
         out = x.new_empty(len(codes), self.n_components, x.shape[0])
         weights = self._mean_weights()
-        for i, code in enumerate(codes):
-            for s in range(0, x.shape[0], int(chunk_size)):
-                xs = x[s:s + int(chunk_size)]
-                gs = torch.full((xs.shape[0],), code, dtype=torch.int64, device=x.device)
-                out[i, :, s:s + xs.shape[0]] = self._mean_only(xs, gs, weights)
+        per_factor = weights.dim() == 3
+        # The kernel between a spot of group g and inducing point j is the within-group
+        # value where j is in g and the across-group value elsewhere, so
+        #   mean_g = K_across w + (K_within - K_across)[:, Z_g] w[Z_g]:
+        # two kernel evaluations per chunk for all G groups, not G.
+        columns = [torch.nonzero(self.g_Z == c).squeeze(1) if self.kernel.multigroup else None
+                   for c in codes]
+        for s in range(0, x.shape[0], int(chunk_size)):
+            xs = x[s:s + int(chunk_size)]
+            sl = slice(s, s + xs.shape[0])
+            if not self.kernel.multigroup:       # groups play no role: one field for all
+                out[:, :, sl] = self._mean_only(xs, None, weights)
+                continue
+            within, across = self.kernel.within_and_across(xs, self.Z)
+            base = _weighted(across, weights)                       # (L, B)
+            diff = within.sub_(across)
+            for i, cols in enumerate(columns):
+                w = weights[:, cols] if per_factor else weights[cols]
+                out[i, :, sl] = base + _weighted(diff[..., cols], w)
         return out
 
     # ---- state ----------------------------------------------------------------------------

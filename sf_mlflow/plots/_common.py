@@ -238,6 +238,11 @@ def as_mask(mask, n: int, name: str = "heldout") -> Optional[np.ndarray]:
     return m if m.any() else None
 
 
+def binned(n_spots: int) -> bool:
+    """Whether a map of ``n_spots`` is drawn as a :func:`binned_image` (no held-out rings)."""
+    return n_spots > BIN_ABOVE
+
+
 def tissue_scatter(ax, coords: np.ndarray, values: np.ndarray, s: float, cmap: str,
                    vmin: float, vmax: float, invert_y: bool = INVERT_Y,
                    heldout: Optional[np.ndarray] = None):
@@ -253,7 +258,7 @@ def tissue_scatter(ax, coords: np.ndarray, values: np.ndarray, s: float, cmap: s
     """
     v = np.asarray(values, dtype=np.float64)
     held = np.zeros(v.shape, bool) if heldout is None else np.asarray(heldout, bool)
-    if v.size > BIN_ABOVE:
+    if binned(v.size):
         sc = binned_image(ax, coords, v, cmap, vmin, vmax)
         _tissue_limits(ax, coords, invert_y)
         return sc

@@ -14,7 +14,7 @@ from sf_mlflow.analysis.ordering import factor_correlation, match_factors
 from sf_mlflow.errors import DataError
 from sf_mlflow.plots._common import (FACTOR_CMAP, INVERT_Y, LABEL_SIZE, MAX_COLS, QUALITATIVE,
                                      SUPTITLE_SIZE, TICK_SIZE, TITLE_SIZE, area_per_spot,
-                                     as_coordinates, as_mask, as_matrix, finish,
+                                     as_coordinates, as_mask, binned, as_matrix, finish,
                                      heldout_legend, marker_size, new_figure, tissue_aspect,
                                      tissue_scatter, wrap)
 
@@ -192,7 +192,7 @@ def compare_factor_maps(coordinates: np.ndarray, factors: Mapping[str, np.ndarra
                       orientation="horizontal")
     cb.ax.tick_params(labelsize=TICK_SIZE, length=2)
     cb.set_label("factor, scaled per panel (0 = low, 1 = high)", fontsize=LABEL_SIZE)
-    if held is not None:
+    if held is not None and not binned(held.size):  # binned maps draw no rings
         heldout_legend(bottom, outside=False)
     if title:
         # two lines: one line overflowed the figure's width at three models

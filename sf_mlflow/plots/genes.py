@@ -16,7 +16,7 @@ from sf_mlflow.errors import DataError
 from sf_mlflow.plots._common import (DIVERGING_CMAP, FACTOR_CMAP, FACTOR_LABEL, GENE_CMAP,
                                      GENE_LABEL, INVERT_Y, MAX_COLS, QUALITATIVE,
                                      SUPTITLE_SIZE, TICK_SIZE, TITLE_SIZE, area_per_spot,
-                                     as_coordinates, as_mask, as_matrix, as_titles, colorbar,
+                                     as_coordinates, as_mask, binned, as_matrix, as_titles, colorbar,
                                      dense_columns, finish, grid_shape, heldout_legend,
                                      marker_size, new_figure, panel_axes, robust_limits,
                                      tissue_aspect, tissue_scatter, wrap)
@@ -195,7 +195,7 @@ def factors_with_genes(coordinates: np.ndarray, factors: np.ndarray, counts, loa
         colorbar(sub, sc, ax_g, GENE_LABEL, ext)
     for sub in subs[L:]:
         sub.set_frameon(False)
-    if held is not None:
+    if held is not None and not binned(held.size):  # binned maps draw no rings
         heldout_legend(fig, "held-out spot (factor panels: not fitted, predicted from "
                             "its position)")
     if title:

@@ -11,7 +11,7 @@ from matplotlib.figure import Figure
 from sf_mlflow.errors import DataError
 from sf_mlflow.plots._common import (FACTOR_CMAP, FACTOR_LABEL, HELDOUT_LABEL, INVERT_Y,
                                      MAX_COLS, SCALE_CMAP, SCALE_LABEL, SUPTITLE_SIZE,
-                                     TITLE_SIZE, area_per_spot, as_coordinates, as_mask,
+                                     TITLE_SIZE, area_per_spot, as_coordinates, as_mask, binned,
                                      as_matrix, as_titles, colorbar, finish, grid_shape,
                                      heldout_legend, marker_size, new_figure, panel_axes,
                                      robust_limits, tissue_aspect, tissue_scatter, wrap)
@@ -82,7 +82,7 @@ def spatial_grid(coordinates: np.ndarray, values: np.ndarray,
         sc = tissue_scatter(ax, X, V[:, l], s, cmap, lo, hi, invert_y, held)
         ax.set_title(wrap(names[l], pw), fontsize=TITLE_SIZE)
         colorbar(fig, sc, ax, colorbar_label, ext)
-    if held is not None:
+    if held is not None and not binned(held.size):  # binned maps draw no rings
         heldout_legend(fig, heldout_label)
     if title:
         fig.suptitle(title, fontsize=SUPTITLE_SIZE)
@@ -241,7 +241,7 @@ def groupwise_factors(coordinates: np.ndarray, factors: np.ndarray, groupwise: n
         colorbar(sub, sc, axes, FACTOR_LABEL, ext, shrink=0.9)
         sub.suptitle(wrap(heads[l].replace("\n", ", "), cols * pw), fontsize=TITLE_SIZE,
                      fontweight="bold")
-    if held is not None:
+    if held is not None and not binned(held.size):  # binned maps draw no rings
         heldout_legend(fig, heldout_label)
     if title:
         fig.suptitle(title, fontsize=SUPTITLE_SIZE)

@@ -117,6 +117,8 @@ class Stage:
     sections: tuple[str, ...] | None
     """Config sections the output depends on besides the upstream run (None: never reused)."""
     description: str
+    launch: tuple[Arg, ...] = ()
+    """Options of how the process is started (CLI and MLproject), not passed to ``run``."""
 
     def load(self) -> Callable[..., str]:
         """The run function (imports the stage module)."""
@@ -127,6 +129,18 @@ class Stage:
         """The run function's keyword arguments from parsed CLI arguments."""
         values = vars(parsed) if isinstance(parsed, argparse.Namespace) else parsed
         return {a.keyword: a.value(values[a.keyword]) for a in self.args}
+
+
+def process_count(text: str) -> int:
+    """``--nproc-per-node``: an integer >= 1 (argparse reports the error)."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of processes (expected an "
+                                         "integer >= 1)")
+    return value
 
 
 _PREPROCESS_RUN = Arg("preprocess-run-id",
@@ -152,7 +166,11 @@ STAGES: dict[str, Stage] = {
                 default="latest", value=lambda v: v or "latest", metavar="ALIAS"),
         ),
         sections=("seed", "model", "training"),
-        description="fit the model on a preprocess run's data; log it as a train run"),
+        description="fit the model on a preprocess run's data; log it as a train run",
+        launch=(Arg("nproc-per-node",
+                    "fit on K processes of this machine: re-runs the command under torchrun "
+                    "--standalone with training.distributed=true (default 1: one process)",
+                    default="1", type=process_count, value=int, metavar="K"),)),
     "analyze": Stage(
         run="sf_mlflow.stages.analyze:run_analyze",
         args=(Arg("train-run-id",

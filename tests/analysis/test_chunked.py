@@ -143,3 +143,16 @@ def test_many_spots_draw_as_the_mean_per_bin(monkeypatch):
     monkeypatch.setattr(plot_common, "BIN_ABOVE", 10 ** 6)
     plot_common.tissue_scatter(ax2, X, v, 1.0, "viridis", 0.0, 2.0)
     assert len(ax2.collections) >= 1 and not ax2.images
+
+
+def test_binned_maps_have_no_held_out_legend(monkeypatch):
+    from sf_mlflow.plots.spatial import spatial_grid
+
+    rng = np.random.default_rng(1)
+    X = rng.random((3000, 2))
+    V = np.column_stack([X[:, 0], X[:, 1]])
+    held = rng.random(3000) < 0.1
+    monkeypatch.setattr(plot_common, "BIN_ABOVE", 1000)
+    assert not spatial_grid(X, V, heldout=held).legends   # no rings drawn: nothing to explain
+    monkeypatch.setattr(plot_common, "BIN_ABOVE", 10 ** 6)
+    assert len(spatial_grid(X, V, heldout=held).legends) == 1

@@ -165,3 +165,19 @@ def test_matern32_limit_of_small_distance():
     K = k(torch.zeros(1, 2, dtype=F64), torch.tensor([[r, 0.0]], dtype=F64))
     t = math.sqrt(3.0) * r
     assert K.item() == pytest.approx(1.0 - t * t / 2.0, abs=1e-8)
+
+
+@pytest.mark.parametrize("name", NAMES)
+@pytest.mark.parametrize("per_factor", [False, True])
+def test_within_and_across_are_the_two_values_forward_picks_from(name, per_factor):
+    x1, g1 = _random_points(13, seed=3)
+    x2, g2 = _random_points(9, seed=4)
+    kw = dict(lengthscale=[1.5, 3.0] if per_factor else 2.0, sigma=1.5, dtype=F64,
+              n_components=2 if per_factor else None)
+    k = make_kernel(name, multigroup=True, group_diff_param=10.0, **kw)
+    within, across = k.within_and_across(x1, x2)
+    same = (g1[:, None] == g2[None, :])
+    assert torch.equal(k(x1, x2, g1, g2), torch.where(same, within, across))
+    assert torch.equal(within, make_kernel(name, **kw)(x1, x2))
+    with pytest.raises(ModelError, match="multi-group"):
+        make_kernel(name).within_and_across(x1, x2)

@@ -350,6 +350,23 @@ def test_predict_in_chunks_equals_predict_at_once_and_groupwise():
     assert not torch.allclose(gw[0], gw[1])
 
 
+@pytest.mark.parametrize("per_factor", [False, True])
+def test_groupwise_equals_the_prediction_with_every_spot_in_one_group(per_factor):
+    x, g = _data(120, seed=13)
+    prior = _randomise(_prior(x, g, L=3, num_inducing=40, per_factor_lengthscale=per_factor,
+                              lengthscale=2.0))
+    if per_factor:
+        with torch.no_grad():
+            prior.kernel.raw_lengthscale.copy_(torch.log(torch.tensor([1.0, 2.0, 4.0])))
+        prior.clear_cache()
+    xs, _ = _data(45, seed=14)
+    gw = prior.groupwise(xs, group_codes=[2, 0], chunk_size=16)
+    assert gw.shape == (2, 3, 45)
+    for i, code in enumerate([2, 0]):
+        m, _ = prior.predict(xs, torch.full((45,), code))
+        assert torch.allclose(gw[i], m, rtol=1e-10, atol=1e-12)
+
+
 def test_logging_properties_and_input_errors():
     x, g = _data(40)
     prior = _prior(x, g, num_inducing=10, lengthscale=2.0, sigma=0.5, per_factor_lengthscale=True)
