@@ -300,7 +300,7 @@ def binned_image(ax, coords: np.ndarray, values: np.ndarray, cmap: str, vmin: fl
     """The mean value of the spots in each square bin, drawn as one image; returns it.
 
     A million markers take tens of seconds to draw and overplot into noise; the per-bin
-    mean costs two ``histogram2d`` passes and reads like the scatter at the panel's
+    mean costs two ``bincount`` passes and reads like the scatter at the panel's
     resolution. Bins without a finite value are transparent. ``pixels`` bins span the
     longer side of the tissue; the other side gets as many as keep the bins square.
     """
@@ -310,9 +310,14 @@ def binned_image(ax, coords: np.ndarray, values: np.ndarray, cmap: str, vmin: fl
     width, height = max(x1 - x0, 1e-12), max(y1 - y0, 1e-12)
     step = max(width, height) / pixels
     nx, ny = max(1, int(np.ceil(width / step))), max(1, int(np.ceil(height / step)))
-    edges = (np.linspace(x0, x0 + nx * step, nx + 1), np.linspace(y0, y0 + ny * step, ny + 1))
-    total, _, _ = np.histogram2d(x, y, bins=edges, weights=v)
-    count, _, _ = np.histogram2d(x, y, bins=edges)
+    edges = (x0 + step * np.arange(nx + 1), y0 + step * np.arange(ny + 1))
+    # integer bin indices and bincount: one pass each, where histogram2d's bisection
+    # search took ~0.3 s per panel of 10^6 spots (a figure may have hundreds of panels)
+    ix = np.minimum(((x - x0) / step).astype(np.intp), nx - 1)
+    iy = np.minimum(((y - y0) / step).astype(np.intp), ny - 1)
+    flat = ix * ny + iy
+    total = np.bincount(flat, weights=v, minlength=nx * ny).reshape(nx, ny)
+    count = np.bincount(flat, minlength=nx * ny).reshape(nx, ny)
     with np.errstate(invalid="ignore", divide="ignore"):
         mean = np.where(count > 0, total / count, np.nan)
     return ax.imshow(mean.T, origin="lower", extent=(edges[0][0], edges[0][-1], edges[1][0],
