@@ -50,3 +50,19 @@ def mlflow_store(tmp_path, monkeypatch):
     mlflow.set_tracking_uri(uri)
     yield uri
     mlflow.set_tracking_uri(None) if hasattr(mlflow, "set_tracking_uri") else None
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """Run a module's many small torch ops on one thread, restoring the setting after.
+
+    On a shared machine a busy core stalls every OpenMP parallel region, which can make
+    thousands of tiny ops 10-30x slower with two threads than with one. A module opts in
+    with ``pytestmark = pytest.mark.usefixtures("one_torch_thread")``.
+    """
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

@@ -17,7 +17,6 @@ from pathlib import Path
 import matplotlib
 import numpy as np
 import pytest
-import torch
 import yaml
 from mlflow.tracking import MlflowClient
 
@@ -26,6 +25,9 @@ from sf_mlflow.config import config_from_dict
 from sf_mlflow.errors import ConfigError
 from sf_mlflow.models.pnmf import PNMF
 from sf_mlflow.stages import figures as figures_stage
+
+# many small torch ops: one thread (see tests/conftest.py, one_torch_thread)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 matplotlib.use("Agg")
 
@@ -45,14 +47,6 @@ HYBRID = {
                  "patience": 50},
     "analysis": {"group_loadings_iter": 5},
 }
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_torch_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def runs_of(client, stage):

@@ -193,6 +193,21 @@ class StationaryKernel(nn.Module):
         a = self.group_diff_param.to(dtype or self.group_diff_param.dtype)
         return _where_same(g1, g2, 1.0 / (a + 1.0))
 
+    def _distances(self, x1: Tensor, x2: Tensor, dtype: Optional[torch.dtype]
+                   ) -> tuple[torch.dtype, Tensor, bool]:
+        """The dtype to compute in, squared distances (N1, N2) and whether intermediates
+        may be overwritten.
+
+        A (B, M) kernel matrix is the largest elementwise work of an SVGP step; when the
+        hyperparameters need no gradient its intermediates are overwritten in place,
+        which on CPUs also saves the page faults of fresh large allocations.
+        """
+        ref = self.raw_sigma
+        dtype = dtype or ref.dtype
+        x1 = x1.detach().to(dtype=dtype, device=ref.device)
+        x2 = x2.detach().to(dtype=dtype, device=ref.device)
+        return dtype, squared_distances(x1, x2), not (torch.is_grad_enabled() and self.trainable)
+
     def forward(self, x1: Tensor, x2: Tensor, g1: Optional[Tensor] = None,
                 g2: Optional[Tensor] = None, *, dtype: Optional[torch.dtype] = None) -> Tensor:
         """Kernel matrix between ``x1: (N1, 2)`` and ``x2: (N2, 2)``.
@@ -212,14 +227,7 @@ class StationaryKernel(nn.Module):
         Tensor, (N1, N2), or (L, N1, N2) with per-factor lengthscales.
         """
         ref = self.raw_sigma
-        dtype = dtype or ref.dtype
-        x1 = x1.detach().to(dtype=dtype, device=ref.device)
-        x2 = x2.detach().to(dtype=dtype, device=ref.device)
-        r2 = squared_distances(x1, x2)
-        # A (B, M) kernel matrix is the largest elementwise work of an SVGP step; when the
-        # hyperparameters need no gradient its intermediates are overwritten in place,
-        # which on CPUs also saves the page faults of fresh large allocations.
-        inplace = not (torch.is_grad_enabled() and self.trainable)
+        dtype, r2, inplace = self._distances(x1, x2, dtype)
         if not self.multigroup:
             k = self._shape(r2, None, self._inv_lengthscale(dtype), inplace)
         else:
@@ -248,12 +256,7 @@ class StationaryKernel(nn.Module):
         """
         if not self.multigroup:
             raise ModelError("within_and_across needs a multi-group kernel (group_diff_param set)")
-        ref = self.raw_sigma
-        dtype = dtype or ref.dtype
-        x1 = x1.detach().to(dtype=dtype, device=ref.device)
-        x2 = x2.detach().to(dtype=dtype, device=ref.device)
-        r2 = squared_distances(x1, x2)
-        inplace = not (torch.is_grad_enabled() and self.trainable)
+        dtype, r2, inplace = self._distances(x1, x2, dtype)
         inv_ls = self._inv_lengthscale(dtype)
         cross = 1.0 / (self.group_diff_param.to(dtype) + 1.0)
         across = self._shape(r2.clone(), cross.clone(), inv_ls, inplace)

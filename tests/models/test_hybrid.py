@@ -20,16 +20,10 @@ from sf_mlflow.models.svgp import SVGPPrior
 from sf_mlflow.stages._common import model_kind, run_name, stage_hash
 from sf_mlflow.stages.train import build_model
 
+# many small torch ops: one thread (see tests/conftest.py, one_torch_thread)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
 L = 3
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_torch_thread():
-    """One torch thread for many tiny ops on a shared machine (see test_pnmf.py)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")

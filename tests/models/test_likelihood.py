@@ -18,20 +18,10 @@ from sf_mlflow.models.likelihood import (
 )
 from sf_mlflow.models.priors import GaussianPrior
 
+# many small torch ops: one thread (see tests/conftest.py, one_torch_thread)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
 F64 = torch.float64
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_torch_thread():
-    """Run this module's many small torch ops on one thread, restoring the setting after.
-
-    On a shared machine a busy core stalls every OpenMP parallel region, which can make
-    thousands of tiny ops 10-30x slower with two threads than with one.
-    """
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def problem(seed: int, B: int = 12, D: int = 9, L: int = 3, rate: float = 1.5, var_hi: float = 0.5):

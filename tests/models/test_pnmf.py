@@ -20,20 +20,10 @@ from sf_mlflow.models.pnmf import PNMF
 from sf_mlflow.models.settings import SVGP
 from sf_mlflow.models.priors import GaussianPrior
 
+# many small torch ops: one thread (see tests/conftest.py, one_torch_thread)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
 L = 5
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_torch_thread():
-    """Run this module's many small torch ops on one thread, restoring the setting after.
-
-    On a shared machine a busy core stalls every OpenMP parallel region, which can make
-    thousands of tiny ops 10-30x slower with two threads than with one.
-    """
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")
