@@ -440,9 +440,15 @@ def study_metrics(study, mine: dict[str, int]) -> tuple[dict[str, float], Any]:
                "n_trials_running": by_state[TrialState.RUNNING],
                "n_trials_this_worker": mine["complete"] + mine["pruned"],
                "n_trials_pruned_this_worker": mine["pruned"]}
+    return metrics, best_complete(trials)
+
+
+def best_complete(trials: list) -> Any:
+    """The complete trial of lowest held-out deviance, or None."""
+    from optuna.trial import TrialState
+
     complete = [x for x in trials if x.state == TrialState.COMPLETE]
-    best = min(complete, key=lambda x: x.value) if complete else None
-    return metrics, best
+    return min(complete, key=lambda x: x.value) if complete else None
 
 
 def log_study(run: StageRun, config: Config, study) -> None:
@@ -483,7 +489,7 @@ def publish_best(study, register_as: str, alias: str, attempts: int = 5) -> None
     each write and checked again after it, until the alias and the best agree.
     """
     for _ in range(attempts):
-        _, best = study_metrics(study, {"complete": 0, "pruned": 0})
+        best = best_complete(study.get_trials(deepcopy=False))
         if best is None:
             return
         best_train = best.user_attrs[ATTR_TRAIN_RUN]

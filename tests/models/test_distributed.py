@@ -161,6 +161,16 @@ def test_a_distributed_fit_resumes_from_its_checkpoint_in_a_new_torchrun(two_pro
         assert_same_fit(resumed[case], two_process_fits[case], rtol=1e-6, atol=1e-7)
 
 
+def test_nproc_per_node_inside_torchrun_is_refused_in_one_line(monkeypatch, capsys, tmp_path):
+    """``--nproc-per-node`` under torchrun would start K processes per rank: refused, no exec."""
+    from sf_mlflow.cli import main
+
+    monkeypatch.setenv("LOCAL_RANK", "0")
+    assert main(["train", "-c", str(tmp_path / "any.yaml"), "--nproc-per-node", "2"]) == 2
+    err = capsys.readouterr().err
+    assert "error: --nproc-per-node 2 was given to a process that torchrun already started" in err
+
+
 def test_distributed_without_torchrun_is_a_config_error_naming_the_key_and_the_launch(monkeypatch):
     for name in TORCHRUN_ENV:
         monkeypatch.delenv(name, raising=False)
