@@ -258,8 +258,12 @@ def test_ctrl_c_on_mlflow_run_train_checkpoints_and_resume_from_finishes(tmp_pat
     cmd = [sys.executable, "-m", "mlflow", "run", str(REPO), "-e", "train", "--env-manager",
            "local", "--experiment-name", "project_test", "-P", f"config={config}"]
     env = {**os.environ, "MLFLOW_TRACKING_URI": uri, "PYTHONUNBUFFERED": "1"}
+    # A shell starts background jobs with SIGINT ignored, and exec keeps that, so a test
+    # session launched that way would hand `mlflow run` an ignored Ctrl-C; a terminal's
+    # `mlflow run` has the default disposition, which is what this test is about.
     proc = subprocess.Popen(cmd, cwd=tmp_path, env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True)
+                            stderr=subprocess.STDOUT, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     seen = []
     try:
         deadline = time.monotonic() + 300
