@@ -14,6 +14,7 @@ from typing import Optional
 import numpy as np
 import scipy.sparse as sp
 
+from sf_mlflow.data.blocks import nonzero_rows, row_blocks
 from sf_mlflow.errors import DataError
 
 __all__ = ["poisson_deviance"]
@@ -24,9 +25,7 @@ _BLOCK_ENTRIES = 2_000_000
 
 
 def _row_blocks(n_rows: int, per_row: float):
-    step = max(1, int(_BLOCK_ENTRIES // max(per_row, 1.0)))
-    for start in range(0, n_rows, step):
-        yield slice(start, min(n_rows, start + step))
+    return row_blocks(n_rows, per_row, _BLOCK_ENTRIES)
 
 
 def _xlogy_ratio(y: np.ndarray, mu: np.ndarray) -> np.ndarray:
@@ -96,7 +95,7 @@ def _dense_per_gene(y, M: np.ndarray) -> np.ndarray:
         out += M.sum(axis=0) - np.asarray(Y.sum(axis=0), dtype=np.float64).ravel()
         for rows in _row_blocks(n, Y.nnz / max(n, 1)):
             block = Y[rows]
-            r = np.repeat(np.arange(block.shape[0]), np.diff(block.indptr))
+            r = nonzero_rows(block)
             c = block.indices
             val = _xlogy_ratio(block.data.astype(np.float64), M[rows][r, c])
             out += np.bincount(c, weights=val, minlength=d)
@@ -118,7 +117,7 @@ def _low_rank_per_gene(y, F: np.ndarray, W: np.ndarray) -> np.ndarray:
         out += mu_sum - np.asarray(Y.sum(axis=0), dtype=np.float64).ravel()
         for rows in _row_blocks(n, Y.nnz / max(n, 1) * F.shape[1]):
             block = Y[rows]
-            r = np.repeat(np.arange(block.shape[0]), np.diff(block.indptr))
+            r = nonzero_rows(block)
             c = block.indices
             mu_nz = np.einsum("kl,kl->k", F[rows][r], W[c])  # rate at the non-zeros only
             val = _xlogy_ratio(block.data.astype(np.float64), mu_nz)

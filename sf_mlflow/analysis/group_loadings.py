@@ -26,6 +26,7 @@ from typing import Optional
 import numpy as np
 import scipy.sparse as sp
 
+from sf_mlflow.data.blocks import nonzero_rows, row_blocks
 from sf_mlflow.errors import DataError
 
 __all__ = ["group_loadings", "refit_loadings"]
@@ -65,10 +66,7 @@ def _check_inputs(counts, factors, loadings):
 
 def _row_blocks(Y: sp.csr_matrix, n_factors: int):
     """Row slices of Y with about _BLOCK_ENTRIES non-zeros x factors each."""
-    n = Y.shape[0]
-    per_row = max(Y.nnz / max(n, 1) * n_factors, 1.0)
-    step = max(1, int(_BLOCK_ENTRIES // per_row))
-    return [slice(s, min(n, s + step)) for s in range(0, n, step)]
+    return row_blocks(Y.shape[0], Y.nnz / max(Y.shape[0], 1) * n_factors, _BLOCK_ENTRIES)
 
 
 def _split(Y: sp.csr_matrix, H: np.ndarray) -> list[tuple[sp.csr_matrix, np.ndarray, np.ndarray]]:
@@ -91,7 +89,7 @@ def _split(Y: sp.csr_matrix, H: np.ndarray) -> list[tuple[sp.csr_matrix, np.ndar
 
 def _rows_at_nonzeros(Yb: sp.csr_matrix, Hb: np.ndarray) -> np.ndarray:
     """The factor row of every non-zero of ``Yb``, (nnz_b, L)."""
-    return Hb[np.repeat(np.arange(Yb.shape[0]), np.diff(Yb.indptr))]
+    return Hb[nonzero_rows(Yb)]
 
 
 def _kl_step(blocks, W: np.ndarray, col_sum_h: np.ndarray,

@@ -33,6 +33,7 @@ from sf_mlflow.analysis.group_loadings import group_loadings
 from sf_mlflow.analysis.moran import knn_weights, morans_i
 from sf_mlflow.analysis.ordering import order_by
 from sf_mlflow.analysis.predictor import with_train_coordinates
+from sf_mlflow.data.blocks import nonzero_rows, row_blocks
 from sf_mlflow.data.counts import SpatialCounts
 
 
@@ -71,11 +72,10 @@ def reconstruction_error(Y: sp.csr_matrix, factors: np.ndarray, loadings: np.nda
     y2 = float(np.dot(Y.data, Y.data))
     cross = 0.0
     n = Y.shape[0]
-    step = max(1, int(block // max(Y.nnz / max(n, 1), 1.0)))
-    for start in range(0, n, step):
-        part = Y[start:start + step]
-        r = np.repeat(np.arange(part.shape[0]), np.diff(part.indptr))
-        cross += float(np.dot(part.data, np.einsum("ij,ij->i", factors[start + r],
+    for rows in row_blocks(n, Y.nnz / max(n, 1), block):
+        part = Y[rows]
+        r = rows.start + nonzero_rows(part)
+        cross += float(np.dot(part.data, np.einsum("ij,ij->i", factors[r],
                                                    loadings[part.indices])))
     m2 = float(np.sum((factors.T @ factors) * (loadings.T @ loadings)))
     return float(np.sqrt(max(y2 - 2 * cross + m2, 0.0) / y2)) if y2 > 0 else float("nan")

@@ -27,6 +27,7 @@ import numpy as np
 import scipy.sparse as sp
 
 from sf_mlflow.config import PreprocessingConfig
+from sf_mlflow.data.blocks import nonzero_rows, row_blocks
 from sf_mlflow.data.counts import SpatialCounts
 from sf_mlflow.errors import DataError
 
@@ -96,10 +97,9 @@ def poisson_null_deviance(counts: sp.spmatrix, *, block: int = 2_000_000) -> np.
     p = col / total
     out = np.zeros(Y.shape[1])
     # row blocks of ~block non-zeros: the temporaries stay ~100 MB at any N
-    step = max(1, int(block // max(Y.nnz / max(Y.shape[0], 1), 1.0)))
-    for start in range(0, Y.shape[0], step):
-        part = Y[start:start + step]
-        rows = start + np.repeat(np.arange(part.shape[0]), np.diff(part.indptr))
+    for block_rows in row_blocks(Y.shape[0], Y.nnz / max(Y.shape[0], 1), block):
+        part = Y[block_rows]
+        rows = block_rows.start + nonzero_rows(part)
         y = part.data.astype(np.float64)
         pos = y > 0  # explicit zeros contribute y log y = 0
         r, c, y = rows[pos], part.indices[pos], y[pos]
