@@ -98,23 +98,23 @@ def gp_prior(model):
 def gp_facts(model) -> dict[str, float]:
     """Kernel facts of a fitted model's spatial factors (empty without any).
 
-    ``num_inducing``, ``sigma``, ``group_diff_param``, ``jitter_used`` (when a Cholesky
-    needed more than the configured jitter) and ``lengthscale`` (the mean, plus
-    ``lengthscale_<l>`` per factor when each factor has its own; for a hybrid, l counts
-    its spatial factors in the model's order).
+    ``num_inducing``, ``group_diff_param``, ``jitter_used`` (when a Cholesky needed more
+    than the configured jitter), ``lengthscale`` and ``sigma`` (the mean, plus
+    ``lengthscale_<l>`` and ``sigma_<l>`` per factor when each factor has its own; for a
+    hybrid, l counts its spatial factors in the model's order).
     """
     prior = gp_prior(model)
     if prior is None:
         return {}
-    ls = prior.lengthscale
-    facts = {"num_inducing": int(prior.num_inducing), "sigma": float(prior.sigma),
+    facts = {"num_inducing": int(prior.num_inducing),
              "group_diff_param": float(prior.group_diff_param),
              "jitter_used": prior.jitter_used}
-    if isinstance(ls, (list, tuple)):
-        facts.update({f"lengthscale_{i}": float(v) for i, v in enumerate(ls)})
-        facts["lengthscale"] = float(sum(ls) / len(ls))
-    else:
-        facts["lengthscale"] = float(ls)
+    for name, value in (("lengthscale", prior.lengthscale), ("sigma", prior.sigma)):
+        if isinstance(value, (list, tuple)):
+            facts.update({f"{name}_{i}": float(v) for i, v in enumerate(value)})
+            facts[name] = float(sum(value) / len(value))
+        else:
+            facts[name] = float(value)
     return {k: v for k, v in facts.items() if v is not None}
 
 

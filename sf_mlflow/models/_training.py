@@ -49,6 +49,12 @@ INIT_STAT_SPOTS = 5000
 #: Relative improvement of the best held-out deviance that resets the patience count.
 VALIDATION_MIN_DELTA = 1e-4
 
+#: ``learning_rate: auto`` of natural steps on spot mini-batches (``Trainer.natural_step_size``):
+#: the first step, and the epochs and power of its decay.
+NATURAL_MINIBATCH_START = 0.5
+NATURAL_DECAY_EPOCHS = 1.0
+NATURAL_DECAY_POWER = 0.6
+
 
 class ConvergenceWarning(UserWarning):
     """A fit reached ``max_iter`` before its stopping rule was met."""
@@ -92,10 +98,14 @@ class FitState:
 # ---- the optimisation loop -------------------------------------------------------------------
 
 class FitResult:
+    """What a fit ended with; ``early_stopped_at`` is the iteration at which patience ran out
+    (None otherwise), ``history`` then ends at the kept iteration."""
+
     def __init__(self, loadings: Tensor, history: list[float], converged: bool, stopped: bool,
-                 reason: str, validation: list):
+                 reason: str, validation: list, early_stopped_at: Optional[int] = None):
         self.loadings, self.history, self.converged, self.stopped = loadings, history, converged, stopped
         self.reason, self.validation = reason, validation
+        self.early_stopped_at = early_stopped_at
 
 
 def _duration(seconds: float) -> str:
@@ -155,7 +165,7 @@ class Trainer:
             self.W = W0.detach().clone()
         self.params = params
         opt_cls = getattr(torch.optim, "Adam" if p["optimizer"] == "natural" else p["optimizer"])
-        self.optimizer = opt_cls(params, lr=p["learning_rate"]) if params else None
+        self.optimizer = opt_cls(params, lr=self._optimizer_lr()) if params else None
         # spots and genes draw from one generator, in a fixed interleaving
         self.rng = np.random.default_rng(p["random_state"])
         self.spot_stream = IndexStream(self.N, p["batch_size"], p["shuffle"], self.rng)
@@ -175,6 +185,32 @@ class Trainer:
         self._good: Optional[dict] = None      # last state whose ELBO was finite
         self._best: Optional[dict] = None      # best state by held-out deviance
         self._reason = "max_iter"
+        self.early_stopped_at: Optional[int] = None
+
+    def _optimizer_lr(self) -> float:
+        """Step size of the torch optimiser: the learning rate, or beside natural steps the
+        Adam step of the kernel hyperparameters and a hybrid's Gaussian part."""
+        p = self.p
+        return p.get("adam_learning_rate", p["learning_rate"]) if self.natural else p["learning_rate"]
+
+    def natural_step_size(self, iteration: int) -> float:
+        """The natural-gradient step gamma at ``iteration`` (1-based).
+
+        A number: that number. ``auto``: 1 on full batches (the exact update of a conjugate
+        model; the trust region keeps the Poisson steps safe). On spot mini-batches a full
+        step would replace q(v) by one batch's estimate, so gamma decreases as
+        ``max(rho, 1 / (1 + (t - 1) rho / NATURAL_DECAY_EPOCHS)^NATURAL_DECAY_POWER)`` scaled
+        by NATURAL_MINIBATCH_START, with ``rho = B / N`` the batch's share: a running average
+        whose memory grows from a few batches to about an epoch.
+        """
+        p = self.p
+        if not p.get("learning_rate_auto"):
+            return float(p["learning_rate"])
+        rho = min(1.0, (p["batch_size"] or self.N) / self.N)
+        if rho >= 1.0:
+            return 1.0
+        decay = (1.0 + (iteration - 1) * rho / NATURAL_DECAY_EPOCHS) ** (-NATURAL_DECAY_POWER)
+        return float(max(rho, NATURAL_MINIBATCH_START * decay))
 
     def close(self) -> None:
         """Give the prior's variational parameters back their gradients."""
@@ -226,7 +262,7 @@ class Trainer:
         if self.optimizer is not None and state.get("optimizer") is not None:
             self.optimizer.load_state_dict(state["optimizer"])
             for group in self.optimizer.param_groups:   # learning_rate may change on resume
-                group["lr"] = self.p["learning_rate"]
+                group["lr"] = self._optimizer_lr()
         if self.natural is not None:
             if state.get("natural") is not None:
                 self.natural.load_state_dict(state["natural"])
@@ -328,6 +364,7 @@ class Trainer:
         (-elbo / self.N).backward()
         self._reduce_grads()
         self.optimizer.step()
+        self._project()
         if new_W is not None:
             self._update_loadings(new_W, mean.detach(), var.detach(), gidx, self._spots_in(batch))
         return float(total)
@@ -373,12 +410,21 @@ class Trainer:
                 torch.autograd.backward(outputs, seeds)
             self._reduce_grads()
             self.optimizer.step()
+            self._project()
+        # q(v) lives in whitened coordinates, so a kernel step leaves it (and the precision the
+        # natural optimiser carries) valid: only A changes, and the next step uses the new one.
+        self.natural.lr = self.natural_step_size(len(self.history) + 1)
         self.natural.step(At.detach(), grads[0][:K], grads[1][:K])
-        if hyper:
-            self.natural.reset()    # the kernel moved: Lzz and A change under q(v)
         if new_W is not None:
             self._update_loadings(new_W, m.detach(), v.detach(), gidx, self._spots_in(batch))
         return elbo
+
+    def _project(self) -> None:
+        """Keep trained kernel hyperparameters inside the bounds the fit's start set."""
+        gp = getattr(self.prior, "spatial", self.prior)
+        bounds = getattr(gp, "bounds", None)
+        if bounds is not None and gp.kernel.trainable:
+            gp.kernel.project(bounds["lengthscale"], bounds["sigma"], bounds["group_diff"])
 
     @torch.no_grad()
     def _init_statistics(self) -> None:
@@ -460,9 +506,23 @@ class Trainer:
         return float(self._scale(batch) * ll - self.prior.kl(idx))
 
     def _converged(self) -> bool:
-        """Two consecutive checks each changed the evaluation ELBO by less than tol, relative."""
+        """Two consecutive checks each changed the evaluation ELBO by less than tol, relative,
+        and (with held-out spots) the held-out deviance no longer improves by more than tol."""
         tol = self.p["tol"]
-        return tol > 0 and all(self.relative_change(back) < tol for back in (0, 1))
+        if not (tol > 0 and all(self.relative_change(back) < tol for back in (0, 1))):
+            return False
+        return not self.heldout_improving()
+
+    def heldout_improving(self) -> bool:
+        """With held-out checks: the last one improved on the one before by more than ``tol``,
+        relative (or there are fewer than two yet). A flat ELBO then does not end the fit."""
+        if self.validation is None or not self.p["validation_every"]:
+            return False
+        h = self.validation_history
+        if len(h) < 2:
+            return True
+        prev, last = h[-2][1], h[-1][1]
+        return (prev - last) > self.p["tol"] * abs(prev)
 
     def relative_change(self, back: int = 0) -> float:
         """Relative change between checks ``-2 - back`` and ``-1 - back`` (NaN if too few)."""
@@ -483,7 +543,9 @@ class Trainer:
     def _patience_used(self) -> int:
         """Checks since the last one that improved the best deviance by the minimum delta."""
         best, since = math.inf, 0
-        for _, dev in self.validation_history:
+        for it, dev in self.validation_history:
+            if it == 0:       # the start's check: reported, not a state to roll back to
+                continue
             if dev < best * (1 - VALIDATION_MIN_DELTA):
                 best, since = dev, 0
             else:
@@ -503,7 +565,7 @@ class Trainer:
             W = self.loadings().detach().clone()
         converged = self._reason in ("tol", "validation")
         return FitResult(W, list(self.history), converged, self._reason == "callback", self._reason,
-                       list(self.validation_history))
+                         list(self.validation_history), self.early_stopped_at)
 
     def _roll_back(self, it: int, value: float) -> None:
         """Restore the last state with a finite ELBO and raise :class:`NonFiniteELBOError`."""
@@ -528,6 +590,13 @@ class Trainer:
         t_loop = time.perf_counter()
         val_every = p["validation_every"] if self.validation is not None else 0
         self._reason = "max_iter"
+        self.early_stopped_at = None
+        if val_every and not self.validation_history:
+            # the start's held-out deviance (iteration 0), the baseline training improves on
+            self.validation_history.append((0, self.heldout_deviance()))
+            if verbose:
+                print(f"iter     0/{p['max_iter']}  heldout dev {self.validation_history[0][1]:.5g} "
+                      "(the start)", flush=True)
         for it in range(first, p["max_iter"] + 1):
             if self._good is None or it % self.SNAPSHOT_EVERY == 1:
                 pending = self.state_dict()
@@ -541,13 +610,15 @@ class Trainer:
                 self._good = pending     # its ELBO (this iteration's, before the step) is finite
             history.append(value)
             done = False
+            # held-out check first: the tol rule reads it
+            patience_out = bool(val_every and it % val_every == 0 and self._agree(self._validate(it)))
             if it % w == 0:
                 check = self.evaluate_elbo() if self._eval_block()[0] is not self.full else \
                     sum(history[-w:]) / len(history[-w:])
                 self.checks.append(check)
                 if self._agree(self._converged()):
                     self._reason, done = "tol", True
-            if val_every and it % val_every == 0 and self._agree(self._validate(it)):
+            if patience_out:
                 self._reason, done = "validation", True
             if self._agree(callback is not None and callback(it, value) is True):
                 self._reason, done = "callback", True
@@ -567,8 +638,13 @@ class Trainer:
                 break
         if self._reason == "validation" and self._best is not None:
             # early stopping keeps the best checked state (and the ELBO history up to it)
+            self.early_stopped_at = len(history)
             validation = self.validation_history
             self.load_state_dict(self._best)
             self.validation_history = validation
+            if verbose:
+                print(f"early-stopped at iteration {self.early_stopped_at}: the held-out deviance "
+                      f"did not improve for {p['patience']} checks; kept iteration "
+                      f"{len(self.history)}", flush=True)
         self._good = self._best = None
         return self.result()

@@ -24,6 +24,7 @@ and gains nothing measurable for inducing points.
 
 from __future__ import annotations
 
+import math
 import warnings
 from typing import Optional
 
@@ -45,26 +46,69 @@ _MAX_ITER = 100
 _INIT_SUBSAMPLE = 10_000
 
 
-#: ``num_inducing: auto``: one inducing point per this many distinct spot locations, at
-#: least AUTO_MIN (and never more than the locations), at most the plan's AUTO_MAX.
+#: ``num_inducing: auto`` without a lengthscale: one inducing point per this many distinct
+#: spot locations, at least AUTO_MIN (and never more than the locations), at most AUTO_MAX.
 AUTO_SPOTS_PER_POINT = 10
 AUTO_MIN = 100
 AUTO_MAX = 3000
 
+#: With a lengthscale, ``num_inducing: auto`` gives at most one inducing point per this many
+#: distinct locations (a sparse GP with M near N costs more than it saves).
+AUTO_SPOTS_PER_LENGTHSCALE_POINT = 4
 
-def auto_num_inducing(coordinates: np.ndarray) -> int:
-    """M for ``num_inducing = "auto"``: ``min(AUTO_MAX, n, max(AUTO_MIN, n // 10))``.
 
-    ``coordinates: (N, 2)``; n is the number of distinct locations. The rule gives 3,000
-    on Slide-seq (41,783 beads), ~500 on osmFISH (~5,000 cells) and 100 on a few hundred
-    spots: the cost per step grows as M^2, and a tenth of the locations resolves fields
-    down to a few spot spacings.
+def occupied_cells(coordinates: np.ndarray, lengthscale: float) -> int:
+    """How many squares of side ``lengthscale`` (on a grid anchored at the minimum) hold at
+    least one of the spots ``coordinates: (N, 2)``."""
+    X = np.asarray(coordinates, dtype=np.float64)
+    if X.shape[0] == 0:
+        return 0
+    cells = np.floor((X - X.min(axis=0)) / float(lengthscale)).astype(np.int64)
+    return int(np.unique(cells, axis=0).shape[0])
+
+
+def auto_num_inducing(coordinates: np.ndarray, groups: Optional[np.ndarray] = None,
+                      lengthscale: Optional[float] = None, *, explain: bool = False):
+    """M for ``num_inducing = "auto"``.
+
+    With a ``lengthscale``: inducing points about one lengthscale apart wherever there are
+    spots, i.e. one per lengthscale-wide square the spots occupy; with ``groups (N,)`` the
+    squares are counted per group and summed, since the multi-group kernel needs each group's
+    field resolved where that group has spots. Clipped to ``[AUTO_MIN, AUTO_MAX]`` and to the
+    distinct locations (of each group). Without a lengthscale (a fixed-size rule for callers
+    that have none): a tenth of the distinct locations, ``min(AUTO_MAX, n, max(AUTO_MIN, n //
+    10))``.
+
+    ``coordinates: (N, 2)``. Returns M, or with ``explain`` ``(M, reason)`` where the reason
+    says how M came about and whether the cap bound.
     """
     X = np.asarray(coordinates, dtype=np.float64)
     if X.ndim != 2 or X.shape[1] != 2 or X.shape[0] < 1:
         raise ModelError(f"coordinates must have shape (N, 2) with N >= 1, got {X.shape}")
-    n = int(np.unique(X, axis=0).shape[0])
-    return int(min(AUTO_MAX, n, max(AUTO_MIN, n // AUTO_SPOTS_PER_POINT)))
+    if lengthscale is None:
+        n = int(np.unique(X, axis=0).shape[0])
+        M = int(min(AUTO_MAX, n, max(AUTO_MIN, n // AUTO_SPOTS_PER_POINT)))
+        why = f"a tenth of the {n} distinct spot locations, within [{AUTO_MIN}, {AUTO_MAX}]"
+        return (M, why) if explain else M
+    if not (np.isfinite(lengthscale) and lengthscale > 0):
+        raise ModelError(f"lengthscale = {lengthscale!r} must be a positive number")
+    parts = [X] if groups is None else [X[groups == c] for c in np.unique(groups)]
+    cells = sum(occupied_cells(part, lengthscale) for part in parts)
+    distinct = sum(int(np.unique(part, axis=0).shape[0]) for part in parts)
+    M = int(min(max(cells, AUTO_MIN), AUTO_MAX, distinct,
+                max(AUTO_MIN, distinct // AUTO_SPOTS_PER_LENGTHSCALE_POINT)))
+    per = "" if groups is None else f" per group ({len(parts)} groups)"
+    why = f"{cells} squares of side {lengthscale:.3g}, the shortest lengthscale, hold spots{per}"
+    if M == AUTO_MAX and cells > AUTO_MAX:
+        why += (f"; capped at {AUTO_MAX}, so the inducing points are about "
+                f"{lengthscale * math.sqrt(cells / AUTO_MAX):.3g} apart (set model.num_inducing "
+                f"to use more)")
+    elif M < cells:
+        why += (f"; capped at a {AUTO_SPOTS_PER_LENGTHSCALE_POINT}th of the {distinct} distinct spot "
+                f"locations (so many inducing points would cost more than the exact GP saves)")
+    elif M == AUTO_MIN and cells < AUTO_MIN:
+        why += f"; raised to the minimum {AUTO_MIN}"
+    return (M, why) if explain else M
 
 
 def allocate_counts(quotas: np.ndarray, caps: np.ndarray, total: int) -> np.ndarray:

@@ -4,10 +4,10 @@ All kernels share one construction, evaluated on whole distance matrices at once
 
     k(x, x') = sigma^2 * shape(r / lengthscale),     r = ||x - x'||
 
-with the Matern-1/2, -3/2, -5/2 and squared-exponential (RBF) shapes. One amplitude
-``sigma`` is shared by all factors; the lengthscale is either one number shared by all L
-factors (kernel matrices are then ``(N1, N2)``, factorised once for all factors) or one per
-factor (matrices get a leading ``L`` batch dimension, ``(L, N1, N2)``).
+with the Matern-1/2, -3/2, -5/2 and squared-exponential (RBF) shapes. Either one
+lengthscale and one amplitude ``sigma`` are shared by all L factors (kernel matrices are then
+``(N1, N2)``, factorised once for all factors), or each factor has its own of both (matrices
+get a leading ``L`` batch dimension, ``(L, N1, N2)``).
 
 Multi-group (MGGP) kernels
 --------------------------
@@ -27,11 +27,13 @@ Matern smoothness ``nu_m`` (the RBF is the ``nu_m -> inf`` limit whose prefactor
 ``nu^(p/2)``). The paper derives the RBF and Matern-3/2 forms; the Matern-1/2 and -5/2 ones
 follow by the same construction (a Gaussian scale mixture over the group offset) and are
 given here by analogy. Within one group every formula is exactly the plain kernel, bit for
-bit, and ``a = 0`` makes all groups identical. ``group_diff_param`` is a fixed buffer.
+bit, and ``a = 0`` makes all groups identical.
 
-Positivity of ``lengthscale`` and ``sigma`` comes from a log parametrisation
-(``raw_lengthscale = log l``, ``raw_sigma = log sigma``): gradient steps are then relative,
-which suits scale parameters. Both are fixed (``requires_grad=False``) unless ``trainable``.
+Positivity of ``lengthscale``, ``sigma`` and ``a`` comes from a log parametrisation
+(``raw_lengthscale = log l``, ``raw_sigma = log sigma``, ``raw_group_diff = log a``, with
+``a = 0`` stored as ``-inf``): gradient steps are then relative, which suits scale
+parameters. All are fixed (``requires_grad=False``) unless ``trainable``; :meth:`project`
+keeps trained values inside bounds.
 """
 
 from __future__ import annotations
@@ -85,17 +87,19 @@ class StationaryKernel(nn.Module):
     lengthscale : float or sequence of float
         Initial lengthscale ``l > 0``, in the units of the coordinates. A sequence of L
         values (or ``n_components`` given) makes one lengthscale per factor.
-    sigma : float
-        Initial amplitude ``sigma > 0``; ``k(x, x) = sigma^2``.
+    sigma : float or sequence of float
+        Initial amplitude ``sigma > 0``; ``k(x, x) = sigma^2``. One per factor (a sequence
+        of L values, or one value repeated) when ``n_components`` is given.
     n_components : int, optional
-        L. When given, the lengthscale has shape (L,) (one per factor) and kernel
-        matrices are ``(L, N1, N2)``; when None, one shared lengthscale, matrices ``(N1, N2)``.
+        L. When given, lengthscale and sigma have shape (L,) (one per factor) and kernel
+        matrices are ``(L, N1, N2)``; when None, one shared of each, matrices ``(N1, N2)``.
     multigroup : bool
         Use the MGGP form; :meth:`forward` then needs group codes.
     group_diff_param : float
         ``a >= 0`` in ``nu = 1 / (a d2 + 1)``; larger means groups are more different.
     trainable : bool
-        Whether ``raw_lengthscale`` and ``raw_sigma`` require gradients.
+        Whether ``raw_lengthscale``, ``raw_sigma`` and (multi-group, ``a > 0``)
+        ``raw_group_diff`` require gradients.
     dtype, device :
         Of the parameters.
 
@@ -103,9 +107,10 @@ class StationaryKernel(nn.Module):
     ----------
     raw_lengthscale : Parameter, () or (L,)
         ``log l``.
-    raw_sigma : Parameter, ()
+    raw_sigma : Parameter, () or (L,)
         ``log sigma``.
-    group_diff_param : buffer, ()
+    raw_group_diff : Parameter, ()
+        ``log a`` (``-inf`` for ``a = 0``).
     """
 
     #: Matern smoothness nu_m (``inf`` for the RBF); sets the MGGP prefactor exponent.
@@ -121,19 +126,11 @@ class StationaryKernel(nn.Module):
             n_components = int(n_components)
             if n_components < 1:
                 raise ModelError(f"n_components = {n_components!r} must be a positive integer")
-            if ls.numel() == 1:
-                ls = ls.expand(n_components)
-            elif ls.numel() != n_components:
-                raise ModelError(f"lengthscale has {ls.numel()} values, expected 1 or "
-                                 f"n_components = {n_components}")
-        elif ls.numel() != 1:
-            raise ModelError(f"lengthscale has {ls.numel()} values; pass n_components = "
-                             f"{ls.numel()} for one lengthscale per factor, or a single number")
-        else:
-            ls = ls.reshape(())
+        ls = _per_factor(lengthscale, "lengthscale", n_components)
+        sg = _per_factor(sigma, "sigma", n_components)
         if not bool(torch.isfinite(ls).all()) or not bool((ls > 0).all()):
             raise ModelError(f"lengthscale = {lengthscale!r} must be finite and > 0")
-        if not (math.isfinite(float(sigma)) and float(sigma) > 0):
+        if not bool(torch.isfinite(sg).all()) or not bool((sg > 0).all()):
             raise ModelError(f"sigma = {sigma!r} must be finite and > 0")
         if not (math.isfinite(float(group_diff_param)) and float(group_diff_param) >= 0):
             raise ModelError(f"group_diff_param = {group_diff_param!r} must be finite and >= 0")
@@ -141,10 +138,14 @@ class StationaryKernel(nn.Module):
         self.multigroup = bool(multigroup)
         self.raw_lengthscale = nn.Parameter(torch.log(ls).to(dtype=dtype, device=device).clone(),
                                             requires_grad=bool(trainable))
-        self.raw_sigma = nn.Parameter(torch.tensor(math.log(float(sigma)), dtype=dtype, device=device),
+        self.raw_sigma = nn.Parameter(torch.log(sg).to(dtype=dtype, device=device).clone(),
                                       requires_grad=bool(trainable))
-        self.register_buffer("group_diff_param",
-                             torch.tensor(float(group_diff_param), dtype=dtype, device=device))
+        # a = 0 (identical groups) is log 0 = -inf, which exp maps back to 0 exactly; it stays
+        # fixed, as no gradient step can leave -inf.
+        a = float(group_diff_param)
+        self.raw_group_diff = nn.Parameter(
+            torch.tensor(math.log(a) if a > 0 else -math.inf, dtype=dtype, device=device),
+            requires_grad=bool(trainable) and self.multigroup and a > 0)
 
     # ---- hyperparameters -----------------------------------------------------------------
     @property
@@ -154,13 +155,46 @@ class StationaryKernel(nn.Module):
 
     @property
     def sigma(self) -> Tensor:
-        """``sigma``, ()."""
+        """``sigma``, () or (L,)."""
         return torch.exp(self.raw_sigma)
 
     @property
     def outputscale(self) -> Tensor:
-        """``sigma^2 = k(x, x)``, ()."""
+        """``sigma^2 = k(x, x)``, () or (L,)."""
         return torch.exp(2.0 * self.raw_sigma)
+
+    @property
+    def group_diff_param(self) -> Tensor:
+        """``a``, ()."""
+        return torch.exp(self.raw_group_diff)
+
+    def amplitude(self, ndim: int, dtype: Optional[torch.dtype] = None) -> Tensor:
+        """``sigma^2`` shaped to broadcast against a per-factor tensor of ``ndim`` dims (its
+        first the factor axis when per factor): () or (L, 1, ...)."""
+        s = self.outputscale if dtype is None else self.outputscale.to(dtype)
+        return s.reshape(s.shape + (1,) * (ndim - 1)) if self.per_factor else s
+
+    @torch.no_grad()
+    def project(self, lengthscale: tuple[float, float], sigma: tuple[float, float],
+                group_diff: tuple[float, float]) -> None:
+        """Clamp the trained hyperparameters into ``(low, high)`` bounds (projected steps)."""
+        for raw, (lo, hi) in ((self.raw_lengthscale, lengthscale), (self.raw_sigma, sigma),
+                              (self.raw_group_diff, group_diff)):
+            if raw.requires_grad:
+                raw.clamp_(math.log(lo), math.log(hi))
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
+                              unexpected_keys, error_msgs):
+        # States written before a was trained hold it as the buffer ``group_diff_param``, and
+        # before per-factor amplitudes one shared sigma.
+        old = state_dict.pop(prefix + "group_diff_param", None)
+        if old is not None and prefix + "raw_group_diff" not in state_dict:
+            state_dict[prefix + "raw_group_diff"] = torch.log(old.reshape(()))
+        key = prefix + "raw_sigma"
+        if key in state_dict and self.per_factor and state_dict[key].dim() == 0:
+            state_dict[key] = state_dict[key].expand(self.n_components).clone()
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
+                                      unexpected_keys, error_msgs)
 
     @property
     def per_factor(self) -> bool:
@@ -169,7 +203,7 @@ class StationaryKernel(nn.Module):
 
     @property
     def trainable(self) -> bool:
-        return self.raw_lengthscale.requires_grad or self.raw_sigma.requires_grad
+        return any(p.requires_grad for p in (self.raw_lengthscale, self.raw_sigma, self.raw_group_diff))
 
     def _inv_lengthscale(self, dtype: torch.dtype) -> Tensor:
         """``1 / l`` in ``dtype``, shaped to broadcast against (N1, N2): () or (L, 1, 1)."""
@@ -241,7 +275,7 @@ class StationaryKernel(nn.Module):
             k = self._shape(r2, _where_same(g1, g2, cross), self._inv_lengthscale(dtype), inplace)
             # Within a group the factor is exactly 1, so the plain kernel is reproduced bit for bit.
             k = _mul(k, _where_same(g1, g2, cross ** self.mggp_exponent(x1.shape[1])), inplace)
-        return _mul(k, self.outputscale.to(dtype), inplace)
+        return _mul(k, self.amplitude(k.dim(), dtype), inplace)
 
     def within_and_across(self, x1: Tensor, x2: Tensor, *,
                           dtype: Optional[torch.dtype] = None) -> tuple[Tensor, Tensor]:
@@ -262,8 +296,8 @@ class StationaryKernel(nn.Module):
         across = self._shape(r2.clone(), cross.clone(), inv_ls, inplace)
         across = _mul(across, cross ** self.mggp_exponent(x1.shape[1]), inplace)
         within = self._shape(r2, None, inv_ls, inplace)
-        scale = self.outputscale.to(dtype)
-        return _mul(within, scale, inplace), _mul(across, scale, inplace)
+        return (_mul(within, self.amplitude(within.dim(), dtype), inplace),
+                _mul(across, self.amplitude(across.dim(), dtype), inplace))
 
     def mggp_exponent(self, p: int = 2) -> float:
         """Exponent of the MGGP prefactor ``nu^e``: ``(2 nu_m + p) / 2``, or ``p / 2`` for the RBF."""
@@ -272,17 +306,30 @@ class StationaryKernel(nn.Module):
         return (2.0 * self.smoothness + p) / 2.0
 
     def diag(self, x: Tensor) -> Tensor:
-        """``k(x, x) = sigma^2`` for every row of ``x: (N, 2)``, shape (N,), no matrix built.
-
-        Identical for all factors (sigma is shared) and all kernels and groups (r = 0, nu = 1),
-        so it broadcasts against (L, N).
-        """
-        return self.outputscale.expand(x.shape[0])
+        """``k(x, x) = sigma^2`` for every row of ``x: (N, 2)``, no matrix built: (N,), or
+        (L, N) with per-factor amplitudes (the same for all kernels and groups: r = 0, nu = 1)."""
+        return self.amplitude(2).expand(*self.outputscale.shape, x.shape[0])
 
     def extra_repr(self) -> str:
         ls = self.lengthscale.detach().cpu().tolist()
-        return (f"lengthscale={ls}, sigma={float(self.sigma):.4g}, multigroup={self.multigroup}, "
+        sg = self.sigma.detach().cpu().tolist()
+        return (f"lengthscale={ls}, sigma={sg}, multigroup={self.multigroup}, "
                 f"group_diff_param={float(self.group_diff_param):.4g}, trainable={self.trainable}")
+
+
+def _per_factor(value, name: str, n_components: Optional[int]) -> Tensor:
+    """A hyperparameter as float64 (): shared, or (L,) when ``n_components`` is given."""
+    v = torch.as_tensor(value, dtype=torch.float64).flatten()
+    if n_components is None:
+        if v.numel() != 1:
+            raise ModelError(f"{name} has {v.numel()} values; pass n_components = {v.numel()} "
+                             f"for one {name} per factor, or a single number")
+        return v.reshape(())
+    if v.numel() == 1:
+        return v.expand(n_components).clone()
+    if v.numel() != n_components:
+        raise ModelError(f"{name} has {v.numel()} values, expected 1 or n_components = {n_components}")
+    return v
 
 
 def _where_same(g1: Tensor, g2: Tensor, other: Tensor) -> Tensor:

@@ -43,14 +43,25 @@ class SVGP:
 
     kernel: Literal[KERNEL_NAMES] = param("Matern32", doc="GP kernel")
     num_inducing: Union[Literal["auto"], int] = param(
-        "auto", 1, doc="number of inducing points M; auto = a tenth of the distinct spot locations, "
-                       "at least 100 (or all of them), at most 3000")
-    lengthscale: float = param(4.0, 0.0, lo_open=True, doc="kernel lengthscale, in scaled coordinates")
-    sigma: float = param(1.0, 0.0, lo_open=True, doc="kernel amplitude")
-    group_diff_param: float = param(10.0, 0.0, doc="how different groups are in the MGGP kernel")
+        "auto", 1, doc="number of inducing points M; auto = one per lengthscale-wide square cell "
+                       "the spots (of each group, with groups) occupy, at the shortest initial "
+                       "lengthscale, at least 100 (or all locations), at most 3000")
+    lengthscale: Union[Literal["auto"], float] = param(
+        "auto", 0.0, lo_open=True,
+        doc="kernel lengthscale in scaled coordinates; auto = chosen per factor from the data (the "
+            "GP evidence of the PNMF log-factors the fit starts from) and learned")
+    sigma: Union[Literal["auto"], float] = param(
+        "auto", 0.0, lo_open=True, doc="kernel amplitude; auto = chosen per factor from the data")
+    group_diff_param: Union[Literal["auto"], float] = param(
+        "auto", 0.0, doc="how different groups are in the MGGP kernel (0 = identical); auto = "
+                         "chosen from the data")
     groups: bool = param(True, doc="multi-group kernel over cell-type groups (false: ignore the groups)")
-    train_lengthscale: bool = param(False, doc="learn lengthscale and sigma instead of fixing them")
-    per_factor_lengthscale: bool = param(False, doc="one lengthscale per factor instead of one shared")
+    train_lengthscale: bool = param(
+        False, doc="also move the kernel hyperparameters (lengthscale, sigma, the MGGP group "
+                   "difference) by gradient steps on the ELBO during the fit; off by default: "
+                   "lengthscale/sigma/group_diff_param auto already choose them from the data")
+    per_factor_lengthscale: bool = param(True, doc="one lengthscale and amplitude per factor instead "
+                                                   "of one shared by all factors")
     cholesky_mode: Literal["exp", "softplus"] = param("exp", doc="map from raw to positive Cholesky diagonal")
     diagonal_only: bool = param(False, doc="keep only the diagonal of the variational Cholesky factor")
     inducing_allocation: Literal["proportional", "equal", "derived"] = param(
@@ -61,6 +72,27 @@ class SVGP:
         if type(self) is SVGP:   # subclasses (the config's model section) check themselves
             for name, value in checked_fields(self, "SVGP").items():
                 object.__setattr__(self, name, value)
+
+    # A kernel built from "auto" settings starts at these values; the fit replaces them by the
+    # ones it chooses from the data (sf_mlflow.models.start) before the first step, and a saved
+    # model's state overwrites them.
+    @property
+    def initial_lengthscale(self) -> float:
+        """The lengthscale a kernel is built with (``auto``: a placeholder of 1)."""
+        return 1.0 if self.lengthscale == "auto" else float(self.lengthscale)
+
+    @property
+    def initial_sigma(self) -> float:
+        return 1.0 if self.sigma == "auto" else float(self.sigma)
+
+    @property
+    def initial_group_diff(self) -> float:
+        return 1.0 if self.group_diff_param == "auto" else float(self.group_diff_param)
+
+    @property
+    def learns_hyperparameters(self) -> bool:
+        """Whether the kernel hyperparameters take gradient steps during the fit."""
+        return bool(self.train_lengthscale)
 
     def to_dict(self) -> dict[str, Any]:
         """The settings as a plain dict (the form stored in saved models)."""
@@ -85,12 +117,14 @@ class SVGP:
         used = groups if self.groups else None
         num_inducing = self.num_inducing
         if inducing_points is None and num_inducing == "auto":
-            num_inducing = auto_num_inducing(coordinates.detach().cpu().numpy())
+            num_inducing = auto_num_inducing(coordinates.detach().cpu().numpy(),
+                                             None if used is None else used.detach().cpu().numpy(),
+                                             None if self.lengthscale == "auto" else self.lengthscale)
         n_groups = None if used is None else int(used.max().item()) + 1
         return SVGPPrior(coordinates, used, n_components, num_inducing=num_inducing,
-                         kernel=self.kernel, lengthscale=self.lengthscale, sigma=self.sigma,
-                         group_diff_param=self.group_diff_param, n_groups=n_groups,
-                         train_lengthscale=self.train_lengthscale,
+                         kernel=self.kernel, lengthscale=self.initial_lengthscale,
+                         sigma=self.initial_sigma, group_diff_param=self.initial_group_diff,
+                         n_groups=n_groups, train_lengthscale=self.learns_hyperparameters,
                          per_factor_lengthscale=self.per_factor_lengthscale,
                          cholesky_mode=self.cholesky_mode, diagonal_only=self.diagonal_only,
                          inducing_allocation=self.inducing_allocation, jitter=self.jitter,
@@ -120,9 +154,11 @@ class TrainingParams:
     """The estimator's optimisation settings."""
 
     max_iter: int = param(2000, 1, doc="maximum number of iterations")
-    learning_rate: float = param(0.1, 0.0, lo_open=True,
-                                 doc="optimiser step size; with optimizer natural the natural-gradient "
-                                     "step in (0, 1]")
+    learning_rate: Union[Literal["auto"], float] = param(
+        "auto", 0.0, lo_open=True,
+        doc="optimiser step size; with optimizer natural the natural-gradient step in (0, 1]; auto = "
+            "natural: 1 on full batches, a decreasing schedule on mini-batches; Adam and the "
+            "others: 0.1")
     optimizer: Literal["auto", "natural", "Adam", "AdamW", "SGD"] = param(
         "auto", doc="optimiser of the variational parameters; auto = natural for SVGP, Adam for Gaussian")
     tol: float = param(1e-4, 0.0, doc="stop when two consecutive checks of the ELBO on a fixed "

@@ -208,6 +208,9 @@ class SVGPPrior(FactorPrior):
         if not self.diagonal_only:
             self.Lu_lower = nn.Parameter(torch.zeros(self.layout.size, dtype=dtype, device=device))
         self.jitter_used_: Optional[float] = None
+        #: Bounds the trainer keeps trained hyperparameters in (:meth:`StationaryKernel.project`),
+        #: set by the fit's start from the extent of the coordinates; None: unbounded.
+        self.bounds: Optional[dict] = None
         self._lzz_cache: Optional[Tensor] = None
         self._lzz_key: Optional[tuple] = None
 
@@ -222,12 +225,13 @@ class SVGPPrior(FactorPrior):
         return ls.tolist() if ls.dim() else float(ls)
 
     @property
-    def sigma(self) -> float:
-        return float(self.kernel.sigma.detach().cpu())
+    def sigma(self) -> float | list[float]:
+        sg = self.kernel.sigma.detach().cpu()
+        return sg.tolist() if sg.dim() else float(sg)
 
     @property
     def group_diff_param(self) -> float:
-        return float(self.kernel.group_diff_param.cpu())
+        return float(self.kernel.group_diff_param.detach().cpu())
 
     @property
     def jitter_used(self) -> Optional[float]:
@@ -245,8 +249,8 @@ class SVGPPrior(FactorPrior):
         # are never trained and are tracked by identity and version (bumped by in-place
         # writes such as load_state_dict; .to() changes data_ptr).
         k = self.kernel
-        hyper = torch.cat([k.raw_lengthscale.detach().reshape(-1), k.raw_sigma.detach().reshape(1),
-                           k.group_diff_param.detach().reshape(1).to(k.raw_sigma.dtype)])
+        hyper = torch.cat([k.raw_lengthscale.detach().reshape(-1), k.raw_sigma.detach().reshape(-1),
+                           k.raw_group_diff.detach().reshape(1)])
         ids = tuple((t.data_ptr(), t._version, t.dtype, str(t.device)) for t in (self.Z, self.g_Z))
         return (tuple(hyper.cpu().tolist()), ids, self.jitter)
 
@@ -279,7 +283,7 @@ class SVGPPrior(FactorPrior):
         with it), so it is the same relative perturbation whatever the amplitude.
         """
         M = K.shape[-1]
-        scale = self.kernel.outputscale.to(K.dtype)
+        scale = self.kernel.amplitude(K.dim() - 1, K.dtype)       # () or (L, 1)
         j = self.jitter
         while True:
             Kj = K.clone()
@@ -288,7 +292,7 @@ class SVGPPrior(FactorPrior):
             # One host sync per attempt; NaN inputs can pass LAPACK and come out as NaN.
             if bool((info == 0).all() & torch.isfinite(Lc.diagonal(dim1=-2, dim2=-1)).all()):
                 break
-            if j * 10.0 > MAX_JITTER * (1.0 + 1e-9) or not math.isfinite(float(scale)):
+            if j * 10.0 > MAX_JITTER * (1.0 + 1e-9) or not bool(torch.isfinite(scale).all()):
                 raise ModelError(self._cholesky_failure(j))
             j *= 10.0
         if j > self.jitter and self.jitter_used_ != j:
@@ -305,7 +309,7 @@ class SVGPPrior(FactorPrior):
             r2.fill_diagonal_(float("inf"))
             dmin = float(torch.sqrt(r2.min())) if Z.shape[0] > 1 else float("nan")
         return (f"Cholesky of the inducing-point kernel matrix Kzz failed even with jitter {j:.3g} "
-                f"x sigma^2 (sigma = {self.sigma:.4g}): lengthscale = {self.lengthscale}, "
+                f"x sigma^2 (sigma = {self.sigma}): lengthscale = {self.lengthscale}, "
                 f"M = {self.num_inducing} inducing points, minimum distance between inducing "
                 f"points = {dmin:.4g}. Check that lengthscale and sigma are finite and positive "
                 f"and of the order of the spot spacing or larger, use fewer inducing points, or "
@@ -422,7 +426,7 @@ class SVGPPrior(FactorPrior):
         else:
             explained = torch.linalg.vecdot(At, At)
             extra = triangular_quad(At, self.Lu_lower, d, self.layout)
-        var = (self.kernel.outputscale - explained + extra).clamp_min(0.0)
+        var = (self.kernel.amplitude(2) - explained + extra).clamp_min(0.0)
         return mean, var
 
     def marginals(self, index: Tensor, coordinates: Optional[Tensor] = None,

@@ -101,8 +101,13 @@ def run_name(config: Config) -> str:
     if kind == "hybrid":
         name += f"/K{m.spatial_components}"
     if kind in ("svgp", "hybrid"):
-        name += f"/M{m.num_inducing}/l{m.lengthscale:g}"
+        name += f"/M{m.num_inducing}/l{setting(m.lengthscale)}"
     return name
+
+
+def setting(value) -> str:
+    """A numeric setting for names and descriptions: ``4``, ``0.5``, or ``auto``."""
+    return value if isinstance(value, str) else f"{value:g}"
 
 
 def safe_name(name: str) -> str:

@@ -41,6 +41,7 @@ from sf_mlflow.stages._common import (
     base_tags,
     model_kind,
     open_run,
+    setting,
     run_name,
     say,
     single_process,
@@ -108,7 +109,7 @@ def describe_model(config: Config) -> str:
     if not m.spatial:
         return f"Gaussian prior (non-spatial PNMF), L={m.n_components}"
     groups = "with groups (MGGP)" if m.groups else "without groups"
-    text = (f"SVGP prior {groups}, M={m.num_inducing}, lengthscale {m.lengthscale:g}, "
+    text = (f"SVGP prior {groups}, M={m.num_inducing}, lengthscale {setting(m.lengthscale)}, "
             f"L={m.n_components}")
     if m.spatial_components is None:
         return text

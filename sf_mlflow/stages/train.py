@@ -237,7 +237,11 @@ def tag_fit(run: StageRun, model: PNMF) -> None:
     if model.stopped_early_:
         # stopped by on_iteration (e.g. a pruned tuning trial): not a finished fit
         run.set_tags({TAG_REUSABLE: "false"})
-    run.set_tags({TAG_CONVERGED: str(bool(model.converged_)).lower()})
+    run.set_tags({TAG_CONVERGED: str(bool(model.converged_)).lower(),
+                  "sf.stop_reason": str(model.stop_reason_)})
+    if model.early_stopped_at_ is not None:
+        run.set_tags({"sf.early_stopped_at": str(model.early_stopped_at_),
+                      "sf.kept_iteration": str(model.n_iter_)})
     if len(model.validation_history_):
         run.log_metric_history("heldout_deviance", model.validation_history_[:, 1],
                                model.validation_history_[:, 0].astype(int))
@@ -259,7 +263,27 @@ def summarize(model: PNMF, data: SpatialCounts, pre: PreprocessedData,
         "device": str(model.device_),
         "preprocess_run_id": upstream_id,
         **gp_facts(model),
+        **start_facts(model),
     }
+
+
+def start_facts(model: PNMF) -> dict[str, Any]:
+    """How a spatial fit started and stopped (:mod:`sf_mlflow.models.start`): PNMF's held-out
+    deviance, the start's (iteration 0 of the held-out curve), how M was chosen, and where
+    early stopping stopped and which iteration it kept."""
+    report = getattr(model, "start_report_", None) or {}
+    facts: dict[str, Any] = {k: report[k] for k in ("pnmf_heldout_deviance", "pnmf_iterations",
+                                                   "start_seconds", "num_inducing_rule")
+                             if k in report}
+    vh = model.validation_history_
+    if len(vh) and vh[0, 0] == 0:
+        facts["init_heldout_deviance"] = float(vh[0, 1])
+    if len(vh):
+        facts["best_heldout_deviance"] = float(vh[:, 1].min())
+    if model.early_stopped_at_ is not None:
+        facts["early_stopped_at"] = int(model.early_stopped_at_)
+        facts["kept_iteration"] = int(model.n_iter_)
+    return facts
 
 
 def log_results(run: StageRun, config: Config, model: PNMF, summary: dict[str, Any],
@@ -282,8 +306,15 @@ def log_results(run: StageRun, config: Config, model: PNMF, summary: dict[str, A
         if register is not None:
             register(out / "model.pth")
     run.log_metrics({k: float(v) for k, v in summary.items() if isinstance(v, (int, float))})
+    stop = (f"early-stopped at iteration {summary['early_stopped_at']}, kept iteration "
+            f"{summary['kept_iteration']}" if "early_stopped_at" in summary
+            else f"converged={summary['converged']}, {summary['stop_reason']}")
     say(STAGE, f"final ELBO {summary['final_elbo']:.6g} after {summary['n_iter']} iterations "
-               f"({summary['training_time_s']:.1f} s, converged={summary['converged']})")
+               f"({summary['training_time_s']:.1f} s, {stop})")
+    if "pnmf_heldout_deviance" in summary and "best_heldout_deviance" in summary:
+        say(STAGE, f"held-out deviance: PNMF start {summary['pnmf_heldout_deviance']:.6g}, "
+                   f"spatial start {summary.get('init_heldout_deviance', float('nan')):.6g}, "
+                   f"best {summary['best_heldout_deviance']:.6g}")
 
 
 def register(run: StageRun, config: Config, pre: PreprocessedData, data: SpatialCounts,

@@ -209,7 +209,7 @@ def test_validation_scores_a_hybrid_by_its_predict_at_and_stops_it_early(data, K
     with pytest.warns(UserWarning, match="did not converge"):
         model = PNMF(prior=SPATIAL, spatial_components=K, validation_every=4, patience=50,
                      **small()).fit(Y[train], X[train], g[train], validation=(Yv, Xv, gv))
-    assert model.validation_history_[:, 0].tolist() == [4, 8]
+    assert model.validation_history_[:, 0].tolist() == [0, 4, 8]    # 0: the start
     F = np.log(model.predict_at(Xv, gv if model.uses_groups_ else None))
     expected = poisson_deviance(CountBatch.from_scipy(sp.csr_matrix(Yv), dtype=torch.float64),
                                 torch.as_tensor(F.T), torch.as_tensor(model.loadings_))
@@ -270,7 +270,7 @@ def test_the_train_stage_fits_and_tags_a_hybrid(mlflow_store):
     train_id = run_train(cfg, run_preprocess(cfg))
     run = MlflowClient().get_run(train_id)
     assert run.info.status == "FINISHED"
-    assert run.info.run_name == "train/hybrid/L3/K2/M20/l4"
+    assert run.info.run_name == "train/hybrid/L3/K2/M20/lauto"
     assert run.data.tags["sf.model"] == "hybrid" and run.data.tags["sf.spatial_components"] == "2"
     assert run.data.params["model.spatial_components"] == "2"
     assert run.data.metrics["n_iter"] == 5

@@ -110,7 +110,7 @@ def test_per_factor_lengthscales_batch_the_matrices(name):
     for l, value in enumerate(ls):
         single = make_kernel(name, value, 1.1, multigroup=True, group_diff_param=2.0, dtype=F64)
         assert torch.allclose(K[l], single(x, x[:7], g, g[:7]), rtol=1e-14, atol=0)
-    assert k.diag(x).shape == (30,)
+    assert k.diag(x).shape == (3, 30)      # one amplitude per factor
 
 
 @pytest.mark.parametrize("name", NAMES)

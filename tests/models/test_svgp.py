@@ -179,7 +179,8 @@ def test_elbo_gradient_passes_gradcheck(diagonal_only):
     batch = CountBatch.from_scipy(sp.csr_matrix(rng.poisson(2.0, size=(7, 4)).astype(float)), dtype=F64)
     model = _Elbo(prior, x, g, batch)
     names = [n for n, p in model.named_parameters() if p.requires_grad]
-    expected = {"prior.mu", "prior.Lu_diag_raw", "prior.kernel.raw_lengthscale", "prior.kernel.raw_sigma"}
+    expected = {"prior.mu", "prior.Lu_diag_raw", "prior.kernel.raw_lengthscale", "prior.kernel.raw_sigma",
+                "prior.kernel.raw_group_diff"}
     assert set(names) == expected | (set() if diagonal_only else {"prior.Lu_lower"})
     params = dict(model.named_parameters())
 
@@ -308,7 +309,7 @@ def test_state_dict_round_trip_reproduces_predictions(diagonal_only):
     prior = _randomise(_prior(x, g, L=3, **kw))
     state = prior.state_dict()
     for key in ("mu", "Lu_diag_raw", "Z", "g_Z", "kernel.raw_lengthscale", "kernel.raw_sigma",
-                "kernel.group_diff_param"):
+                "kernel.raw_group_diff"):
         assert key in state
     assert ("Lu_lower" in state) != diagonal_only
     xs, gs = _data(33, seed=9, dtype=torch.float32)
@@ -370,7 +371,7 @@ def test_groupwise_equals_the_prediction_with_every_spot_in_one_group(per_factor
 def test_logging_properties_and_input_errors():
     x, g = _data(40)
     prior = _prior(x, g, num_inducing=10, lengthscale=2.0, sigma=0.5, per_factor_lengthscale=True)
-    assert prior.num_inducing == 10 and prior.sigma == pytest.approx(0.5)
+    assert prior.num_inducing == 10 and prior.sigma == pytest.approx([0.5, 0.5])   # per factor
     assert prior.lengthscale == pytest.approx([2.0, 2.0]) and prior.jitter_used is None
     prior.marginals(None, x, g)
     assert prior.jitter_used == pytest.approx(1e-5)
