@@ -353,9 +353,13 @@ def _schema_field(key: str):
 
 
 def _scalar_kind(tp: Any) -> Any:
-    """``int``, ``float``, ``bool``, ``str`` or Literal of a (possibly Optional) field type."""
+    """``int``, ``float``, ``bool``, ``str`` or Literal of a (possibly Optional) field type; a
+    number that may also be ``auto`` (``Union[Literal["auto"], float]``) is its number type."""
     if typing.get_origin(tp) in (Union, types.UnionType):
         inner = [a for a in typing.get_args(tp) if a is not type(None)]
+        numbers = [a for a in inner if a in (int, float)]
+        if len(numbers) == 1 and all(typing.get_origin(a) is Literal for a in inner if a not in numbers):
+            return numbers[0]
         return inner[0] if len(inner) == 1 else tp
     return tp
 

@@ -97,6 +97,10 @@ def metrics_table(models: Sequence[ModelResult]) -> str:
             cls = ' class="best"' if best is not None and value == best else ""
             cells.append(f"<td{cls}>{_number(value, fmt)}</td>")
         converged = {True: "yes", False: "no", None: "&ndash;"}[m.converged]
+        if m.converged and "early_stopped_at" in m.metrics:
+            # patience ended it and rolled it back: say so, not a bare "yes"
+            converged = (f"early-stopped at iteration {int(m.metrics['early_stopped_at'])}, "
+                         f"kept iteration {int(m.metrics.get('kept_iteration', m.metrics.get('n_iter', 0)))}")
         cells.append(f'<td class="text">{converged}</td>')
         rows.append("<tr>" + "".join(cells) + "</tr>")
     return (f'<table id="metrics"><thead><tr><th class="text">model</th>'

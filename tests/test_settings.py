@@ -21,7 +21,7 @@ OTHER = {
     "kl_weight": 0.5, "spatial_components": 2, "kernel": "Matern52", "num_inducing": 40,
     "lengthscale": 0.7, "sigma": 1.5,
     "group_diff_param": 2.0, "groups": False, "train_lengthscale": True,
-    "per_factor_lengthscale": True, "cholesky_mode": "softplus", "diagonal_only": True,
+    "per_factor_lengthscale": False, "cholesky_mode": "softplus", "diagonal_only": True,
     "inducing_allocation": "equal", "jitter": 1e-4, "prior": "Gaussian",
     "max_iter": 7, "learning_rate": 0.05, "optimizer": "Adam", "tol": 1e-3, "tol_window": 3,
     "validation_every": 2, "patience": 2, "dtype": "float64", "device": "cpu", "batch_size": 50,
@@ -85,7 +85,7 @@ def test_spatial_settings_reach_the_fitted_prior_and_kernel():
     assert prior.jitter == pytest.approx(1e-4) and model.uses_groups_
     assert type(prior.kernel).__name__.startswith("Matern52")
     np.testing.assert_allclose(prior.kernel.sigma.detach().numpy(), 1.5, rtol=0.2)  # trained
-    assert prior.kernel.lengthscale.shape[0] == 2            # per factor
+    assert prior.kernel.lengthscale.dim() == 0               # shared by the factors
     assert prior.kernel.lengthscale.requires_grad            # trained
     assert float(prior.kernel.group_diff_param) == pytest.approx(2.0, rel=0.2)
 

@@ -96,7 +96,9 @@ def check_study(study, client, tune_run_ids, n_trials, register_as):
         assert run.data.metrics["heldout_deviance"] == pytest.approx(t.value)
         assert run.data.metrics["trial_number"] == t.number
         curve = client.get_metric_history(run.info.run_id, "heldout_deviance")
-        steps = {m.step for m in curve}
+        # step 0 is the start's check (the trainer's, before any step; not reported)
+        assert curve and min(m.step for m in curve) == 0
+        steps = {m.step for m in curve} - {0}
         # every reported value, plus for a finished trial its final model's
         assert set(t.intermediate_values) <= steps
         assert steps == set(t.intermediate_values) or t.state == TrialState.COMPLETE

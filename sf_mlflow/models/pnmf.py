@@ -42,18 +42,11 @@ from sf_mlflow.models.prediction import predict_factors
 from sf_mlflow.models.start import initial_prior
 from sf_mlflow.models.priors import GaussianPrior
 from sf_mlflow.models.settings import (SVGP, ModelParams, TrainingParams, check_spatial_components,
-                                       spatial_settings)
+                                       resolve_optimizer, spatial_settings)
 
 __all__ = ["PNMF", "FitState", "ConvergenceWarning", "NonFiniteELBOError"]
 
 _M, _T = ModelParams(), TrainingParams()
-
-#: ``learning_rate: auto`` of Adam, AdamW and SGD (and of PNMF).
-DEFAULT_LEARNING_RATE = 0.1
-
-#: ``learning_rate: auto`` beside natural steps: Adam's step for the kernel hyperparameters
-#: (log scale: ~5 % per step) and a hybrid's non-spatial factors.
-ADAM_BESIDE_NATURAL = 0.05
 
 
 @dataclass
@@ -99,9 +92,8 @@ class PNMF:
     max_iter : int
         Maximum number of iterations (one mini-batch each).
     learning_rate : float or "auto"
-        Step size of the optimiser; ``"auto"`` (default): natural steps of 1 on full batches
-        and a decreasing schedule on spot mini-batches (``Trainer.natural_step_size``), Adam
-        at 0.1. For ``"natural"`` it is the natural-gradient step
+        Step size of the optimiser (``"auto"``: :func:`~sf_mlflow.models.settings.resolve_optimizer`).
+        For ``"natural"`` it is the natural-gradient step
         gamma in (0, 1] of q(v) (1 = the exact update of a conjugate model), and the
         Adam step of any trained kernel hyperparameters. For the gradient optimisers
         the loss is ``-ELBO / N``; SGD steps scale with it, Adam's do not.
@@ -164,9 +156,8 @@ class PNMF:
         With ``stop_reason_ == "validation"``: the iteration at which patience ran out; the
         model was rolled back to the best held-out check, iteration ``n_iter_``.
     start_report_ : dict
-        How a spatial fit started (:mod:`sf_mlflow.models.start`): PNMF's iterations and
-        held-out deviance, the kernel hyperparameters chosen from the data, how M was chosen.
-        The first row of ``validation_history_`` (iteration 0) is the start's held-out deviance.
+        How a spatial fit started (:func:`sf_mlflow.models.start.initial_prior`); row 0 of
+        ``validation_history_`` (iteration 0) is the start's held-out deviance.
     validation_history_ : ndarray, (n_checks, 2)
         Rows of (iteration, held-out Poisson deviance); empty without validation.
     num_inducing_ : int or None
@@ -280,27 +271,7 @@ class PNMF:
         check_spatial_components(L, spatial is not None, K, "PNMF: ")
         # n_spatial: factors under the GP prior; hybrid: the two priors are combined
         p.update(n_spatial=0 if spatial is None else L if K is None else K, hybrid=K is not None)
-        if p["optimizer"] == "auto":
-            p["optimizer"] = "natural" if p["n_spatial"] > 0 else "Adam"
-        # learning_rate auto: natural steps of 1 on full batches (a schedule on mini-batches,
-        # Trainer.natural_step_size) with Adam at ADAM_BESIDE_NATURAL for the kernel and a
-        # hybrid's Gaussian part; the gradient optimisers at DEFAULT_LEARNING_RATE
-        auto = p["learning_rate"] == "auto"
-        p["learning_rate_auto"] = auto
-        if p["optimizer"] == "natural":
-            p["adam_learning_rate"] = ADAM_BESIDE_NATURAL if auto else p["learning_rate"]
-            p["learning_rate"] = 1.0 if auto else p["learning_rate"]
-        elif auto:
-            p["learning_rate"] = DEFAULT_LEARNING_RATE
-        if p["optimizer"] == "natural":
-            if p["n_spatial"] == 0:
-                raise ConfigError("optimizer = 'natural' needs prior = 'svgp' and spatial_components "
-                                  "null or > 0 (natural-gradient steps act on the GP's q(v)); use "
-                                  "optimizer = 'Adam' for the Gaussian prior")
-            if p["learning_rate"] > 1.0:
-                raise ConfigError(f"learning_rate = {self.learning_rate!r} is invalid with optimizer "
-                                  "'natural': it is the natural-gradient step, expected a number in "
-                                  "(0, 1] (1 = exact for a Gaussian likelihood; 0.1-0.5 for mini-batches)")
+        resolve_optimizer(p, self.learning_rate)
         return p
 
     # ---- fitting -----------------------------------------------------------------------------
@@ -394,14 +365,8 @@ class PNMF:
         coords_t = None if X is None else torch.as_tensor(X, dtype=dtype, device=device)
         groups_t = None if g is None else torch.as_tensor(g, device=device)
         used_groups = groups_t if spatial is not None and spatial.groups and p["n_spatial"] else None
-        held = None
-        if val is not None:
-            Yv, Xv, gv = val
-            held = (CountBatch.from_scipy(Yv, device=device, dtype=dtype),
-                    torch.as_tensor(Xv, dtype=dtype, device=device), None)
         say = (lambda msg: print(msg, flush=True)) if p["verbose"] else None
-        prior, W0, report = initial_prior(p, Yc, full, gen, coords_t, used_groups, held, say=say)
-        self.start_report_ = report
+        prior, W0, self.start_report_ = initial_prior(p, Yc, full, gen, coords_t, used_groups, val, say)
         self.prior_ = prior
         self.device_ = device
         self.n_spots_, self.n_features_in_ = Yc.shape

@@ -25,7 +25,14 @@ from sf_mlflow.constraints import checked_fields, param
 from sf_mlflow.errors import ConfigError
 
 __all__ = ["SVGP", "ModelParams", "TrainingParams", "spatial_settings", "check_spatial_components",
-           "KERNEL_NAMES"]
+           "resolve_optimizer", "KERNEL_NAMES", "DEFAULT_LEARNING_RATE", "ADAM_BESIDE_NATURAL"]
+
+#: ``learning_rate: auto`` of Adam, AdamW and SGD (and of PNMF).
+DEFAULT_LEARNING_RATE = 0.1
+
+#: ``learning_rate: auto`` beside natural steps: Adam's step for trained kernel
+#: hyperparameters (log scale: ~5 % a step) and a hybrid's non-spatial factors.
+ADAM_BESIDE_NATURAL = 0.05
 
 #: Kernels of :data:`sf_mlflow.models.kernels.KERNELS`, by name (kept here so that the
 #: settings and the config load without torch; a test keeps the two equal).
@@ -207,3 +214,32 @@ def check_spatial_components(n_components: int, spatial: bool, value: Optional[i
     if not 0 <= value <= n_components:
         raise ConfigError(f"{where}spatial_components = {value!r} is out of range: expected "
                           f"0 <= spatial_components <= n_components = {n_components}")
+
+
+def resolve_optimizer(p: dict, given: Any) -> None:
+    """Resolve ``optimizer`` and ``learning_rate: auto`` in the estimator's validated
+    hyperparameters ``p`` (in place); ``given`` is the learning rate as the user wrote it.
+
+    ``optimizer: auto`` is natural steps when any factor is spatial, else Adam. ``learning_rate:
+    auto`` is, for natural steps, 1 (the step on full batches; the trainer decreases it on
+    spot mini-batches, ``Trainer.natural_step_size``) with Adam at ADAM_BESIDE_NATURAL for
+    what is not q(v), and DEFAULT_LEARNING_RATE for the gradient optimisers. Sets
+    ``learning_rate_auto`` and, for natural steps, ``adam_learning_rate``.
+    """
+    if p["optimizer"] == "auto":
+        p["optimizer"] = "natural" if p["n_spatial"] > 0 else "Adam"
+    auto = p["learning_rate"] == "auto"
+    p["learning_rate_auto"] = auto
+    if p["optimizer"] != "natural":
+        p["learning_rate"] = DEFAULT_LEARNING_RATE if auto else p["learning_rate"]
+        return
+    if p["n_spatial"] == 0:
+        raise ConfigError("optimizer = 'natural' needs prior = 'svgp' and spatial_components "
+                          "null or > 0 (natural-gradient steps act on the GP's q(v)); use "
+                          "optimizer = 'Adam' for the Gaussian prior")
+    if not auto and p["learning_rate"] > 1.0:
+        raise ConfigError(f"learning_rate = {given!r} is invalid with optimizer 'natural': it is "
+                          "the natural-gradient step, expected a number in (0, 1] (1 = exact for a "
+                          "Gaussian likelihood; 0.1-0.5 for mini-batches) or auto")
+    p["adam_learning_rate"] = ADAM_BESIDE_NATURAL if auto else p["learning_rate"]
+    p["learning_rate"] = 1.0 if auto else p["learning_rate"]

@@ -107,8 +107,8 @@ def initial_prior(p: dict, Y, full: CountBatch, gen: torch.Generator, coords: Op
     gen : torch.Generator
     coords : Tensor, (N, 2), or None; groups : LongTensor, (N,), or None
         The coordinates and the group codes the spatial prior uses.
-    validation : tuple (CountBatch, Tensor (Nv, 2), LongTensor (Nv,) or None), optional
-        Held-out spots, to report PNMF's held-out deviance.
+    validation : tuple (Y_val (Nv, D), coordinates (Nv, 2), groups), optional
+        Held-out spots, to report PNMF's held-out deviance (their groups are not used).
     say : callable, optional
         Receives one progress line per phase.
 
@@ -229,10 +229,11 @@ def _pnmf_start(p: dict, Y, full: CountBatch, gen: torch.Generator, W0: Tensor, 
 def _pnmf_heldout(W: Tensor, m: Tensor, coords: Tensor, validation) -> float:
     """PNMF's held-out deviance: held-out log-factors as the mean of the 6 nearest training
     spots' (the non-spatial model's prediction rule, :mod:`sf_mlflow.models.neighbours`)."""
-    batch, xv, _ = validation
+    Yv, xv, _ = validation
+    batch = CountBatch.from_scipy(Yv, device=W.device, dtype=W.dtype)
     F = nearest_neighbour_log_factors(coords.detach().cpu().double().numpy(),
                                       m.T.detach().cpu().double().numpy(),
-                                      xv.detach().cpu().double().numpy(), k=min(6, m.shape[1]))
+                                      np.asarray(xv, dtype=np.float64), k=min(6, m.shape[1]))
     return poisson_deviance(batch, torch.as_tensor(F.T, dtype=W.dtype, device=W.device), W)
 
 

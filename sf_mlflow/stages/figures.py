@@ -84,6 +84,7 @@ class Analysis:
     groupwise: np.ndarray | None  # (G, L, N), NaN at held-out spots
     heldout_label: str = HELDOUT_LABEL
     spatial: np.ndarray | None = None  # (L,) bool, a hybrid's marking of its GP factors
+    stop_note: str | None = None       # "early-stopped at iteration k, kept iteration j"
 
     def titles(self) -> list[str]:
         """Panel titles in rank order; a hybrid's say which factors are spatial."""
@@ -206,7 +207,17 @@ def load_analysis(lin: Lineage, tmp: Path) -> Analysis:
         moran=np.array([float(r["moran_i"]) for r in rows]),
         order=np.array([int(r["original_factor"]) for r in rows]), elbo=elbo,
         lfc=_enrichment(a, pre, loadings), groupwise=gw,
-        heldout_label=HELDOUT_LABEL if complete else NO_VALUE_LABEL, spatial=_marking(a, lin))
+        heldout_label=HELDOUT_LABEL if complete else NO_VALUE_LABEL, spatial=_marking(a, lin),
+        stop_note=_stop_note(lin))
+
+
+def _stop_note(lin: Lineage) -> str | None:
+    """How the train run's fit ended, when early stopping rolled it back (its tags)."""
+    tags = get_stage_run(lin.train_run_id, "train").data.tags
+    if "sf.early_stopped_at" not in tags:
+        return None
+    return (f"early-stopped at iteration {tags['sf.early_stopped_at']}, kept iteration "
+            f"{tags.get('sf.kept_iteration', '?')}")
 
 
 def _marking(a: Path, lin: Lineage) -> np.ndarray | None:
@@ -262,7 +273,8 @@ def single_figures(an: Analysis, save: _Saver) -> None:
          "factors_spatial.png")
     save(lambda: plots.scales_spatial(X, an.scales, titles, heldout_label=no_sd, **opts),
          "scales_spatial.png")
-    save(lambda: plots.elbo_curve(an.elbo), "elbo_curve.png")
+    save(lambda: plots.elbo_curve(an.elbo, title="Training objective" + (
+        f" ({an.stop_note})" if an.stop_note else "")), "elbo_curve.png")
     save(lambda: plots.top_genes(an.loadings, genes, titles=titles), "top_genes.png")
     save(lambda: plots.factors_with_genes(X, an.factors, d.counts, an.loadings, genes,
                                           titles, **opts), "factors_with_genes.png")
