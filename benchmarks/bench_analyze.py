@@ -11,8 +11,8 @@ Models (``--models``): ``pnmf`` = Gaussian prior (non-spatial), ``svgp`` = MGGP-
 lengthscale 4, as ``configs/slideseq/svgp.yaml``. Fitting is NOT what is measured: each
 model is fitted cheaply, ``--fit-iter`` mini-batch iterations (B = 7,000 spots x 2,000
 genes, the Slide-seq config) after the usual KL-NMF initialisation, and for the SVGP a
-warm start cut from 100 to ``--warm-iter`` steps (``sf_mlflow.models.initialization.WARM_ITER`` is
-set in the fitting subprocess only) and a learning rate of 0.01 instead of 0.1 (with the
+PNMF start cut from up to 1,000 to ``--warm-iter`` iterations
+(``sf_mlflow.models.start.PNMF_START_MAX_ITER`` is set in the fitting subprocess only) and a learning rate of 0.01 instead of 0.1 (with the
 short warm start, 0.1 overflowed the float32 ELBO at iteration 3 at full size). The model
 is saved with ``PNMF.save`` and the analysis worker loads it with ``PNMF.load``, as the
 analyze stage does. Analysis cost does not depend
@@ -225,12 +225,12 @@ def fit_worker(args) -> None:
     import torch  # noqa: F401
 
     import sf_mlflow  # noqa: F401  (flush denormals)
-    import sf_mlflow.models.initialization as init_mod
+    import sf_mlflow.models.start as start_mod
     from sf_mlflow.models.pnmf import PNMF
 
     train, _ = load_data(args.data_path)
     if args.model == "svgp":
-        init_mod.WARM_ITER = args.warm_iter
+        start_mod.PNMF_START_MAX_ITER = args.warm_iter
     gflops_before = gemm_gflops()
     load_before = os.getloadavg()[0]
     model = PNMF(args.n_components, max_iter=args.fit_iter, **model_params(args, args.model))

@@ -12,9 +12,9 @@ hybrid computes exactly what the plain Gaussian or spatial prior computes. The t
 (:mod:`sf_mlflow.models._training`) steps the spatial part's q(v) by natural gradients
 and the Gaussian part's parameters with the optimiser.
 
-This module also builds the prior of a fit (:func:`initial_prior`: KL-NMF start and GP
-warm start, split between the parts) and of a saved model (:func:`empty_prior`); its
-factors at new positions come from :func:`sf_mlflow.models.prediction.predict_factors`.
+This module also builds the prior of a saved model (:func:`empty_prior`; a fit's comes from
+:func:`sf_mlflow.models.start.initial_prior`); its factors at new positions come from
+:func:`sf_mlflow.models.prediction.predict_factors`.
 """
 
 from __future__ import annotations
@@ -26,11 +26,9 @@ import torch
 from scipy.spatial import cKDTree
 from torch import Tensor
 
-from sf_mlflow.models.initialization import fixed_point_scale, initial_state, warm_start
-from sf_mlflow.models.likelihood import CountBatch
 from sf_mlflow.models.priors import FactorPrior, GaussianPrior
 
-__all__ = ["HybridPrior", "initial_prior", "empty_prior", "spatial_order", "validation_predictor"]
+__all__ = ["HybridPrior", "empty_prior", "spatial_order", "validation_predictor"]
 
 #: Neighbours of the spot graph on which :func:`spatial_order` measures autocorrelation.
 NEIGHBOURS = 6
@@ -110,42 +108,6 @@ class HybridPrior(FactorPrior):
     def clear_cache(self) -> None:
         if self.spatial is not None and hasattr(self.spatial, "clear_cache"):
             self.spatial.clear_cache()
-
-
-def initial_prior(p: dict, full: CountBatch, gen: torch.Generator, coords: Optional[Tensor],
-                  groups: Optional[Tensor]) -> tuple[FactorPrior, Tensor]:
-    """The prior a fit starts from and the initial loadings W0 (D, L).
-
-    One KL-NMF start for all L factors (:func:`~sf_mlflow.models.initialization.initial_state`),
-    then, as for the plain priors: the spatial factors' GP mean is regressed onto their
-    KL-NMF log-factors (warm start), the Gaussian factors take them as their means with the
-    fixed-point scales. Which KL-NMF factors start as the spatial ones matters (a smooth
-    programme started in a non-spatial slot stays there, and a spatial factor then fits
-    its complement), so with both kinds present the K start factors of the highest spatial
-    autocorrelation go first (:func:`spatial_order`). ``p`` is the estimator's validated
-    hyperparameters; ``groups`` the group codes the spatial prior uses (or None). The
-    generator is drawn from in the same order as for the plain priors, so a hybrid with
-    K = 0 or K = L starts where they start.
-    """
-    L, spatial, K = p["n_components"], p["spatial"], p["n_spatial"]
-    device, dtype = full.device, full.values.dtype
-    W0, mu0 = initial_state(full, L, gen)
-    if 0 < K < L:
-        order = torch.as_tensor(spatial_order(mu0, coords), device=device)
-        W0, mu0 = W0[:, order].contiguous(), mu0[order].contiguous()
-    gp = gaussian = None
-    if spatial is not None and K > 0:
-        gp = spatial.build(coords, groups, K, kl_weight=p["kl_weight"],
-                           seed=p["random_state"]).to(device=device, dtype=dtype)
-        warm_start(gp, mu0[:K], coords, groups, gen)
-    if K < L:
-        gaussian = GaussianPrior(full.n_spots, L - K, mean=mu0[K:],
-                                 scale=fixed_point_scale(mu0[K:], W0[:, K:]), kl_weight=p["kl_weight"])
-    if not p["hybrid"]:
-        prior = gp if gp is not None else gaussian
-    else:
-        prior = HybridPrior(gp, gaussian)
-    return prior.to(device=device, dtype=dtype), W0
 
 
 def spatial_order(mu: Tensor, coords: Tensor, k: int = NEIGHBOURS) -> np.ndarray:

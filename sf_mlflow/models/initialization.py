@@ -4,8 +4,7 @@ Initialisation runs a few sparse KL-NMF multiplicative iterations (Lee & Seung)
 from a seeded random start, then sets ``mu = log H`` shifted per factor to mean
 zero (the shift moved into W, so ``W exp(mu)`` is unchanged), and the variances
 to the fixed point of the lower bound, ``v = 1 / (1 + sum_d W_dl exp(mu_ln))``.
-A spatial prior cannot take mu directly; its mean is regressed onto it instead
-(:func:`warm_start`).
+A spatial prior starts from a PNMF fit begun here (:mod:`sf_mlflow.models.start`).
 """
 
 from __future__ import annotations
@@ -17,9 +16,8 @@ import torch
 from torch import Tensor
 
 from sf_mlflow.models.likelihood import CountBatch, _csr
-from sf_mlflow.models.priors import FactorPrior
 
-__all__ = ["initial_state", "kl_nmf", "fixed_point_scale", "warm_start"]
+__all__ = ["initial_state", "kl_nmf", "fixed_point_scale"]
 
 #: KL-NMF multiplicative iterations of the initialisation. Each costs two sparse
 #: sampled products and two sparse-dense products; 20 put W and H close enough that
@@ -30,11 +28,6 @@ INIT_ITER = 20
 #: spots where KL-NMF drove a factor to ~0 start at mean - 6.9 rather than -inf.
 INIT_FLOOR = 1e-3
 
-#: Warm start of a spatial prior: Adam steps, step size and spots per step of a
-#: least-squares fit of its mean to the KL-NMF log-factors (see ``warm_start``).
-WARM_ITER = 100
-WARM_LR = 0.05
-WARM_BATCH = 2000
 
 
 def initial_state(full: CountBatch, L: int, gen: torch.Generator,
@@ -98,33 +91,3 @@ def log_factors_from_nmf(H: Tensor) -> Tensor:
 def fixed_point_scale(mu: Tensor, W: Tensor) -> Tensor:
     """Posterior sd where the lower bound is stationary in v for small v: (L, N)."""
     return torch.rsqrt(1.0 + W.sum(0)[:, None] * torch.exp(mu))
-
-
-def warm_start(prior: FactorPrior, mu0: Tensor, coords: Tensor, groups: Optional[Tensor],
-                gen: torch.Generator) -> None:
-    """Fit the prior's inducing means ``mu`` so its q(F) mean matches mu0 (L, N), least squares.
-
-    A spatial prior starts at mean zero, i.e. flat factors, and the ELBO optimiser
-    then has to discover the factors from scratch, which is slow and often ends in a
-    poor local optimum (a factor that never separates). Regressing the GP mean on
-    the KL-NMF log-factors first hands it the factors the initial W was fitted to.
-    Only ``mu`` moves (the mean is linear in it, so this is a convex problem); kernel
-    hyperparameters stay put so they cannot shrink to fit noise. Priors without a
-    ``mu`` parameter are left as they are.
-    """
-    params = [p for name, p in prior.named_parameters() if name == "mu"]
-    if not params:
-        return
-    n = mu0.shape[1]
-    opt = torch.optim.Adam(params, lr=WARM_LR)
-    for _ in range(WARM_ITER):
-        idx = (torch.randperm(n, generator=gen, device=mu0.device)[:WARM_BATCH] if n > WARM_BATCH
-               else torch.arange(n, device=mu0.device))
-        mean = prior.means(idx, coords[idx], None if groups is None else groups[idx])
-        loss = (mean - mu0[:, idx]).square().mean()
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-    opt.zero_grad(set_to_none=True)
-    if hasattr(prior, "clear_cache"):
-        prior.clear_cache()

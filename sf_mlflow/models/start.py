@@ -22,7 +22,9 @@ model. So every fit with a spatial prior starts in five steps:
    ``lambda = 1 / v - 1`` and ``lambda y = m / v``; with those sites as the likelihood, the
    posterior of the whitened inducing values ``v_l ~ N(0, I)`` is exact and Gaussian:
    ``P = I + A diag(lambda) A^T``, ``P mu = A (lambda y)``, with ``A = Lzz^-1 Kzx``. One solve
-   per factor.
+   per factor. Site precisions are capped at :data:`SITE_PRECISION_MAX`, and lengthscales
+   shorter than the M inducing points resolve are raised to what they resolve: held to very
+   precise sites at a scale it cannot follow, a sparse GP overshoots between its points.
 
 The spatial fit then opens where the non-spatial one closed: its first held-out check is
 within a few percent of PNMF's (both are reported, ``pnmf_heldout_deviance`` and
@@ -44,7 +46,7 @@ from scipy.spatial import cKDTree
 from torch import Tensor
 
 from sf_mlflow.models.hybrid import HybridPrior, spatial_order
-from sf_mlflow.models.inducing import auto_num_inducing
+from sf_mlflow.models.inducing import auto_num_inducing, occupied_cells
 from sf_mlflow.models.initialization import fixed_point_scale, initial_state
 from sf_mlflow.models.kernels import make_kernel
 from sf_mlflow.models.likelihood import CountBatch, poisson_deviance
@@ -86,6 +88,11 @@ CONJUGATE_SPOTS = 20000
 #: shortest lengthscale apart. At one per lengthscale the planted-field benchmark lost 1.5 % of
 #: held-out deviance (the Nystrom residual of a Matern-3/2 field is then ~10 % of its variance).
 INDUCING_DENSITY = 2.0
+
+#: Largest site precision of the conjugate start (a posterior sd of 0.1 in log-rate): PNMF's
+#: sites at deep spots reach 1e4, and a sparse GP held to them at M < N overshoots between
+#: its inducing points (osmFISH: held-out log-factors up to 13 where PNMF's reach 6.5).
+SITE_PRECISION_MAX = 100.0
 
 #: Spots per chunk of the conjugate start's accumulation.
 CHUNK = 4096
@@ -165,6 +172,14 @@ def initial_prior(p: dict, Y, full: CountBatch, gen: torch.Generator, coords: Op
         report["num_inducing_rule"] = why
         say(f"inducing points: M = {M} ({why})")
         settings = dataclasses.replace(settings, num_inducing=M)
+        floor = _resolvable_lengthscale(coords, used_groups, float(np.min(hyper["lengthscale"])), M)
+        if spatial.lengthscale == "auto" and floor > float(np.min(hyper["lengthscale"])):
+            # M points cannot resolve a shorter lengthscale: a sparse GP fitted to precise
+            # sites at a scale its inducing points cannot follow overshoots between them
+            hyper["lengthscale"] = np.maximum(hyper["lengthscale"], floor)
+            report["lengthscale"] = hyper["lengthscale"]
+            say(f"lengthscales raised to at least {floor:.3g}, the shortest {M} inducing "
+                "points resolve")
     t2 = time.perf_counter()
     gp = settings.build(coords, groups, K, kl_weight=p["kl_weight"],
                         seed=p["random_state"]).to(device=device, dtype=dtype)
@@ -188,6 +203,21 @@ def initial_prior(p: dict, Y, full: CountBatch, gen: torch.Generator, coords: Op
     say(f"spatial start ready in {report['start_seconds']:.1f} s (q(v) = the GP posterior given "
         f"the PNMF log-factors, {report['conjugate_seconds']:.1f} s)")
     return prior.to(device=device, dtype=dtype), W.contiguous(), report
+
+
+def _resolvable_lengthscale(coords: Tensor, groups: Optional[Tensor], shortest: float, M: int) -> float:
+    """The shortest lengthscale whose half-lengthscale squares number at most M (the squares
+    of ``shortest / INDUCING_DENSITY`` scale as the inverse square of the side)."""
+    cells = sum(occupied_cells(part, shortest / INDUCING_DENSITY) for part in _parts(coords, groups))
+    return shortest * math.sqrt(max(cells, 1) / max(M, 1))
+
+
+def _parts(coords: Tensor, groups: Optional[Tensor]) -> list[np.ndarray]:
+    X = coords.detach().cpu().double().numpy()
+    if groups is None:
+        return [X]
+    g = groups.detach().cpu().numpy()
+    return [X[g == c] for c in np.unique(g)]
 
 
 def _fmt(values) -> str:
@@ -355,8 +385,8 @@ def conjugate_qv(gp, m: Tensor, v: Tensor, coords: Tensor, groups: Optional[Tens
     """Set the SVGP prior's q(v) to the GP posterior given Gaussian sites of the log-factors.
 
     ``m, v: (K, N)`` are the posterior means and variances of a model whose prior on each
-    log-factor was N(0, 1) (PNMF): its sites have precision ``lambda = max(1 / v - 1, 0)`` and
-    ``lambda y = m / v``. With ``A = Lzz^-1 Kzx`` (M, N) the whitened posterior is
+    log-factor was N(0, 1) (PNMF): its sites have precision ``lambda = max(1 / v - 1, 0)``
+    (capped at :data:`SITE_PRECISION_MAX`) and mean ``y = m / (v lambda)``. With ``A = Lzz^-1 Kzx`` (M, N) the whitened posterior is
     ``P_l = I + A diag(lambda_l) A^T``, ``mu_l = P_l^-1 A (lambda y)_l``, accumulated in
     float64 over chunks of spots (at most :data:`CONJUGATE_SPOTS`, evenly spaced, sites
     scaled by N / n so they carry the information of all N).
@@ -366,8 +396,11 @@ def conjugate_qv(gp, m: Tensor, v: Tensor, coords: Tensor, groups: Optional[Tens
     step = max(1, -(-N // CONJUGATE_SPOTS))
     keep = torch.arange(0, N, step, device=m.device)
     scale = N / keep.numel()
-    lam = (1.0 / v.double() - 1.0).clamp_min(0.0) * scale               # (L, N)
-    target = m.double() / v.double() * scale                             # lambda y
+    lam = (1.0 / v.double() - 1.0).clamp(0.0, SITE_PRECISION_MAX) * scale   # (L, N)
+    # lambda y = m / v for the sites' own precision; with a capped precision, y = m / (v lambda0)
+    # keeps the site's mean where its precision is kept
+    lam0 = (1.0 / v.double() - 1.0).clamp_min(1e-12)
+    target = (m.double() / v.double()) * (lam / scale / lam0) * scale    # lambda y
     f64 = torch.float64
     P = torch.eye(M, dtype=f64, device=gp.mu.device).repeat(L, 1, 1)
     b = torch.zeros(L, M, dtype=f64, device=gp.mu.device)
