@@ -97,13 +97,15 @@ class FitState:
 
 class FitResult:
     """What a fit ended with; ``early_stopped_at`` is the iteration at which patience ran out
-    (None otherwise), ``history`` then ends at the kept iteration."""
+    (None otherwise) and ``kept_iteration`` the one rolled back to (0: the start); ``history``
+    then ends at the kept iteration (the start's ELBO alone when it is 0)."""
 
     def __init__(self, loadings: Tensor, history: list[float], converged: bool, stopped: bool,
-                 reason: str, validation: list, early_stopped_at: Optional[int] = None):
+                 reason: str, validation: list, early_stopped_at: Optional[int] = None,
+                 kept_iteration: Optional[int] = None):
         self.loadings, self.history, self.converged, self.stopped = loadings, history, converged, stopped
         self.reason, self.validation = reason, validation
-        self.early_stopped_at = early_stopped_at
+        self.early_stopped_at, self.kept_iteration = early_stopped_at, kept_iteration
 
 
 def _duration(seconds: float) -> str:
@@ -184,6 +186,7 @@ class Trainer(StoppingRules):
         self._best: Optional[dict] = None      # best state by held-out deviance
         self._reason = "max_iter"
         self.early_stopped_at: Optional[int] = None
+        self.kept_iteration: Optional[int] = None
 
     def _optimizer_lr(self) -> float:
         """Step size of the torch optimiser: the learning rate, or beside natural steps the
@@ -474,7 +477,7 @@ class Trainer(StoppingRules):
             W = self.loadings().detach().clone()
         converged = self._reason in ("tol", "validation")
         return FitResult(W, list(self.history), converged, self._reason == "callback", self._reason,
-                         list(self.validation_history), self.early_stopped_at)
+                         list(self.validation_history), self.early_stopped_at, self.kept_iteration)
 
     def _roll_back(self, it: int, value: float) -> None:
         """Restore the last state with a finite ELBO and raise :class:`NonFiniteELBOError`."""
@@ -499,10 +502,11 @@ class Trainer(StoppingRules):
         t_loop = time.perf_counter()
         val_every = p["validation_every"] if self.validation is not None else 0
         self._reason = "max_iter"
-        self.early_stopped_at = None
+        self.early_stopped_at = self.kept_iteration = None
         if val_every and not self.validation_history:
-            # the start's held-out deviance (iteration 0), the baseline training improves on
-            self.validation_history.append((0, self.heldout_deviance()))
+            # the start's held-out deviance (iteration 0), the baseline training must improve
+            # on: early stopping rolls back to the start when no later check beats it
+            self._validate(0)
             if verbose:
                 print(f"iter     0/{p['max_iter']}  heldout dev {self.validation_history[0][1]:.5g} "
                       "(the start)", flush=True)
@@ -547,13 +551,15 @@ class Trainer(StoppingRules):
                 break
         if self._reason == "validation" and self._best is not None:
             # early stopping keeps the best checked state (and the ELBO history up to it)
-            self.early_stopped_at = len(history)
+            self.early_stopped_at, self.kept_iteration = len(history), self._best_iteration
             validation = self.validation_history
             self.load_state_dict(self._best)
             self.validation_history = validation
+            if not self.history:      # the start was best: its ELBO stands for the history
+                self.history = [self.evaluate_elbo()]
             if verbose:
                 print(f"early-stopped at iteration {self.early_stopped_at}: the held-out deviance "
                       f"did not improve for {p['patience']} checks; kept iteration "
-                      f"{len(self.history)}", flush=True)
+                      f"{self.kept_iteration}", flush=True)
         self._good = self._best = None
         return self.result()

@@ -97,6 +97,7 @@ def save_model(model, path) -> None:
         "stopped_early_": bool(model.stopped_early_), "fit_time_": float(model.fit_time_),
         "stop_reason_": str(model.stop_reason_),
         "early_stopped_at_": -1 if model.early_stopped_at_ is None else int(model.early_stopped_at_),
+        "kept_iteration_": -1 if model.kept_iteration_ is None else int(model.kept_iteration_),
         "validation_history_": torch.as_tensor(model.validation_history_, dtype=torch.float64),
         "n_features_in_": int(model.n_features_in_), "n_spots_": int(model.n_spots_),
     }
@@ -200,8 +201,9 @@ def _restore(cls, blob: dict, device: str):
     for key in ("n_iter_", "converged_", "stopped_early_", "fit_time_", "n_features_in_", "n_spots_"):
         setattr(model, key, at[key])
     model.stop_reason_ = at.get("stop_reason_", "tol" if model.converged_ else "max_iter")
-    early = int(at.get("early_stopped_at_", -1))
+    early, kept = int(at.get("early_stopped_at_", -1)), int(at.get("kept_iteration_", -1))
     model.early_stopped_at_ = None if early < 0 else early
+    model.kept_iteration_ = None if kept < 0 else kept
     vh = at.get("validation_history_")
     model.validation_history_ = np.empty((0, 2)) if vh is None else vh.numpy().reshape(-1, 2)
     model.num_inducing_ = getattr(prior, "num_inducing", None)

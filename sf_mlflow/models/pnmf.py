@@ -152,9 +152,9 @@ class PNMF:
     stopped_early_ : bool
         The callback asked to stop.
     stop_reason_ : {"tol", "validation", "max_iter", "callback"}
-    early_stopped_at_ : int or None
-        With ``stop_reason_ == "validation"``: the iteration at which patience ran out; the
-        model was rolled back to the best held-out check, iteration ``n_iter_``.
+    early_stopped_at_, kept_iteration_ : int or None
+        With ``stop_reason_ == "validation"``: the iteration at which patience ran out, and the
+        best held-out check's the model was rolled back to (0: the start).
     start_report_ : dict
         How a spatial fit started (:func:`sf_mlflow.models.start.initial_prior`); row 0 of
         ``validation_history_`` (iteration 0) is the start's held-out deviance.
@@ -397,7 +397,7 @@ class PNMF:
         self.stopped_early_ = result.stopped
         self.stop_reason_ = result.reason
         self.validation_history_ = np.asarray(result.validation, dtype=np.float64).reshape(-1, 2)
-        self.early_stopped_at_ = result.early_stopped_at
+        self.early_stopped_at_, self.kept_iteration_ = result.early_stopped_at, result.kept_iteration
         self.fit_time_ = time.perf_counter() - start
 
     # ---- results -----------------------------------------------------------------------------

@@ -10,8 +10,8 @@ ELBO checks, the held-out history, the best state) and calls these at its cadenc
   ELBO does not end a fit whose held-out deviance still falls.
 * **patience**: every ``validation_every`` iterations the held-out spots are scored; after
   ``patience`` checks without an improvement of the best by ``VALIDATION_MIN_DELTA`` the fit
-  stops and is rolled back to the best check. The start's check (iteration 0) is reported
-  but never rolled back to.
+  stops and is rolled back to the best check, which may be the start's (iteration 0: the
+  fit then keeps its start, and its ELBO history is the start's ELBO alone).
 """
 
 from __future__ import annotations
@@ -102,9 +102,7 @@ class StoppingRules:
     def _patience_used(self) -> int:
         """Checks since the last one that improved the best deviance by the minimum delta."""
         best, since = math.inf, 0
-        for it, dev in self.validation_history:
-            if it == 0:       # the start's check: reported, not a state to roll back to
-                continue
+        for _, dev in self.validation_history:
             if dev < best * (1 - VALIDATION_MIN_DELTA):
                 best, since = dev, 0
             else:
@@ -116,5 +114,5 @@ class StoppingRules:
         self.validation_history.append((it, self.heldout_deviance()))
         since = self._patience_used()
         if since == 0:
-            self._best = self.state_dict()
+            self._best, self._best_iteration = self.state_dict(), it
         return since >= self.p["patience"]

@@ -241,7 +241,7 @@ def tag_fit(run: StageRun, model: PNMF) -> None:
                   "sf.stop_reason": str(model.stop_reason_)})
     if model.early_stopped_at_ is not None:
         run.set_tags({"sf.early_stopped_at": str(model.early_stopped_at_),
-                      "sf.kept_iteration": str(model.n_iter_)})
+                      "sf.kept_iteration": str(model.kept_iteration_)})
     if len(model.validation_history_):
         run.log_metric_history("heldout_deviance", model.validation_history_[:, 1],
                                model.validation_history_[:, 0].astype(int))
@@ -282,7 +282,7 @@ def start_facts(model: PNMF) -> dict[str, Any]:
         facts["best_heldout_deviance"] = float(vh[:, 1].min())
     if model.early_stopped_at_ is not None:
         facts["early_stopped_at"] = int(model.early_stopped_at_)
-        facts["kept_iteration"] = int(model.n_iter_)
+        facts["kept_iteration"] = int(model.kept_iteration_)
     return facts
 
 

@@ -311,3 +311,29 @@ def test_grouped_model_recovers_group_specific_fields_and_predicts_heldout_spots
         "pnmf": heldout(pnmf, nearest_neighbour_log_factors(X[tr], np.log(pnmf.get_factors()), X[te])),
     }
     assert dev["mggp"] < dev["single"] and dev["mggp"] < dev["pnmf"], dev
+
+
+def test_early_stopping_keeps_the_start_when_no_later_check_beats_it(grouped, monkeypatch):
+    """The start's held-out check (iteration 0) is a state early stopping can roll back to:
+    training must improve on where it started, or the start is what the fit returns."""
+    from sf_mlflow.models._training import Trainer
+
+    held = np.arange(grouped.n_spots) % 10 == 0
+    Y, X, g = grouped.counts.tocsr(), grouped.coordinates * 20, grouped.groups
+    checks = iter(range(10**6))
+    # every later check is worse than the one before: the start stays the best
+    monkeypatch.setattr(Trainer, "heldout_deviance", lambda self: 1000.0 + next(checks))
+    started = {}
+    run = Trainer.run
+
+    def spy(self, callback):
+        started["mu"] = self.prior.mu.detach().clone()
+        return run(self, callback)
+
+    monkeypatch.setattr(Trainer, "run", spy)
+    m = _svgp(validation_every=2, patience=3, max_iter=50, tol=0)
+    m.fit(Y[~held], coordinates=X[~held], groups=g[~held], validation=(Y[held], X[held], g[held]))
+    assert m.stop_reason_ == "validation" and m.early_stopped_at_ == 6 and m.kept_iteration_ == 0
+    assert m.validation_history_[:, 0].tolist() == [0, 2, 4, 6]
+    assert torch.equal(m.prior_.mu.detach(), started["mu"])
+    assert m.n_iter_ == 1 and np.isfinite(m.elbo_history_).all()    # the start's ELBO
