@@ -206,10 +206,15 @@ class _Trial:
         trial.set_user_attr(ATTR_TRAIN_RUN, train_id)
         pruned_at = state["pruned_at"]
         model = state["model"]
-        if pruned_at is None and model is not None and (not curve or curve[-1][0] != model.n_iter_):
-            # the final model (converged or max_iter between two reports)
+        early = None if model is None else getattr(model, "early_stopped_at_", None)
+        # the final model's step: its last iteration, or, when early stopping rolled it back
+        # (possibly to its start), one past the iteration it stopped at, so that it is still
+        # the highest step of the run's `heldout_deviance`
+        final_step = None if model is None else (early + 1 if early is not None else int(model.n_iter_))
+        if pruned_at is None and model is not None and (not curve or curve[-1][0] != final_step):
+            # the final model (converged, rolled back, or max_iter between two reports)
             value = heldout_deviance(model, self.train_xy, self.heldout)["mean"]
-            curve.append((int(model.n_iter_), value))
+            curve.append((final_step, value))
         value = curve[-1][1] if curve else float("nan")
         outcome = "pruned" if pruned_at is not None else "complete"
         run = existing_run(train_id)
