@@ -133,6 +133,7 @@ def score(name: str, model_name: str, train_run, pre, work: Path, seconds: float
            "heldout_deviance": heldout_deviance(model, train.coordinates, held)["total"],
            "iterations": summary["n_iter"], "stop": summary["stop_reason"],
            "early_stopped_at": summary.get("early_stopped_at"),
+           "kept_iteration": summary.get("kept_iteration"),
            "seconds": round(seconds, 1), "n_spots": int(pre.data.n_spots),
            "n_genes": int(pre.data.n_genes), "n_components": cfg["model"]["n_components"]}
     for key in ("num_inducing", "lengthscale", "group_diff_param", "pnmf_heldout_deviance",
