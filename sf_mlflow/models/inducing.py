@@ -33,7 +33,8 @@ import torch
 
 from sf_mlflow.errors import ModelError
 
-__all__ = ["select_inducing_points", "allocate_counts", "auto_num_inducing", "place_inducing", "ALLOCATIONS",
+__all__ = ["select_inducing_points", "allocate_counts", "auto_num_inducing", "place_inducing",
+           "group_parts", "occupied_cells", "ALLOCATIONS",
            "AUTO_MAX", "AUTO_MIN", "AUTO_SPOTS_PER_POINT"]
 
 #: Accepted values of ``allocation``.
@@ -67,6 +68,16 @@ def occupied_cells(coordinates: np.ndarray, lengthscale: float) -> int:
     return int(np.unique(cells, axis=0).shape[0])
 
 
+def group_parts(coordinates: np.ndarray, groups: Optional[np.ndarray]) -> list[np.ndarray]:
+    """The spots ``coordinates: (N, 2)`` split by group code ``groups: (N,)`` (one part
+    without groups), in the order of the sorted codes."""
+    X = np.asarray(coordinates, dtype=np.float64)
+    if groups is None:
+        return [X]
+    g = np.asarray(groups)
+    return [X[g == c] for c in np.unique(g)]
+
+
 def auto_num_inducing(coordinates: np.ndarray, groups: Optional[np.ndarray] = None,
                       lengthscale: Optional[float] = None, *, explain: bool = False):
     """M for ``num_inducing = "auto"``.
@@ -92,7 +103,7 @@ def auto_num_inducing(coordinates: np.ndarray, groups: Optional[np.ndarray] = No
         return (M, why) if explain else M
     if not (np.isfinite(lengthscale) and lengthscale > 0):
         raise ModelError(f"lengthscale = {lengthscale!r} must be a positive number")
-    parts = [X] if groups is None else [X[groups == c] for c in np.unique(groups)]
+    parts = group_parts(X, groups)
     cells = sum(occupied_cells(part, lengthscale) for part in parts)
     distinct = sum(int(np.unique(part, axis=0).shape[0]) for part in parts)
     M = int(min(max(cells, AUTO_MIN), AUTO_MAX, distinct,

@@ -46,7 +46,7 @@ from scipy.spatial import cKDTree
 from torch import Tensor
 
 from sf_mlflow.models.hybrid import HybridPrior, spatial_order
-from sf_mlflow.models.inducing import auto_num_inducing, occupied_cells
+from sf_mlflow.models.inducing import auto_num_inducing, group_parts, occupied_cells
 from sf_mlflow.models.initialization import fixed_point_scale, initial_state
 from sf_mlflow.models.kernels import make_kernel
 from sf_mlflow.models.likelihood import CountBatch, poisson_deviance
@@ -208,16 +208,10 @@ def initial_prior(p: dict, Y, full: CountBatch, gen: torch.Generator, coords: Op
 def _resolvable_lengthscale(coords: Tensor, groups: Optional[Tensor], shortest: float, M: int) -> float:
     """The shortest lengthscale whose half-lengthscale squares number at most M (the squares
     of ``shortest / INDUCING_DENSITY`` scale as the inverse square of the side)."""
-    cells = sum(occupied_cells(part, shortest / INDUCING_DENSITY) for part in _parts(coords, groups))
+    parts = group_parts(coords.detach().cpu().double().numpy(),
+                        None if groups is None else groups.detach().cpu().numpy())
+    cells = sum(occupied_cells(part, shortest / INDUCING_DENSITY) for part in parts)
     return shortest * math.sqrt(max(cells, 1) / max(M, 1))
-
-
-def _parts(coords: Tensor, groups: Optional[Tensor]) -> list[np.ndarray]:
-    X = coords.detach().cpu().double().numpy()
-    if groups is None:
-        return [X]
-    g = groups.detach().cpu().numpy()
-    return [X[g == c] for c in np.unique(g)]
 
 
 def _fmt(values) -> str:
@@ -360,12 +354,12 @@ def choose_hyperparameters(m: Tensor, v: Tensor, coords: Tensor, groups: Optiona
     fixed_a = spatial.group_diff_param != "auto"
     a = float(spatial.group_diff_param) if fixed_a else 1.0
 
-    def pick_lengthscale(ls, s2, a):
+    def pick_lengthscale(s2, a):
         return best([torch.full((K,), float(c), dtype=torch.float64) for c in grid],
                     lambda c: _evidence(spatial.kernel, x, g if use_a else None, y, noise, c, s2, a))
 
     if not fixed_ls:
-        ls = pick_lengthscale(ls, s2, a)
+        ls = pick_lengthscale(s2, a)
     if spatial.sigma == "auto":
         s2 = best([s2 * f for f in SIGMA2_MULTIPLES],
                   lambda c: _evidence(spatial.kernel, x, g if use_a else None, y, noise, ls, c, a))
@@ -373,7 +367,7 @@ def choose_hyperparameters(m: Tensor, v: Tensor, coords: Tensor, groups: Optiona
         scores = [float(_evidence(spatial.kernel, x, g, y, noise, ls, s2, c).sum()) for c in GROUP_DIFFS]
         a = float(GROUP_DIFFS[int(np.argmax(scores))])
     if not fixed_ls:
-        ls = pick_lengthscale(ls, s2, a)
+        ls = pick_lengthscale(s2, a)
     return {"lengthscale": ls.numpy(), "sigma": torch.sqrt(s2).numpy(),
             "group_diff_param": float(a)}
 
@@ -396,11 +390,10 @@ def conjugate_qv(gp, m: Tensor, v: Tensor, coords: Tensor, groups: Optional[Tens
     step = max(1, -(-N // CONJUGATE_SPOTS))
     keep = torch.arange(0, N, step, device=m.device)
     scale = N / keep.numel()
-    lam = (1.0 / v.double() - 1.0).clamp(0.0, SITE_PRECISION_MAX) * scale   # (L, N)
-    # lambda y = m / v for the sites' own precision; with a capped precision, y = m / (v lambda0)
-    # keeps the site's mean where its precision is kept
-    lam0 = (1.0 / v.double() - 1.0).clamp_min(1e-12)
-    target = (m.double() / v.double()) * (lam / scale / lam0) * scale    # lambda y
+    own = 1.0 / v.double() - 1.0                                         # sites' precision
+    site_mean = m.double() / (v.double() * own.clamp_min(1e-12))         # y = m / (v lambda)
+    lam = own.clamp(0.0, SITE_PRECISION_MAX) * scale                     # (L, N), capped
+    target = lam * site_mean                                             # lambda y
     f64 = torch.float64
     P = torch.eye(M, dtype=f64, device=gp.mu.device).repeat(L, 1, 1)
     b = torch.zeros(L, M, dtype=f64, device=gp.mu.device)
