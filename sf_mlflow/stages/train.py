@@ -269,12 +269,17 @@ def summarize(model: PNMF, data: SpatialCounts, pre: PreprocessedData,
 
 def start_facts(model: PNMF) -> dict[str, Any]:
     """How a spatial fit started and stopped (:mod:`sf_mlflow.models.start`): PNMF's held-out
-    deviance, the start's (iteration 0 of the held-out curve), how M was chosen, and where
-    early stopping stopped and which iteration it kept."""
+    deviance, the start's (iteration 0 of the held-out curve), the nugget the start chose
+    (``nugget_<l>`` per spatial factor and their mean), how M was chosen, and where early
+    stopping stopped and which iteration it kept."""
     report = getattr(model, "start_report_", None) or {}
     facts: dict[str, Any] = {k: report[k] for k in ("pnmf_heldout_deviance", "pnmf_iterations",
                                                    "start_seconds", "num_inducing_rule")
                              if k in report}
+    if "nugget" in report:   # the start's spot-level variance per spatial factor
+        nugget = [float(v) for v in np.atleast_1d(report["nugget"])]
+        facts.update({f"nugget_{l}": v for l, v in enumerate(nugget)})
+        facts["nugget"] = float(np.mean(nugget))
     vh = model.validation_history_
     if len(vh) and vh[0, 0] == 0:
         facts["init_heldout_deviance"] = float(vh[0, 1])
