@@ -20,6 +20,10 @@ What changed, version by version (``--compare`` against the commit before the ch
   The fits start near where they used to end; these cases fix lengthscale 0.3 (a tenth of
   what the evidence would choose here), so the ELBOs are not the new defaults' quality
   (``benchmarks/bench_quality.py`` is).
+* The start's evidence has a nugget (spot-level variance no smooth field explains; issue #19):
+  four cases bit for bit unchanged (the evidence chose no nugget there);
+  ``svgp_adam_nogroups`` (sigma chosen from the data, no groups) differs, first and last ELBO
+  -177,379 / -172,675 -> -173,906 / -171,375 (one thread each).
 """
 
 from __future__ import annotations
