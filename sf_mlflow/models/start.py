@@ -163,11 +163,7 @@ def initial_prior(p: dict, Y, full: CountBatch, gen: torch.Generator, coords: Op
     report.update({k: hyper[k] for k in ("lengthscale", "sigma", "nugget", "group_diff_param")})
     report["hyperparameter_seconds"] = time.perf_counter() - t1
     if any(getattr(spatial, k) == "auto" for k in ("lengthscale", "sigma", "group_diff_param")):
-        say(f"kernel hyperparameters from the data ({report['hyperparameter_seconds']:.1f} s): "
-            f"lengthscale {_fmt(hyper['lengthscale'])}, sigma {_fmt(hyper['sigma'])}, "
-            f"nugget {_fmt(hyper['nugget'])}"
-            + ("" if groups is None or not spatial.groups
-               else f", group difference {hyper['group_diff_param']:.3g}"))
+        say(_describe(hyper, report["hyperparameter_seconds"], groups is not None and spatial.groups))
     settings = dataclasses.replace(spatial, lengthscale=float(np.min(hyper["lengthscale"])),
                                    sigma=float(np.mean(hyper["sigma"])),
                                    group_diff_param=hyper["group_diff_param"],
@@ -221,6 +217,13 @@ def _resolvable_lengthscale(coords: Tensor, groups: Optional[Tensor], shortest: 
                         None if groups is None else groups.detach().cpu().numpy())
     cells = sum(occupied_cells(part, shortest / INDUCING_DENSITY) for part in parts)
     return shortest * math.sqrt(max(cells, 1) / max(M, 1))
+
+
+def _describe(hyper: dict, seconds: float, groups: bool) -> str:
+    return (f"kernel hyperparameters from the data ({seconds:.1f} s): lengthscale "
+            f"{_fmt(hyper['lengthscale'])}, sigma {_fmt(hyper['sigma'])}, nugget "
+            f"{_fmt(hyper['nugget'])}"
+            + (f", group difference {hyper['group_diff_param']:.3g}" if groups else ""))
 
 
 def _fmt(values) -> str:
@@ -316,6 +319,17 @@ def _evidence(kernel_name: str, x: Tensor, g: Optional[Tensor], y: Tensor, noise
     return out
 
 
+def _subsample(X: np.ndarray, groups: Optional[Tensor], m: Tensor, v: Tensor, seed: int):
+    """Coordinates (n, 2), groups (n,) or None, means and variances (K, n) of the seeded
+    subsample of at most :data:`HYPER_SPOTS` spots the evidence is taken on (float64, CPU)."""
+    N = X.shape[0]
+    rng = np.random.default_rng([int(seed), 2])
+    idx = np.sort(rng.choice(N, HYPER_SPOTS, replace=False)) if N > HYPER_SPOTS else np.arange(N)
+    g = None if groups is None else groups.detach().cpu()[torch.as_tensor(idx)]
+    return (torch.as_tensor(X[idx]), g, m.detach().cpu().double()[:, idx],
+            v.detach().cpu().double()[:, idx].clamp_min(1e-4))
+
+
 def choose_hyperparameters(m: Tensor, v: Tensor, coords: Tensor, groups: Optional[Tensor],
                            spatial, seed: int) -> dict:
     """Kernel hyperparameters of the K spatial factors from their PNMF posterior.
@@ -336,12 +350,7 @@ def choose_hyperparameters(m: Tensor, v: Tensor, coords: Tensor, groups: Optiona
     """
     K, N = m.shape
     X = coords.detach().cpu().double().numpy()
-    rng = np.random.default_rng([int(seed), 2])
-    idx = np.sort(rng.choice(N, HYPER_SPOTS, replace=False)) if N > HYPER_SPOTS else np.arange(N)
-    x = torch.as_tensor(X[idx])
-    g = None if groups is None else groups.detach().cpu()[torch.as_tensor(idx)]
-    y = m.detach().cpu().double()[:, idx]
-    noise = v.detach().cpu().double()[:, idx].clamp_min(1e-4)
+    x, g, y, noise = _subsample(X, groups, m, v, seed)
     per_factor = bool(spatial.per_factor_lengthscale)
     var = y.var(dim=1).clamp_min(1e-6)
 
