@@ -81,7 +81,8 @@ SIGMA2_MULTIPLES = (0.25, 0.5, 1.0, 2.0, 4.0)
 #: that no smooth field explains (in real tissue a cell's type and state change from one cell
 #: to the next). Without one the evidence explains that variance by the field and picks a
 #: lengthscale near the spot spacing: on osmFISH it chose 2-3.6 units, where an exact MGGP
-#: predicts held-out cells best at 32-64 (held-out deviance 152,648 against 191,714).
+#: (group difference 0.3) predicts held-out cells best at 32-64 (held-out deviance 152,648
+#: at 32 against 179,664 at 2).
 NUGGET_SHARES = (0.0, 0.1, 0.3, 0.6, 0.8)
 
 #: Candidate group differences a of the multi-group kernel (cross-group correlation of
@@ -436,9 +437,9 @@ def conjugate_qv(gp, m: Tensor, v: Tensor, coords: Tensor, groups: Optional[Tens
     (capped at :data:`SITE_PRECISION_MAX`) and mean ``y = m / (v lambda)``. A ``nugget
     (K,)`` (:func:`choose_hyperparameters`) is spot-level variance the field does not carry:
     it adds to each site's variance, ``lambda <- 1 / (1 / lambda + tau^2)``, so the field
-    follows what neighbouring spots share instead of every spot. With ``A = Lzz^-1 Kzx`` (M, N) the whitened posterior is
-    ``P_l = I + A diag(lambda_l) A^T``, ``mu_l = P_l^-1 A (lambda y)_l``, accumulated in
-    float64 over chunks of spots (at most :data:`CONJUGATE_SPOTS`, evenly spaced, sites
+    follows what neighbouring spots share instead of every spot. With ``A = Lzz^-1 Kzx``
+    (M, N) the whitened posterior is ``P_l = I + A diag(lambda_l) A^T``,
+    ``mu_l = P_l^-1 A (lambda y)_l``, accumulated in float64 over chunks of spots (at most :data:`CONJUGATE_SPOTS`, evenly spaced, sites
     scaled by N / n so they carry the information of all N).
     """
     L, M = gp.mu.shape

@@ -1,6 +1,7 @@
 """The spatial start's kernel hyperparameters
-(:func:`sf_mlflow.models.start.choose_hyperparameters`) and its conjugate q(v) (:func:`sf_mlflow.models.start.conjugate_qv`), on log-factors drawn
-with a known structure: no fit, only the exact GP evidence and one solve."""
+(:func:`sf_mlflow.models.start.choose_hyperparameters`) and its conjugate q(v)
+(:func:`sf_mlflow.models.start.conjugate_qv`), on log-factors drawn with a known structure:
+no fit, only the exact GP evidence and one solve."""
 
 from __future__ import annotations
 
