@@ -19,6 +19,7 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
 import yaml
 from mlflow.entities import ViewType
 from mlflow.tracking import MlflowClient
@@ -134,6 +135,36 @@ def test_sigterm_during_analyze_in_main_ends_the_analyze_and_main_runs_killed(tm
     assert status == {"main": "KILLED", "preprocess": "FINISHED", "train": "FINISHED",
                       "analyze": "KILLED"}
     assert not list((tmp_path / "outputs").rglob("*.partial"))
+
+
+class _SignalsItselfWhenCollected:
+    """Sends SIGTERM from ``__del__``: the handler's KeyboardInterrupt is raised there, where
+    Python prints "Exception ignored" and drops it (as a ThreadPoolExecutor's weakref callback
+    once did during ``analyze``, and ``main`` went on to finish as if no signal had come)."""
+
+    def __del__(self):
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(0.05)  # the handler runs here, inside __del__
+
+
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
+def test_an_interrupt_that_python_swallowed_is_raised_again(mlflow_store, monkeypatch):
+    from sf_mlflow.tracking import stage_run
+
+    for key in ("MLFLOW_RUN_ID", "MLFLOW_EXPERIMENT_ID", "MLFLOW_EXPERIMENT_NAME"):
+        monkeypatch.delenv(key, raising=False)
+    went_on = []
+    with pytest.raises(KeyboardInterrupt):
+        with stage_run("analyze", experiment="swallowed", params={}, tags={},
+                       run_name="r") as run:
+            _SignalsItselfWhenCollected()  # collected at once; its interrupt is lost there
+            went_on.append("after the swallowed interrupt")
+            for _ in range(200):  # 10 s of work the repeated interrupt must cut short
+                time.sleep(0.05)
+            went_on.append("to the end")
+    assert went_on == ["after the swallowed interrupt"]
+    assert MlflowClient(mlflow_store).get_run(run.run_id).info.status == "KILLED"
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # handlers given back
 
 
 # ---- 2. SIGKILL: heartbeats and the sweep -----------------------------------------------------

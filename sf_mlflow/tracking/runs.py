@@ -14,6 +14,8 @@ the way out and the CLI exits 130 for all three signals. The fit's
 :class:`~sf_mlflow.stages._signals.StopRequests` overrides these handlers while it runs
 (stop at the next iteration, log a checkpoint) and restores them. Signals are held back
 while a run is being created or ended, so they cannot leave one half-opened or RUNNING.
+An interrupt Python drops (raised inside a ``__del__`` or weakref callback) is raised
+again every half second until the outermost stage run has caught it.
 A process killed outright (SIGKILL) cannot end its runs: the heartbeat of
 :mod:`sf_mlflow.tracking.liveness` lets the next lookup see that and end them FAILED.
 """
@@ -26,6 +28,7 @@ import math
 import os
 import shlex
 import signal
+import _thread
 import sys
 import threading
 import time
@@ -296,13 +299,42 @@ _INTERRUPTS = tuple(getattr(signal, n) for n in ("SIGINT", "SIGTERM", "SIGHUP")
 _HOLD: dict[str, Any] = {"depth": 0, "pending": None}
 
 
+#: The interrupt under way: its signal until the outermost stage run has caught the
+#: KeyboardInterrupt, and whether that run is ending (later interrupts then change nothing).
+_KILL: dict[str, Any] = {"signum": None, "ending": False, "open": 0}
+#: How often the watchdog raises an interrupt again that no stage run has caught yet.
+_REPEAT_S = 0.5
+
+
 def _interrupt(signum: int, frame) -> None:
     if _HOLD["depth"]:
         _HOLD["pending"] = signum
         return
-    print(f"\n{signal.Signals(signum).name} received: ending the open runs as KILLED",
-          file=sys.stderr, flush=True)
+    if _KILL["ending"]:
+        return
+    if _KILL["signum"] is None:
+        print(f"\n{signal.Signals(signum).name} received: ending the open runs as KILLED",
+              file=sys.stderr, flush=True)
+        _KILL["signum"] = signum
+        threading.Thread(target=_repeat_interrupt, name="sf-interrupt", daemon=True).start()
     raise KeyboardInterrupt
+
+
+def _repeat_interrupt() -> None:
+    """Raise the interrupt in the main thread again until a stage run has caught it.
+
+    A signal handler runs between any two bytecodes, also inside a weakref callback, a
+    ``__del__`` or a garbage collection, where Python prints "Exception ignored" and drops
+    the exception: the KeyboardInterrupt would be lost and the stage go on as if no signal
+    had come. (Seen: a ThreadPoolExecutor's weakref callback ate it during ``analyze``.)
+    """
+    while True:
+        time.sleep(_REPEAT_S)
+        signum = _KILL["signum"]
+        if signum is None or not _KILL["open"]:
+            _KILL["signum"] = None
+            return
+        _thread.interrupt_main(signum)
 
 
 def _in_main_thread() -> bool:
@@ -326,9 +358,13 @@ def _signals_interrupt() -> Iterator[None]:
         for sig in _INTERRUPTS:
             if _default_handler(sig, signal.getsignal(sig)):
                 previous[sig] = signal.signal(sig, _interrupt)
+    _KILL["open"] += 1
     try:
         yield
     finally:
+        _KILL["open"] -= 1
+        if not _KILL["open"]:
+            _KILL["ending"], _KILL["signum"] = False, None
         for sig, handler in previous.items():
             signal.signal(sig, handler)
 
@@ -424,6 +460,8 @@ def stage_run(stage: str, *, experiment: str, params: Mapping[str, Any], tags: M
             handle.log_params(params)
             yield handle
         except KeyboardInterrupt as interrupt:
+            if _KILL["open"] == 1:  # the outermost run: the interrupt has been caught
+                _KILL["ending"], _KILL["signum"] = True, None
             _end(client, run_id, "KILLED", interrupt)
             raise
         except BaseException:
