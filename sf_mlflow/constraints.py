@@ -12,6 +12,7 @@ import dataclasses
 import difflib
 import math
 import numbers
+import re
 import types
 import typing
 from dataclasses import field
@@ -19,7 +20,40 @@ from typing import Any, Literal, Mapping, Union
 
 from sf_mlflow.errors import ConfigError
 
-__all__ = ["param", "coerce", "check_range", "describe", "Invalid", "checked_fields"]
+__all__ = ["param", "coerce", "check_range", "describe", "Invalid", "checked_fields", "Duration",
+           "parse_duration"]
+
+
+class Duration(float):
+    """A length of time in seconds, written as a number of seconds or with units: ``90s``,
+    ``20m``, ``1.5h``, ``1h30m``. The type of settings such as ``training.time_budget``."""
+
+
+_UNITS = {"s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
+_DURATION = re.compile(r"\s*(\d+(?:\.\d*)?|\.\d+)\s*([smhd])\s*", re.IGNORECASE)
+
+
+def parse_duration(value: Any) -> float:
+    """Seconds in ``value`` (a number, or a string like ``"20m"`` or ``"1h30m"``); raise
+    Invalid when it is neither."""
+    if isinstance(value, bool):
+        raise Invalid(describe(Duration))
+    if isinstance(value, numbers.Real):
+        out = float(value)
+    elif isinstance(value, str):
+        text = value.strip()
+        try:
+            out = float(text)
+        except ValueError:
+            parts = _DURATION.findall(text)
+            if not parts or "".join(f"{n}{u}" for n, u in parts) != re.sub(r"\s+", "", text):
+                raise Invalid(describe(Duration)) from None
+            out = sum(float(n) * _UNITS[u.lower()] for n, u in parts)
+    else:
+        raise Invalid(describe(Duration))
+    if not math.isfinite(out):
+        raise Invalid(describe(Duration))
+    return Duration(out)
 
 def _range(lo: float | None = None, hi: float | None = None, *, lo_open: bool = False,
            hi_open: bool = False, doc: str = "") -> dict:
@@ -63,7 +97,8 @@ def describe(tp: Any) -> str:
         args = [a for a in typing.get_args(tp) if a is not type(None)]
         return " or ".join(describe(a) for a in args) + " or null"
     return {int: "an integer", float: "a number", bool: "true or false", str: "a string",
-            list: "a list"}.get(
+            list: "a list", Duration: "a duration such as 90s, 20m, 1.5h or 1h30m (a bare number: "
+                                      "seconds)"}.get(
         tp, getattr(tp, "__name__", str(tp)))
 
 
@@ -101,6 +136,8 @@ def coerce(value: Any, tp: Any, strict: bool = False) -> Any:
                 return low[value.lower()]
         hint = difflib.get_close_matches(str(value), [str(c) for c in choices], n=1)
         raise Invalid(describe(tp) + (f" (did you mean {hint[0]!r}?)" if hint else ""))
+    if tp is Duration:
+        return parse_duration(value)
     if tp is bool:
         if isinstance(value, bool):
             return value

@@ -18,6 +18,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Mapping, Sequence
 
+from sf_mlflow.models.stopping import describe_stop
+
 __all__ = ["ModelResult", "Figure", "METRIC_COLUMNS", "render_report", "write_report"]
 
 
@@ -97,10 +99,11 @@ def metrics_table(models: Sequence[ModelResult]) -> str:
             cls = ' class="best"' if best is not None and value == best else ""
             cells.append(f"<td{cls}>{_number(value, fmt)}</td>")
         converged = {True: "yes", False: "no", None: "&ndash;"}[m.converged]
-        if m.converged and "early_stopped_at" in m.metrics:
-            # patience ended it and rolled it back: say so, not a bare "yes"
-            converged = (f"early-stopped at iteration {int(m.metrics['early_stopped_at'])}, "
-                         f"kept iteration {int(m.metrics.get('kept_iteration', m.metrics.get('n_iter', 0)))}")
+        # patience or the time budget ended it (and kept its best state): say so, not yes/no
+        reason = ("time_budget" if "time_budget_s" in m.metrics else
+                  "validation" if m.converged else "")
+        converged = describe_stop(reason, m.metrics.get("early_stopped_at"),
+                                  m.metrics.get("kept_iteration")) or converged
         cells.append(f'<td class="text">{converged}</td>')
         rows.append("<tr>" + "".join(cells) + "</tr>")
     return (f'<table id="metrics"><thead><tr><th class="text">model</th>'

@@ -61,6 +61,14 @@ def test_max_mt_fraction_null_switches_the_filter_off():
                             ).preprocessing.max_mt_fraction is None
 
 
+def test_time_budget_is_a_duration_and_left_out_of_the_hashes_while_unset():
+    plain = config_from_dict({})
+    cfg = config_from_dict({"training": {"time_budget": "20m"}})
+    assert plain.training.time_budget is None and cfg.training.time_budget == 1200.0
+    assert "training.time_budget" not in plain.flat()
+    assert cfg.flat()["training.time_budget"] == 1200.0
+
+
 def test_scientific_notation_strings_are_numbers():
     cfg = config_from_dict({"training": {"learning_rate": "1e-1", "tol": "5E-3"}})
     assert cfg.training.learning_rate == 0.1 and cfg.training.tol == 0.005
@@ -77,6 +85,8 @@ def test_scientific_notation_strings_are_numbers():
     ({"training": {"device": "tpu"}}, ["training.device = 'tpu'", "'cpu', 'gpu', 'cuda', 'auto'"]),
     ({"training": {"shuffle": "maybe"}}, ["training.shuffle = 'maybe'", "true or false"]),
     ({"training": {"learning_rate": "fast"}}, ["training.learning_rate = 'fast'", "a number"]),
+    ({"training": {"time_budget": "soon"}}, ["training.time_budget = 'soon'",
+                                             "a duration such as 90s, 20m, 1.5h"]),
     ({"preprocessing": {"holdout_fraction": 1.0}}, ["preprocessing.holdout_fraction = 1.0", "< 1"]),
     ({"preprocessing": 5}, ["preprocessing must be a mapping"]),
     ({"model": {"spatial": False}}, ["model.spatial was replaced by model.prior",

@@ -26,6 +26,7 @@ OTHER = {
     "max_iter": 7, "learning_rate": 0.05, "optimizer": "Adam", "tol": 1e-3, "tol_window": 3,
     "validation_every": 2, "patience": 2, "dtype": "float64", "device": "cpu", "batch_size": 50,
     "y_batch_size": 20, "shuffle": False, "log_every": 5, "verbose": True, "distributed": True,
+    "time_budget": 1200.0,
 }
 
 

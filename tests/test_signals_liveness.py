@@ -167,6 +167,44 @@ def test_an_interrupt_that_python_swallowed_is_raised_again(mlflow_store, monkey
     assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # handlers given back
 
 
+#: A spatial fit whose initialisation phases each take a second or more (PNMF start ~3 s,
+#: kernel hyperparameters ~7 s, inducing points ~1.4 s on one core here).
+SLOW_START = {"name": "signal_tests", "seed": 0, "dataset": "synthetic", "output_dir": "outputs",
+              "data": {"synthetic": {**DATA["synthetic"], "n_spots": 4000, "n_genes": 200,
+                                     "n_components": 4}},
+              "preprocessing": PREPROCESSING,
+              "model": {"n_components": 4, "prior": "SVGP", "groups": True},
+              "training": {"max_iter": 3, "device": "cpu"}}
+
+#: Each initialisation phase: the line that opens it, and the line that closes it.
+PHASES = [("PNMF start: fitting", "PNMF start: held-out deviance"),
+          ("kernel hyperparameters: GP evidence of", "kernel hyperparameters from the data"),
+          ("inducing points: M =", "conjugate start:")]
+
+
+@pytest.mark.parametrize("opens, closes", PHASES, ids=["pnmf_start", "hyperparameters", "inducing"])
+def test_sigterm_during_an_initialisation_phase_ends_it_and_the_run_killed(tmp_path, opens, closes):
+    """Before the first iteration there is no state to wait for: the signal ends the phase
+    itself (formerly the fit went on to finish its first iteration, minutes at scale)."""
+    store = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    path = write_config(tmp_path, SLOW_START)
+    env = cli_env(store)
+    preprocess(tmp_path, path, env)
+    train = Pipeline(tmp_path, ["train", "-c", str(path)], env, "train.log")
+    train.wait_for(lambda: opens in train.output(), f"the phase {opens!r}")
+    sent = time.monotonic()
+    code = train.signal(signal.SIGTERM)
+    took = time.monotonic() - sent
+    out = train.output()
+    assert code == 130, out[-3000:]
+    assert closes not in out, f"the phase ran on to its end ({took:.1f} s):\n{out[-3000:]}"
+    assert "SIGTERM received: stopping training now" in out
+    assert "iter " not in out
+    [run] = runs_of(MlflowClient(store), "train")
+    assert run.info.status == "KILLED"
+    print(f"{opens!r}: ended {took:.2f} s after SIGTERM")
+
+
 # ---- 2. SIGKILL: heartbeats and the sweep -----------------------------------------------------
 
 def test_a_sigkilled_fit_is_swept_failed_by_the_next_lookup(tmp_path):

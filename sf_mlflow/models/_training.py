@@ -40,6 +40,7 @@ from sf_mlflow.models.batching import IndexStream, literal_state
 from sf_mlflow.models.hybrid import validation_predictor
 from sf_mlflow.models.likelihood import CountBatch, expected_log_likelihood, likelihood_and_update
 from sf_mlflow.models.priors import FactorPrior
+from sf_mlflow.models.progress import PROGRESS_EVERY_S, duration_text
 from sf_mlflow.models.stopping import VALIDATION_MIN_DELTA, StoppingRules  # noqa: F401 (re-export)
 
 __all__ = ["Trainer", "FitResult", "FitState", "ConvergenceWarning", "NonFiniteELBOError", "IndexStream"]
@@ -106,13 +107,6 @@ class FitResult:
         self.loadings, self.history, self.converged, self.stopped = loadings, history, converged, stopped
         self.reason, self.validation = reason, validation
         self.early_stopped_at, self.kept_iteration = early_stopped_at, kept_iteration
-
-
-def _duration(seconds: float) -> str:
-    seconds = max(int(round(seconds)), 0)
-    h, rem = divmod(seconds, 3600)
-    m, s = divmod(rem, 60)
-    return f"{h}h{m:02d}m" if h else f"{m}m{s:02d}s"
 
 
 class Trainer(StoppingRules):
@@ -187,6 +181,7 @@ class Trainer(StoppingRules):
         self._reason = "max_iter"
         self.early_stopped_at: Optional[int] = None
         self.kept_iteration: Optional[int] = None
+        self.deadline: Optional[float] = None  # time.perf_counter() at which the budget ends
 
     def _optimizer_lr(self) -> float:
         """Step size of the torch optimiser: the learning rate, or beside natural steps the
@@ -493,13 +488,14 @@ class Trainer(StoppingRules):
             f"(iteration {kept}); resume from its checkpoint with {hint}", it, kept)
 
     def run(self, callback: Optional[Callable[[int, float], Optional[bool]]]) -> FitResult:
-        """Iterate until a stopping rule, ``max_iter`` or ``callback(iteration, elbo)`` returning True."""
+        """Iterate until a stopping rule, ``max_iter``, the ``deadline`` (``time.perf_counter``
+        seconds; the fit's time budget) or ``callback(iteration, elbo)`` returning True."""
         p, verbose = self.p, self.p["verbose"]
         w = p["tol_window"]
         history = self.history    # non-empty when resuming from a checkpoint
         first = len(history) + 1
         batches = self._batches()
-        t_loop = time.perf_counter()
+        self._clock = {"loop": time.perf_counter(), "printed": time.perf_counter(), "first": first}
         val_every = p["validation_every"] if self.validation is not None else 0
         self._reason = "max_iter"
         self.early_stopped_at = self.kept_iteration = None
@@ -535,31 +531,59 @@ class Trainer(StoppingRules):
                 self._reason, done = "validation", True
             if self._agree(callback is not None and callback(it, value) is True):
                 self._reason, done = "callback", True
+            if not done and self.deadline is not None and \
+                    self._agree(time.perf_counter() >= self.deadline):
+                if val_every and self.validation_history[-1][0] != it:
+                    self._validate(it)     # the state the budget ends with, beside the best
+                self._reason, done = "time_budget", True
             if it == p["max_iter"]:
                 done = True
-            if verbose and (it % p["log_every"] == 0 or done):
-                elapsed = time.perf_counter() - t_loop
-                rate = (it - first + 1) / max(elapsed, 1e-9)
-                rel = self.relative_change()
-                change = "n/a    " if rel != rel else f"{rel:.1e}"  # undefined until 2 checks exist
-                val = (f"  heldout dev {self.validation_history[-1][1]:.5g}"
-                       if self.validation_history else "")
-                eta = "" if done else f"  ETA <= {_duration((p['max_iter'] - it) / rate)}"
-                print(f"iter {it:>5d}/{p['max_iter']}  ELBO {value: .4e}  rel.change {change}"
-                      f"{val}  {rate:.2f} it/s{eta}", flush=True)
+            if verbose:
+                self._progress(it, value, done)
             if done:
                 break
-        if self._reason == "validation" and self._best is not None:
-            # early stopping keeps the best checked state (and the ELBO history up to it)
-            self.early_stopped_at, self.kept_iteration = len(history), self._best_iteration
-            validation = self.validation_history
-            self.load_state_dict(self._best)
-            self.validation_history = validation
-            if not self.history:      # the start was best: its ELBO stands for the history
-                self.history = [self.evaluate_elbo()]
-            if verbose:
-                print(f"early-stopped at iteration {self.early_stopped_at}: the held-out deviance "
-                      f"did not improve for {p['patience']} checks; kept iteration "
-                      f"{self.kept_iteration}", flush=True)
+        self._keep_best()
         self._good = self._best = None
         return self.result()
+
+    #: Seconds between progress lines when ``log_every`` iterations take longer.
+    PROGRESS_EVERY_S = PROGRESS_EVERY_S
+
+    def _progress(self, it: int, value: float, done: bool) -> None:
+        """The progress line of iteration ``it``: every ``log_every`` iterations, every
+        PROGRESS_EVERY_S seconds when they take longer, and at the end."""
+        p, clock, now = self.p, self._clock, time.perf_counter()
+        if not (it % p["log_every"] == 0 or done or now - clock["printed"] >= self.PROGRESS_EVERY_S):
+            return
+        clock["printed"] = now
+        rate = (it - clock["first"] + 1) / max(now - clock["loop"], 1e-9)
+        rel = self.relative_change()
+        change = "n/a    " if rel != rel else f"{rel:.1e}"  # undefined until 2 checks exist
+        val = (f"  heldout dev {self.validation_history[-1][1]:.5g}"
+               if self.validation_history else "")
+        left = (p["max_iter"] - it) / rate
+        if self.deadline is not None:
+            left = min(left, max(self.deadline - now, 0.0))
+        eta = "" if done else f"  ETA <= {duration_text(left)}"
+        print(f"iter {it:>5d}/{p['max_iter']}  ELBO {value: .4e}  rel.change {change}"
+              f"{val}  {rate:.2f} it/s{eta}", flush=True)
+
+    def _keep_best(self) -> None:
+        """After patience ran out, or the time budget with held-out checks: keep the best
+        checked state (and the ELBO history up to it)."""
+        if self._reason not in ("validation", "time_budget") or self._best is None:
+            return
+        last = len(self.history)
+        if self._reason == "time_budget" and self._best_iteration == last:
+            return                       # the state the budget ended with is the best
+        self.early_stopped_at, self.kept_iteration = last, self._best_iteration
+        validation = self.validation_history
+        self.load_state_dict(self._best)
+        self.validation_history = validation
+        if not self.history:      # the start was best: its ELBO stands for the history
+            self.history = [self.evaluate_elbo()]
+        if self.p["verbose"]:
+            why = ("the time budget ran out" if self._reason == "time_budget" else
+                   f"the held-out deviance did not improve for {self.p['patience']} checks")
+            print(f"{'stopped' if self._reason == 'time_budget' else 'early-stopped'} at "
+                  f"iteration {last}: {why}; kept iteration {self.kept_iteration}", flush=True)

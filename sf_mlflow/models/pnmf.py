@@ -32,6 +32,7 @@ from sf_mlflow.constraints import checked_fields, param
 from sf_mlflow.errors import ConfigError, DataError, ModelError
 from sf_mlflow.models import persistence
 from sf_mlflow.models._training import ConvergenceWarning, FitResult, FitState, NonFiniteELBOError, Trainer
+from sf_mlflow.models.stopping import not_converged_message
 from sf_mlflow.models.device import resolve_device
 from sf_mlflow.models.distributed import Communicator, DistributedTrainer
 from sf_mlflow.models.initialization import fixed_point_scale, initial_state
@@ -39,8 +40,9 @@ from sf_mlflow.models.inputs import (check_coordinates, check_counts, check_grou
                                      validated_dtype)
 from sf_mlflow.models.likelihood import CountBatch
 from sf_mlflow.models.prediction import predict_factors
-from sf_mlflow.models.start import initial_prior
 from sf_mlflow.models.priors import GaussianPrior
+from sf_mlflow.models.progress import TRAINING, phase
+from sf_mlflow.models.start import initial_prior
 from sf_mlflow.models.settings import (SVGP, ModelParams, TrainingParams, check_spatial_components,
                                        resolve_optimizer, spatial_settings)
 
@@ -126,13 +128,17 @@ class PNMF:
     shuffle : bool
         Draw mini-batches in a new random order every epoch.
     log_every : int
+    time_budget : float or str or None
+        Wall-clock limit of one :meth:`fit` (seconds, or e.g. ``"20m"``; initialisation counts):
+        then it stops, not converged, keeping its best held-out check's state (if any).
     distributed : bool
         Data-parallel fit in a torchrun worker (:mod:`sf_mlflow.models.distributed`).
     random_state : int
         Seeds the initialisation, mini-batch order, Monte Carlo draws and inducing
         points. Torch's and numpy's global generators are not touched.
     verbose : bool
-        Print a progress line every ``log_every`` iterations and at the end.
+        Print progress lines with an ETA: during initialisation and every ``log_every``
+        iterations (at least every 10 s) and at the end.
 
     The defaults are those of :class:`~sf_mlflow.models.settings.ModelParams` and
     :class:`~sf_mlflow.models.settings.TrainingParams`, which the config shares.
@@ -151,10 +157,10 @@ class PNMF:
         A fit that reaches ``max_iter`` first warns with :class:`ConvergenceWarning`.
     stopped_early_ : bool
         The callback asked to stop.
-    stop_reason_ : {"tol", "validation", "max_iter", "callback"}
+    stop_reason_ : {"tol", "validation", "max_iter", "callback", "time_budget"}
     early_stopped_at_, kept_iteration_ : int or None
-        With ``stop_reason_ == "validation"``: the iteration at which patience ran out, and the
-        best held-out check's the model was rolled back to (0: the start).
+        With ``stop_reason_`` "validation" (or "time_budget"): the iteration at which patience
+        (the budget) ran out, and the best held-out check's the model kept (0: the start).
     start_report_ : dict
         How a spatial fit started (:func:`sf_mlflow.models.start.initial_prior`); row 0 of
         ``validation_history_`` (iteration 0) is the start's held-out deviance.
@@ -185,7 +191,7 @@ class PNMF:
                  tol=_T.tol, tol_window=_T.tol_window, validation_every=_T.validation_every,
                  patience=_T.patience, dtype=_T.dtype, device=_T.device, batch_size=_T.batch_size,
                  y_batch_size=_T.y_batch_size, shuffle=_T.shuffle, log_every=_T.log_every,
-                 distributed=_T.distributed, random_state=0, verbose=False):
+                 time_budget=_T.time_budget, distributed=_T.distributed, random_state=0, verbose=False):
         self.n_components = n_components
         self.prior = prior
         self.mode = mode
@@ -206,6 +212,7 @@ class PNMF:
         self.y_batch_size = y_batch_size
         self.shuffle = shuffle
         self.log_every = log_every
+        self.time_budget = time_budget
         self.distributed = distributed
         self.random_state = random_state
         self.verbose = verbose
@@ -332,11 +339,13 @@ class PNMF:
         if callback is not None and not callable(callback):
             raise ConfigError(f"callback = {callback!r} is not callable; expected f(state) -> bool")
         trainer = self._start(p, Yc, X, g, val)
+        trainer.deadline = None if p["time_budget"] is None else start + p["time_budget"]
         if resume is not None:
             trainer.load_state_dict(persistence.checked_checkpoint(self, resume, n, d)["trainer"])
             self._loadings_t = trainer.loadings().detach()
         try:
-            result = trainer.run(self._on_iteration(trainer, callback))
+            with phase(TRAINING):
+                result = trainer.run(self._on_iteration(trainer, callback))
         except NonFiniteELBOError:
             # The trainer rolled back to its last finite state: keep it as the fitted
             # model and as a checkpoint to resume from, instead of losing the work.
@@ -348,10 +357,8 @@ class PNMF:
         # Kept only when the fit may be continued, so a finished model stays small.
         self._stopped_state = trainer.state_dict() if result.stopped else None
         self._finish(result, start)
-        if result.reason == "max_iter" and (p["tol"] > 0 or val is not None):
-            warnings.warn(f"PNMF did not converge: max_iter = {p['max_iter']} reached before the "
-                          f"stopping rule was met (tol = {p['tol']:g}); raise training.max_iter or "
-                          f"resume the fit", ConvergenceWarning, stacklevel=2)
+        if message := not_converged_message(result, p, val is not None):
+            warnings.warn(message, ConvergenceWarning, stacklevel=2)
         return self
 
     def _start(self, p: dict, Yc, X: Optional[np.ndarray], g: Optional[np.ndarray], val) -> Trainer:
@@ -445,29 +452,23 @@ class PNMF:
         if not hasattr(self, "prior_"):
             raise ModelError(f"PNMF.{what}() needs a fitted model; call fit(Y) first")
 
+    def _chunks(self, chunk_size: int):
+        """(idx, coordinates, groups) of the training spots, ``chunk_size`` at a time."""
+        for s in range(0, self.n_spots_, chunk_size):
+            idx = torch.arange(s, min(s + chunk_size, self.n_spots_), device=self.device_)
+            yield (idx, None if self._coordinates is None else self._coordinates[idx],
+                   None if self._groups is None else self._groups[idx])
+
     @torch.no_grad()
     def _marginals(self, chunk_size: int = 10000) -> tuple[Tensor, Tensor]:
         """q(F) of all training spots: mean (L, N), var (L, N)."""
-        means, variances = [], []
-        for s in range(0, self.n_spots_, chunk_size):
-            idx = torch.arange(s, min(s + chunk_size, self.n_spots_), device=self.device_)
-            c = None if self._coordinates is None else self._coordinates[idx]
-            g = None if self._groups is None else self._groups[idx]
-            m, v = self.prior_.marginals(idx, c, g)
-            means.append(m)
-            variances.append(v)
+        means, variances = zip(*(self.prior_.marginals(*c) for c in self._chunks(chunk_size)))
         return torch.cat(means, dim=1), torch.cat(variances, dim=1)
 
     @torch.no_grad()
     def _means(self, chunk_size: int = 10000) -> Tensor:
         """Mean of q(F) at all training spots, (L, N) (no variances computed)."""
-        means = []
-        for s in range(0, self.n_spots_, chunk_size):
-            idx = torch.arange(s, min(s + chunk_size, self.n_spots_), device=self.device_)
-            c = None if self._coordinates is None else self._coordinates[idx]
-            g = None if self._groups is None else self._groups[idx]
-            means.append(self.prior_.means(idx, c, g))
-        return torch.cat(means, dim=1)
+        return torch.cat([self.prior_.means(*c) for c in self._chunks(chunk_size)], dim=1)
 
     def get_factors(self, exp_mean: bool = False) -> np.ndarray:
         """Factors of the training spots, (N, L).

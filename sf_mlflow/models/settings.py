@@ -21,7 +21,7 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Any, Literal, Optional, Union
 
-from sf_mlflow.constraints import checked_fields, param
+from sf_mlflow.constraints import Duration, checked_fields, param
 from sf_mlflow.errors import ConfigError
 
 __all__ = ["SVGP", "ModelParams", "TrainingParams", "spatial_settings", "check_spatial_components",
@@ -180,7 +180,13 @@ class TrainingParams:
     batch_size: Optional[int] = param(None, 1, doc="spots per mini-batch; null = all spots")
     y_batch_size: Optional[int] = param(None, 1, doc="genes per mini-batch; null = all genes")
     shuffle: bool = param(True, doc="draw mini-batches in a fresh random order every epoch")
-    log_every: int = param(50, 1, doc="iterations between progress lines")
+    log_every: int = param(50, 1, doc="iterations between progress lines (and at least one "
+                                      "every 10 s)")
+    time_budget: Optional[Duration] = param(
+        None, 0.0, lo_open=True, omit_unset=True,
+        doc="wall-clock limit of one fit, initialisation included (e.g. 90s, 20m, 1.5h); at the "
+            "budget the fit stops and keeps its best held-out state (stop reason time_budget); "
+            "null = none")
     distributed: bool = param(
         False, unhashed=True,
         doc="data-parallel fit on torch.distributed: each of the processes torchrun starts fits a "

@@ -53,6 +53,7 @@ from sf_mlflow.models.likelihood import CountBatch, poisson_deviance
 from sf_mlflow.models.natural import _flipped_cholesky, _lu_from_flipped, _solve_flipped
 from sf_mlflow.models.neighbours import nearest_neighbour_log_factors
 from sf_mlflow.models.priors import FactorPrior, GaussianPrior
+from sf_mlflow.models.progress import Progress
 
 __all__ = ["initial_prior", "choose_hyperparameters", "conjugate_qv", "hyperparameter_bounds",
            "PNMF_START_MAX_ITER", "HYPER_SPOTS"]
@@ -124,8 +125,7 @@ def initial_prior(p: dict, Y, full: CountBatch, gen: torch.Generator, coords: Op
         The coordinates and the group codes the spatial prior uses.
     validation : tuple (Y_val (Nv, D), coordinates (Nv, 2), groups), optional
         Held-out spots, to report PNMF's held-out deviance (their groups are not used).
-    say : callable, optional
-        Receives one progress line per phase.
+    say : callable, optional (receives the progress lines of every phase)
 
     Returns
     -------
@@ -160,7 +160,7 @@ def initial_prior(p: dict, Y, full: CountBatch, gen: torch.Generator, coords: Op
 
     t1 = time.perf_counter()
     hyper = choose_hyperparameters(m[:K], v[:K], coords, groups if spatial.groups else None,
-                                   spatial, p["random_state"])
+                                   spatial, p["random_state"], say)
     report.update({k: hyper[k] for k in ("lengthscale", "sigma", "nugget", "group_diff_param")})
     report["hyperparameter_seconds"] = time.perf_counter() - t1
     if any(getattr(spatial, k) == "auto" for k in ("lengthscale", "sigma", "group_diff_param")):
@@ -175,7 +175,6 @@ def initial_prior(p: dict, Y, full: CountBatch, gen: torch.Generator, coords: Op
                                    None if used_groups is None else used_groups.detach().cpu().numpy(),
                                    float(np.min(hyper["lengthscale"])) / INDUCING_DENSITY, explain=True)
         report["num_inducing_rule"] = why
-        say(f"inducing points: M = {M} ({why})")
         settings = dataclasses.replace(settings, num_inducing=M)
         floor = _resolvable_lengthscale(coords, used_groups, float(np.min(hyper["lengthscale"])), M)
         if spatial.lengthscale == "auto" and floor > float(np.min(hyper["lengthscale"])):
@@ -186,6 +185,7 @@ def initial_prior(p: dict, Y, full: CountBatch, gen: torch.Generator, coords: Op
             say(f"lengthscales raised to at least {floor:.3g}, the shortest {M} inducing "
                 "points resolve")
     t2 = time.perf_counter()
+    say(f"inducing points: M = {settings.num_inducing} ({report.get('num_inducing_rule', 'as set')})")
     gp = settings.build(coords, groups, K, kl_weight=p["kl_weight"],
                         seed=p["random_state"]).to(device=device, dtype=dtype)
     with torch.no_grad():
@@ -196,8 +196,9 @@ def initial_prior(p: dict, Y, full: CountBatch, gen: torch.Generator, coords: Op
             kern.raw_group_diff.fill_(math.log(hyper["group_diff_param"]))
     gp.clear_cache()
     gp.bounds = hyperparameter_bounds(coords)
+    say(f"conjugate start: q(v) of {K} factors at M = {gp.num_inducing}")
     conjugate_qv(gp, m[:K], v[:K], coords, groups,
-                 nugget=torch.as_tensor(hyper["nugget"], dtype=torch.float64, device=device))
+                 nugget=torch.as_tensor(hyper["nugget"], dtype=torch.float64, device=device), say=say)
     report["num_inducing"] = gp.num_inducing
     report["conjugate_seconds"] = time.perf_counter() - t2
     gaussian = None
@@ -252,7 +253,11 @@ def _pnmf_start(p: dict, Y, full: CountBatch, gen: torch.Generator, W0: Tensor, 
     prior = GaussianPrior(full.n_spots, p["n_components"], mean=mu0,
                           scale=fixed_point_scale(mu0, W0), kl_weight=p["kl_weight"])
     prior = prior.to(device=full.device, dtype=full.values.dtype)
-    result = Trainer(q, prior, W0, Y, full, gen, None, None, train_loadings=True).run(None)
+    say(f"PNMF start: fitting {p['n_components']} factors without the GP prior (at most "
+        f"{PNMF_START_MAX_ITER} iterations)")
+    progress = Progress(say, "PNMF start", PNMF_START_MAX_ITER, "iterations", bound=True)
+    result = Trainer(q, prior, W0, Y, full, gen, None, None,
+                     train_loadings=True).run(lambda it, value: progress.tick())
     report["pnmf_iterations"] = len(result.history)
     report["pnmf_seconds"] = time.perf_counter() - t0
     say(f"PNMF start: {len(result.history)} iterations in {report['pnmf_seconds']:.1f} s "
@@ -332,7 +337,7 @@ def _subsample(X: np.ndarray, groups: Optional[Tensor], m: Tensor, v: Tensor, se
 
 
 def choose_hyperparameters(m: Tensor, v: Tensor, coords: Tensor, groups: Optional[Tensor],
-                           spatial, seed: int) -> dict:
+                           spatial, seed: int, say: Optional[Callable[[str], None]] = None) -> dict:
     """Kernel hyperparameters of the K spatial factors from their PNMF posterior.
 
     Each factor's posterior means ``m (K, N)`` are taken as observations of its GP field with
@@ -347,7 +352,7 @@ def choose_hyperparameters(m: Tensor, v: Tensor, coords: Tensor, groups: Optiona
     summed evidence).
 
     Returns ``{"lengthscale": (K,), "sigma": (K,), "nugget": (K,), "group_diff_param": float}``
-    (numpy/float).
+    (numpy/float). ``say`` receives progress lines (:class:`~sf_mlflow.models.progress.Progress`).
     """
     K, N = m.shape
     X = coords.detach().cpu().double().numpy()
@@ -380,7 +385,11 @@ def choose_hyperparameters(m: Tensor, v: Tensor, coords: Tensor, groups: Optiona
             return torch.full((K,), float(spatial.sigma) ** 2, dtype=torch.float64)
         return (var - noise.mean(dim=1) - tau2).clamp_min(0.05 * var)
 
+    progress = _candidates_progress(say, x.shape[0], 0 if fixed_ls else len(grid), fixed_s2,
+                                    use_a and not fixed_a)
+
     def evidence(ls, s2, a, tau2) -> Tensor:
+        progress.tick()
         return _evidence(spatial.kernel, x, g if use_a else None, y, noise + tau2[:, None],
                          ls, s2, a)
 
@@ -425,11 +434,21 @@ def choose_hyperparameters(m: Tensor, v: Tensor, coords: Tensor, groups: Optiona
             "group_diff_param": float(a)}
 
 
+def _candidates_progress(say, n_spots: int, n_grid: int, fixed_s2: bool, group_diff: bool) -> Progress:
+    """The progress of :func:`choose_hyperparameters`: one step per evidence it takes (its
+    grids: ``n_grid`` lengthscales, 0 when fixed)."""
+    total = (len(NUGGET_SHARES) * (max(n_grid, 1) + 1) + (0 if fixed_s2 else len(SIGMA2_MULTIPLES))
+             + (len(GROUP_DIFFS) if group_diff else 0) + n_grid)
+    if say is not None:
+        say(f"kernel hyperparameters: GP evidence of {total} candidates on {n_spots} spots")
+    return Progress(say, "kernel hyperparameters", total, "candidates")
+
+
 # ---- q(v) -------------------------------------------------------------------------------------
 
 @torch.no_grad()
 def conjugate_qv(gp, m: Tensor, v: Tensor, coords: Tensor, groups: Optional[Tensor],
-                 nugget: Optional[Tensor] = None) -> None:
+                 nugget: Optional[Tensor] = None, say: Optional[Callable[[str], None]] = None) -> None:
     """Set the SVGP prior's q(v) to the GP posterior given Gaussian sites of the log-factors.
 
     ``m, v: (K, N)`` are the posterior means and variances of a model whose prior on each
@@ -455,6 +474,7 @@ def conjugate_qv(gp, m: Tensor, v: Tensor, coords: Tensor, groups: Optional[Tens
     lam = lam * scale
     target = lam * site_mean                                             # lambda y
     f64 = torch.float64
+    progress = Progress(say, "conjugate start", -(-keep.numel() // CHUNK) + L, "blocks")
     P = torch.eye(M, dtype=f64, device=gp.mu.device).repeat(L, 1, 1)
     b = torch.zeros(L, M, dtype=f64, device=gp.mu.device)
     for s in range(0, keep.numel(), CHUNK):
@@ -465,6 +485,7 @@ def conjugate_qv(gp, m: Tensor, v: Tensor, coords: Tensor, groups: Optional[Tens
         At = At.expand(L, *At.shape) if At.dim() == 2 else At             # (L, B, M)
         P += torch.bmm((At * lam[:, sl, None]).mT, At)
         b += torch.bmm(target[:, None, sl], At)[:, 0]
+        progress.tick()
     Lu = torch.empty(L, M, M, dtype=gp.mu.dtype, device=gp.mu.device)
     mu = torch.empty(L, M, dtype=f64, device=gp.mu.device)
     for l in range(L):
@@ -475,5 +496,6 @@ def conjugate_qv(gp, m: Tensor, v: Tensor, coords: Tensor, groups: Optional[Tens
             Lf = _flipped_cholesky(Pl)
         mu[l] = _solve_flipped(Lf, b[l])
         Lu[l] = _lu_from_flipped(Lf, gp.mu.dtype)
+        progress.tick()
     gp.mu.copy_(mu.to(gp.mu.dtype))
     gp.set_lu(Lu)

@@ -23,7 +23,7 @@ import torch
 
 from sf_mlflow.models.likelihood import expected_log_likelihood, poisson_deviance
 
-__all__ = ["StoppingRules", "VALIDATION_MIN_DELTA"]
+__all__ = ["StoppingRules", "VALIDATION_MIN_DELTA", "not_converged_message", "describe_stop"]
 
 #: Relative improvement of the best held-out deviance that resets the patience count.
 VALIDATION_MIN_DELTA = 1e-4
@@ -116,3 +116,30 @@ class StoppingRules:
         if since == 0:
             self._best, self._best_iteration = self.state_dict(), it
         return since >= self.p["patience"]
+
+
+def not_converged_message(result, p: dict, validated: bool) -> str | None:
+    """The ConvergenceWarning of a fit that ended before its stopping rule was met (None if it
+    was met, or if it has no rule: ``tol = 0`` without held-out spots)."""
+    if result.reason == "time_budget":
+        at = len(result.history) if result.kept_iteration is None else result.early_stopped_at
+        kept = "" if result.kept_iteration is None else f", kept iteration {result.kept_iteration}"
+        return (f"PNMF did not converge: the time budget ({p['time_budget']:g} s) ran out at "
+                f"iteration {at}{kept}; raise training.time_budget or resume the fit")
+    if result.reason == "max_iter" and (p["tol"] > 0 or validated):
+        return (f"PNMF did not converge: max_iter = {p['max_iter']} reached before the stopping "
+                f"rule was met (tol = {p['tol']:g}); raise training.max_iter or resume the fit")
+    return None
+
+
+def describe_stop(reason: str, stopped_at=None, kept=None) -> str | None:
+    """How a fit that stopped before its end ended, in words (console, figures, report); None
+    unless patience or the time budget ended it."""
+    if reason == "validation" and stopped_at is not None:
+        return f"early-stopped at iteration {int(stopped_at)}, kept iteration {int(kept)}"
+    if reason == "time_budget":
+        if stopped_at is None:
+            return "stopped by the time budget"
+        return (f"stopped by the time budget at iteration {int(stopped_at)}, kept iteration "
+                f"{int(kept)}")
+    return None

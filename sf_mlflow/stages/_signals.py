@@ -13,14 +13,18 @@ import threading
 from types import FrameType
 from typing import Optional
 
+from sf_mlflow.models.progress import TRAINING, current_phase
+
 
 class StopRequests:
     """Context manager that turns SIGINT, SIGTERM and SIGHUP into a flag.
 
     A training loop checks :attr:`requested` after each iteration and stops there,
     so the state it saves is consistent (a signal in the middle of an optimiser step
-    would leave parameters and moments out of step). A second signal while the first
-    is pending raises :class:`KeyboardInterrupt` at once, for a user who really wants
+    would leave parameters and moments out of step). Outside the loop proper
+    (:func:`~sf_mlflow.models.progress.current_phase` is not ``"training"``: the
+    initialisation phases) the signal raises :class:`KeyboardInterrupt` at once. A second
+    signal while the first is pending raises it at once too, for a user who really wants
     out. Outside the main thread signal handlers cannot be installed; then nothing
     changes and the default behaviour applies.
     """
@@ -41,7 +45,15 @@ class StopRequests:
         if self.signal is not None:
             raise KeyboardInterrupt
         self.signal = signum
-        print(f"\n{signal.Signals(signum).name} received: stopping {self.what} after the current "
+        name = signal.Signals(signum).name
+        if current_phase() != TRAINING:
+            # initialisation (or what follows the loop): no state a checkpoint could keep, so
+            # nothing to wait for. Should Python drop this exception (raised in a __del__),
+            # the flag still stops the fit after its first iteration.
+            print(f"\n{name} received: stopping {self.what} now ({current_phase() or 'outside the fit'})",
+                  file=sys.stderr, flush=True)
+            raise KeyboardInterrupt
+        print(f"\n{name} received: stopping {self.what} after the current "
               "iteration and saving a checkpoint (send it again to abort at once)",
               file=sys.stderr, flush=True)
 

@@ -24,6 +24,7 @@ from sf_mlflow.analysis.ordering import factor_titles
 from sf_mlflow.config import Config
 from sf_mlflow.data.counts import SpatialCounts
 from sf_mlflow.errors import RunLookupError
+from sf_mlflow.models.stopping import describe_stop
 from sf_mlflow.plots._common import HELDOUT_LABEL
 from sf_mlflow.stages._checks import check_output_dir, check_tags
 from sf_mlflow.stages._common import (
@@ -214,10 +215,8 @@ def load_analysis(lin: Lineage, tmp: Path) -> Analysis:
 def _stop_note(lin: Lineage) -> str | None:
     """How the train run's fit ended, when early stopping rolled it back (its tags)."""
     tags = get_stage_run(lin.train_run_id, "train").data.tags
-    if "sf.early_stopped_at" not in tags:
-        return None
-    return (f"early-stopped at iteration {tags['sf.early_stopped_at']}, kept iteration "
-            f"{tags.get('sf.kept_iteration', '?')}")
+    return describe_stop(tags.get("sf.stop_reason", ""), tags.get("sf.early_stopped_at"),
+                         tags.get("sf.kept_iteration"))
 
 
 def _marking(a: Path, lin: Lineage) -> np.ndarray | None:

@@ -20,7 +20,9 @@ from sf_mlflow.errors import ArtifactError, ConfigError, RunLookupError
 from sf_mlflow.models.device import resolve_device
 from sf_mlflow.models.distributed import Communicator
 from sf_mlflow.models.pnmf import PNMF, ConvergenceWarning, NonFiniteELBOError
+from sf_mlflow.constraints import parse_duration
 from sf_mlflow.models.settings import ModelParams, TrainingParams
+from sf_mlflow.models.stopping import describe_stop
 from sf_mlflow.stages._checks import (
     check_num_inducing,
     check_output_dir,
@@ -285,6 +287,8 @@ def start_facts(model: PNMF) -> dict[str, Any]:
         facts["init_heldout_deviance"] = float(vh[0, 1])
     if len(vh):
         facts["best_heldout_deviance"] = float(vh[:, 1].min())
+    if model.stop_reason_ == "time_budget":
+        facts["time_budget_s"] = parse_duration(model.time_budget)
     if model.early_stopped_at_ is not None:
         facts["early_stopped_at"] = int(model.early_stopped_at_)
         facts["kept_iteration"] = int(model.kept_iteration_)
@@ -311,9 +315,9 @@ def log_results(run: StageRun, config: Config, model: PNMF, summary: dict[str, A
         if register is not None:
             register(out / "model.pth")
     run.log_metrics({k: float(v) for k, v in summary.items() if isinstance(v, (int, float))})
-    stop = (f"early-stopped at iteration {summary['early_stopped_at']}, kept iteration "
-            f"{summary['kept_iteration']}" if "early_stopped_at" in summary
-            else f"converged={summary['converged']}, {summary['stop_reason']}")
+    stop = describe_stop(summary["stop_reason"], summary.get("early_stopped_at"),
+                         summary.get("kept_iteration")) or \
+        f"converged={summary['converged']}, {summary['stop_reason']}"
     say(STAGE, f"final ELBO {summary['final_elbo']:.6g} after {summary['n_iter']} iterations "
                f"({summary['training_time_s']:.1f} s, {stop})")
     if "pnmf_heldout_deviance" in summary and "best_heldout_deviance" in summary:

@@ -16,7 +16,7 @@ from sf_mlflow.data.synthetic import make_synthetic
 from sf_mlflow.errors import ConfigError, DataError, ModelError
 from sf_mlflow.models.device import resolve_device
 from sf_mlflow.models.neighbours import nearest_neighbour_log_factors
-from sf_mlflow.models.pnmf import PNMF
+from sf_mlflow.models.pnmf import PNMF, ConvergenceWarning
 from sf_mlflow.models.settings import SVGP
 from sf_mlflow.models.priors import GaussianPrior
 
@@ -174,6 +174,77 @@ def test_verbose_progress_lines(data, capsys):
     # the relative change needs two full windows of history: undefined at 10, a number from 20
     assert [m.group(2) for m in matches][0] == "n/a"
     assert all(float(m.group(2)) >= 0 for m in matches[1:])
+
+
+def test_progress_lines_come_by_the_clock_too(data, capsys, monkeypatch):
+    """Iterations slower than PROGRESS_EVERY_S seconds each still get a line each, whatever
+    log_every says (here the clock's period is 0: every iteration is late)."""
+    from sf_mlflow.models._training import Trainer
+
+    monkeypatch.setattr(Trainer, "PROGRESS_EVERY_S", 0.0)
+    PNMF(L, max_iter=7, tol=0, verbose=True, log_every=1000).fit(data.counts[:300])
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert [int(re.match(r"iter +(\d+)/7", line).group(1)) for line in lines] == list(range(1, 8))
+    assert all("ETA <= " in line for line in lines[:-1])
+
+
+def test_initialisation_phases_report_progress_with_an_eta(data, capsys, monkeypatch):
+    """Each phase before the first iteration says how far it is (here on every step: the
+    clock's period is 0), with an ETA."""
+    import sf_mlflow.models.progress as progress
+
+    monkeypatch.setattr(progress, "PROGRESS_EVERY_S", 0.0)
+    n = 600
+    PNMF(3, prior=SVGP(num_inducing=40), max_iter=2, tol=0, verbose=True).fit(
+        data.counts[:n], coordinates=data.coordinates[:n] * 20, groups=data.groups[:n])
+    out = capsys.readouterr().out
+    for what, unit in [("PNMF start", "iterations"), ("kernel hyperparameters", "candidates"),
+                       ("conjugate start", "blocks")]:
+        lines = re.findall(rf"^{what}: (\d+)/(\d+) {unit}, \d+m\d\ds so far, ETA (<= )?\d+m\d\ds$",
+                           out, flags=re.M)
+        assert lines, f"no progress line of {what}:\n{out}"
+        done = [int(d) for d, _, _ in lines]
+        assert done == sorted(done) and done[0] == 1, lines
+
+
+def test_time_budget_stops_the_fit_and_keeps_the_best_checked_state(data):
+    n = 900
+    held = np.arange(n) % 10 == 0
+    X = data.coordinates[:n] * 20
+    Y = data.counts[:n].tocsr()
+    val = (Y[held], X[held], data.groups[:n][held])
+    with pytest.warns(ConvergenceWarning, match=r"the time budget \(0\.001 s\) ran out at iteration 1"):
+        model = PNMF(3, prior=SVGP(num_inducing=40), time_budget=0.001,
+                     random_state=0).fit(Y[~held], coordinates=X[~held],
+                                         groups=data.groups[:n][~held], validation=val)
+    assert model.stop_reason_ == "time_budget" and not model.converged_
+    checks = model.validation_history_
+    assert checks[:, 0].tolist() == [0, 1]   # the start's check and the one at the budget
+    best = int(checks[np.argmin(checks[:, 1]), 0])
+    if best == 1:                             # the last state is the best: kept as it is
+        assert model.kept_iteration_ is None and model.n_iter_ == 1
+    else:                                     # rolled back to the start's state
+        assert (model.early_stopped_at_, model.kept_iteration_) == (1, 0)
+    # the kept state is the best check's: its held-out deviance is that check's
+    from sf_mlflow.models.likelihood import CountBatch, poisson_deviance
+    F = torch.log(torch.as_tensor(model.predict_at(val[1], val[2])).T)
+    dev = poisson_deviance(CountBatch.from_scipy(val[0], dtype=torch.float64), F,
+                           torch.as_tensor(model.loadings_, dtype=torch.float64))
+    assert float(dev) == pytest.approx(checks[:, 1].min(), rel=1e-4)
+
+
+@pytest.mark.parametrize("value, seconds", [("20m", 1200.0), ("90s", 90.0), ("1.5h", 5400.0),
+                                            ("1h30m", 5400.0), (45, 45.0), ("30", 30.0)])
+def test_time_budget_takes_durations(value, seconds):
+    assert PNMF(2, time_budget=value)._validated()["time_budget"] == seconds
+
+
+@pytest.mark.parametrize("value, expected", [("20x", "a duration such as 90s, 20m"),
+                                             (0, "a value > 0"), ("-5m", "a duration")])
+def test_bad_time_budgets_are_named(value, expected):
+    with pytest.raises(ConfigError, match=re.escape(f"PNMF: time_budget = {value!r}")) as err:
+        PNMF(2, time_budget=value)._validated()
+    assert expected in str(err.value)
 
 
 # ---- persistence and new spots ---------------------------------------------------------------

@@ -1,0 +1,75 @@
+"""Progress of a fit's long phases by the clock, and the phase a fit is in.
+
+Initialisation (the PNMF start, the kernel hyperparameters, the inducing points, the
+conjugate start) can take minutes at Slide-seq scale before the first iteration: each phase
+reports a line with its ETA at least every :data:`PROGRESS_EVERY_S` seconds (:class:`Progress`).
+:func:`phase` names what a fit is doing; whoever handles signals reads :func:`current_phase`:
+inside ``"training"`` an interrupt waits for the iteration to end (its state is then whole,
+a checkpoint can be kept), anywhere else there is no state worth waiting for.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from typing import Callable, Iterator, Optional
+
+__all__ = ["PROGRESS_EVERY_S", "Progress", "phase", "current_phase", "TRAINING", "duration_text"]
+
+#: Longest wait between two progress lines of a long phase (and of training iterations).
+PROGRESS_EVERY_S = 10.0
+
+#: The name of the phase of the optimisation loop proper.
+TRAINING = "training"
+
+_PHASES: list[str] = []
+
+
+@contextlib.contextmanager
+def phase(name: str) -> Iterator[None]:
+    """Mark the block as the fit's phase ``name`` (phases nest; the innermost is current)."""
+    _PHASES.append(name)
+    try:
+        yield
+    finally:
+        _PHASES.pop()
+
+
+def current_phase() -> Optional[str]:
+    """The innermost phase under way, or None outside any fit."""
+    return _PHASES[-1] if _PHASES else None
+
+
+def duration_text(seconds: float) -> str:
+    seconds = max(int(round(seconds)), 0)
+    h, rem = divmod(seconds, 3600)
+    m, s = divmod(rem, 60)
+    return f"{h}h{m:02d}m" if h else f"{m}m{s:02d}s"
+
+
+class Progress:
+    """Counts the steps of one phase and says how far it is, by the clock.
+
+    ``say(line)`` receives ``"<what>: <done>/<total> <unit>, <elapsed> so far, ETA <eta>"`` at
+    most every ``every_s`` seconds (the first after ``every_s``); ``total`` may be an upper
+    bound (``bound=True`` writes "ETA <=").
+    """
+
+    def __init__(self, say: Optional[Callable[[str], None]], what: str, total: int,
+                 unit: str = "steps", *, bound: bool = False, every_s: Optional[float] = None):
+        self.say, self.what, self.total, self.unit, self.bound = say, what, max(int(total), 1), unit, bound
+        self.every_s = PROGRESS_EVERY_S if every_s is None else every_s
+        self.done = 0
+        self.t0 = self.last = time.perf_counter()
+
+    def tick(self, n: int = 1) -> None:
+        self.done += n
+        now = time.perf_counter()
+        if self.say is None or now - self.last < self.every_s:
+            return
+        self.last = now
+        elapsed = now - self.t0
+        left = elapsed / self.done * max(self.total - self.done, 0) if self.done else float("nan")
+        eta = "?" if left != left else duration_text(left)
+        self.say(f"{self.what}: {min(self.done, self.total)}/{self.total} {self.unit}, "
+                 f"{duration_text(elapsed)} so far, ETA {'<= ' if self.bound else ''}{eta}")
