@@ -25,8 +25,9 @@ __all__ = ["param", "coerce", "check_range", "describe", "Invalid", "checked_fie
 
 
 class Duration(float):
-    """A length of time in seconds, written as a number of seconds or with units: ``90s``,
-    ``20m``, ``1.5h``, ``1h30m``. The type of settings such as ``training.time_budget``."""
+    """The type of a length of time, such as ``training.time_budget``: written as a number of
+    seconds or with units (``90s``, ``20m``, ``1.5h``, ``1h30m``); checked values are plain
+    floats in seconds (:func:`parse_duration`)."""
 
 
 _UNITS = {"s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
@@ -53,7 +54,7 @@ def parse_duration(value: Any) -> float:
         raise Invalid(describe(Duration))
     if not math.isfinite(out):
         raise Invalid(describe(Duration))
-    return Duration(out)
+    return out
 
 def _range(lo: float | None = None, hi: float | None = None, *, lo_open: bool = False,
            hi_open: bool = False, doc: str = "") -> dict:

@@ -308,6 +308,22 @@ def test_unconverged_spatial_fit_warns_tags_and_logs_heldout_deviance(mlflow_sto
     assert run.data.metrics["num_inducing"] == 40
 
 
+def test_a_fit_the_time_budget_ended_is_tagged_and_says_so(mlflow_store, capsys):
+    raw = {**SPATIAL, "training": {**SPATIAL["training"], "time_budget": 0.001}}
+    cfg = config_from_dict(raw, "spatial.yaml")
+    assert cfg.training.time_budget == 0.001
+    run_preprocess(cfg)
+    run = MlflowClient().get_run(run_train(cfg))
+    out = capsys.readouterr().out
+    assert run.info.status == "FINISHED"
+    assert run.data.tags["sf.stop_reason"] == "time_budget"
+    assert run.data.tags["sf.converged"] == "false"
+    assert run.data.metrics["time_budget_s"] == 0.001 and run.data.metrics["n_iter"] <= 1
+    assert run.data.params["training.time_budget"] == "0.001"
+    assert "warning: PNMF did not converge: the time budget (0.001 s) ran out at iteration 1" in out
+    assert "stopped by the time budget" in out or "converged=False, time_budget" in out
+
+
 def test_converged_fit_is_tagged_converged(mlflow_store):
     raw = {**SPATIAL, "training": {**SPATIAL["training"], "max_iter": 2000, "learning_rate": 1.0,
                                    "validation_every": 0, "tol": 1e-3}}
