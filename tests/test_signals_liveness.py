@@ -205,6 +205,42 @@ def test_sigterm_during_an_initialisation_phase_ends_it_and_the_run_killed(tmp_p
     print(f"{opens!r}: ended {took:.2f} s after SIGTERM")
 
 
+#: Natural steps of several seconds each (M 1,200 over 3,600 spots), after a short start
+#: (the kernel hyperparameters are given).
+SLOW_STEPS = {**SLOW_START,
+              "model": {**SLOW_START["model"], "num_inducing": 1200, "lengthscale": 2.0,
+                        "sigma": 1.0, "group_diff_param": 1.0},
+              "training": {"max_iter": 50, "device": "cpu", "log_every": 1, "tol": 0,
+                           "validation_every": 0}}
+
+
+def test_sigterm_during_a_slow_step_undoes_it_and_keeps_the_last_whole_iteration(tmp_path):
+    """A step of seconds (minutes at scale) is not waited for: the trainer restores the state
+    it snapshotted before the step, and the checkpoint holds the last whole iteration."""
+    import torch
+
+    store = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    path = write_config(tmp_path, SLOW_STEPS)
+    env = cli_env(store)
+    preprocess(tmp_path, path, env)
+    train = Pipeline(tmp_path, ["train", "-c", str(path)], env, "train.log")
+    train.wait_for(lambda: "iter     2/50" in train.output(), "the second iteration")
+    code = train.signal(signal.SIGTERM)    # step 3 is under way: seconds of it are left
+    out = train.output()
+    assert code == 130, out[-3000:]
+    assert "the step under way is undone" in out
+    assert "iter     3/50" not in out
+    assert "interrupted at iteration 2; checkpoint logged" in out
+    client = MlflowClient(store)
+    [run] = runs_of(client, "train")
+    assert run.info.status == "KILLED" and run.data.tags["sf.interrupted"] == "true"
+    assert run.data.metrics["interrupted_at_iteration"] == 2
+    local = client.download_artifacts(run.info.run_id, "checkpoint", str(tmp_path))
+    blob = torch.load(Path(local) / "checkpoint.pt", weights_only=True)
+    assert blob["trainer"]["iteration"] == 2 and len(blob["trainer"]["history"]) == 2
+    assert [m.step for m in client.get_metric_history(run.info.run_id, "elbo")] == [1, 2]
+
+
 # ---- 2. SIGKILL: heartbeats and the sweep -----------------------------------------------------
 
 def test_a_sigkilled_fit_is_swept_failed_by_the_next_lookup(tmp_path):

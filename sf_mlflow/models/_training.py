@@ -24,6 +24,7 @@ identities here (``_spots_in``, ``_kl``, ``_total``, ``_reduce_grads``, ``_agree
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import math
 import time
@@ -40,7 +41,7 @@ from sf_mlflow.models.batching import IndexStream, literal_state
 from sf_mlflow.models.hybrid import validation_predictor
 from sf_mlflow.models.likelihood import CountBatch, expected_log_likelihood, likelihood_and_update
 from sf_mlflow.models.priors import FactorPrior
-from sf_mlflow.models.progress import PROGRESS_EVERY_S, duration_text
+from sf_mlflow.models.progress import PROGRESS_EVERY_S, STEP, TRAINING, current_phase, duration_text, phase
 from sf_mlflow.models.stopping import VALIDATION_MIN_DELTA, StoppingRules  # noqa: F401 (re-export)
 
 __all__ = ["Trainer", "FitResult", "FitState", "ConvergenceWarning", "NonFiniteELBOError", "IndexStream"]
@@ -57,6 +58,12 @@ NATURAL_DECAY_POWER = 0.6
 
 class ConvergenceWarning(UserWarning):
     """A fit reached ``max_iter`` before its stopping rule was met."""
+
+
+#: A step at least this long (seconds) makes the next one interruptible: the trainer then
+#: snapshots its state before each step (a copy, small beside such a step), so that a signal
+#: can end the fit within the step instead of after it (minutes at Slide-seq scale).
+INTERRUPTIBLE_STEP_S = 0.5
 
 
 class NonFiniteELBOError(ModelError):
@@ -471,7 +478,8 @@ class Trainer(StoppingRules):
         with torch.no_grad():
             W = self.loadings().detach().clone()
         converged = self._reason in ("tol", "validation")
-        return FitResult(W, list(self.history), converged, self._reason == "callback", self._reason,
+        stopped = self._reason in ("callback", "interrupted")
+        return FitResult(W, list(self.history), converged, stopped, self._reason,
                          list(self.validation_history), self.early_stopped_at, self.kept_iteration)
 
     def _roll_back(self, it: int, value: float) -> None:
@@ -506,13 +514,25 @@ class Trainer(StoppingRules):
             if verbose:
                 print(f"iter     0/{p['max_iter']}  heldout dev {self.validation_history[0][1]:.5g} "
                       "(the start)", flush=True)
+        slow = False             # the last step took INTERRUPTIBLE_STEP_S or more
+        undoable = self.INTERRUPTIBLE and current_phase() == TRAINING   # (not the PNMF start)
         for it in range(first, p["max_iter"] + 1):
-            if self._good is None or it % self.SNAPSHOT_EVERY == 1:
+            if (slow and undoable) or self._good is None or it % self.SNAPSHOT_EVERY == 1:
                 pending = self.state_dict()
             else:
                 pending = None
-            batch, idx, gidx = next(batches)
-            value = self._step(batch, idx, gidx)
+            try:
+                t_step = time.perf_counter()
+                with phase(STEP) if slow and undoable else contextlib.nullcontext():
+                    batch, idx, gidx = next(batches)
+                    value = self._step(batch, idx, gidx)
+                slow = time.perf_counter() - t_step >= INTERRUPTIBLE_STEP_S
+            except KeyboardInterrupt:
+                # a signal handler (or Ctrl-C) cut the step short: back to a whole state, the
+                # iteration's start (or the last snapshot), which a checkpoint can then keep
+                self.load_state_dict(pending if pending is not None else self._good)
+                self._reason = "interrupted"
+                raise
             if not math.isfinite(value):
                 self._roll_back(it, value)
             if pending is not None:
@@ -546,6 +566,9 @@ class Trainer(StoppingRules):
         self._good = self._best = None
         return self.result()
 
+    #: Whether a signal may cut a slow step short (not where ranks wait for each other).
+    INTERRUPTIBLE = True
+
     #: Seconds between progress lines when ``log_every`` iterations take longer.
     PROGRESS_EVERY_S = PROGRESS_EVERY_S
 
@@ -567,23 +590,3 @@ class Trainer(StoppingRules):
         eta = "" if done else f"  ETA <= {duration_text(left)}"
         print(f"iter {it:>5d}/{p['max_iter']}  ELBO {value: .4e}  rel.change {change}"
               f"{val}  {rate:.2f} it/s{eta}", flush=True)
-
-    def _keep_best(self) -> None:
-        """After patience ran out, or the time budget with held-out checks: keep the best
-        checked state (and the ELBO history up to it)."""
-        if self._reason not in ("validation", "time_budget") or self._best is None:
-            return
-        last = len(self.history)
-        if self._reason == "time_budget" and self._best_iteration == last:
-            return                       # the state the budget ended with is the best
-        self.early_stopped_at, self.kept_iteration = last, self._best_iteration
-        validation = self.validation_history
-        self.load_state_dict(self._best)
-        self.validation_history = validation
-        if not self.history:      # the start was best: its ELBO stands for the history
-            self.history = [self.evaluate_elbo()]
-        if self.p["verbose"]:
-            why = ("the time budget ran out" if self._reason == "time_budget" else
-                   f"the held-out deviance did not improve for {self.p['patience']} checks")
-            print(f"{'stopped' if self._reason == 'time_budget' else 'early-stopped'} at "
-                  f"iteration {last}: {why}; kept iteration {self.kept_iteration}", flush=True)

@@ -150,6 +150,9 @@ class DistributedTrainer(Trainer):
     rank 0 prints progress. See the module docstring for what is split and what is not.
     """
 
+    #: A rank that left its step on a signal would leave the others waiting in a collective.
+    INTERRUPTIBLE = False
+
     def __init__(self, p: dict, *args, comm: Communicator, **kwargs):
         p = {**p, "verbose": p["verbose"] and comm.rank == 0}
         super().__init__(p, *args, **kwargs)

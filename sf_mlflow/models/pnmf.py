@@ -346,9 +346,9 @@ class PNMF:
         try:
             with phase(TRAINING):
                 result = trainer.run(self._on_iteration(trainer, callback))
-        except NonFiniteELBOError:
-            # The trainer rolled back to its last finite state: keep it as the fitted
-            # model and as a checkpoint to resume from, instead of losing the work.
+        except (NonFiniteELBOError, KeyboardInterrupt):
+            # The trainer rolled back to its last finite (or last whole) state: keep it as the
+            # fitted model and as a checkpoint to resume from, instead of losing the work.
             self._stopped_state = trainer.state_dict()
             self._finish(trainer.result(), start)
             raise

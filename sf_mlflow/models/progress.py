@@ -5,7 +5,8 @@ conjugate start) can take minutes at Slide-seq scale before the first iteration:
 reports a line with its ETA at least every :data:`PROGRESS_EVERY_S` seconds (:class:`Progress`).
 :func:`phase` names what a fit is doing; whoever handles signals reads :func:`current_phase`:
 inside ``"training"`` an interrupt waits for the iteration to end (its state is then whole,
-a checkpoint can be kept), anywhere else there is no state worth waiting for.
+a checkpoint can be kept); inside ``"step"`` (a slow step the trainer can undo) and anywhere
+else there is nothing worth waiting for.
 """
 
 from __future__ import annotations
@@ -14,13 +15,15 @@ import contextlib
 import time
 from typing import Callable, Iterator, Optional
 
-__all__ = ["PROGRESS_EVERY_S", "Progress", "phase", "current_phase", "TRAINING", "duration_text"]
+__all__ = ["PROGRESS_EVERY_S", "Progress", "phase", "current_phase", "TRAINING", "STEP", "duration_text"]
 
 #: Longest wait between two progress lines of a long phase (and of training iterations).
 PROGRESS_EVERY_S = 10.0
 
 #: The name of the phase of the optimisation loop proper.
 TRAINING = "training"
+#: Inside TRAINING: a step the trainer can undo (it holds a snapshot of the state before it).
+STEP = "step"
 
 _PHASES: list[str] = []
 

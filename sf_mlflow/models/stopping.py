@@ -117,6 +117,26 @@ class StoppingRules:
             self._best, self._best_iteration = self.state_dict(), it
         return since >= self.p["patience"]
 
+    def _keep_best(self) -> None:
+        """After patience ran out, or the time budget with held-out checks: keep the best
+        checked state (and the ELBO history up to it)."""
+        if self._reason not in ("validation", "time_budget") or self._best is None:
+            return
+        last = len(self.history)
+        if self._reason == "time_budget" and self._best_iteration == last:
+            return                       # the state the budget ended with is the best
+        self.early_stopped_at, self.kept_iteration = last, self._best_iteration
+        validation = self.validation_history
+        self.load_state_dict(self._best)
+        self.validation_history = validation
+        if not self.history:      # the start was best: its ELBO stands for the history
+            self.history = [self.evaluate_elbo()]
+        if self.p["verbose"]:
+            why = ("the time budget ran out" if self._reason == "time_budget" else
+                   f"the held-out deviance did not improve for {self.p['patience']} checks")
+            print(f"{'stopped' if self._reason == 'time_budget' else 'early-stopped'} at "
+                  f"iteration {last}: {why}; kept iteration {self.kept_iteration}", flush=True)
+
 
 def not_converged_message(result, p: dict, validated: bool) -> str | None:
     """The ConvergenceWarning of a fit that ended before its stopping rule was met (None if it

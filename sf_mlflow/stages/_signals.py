@@ -13,7 +13,7 @@ import threading
 from types import FrameType
 from typing import Optional
 
-from sf_mlflow.models.progress import TRAINING, current_phase
+from sf_mlflow.models.progress import STEP, TRAINING, current_phase
 
 
 class StopRequests:
@@ -21,9 +21,10 @@ class StopRequests:
 
     A training loop checks :attr:`requested` after each iteration and stops there,
     so the state it saves is consistent (a signal in the middle of an optimiser step
-    would leave parameters and moments out of step). Outside the loop proper
-    (:func:`~sf_mlflow.models.progress.current_phase` is not ``"training"``: the
-    initialisation phases) the signal raises :class:`KeyboardInterrupt` at once. A second
+    would leave parameters and moments out of step). During a slow step the trainer can
+    undo (:func:`~sf_mlflow.models.progress.current_phase` ``"step"``: it restores the
+    state before it) and outside the loop (not ``"training"``: the initialisation phases)
+    the signal raises :class:`KeyboardInterrupt` at once. A second
     signal while the first is pending raises it at once too, for a user who really wants
     out. Outside the main thread signal handlers cannot be installed; then nothing
     changes and the default behaviour applies.
@@ -35,6 +36,7 @@ class StopRequests:
     def __init__(self, what: str = "training"):
         self.what = what
         self.signal: Optional[int] = None
+        self.aborted = False         # a second signal came: no checkpoint, out at once
         self._previous: dict[int, object] = {}
 
     @property
@@ -43,9 +45,15 @@ class StopRequests:
 
     def _handle(self, signum: int, frame: Optional[FrameType]) -> None:
         if self.signal is not None:
+            self.aborted = True
             raise KeyboardInterrupt
         self.signal = signum
         name = signal.Signals(signum).name
+        if current_phase() == STEP:
+            print(f"\n{name} received: stopping {self.what} now; the step under way is undone and a "
+                  "checkpoint of the last whole iteration saved (send it again to abort at once)",
+                  file=sys.stderr, flush=True)
+            raise KeyboardInterrupt
         if current_phase() != TRAINING:
             # initialisation (or what follows the loop): no state a checkpoint could keep, so
             # nothing to wait for. Should Python drop this exception (raised in a __del__),

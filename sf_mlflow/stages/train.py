@@ -190,7 +190,8 @@ def fit(run: StageRun, config: Config, model: PNMF, pre: PreprocessedData, data:
     """Fit the model, streaming the ELBO to the run as the step metric ``elbo``.
 
     ``on_iteration(model, iteration, elbo)`` runs after every iteration; returning True
-    stops the fit. SIGINT/SIGTERM stop it too: the checkpoint is logged and
+    stops the fit. SIGINT/SIGTERM stop it too (at once during initialisation or a slow step,
+    else after the iteration): the checkpoint of the last whole iteration is logged and
     :class:`KeyboardInterrupt` raised. A non-finite ELBO logs the checkpoint, tags the run
     diverged and re-raises. Convergence warnings become progress lines.
     """
@@ -214,6 +215,11 @@ def fit(run: StageRun, config: Config, model: PNMF, pre: PreprocessedData, data:
                 elbo_stream.flush()
                 log_divergence(run, model, err, config)
                 raise
+            except KeyboardInterrupt:
+                # a first signal cut a slow step short; the model holds the iteration before
+                # it, which the checkpoint below keeps (a second signal: out at once)
+                if stop.aborted or getattr(model, "stop_reason_", None) != "interrupted":
+                    raise
     for w in caught:
         if issubclass(w.category, ConvergenceWarning):
             say(STAGE, f"warning: {w.message}")

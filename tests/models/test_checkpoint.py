@@ -57,6 +57,48 @@ def test_resumed_fit_equals_uninterrupted_fit(data, case, tmp_path):
     np.testing.assert_allclose(resumed.get_factors(), reference.get_factors(), rtol=1e-9)
 
 
+@pytest.mark.parametrize("case", ["svgp-natural-minibatch", "gaussian-simple"])
+@pytest.mark.parametrize("slow", [True, False], ids=["snapshot-each-step", "snapshot-every-10"])
+def test_a_step_cut_short_by_an_interrupt_is_undone_and_resumes_exactly(data, case, slow,
+                                                                       monkeypatch):
+    """KeyboardInterrupt (a signal's, Ctrl-C's) raised at the end of step 13, after it changed
+    the state: the trainer restores a whole state (the step's start when steps are slow, else
+    its last snapshot, iteration 10), the model keeps it as a checkpoint, and the fit resumed
+    from it equals the uninterrupted one."""
+    from sf_mlflow.models import _training
+    from sf_mlflow.models._training import Trainer
+    from sf_mlflow.models.progress import STEP, TRAINING, current_phase
+
+    params = CASES[case]
+    reference = _fit(data, params)
+    monkeypatch.setattr(_training, "INTERRUPTIBLE_STEP_S", 0.0 if slow else 1e9)
+    step = Trainer._step
+
+    def step_then_interrupt(self, *args):
+        value = step(self, *args)
+        if len(self.history) == 12 and current_phase() in (TRAINING, STEP):  # not the PNMF start
+            raise KeyboardInterrupt
+        return value
+
+    monkeypatch.setattr(Trainer, "_step", step_then_interrupt)
+    cut = PNMF(3, max_iter=24, tol=0, random_state=5, **params)
+    with pytest.raises(KeyboardInterrupt):
+        _fit_model(cut, data, params)
+    monkeypatch.setattr(Trainer, "_step", step)
+    kept = 12 if slow else 10
+    assert cut.stop_reason_ == "interrupted" and cut.n_iter_ == kept
+    np.testing.assert_allclose(cut.elbo_history_, reference.elbo_history_[:kept], rtol=1e-10)
+    resumed = _fit(data, params, resume=cut.checkpoint())
+    np.testing.assert_allclose(resumed.elbo_history_, reference.elbo_history_, rtol=1e-10)
+    np.testing.assert_allclose(resumed.loadings_, reference.loadings_, rtol=1e-9, atol=1e-12)
+
+
+def _fit_model(model, data, params):
+    spatial = isinstance(params["prior"], SVGP)
+    return model.fit(data.counts, coordinates=data.coordinates if spatial else None,
+                     groups=data.groups if spatial else None)
+
+
 def test_checkpoint_from_inside_the_callback(data):
     params = CASES["gaussian-minibatch"]
     reference = _fit(data, params)
