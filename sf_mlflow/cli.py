@@ -15,11 +15,15 @@ Commands that are not stages (no config, no MLflow run) come from
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from typing import Sequence
 
 from sf_mlflow.errors import ArtifactError, SfMlflowError
 from sf_mlflow.stages.table import COMMANDS, STAGES
+
+#: The exit code of an interrupted command (128 + SIGINT, whichever signal it was).
+INTERRUPTED = 130
 
 
 def _build_parser() -> argparse.ArgumentParser:
@@ -167,12 +171,33 @@ def main(argv: Sequence[str] | None = None) -> int:
         stage.load()(config, **stage.kwargs(args))
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
-        return 130
+        return INTERRUPTED
     except Exception as err:
         # User mistakes and store or disk failures get one readable line, not a traceback.
         return _report(err)
     return 0
 
 
+def console(argv: Sequence[str] | None = None) -> None:
+    """The console script and the entry points: :func:`main`, then exit with its code.
+
+    After an interrupt the process ends at once (``os._exit(130)``, output flushed; every run
+    has been ended KILLED by then). An interrupt can strand a library's thread-pool worker:
+    raised between the worker's ``Thread.start()`` and its registration for shutdown
+    (``concurrent.futures.thread``), it leaves a non-daemon thread waiting on its queue for
+    ever, and the interpreter's shutdown joins it for ever (seen: ``main`` printed
+    "interrupted" after a SIGTERM during analyze and never exited).
+    """
+    code = main(argv)
+    if code == INTERRUPTED:
+        for stream in (sys.stdout, sys.stderr):
+            try:
+                stream.flush()
+            except (OSError, ValueError):
+                pass
+        os._exit(code)
+    sys.exit(code)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    console()

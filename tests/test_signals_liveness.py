@@ -167,6 +167,36 @@ def test_an_interrupt_that_python_swallowed_is_raised_again(mlflow_store, monkey
     assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # handlers given back
 
 
+def test_an_interrupted_process_exits_though_a_stranded_thread_would_hold_it(tmp_path):
+    """The console script leaves at once after an interrupt: a non-daemon thread that waits
+    for ever (as a thread-pool worker does when the interrupt lands between its start and its
+    registration for shutdown) would otherwise keep the interpreter from exiting."""
+    store = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    path = write_config(tmp_path, ENDLESS)
+    env = cli_env(store)
+    preprocess(tmp_path, path, env)
+    stranded = ("import sys, threading; threading.Thread(target=threading.Event().wait).start(); "
+                "from sf_mlflow.cli import console; console(sys.argv[1:])")
+    log = tmp_path / "train.log"
+    with open(log, "w") as fh:
+        proc = subprocess.Popen([sys.executable, "-c", stranded, "train", "-c", str(path)],
+                                stdout=fh, stderr=subprocess.STDOUT, env=env, cwd=tmp_path)
+        try:
+            deadline = time.monotonic() + PATIENCE
+            while "iter     3/100000" not in log.read_text():
+                assert proc.poll() is None and time.monotonic() < deadline, log.read_text()[-3000:]
+                time.sleep(0.05)
+            proc.send_signal(signal.SIGTERM)
+            code = proc.wait(timeout=PATIENCE)
+        finally:
+            proc.kill()
+    out = log.read_text()
+    assert code == 130, out[-3000:]
+    assert "interrupted" in out
+    [run] = runs_of(MlflowClient(store), "train")
+    assert run.info.status == "KILLED"
+
+
 #: A spatial fit whose initialisation phases each take a second or more (PNMF start ~3 s,
 #: kernel hyperparameters ~7 s, inducing points ~1.4 s on one core here).
 SLOW_START = {"name": "signal_tests", "seed": 0, "dataset": "synthetic", "output_dir": "outputs",
