@@ -2,10 +2,9 @@
 
 ``Y_nd ~ Poisson(sum_l W_dl exp(F_ln))`` with non-negative loadings W (D, L) and
 log-factors F (L, N) under a Gaussian (non-spatial) or SVGP (spatial) prior. The
-estimator follows scikit-learn's conventions: ``__init__`` only stores the
-hyperparameters, :meth:`PNMF.fit` validates them (through the constraint table of
-:mod:`sf_mlflow.models.settings`, which the config shares), and learned attributes end
-in ``_``.
+estimator follows scikit-learn's conventions: ``__init__`` only stores the hyperparameters,
+:meth:`PNMF.fit` validates them (through the constraint table of :mod:`sf_mlflow.models.settings`,
+which the config shares), and learned attributes end in ``_``.
 
 This module is the estimator's front. The rest of a fit lives beside it:
 :mod:`~sf_mlflow.models.inputs` (data checks), :mod:`~sf_mlflow.models.initialization`
@@ -338,7 +337,8 @@ class PNMF:
                                and p["spatial"].groups and p["n_spatial"] > 0)
         if callback is not None and not callable(callback):
             raise ConfigError(f"callback = {callback!r} is not callable; expected f(state) -> bool")
-        trainer = self._start(p, Yc, X, g, val)
+        with phase("initialisation"):
+            trainer = self._start(p, Yc, X, g, val)
         trainer.deadline = None if p["time_budget"] is None else start + p["time_budget"]
         if resume is not None:
             trainer.load_state_dict(persistence.checked_checkpoint(self, resume, n, d)["trainer"])
