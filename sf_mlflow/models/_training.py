@@ -41,7 +41,8 @@ from sf_mlflow.models.batching import IndexStream, literal_state
 from sf_mlflow.models.hybrid import validation_predictor
 from sf_mlflow.models.likelihood import CountBatch, expected_log_likelihood, likelihood_and_update
 from sf_mlflow.models.priors import FactorPrior
-from sf_mlflow.models.progress import PROGRESS_EVERY_S, STEP, TRAINING, current_phase, duration_text, phase
+from sf_mlflow.models import progress
+from sf_mlflow.models.progress import STEP, TRAINING, current_phase, duration_text, phase
 from sf_mlflow.models.stopping import VALIDATION_MIN_DELTA, StoppingRules  # noqa: F401 (re-export)
 
 __all__ = ["Trainer", "FitResult", "FitState", "ConvergenceWarning", "NonFiniteELBOError", "IndexStream"]
@@ -569,14 +570,12 @@ class Trainer(StoppingRules):
     #: Whether a signal may cut a slow step short (not where ranks wait for each other).
     INTERRUPTIBLE = True
 
-    #: Seconds between progress lines when ``log_every`` iterations take longer.
-    PROGRESS_EVERY_S = PROGRESS_EVERY_S
-
     def _progress(self, it: int, value: float, done: bool) -> None:
         """The progress line of iteration ``it``: every ``log_every`` iterations, every
-        PROGRESS_EVERY_S seconds when they take longer, and at the end."""
+        :data:`~sf_mlflow.models.progress.PROGRESS_EVERY_S` seconds when they take longer, and at
+        the end."""
         p, clock, now = self.p, self._clock, time.perf_counter()
-        if not (it % p["log_every"] == 0 or done or now - clock["printed"] >= self.PROGRESS_EVERY_S):
+        if not (it % p["log_every"] == 0 or done or now - clock["printed"] >= progress.PROGRESS_EVERY_S):
             return
         clock["printed"] = now
         rate = (it - clock["first"] + 1) / max(now - clock["loop"], 1e-9)

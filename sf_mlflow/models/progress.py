@@ -44,6 +44,7 @@ def current_phase() -> Optional[str]:
 
 
 def duration_text(seconds: float) -> str:
+    """``"4m05s"``, or ``"1h07m"`` from an hour on."""
     seconds = max(int(round(seconds)), 0)
     h, rem = divmod(seconds, 3600)
     m, s = divmod(rem, 60)
@@ -54,21 +55,20 @@ class Progress:
     """Counts the steps of one phase and says how far it is, by the clock.
 
     ``say(line)`` receives ``"<what>: <done>/<total> <unit>, <elapsed> so far, ETA <eta>"`` at
-    most every ``every_s`` seconds (the first after ``every_s``); ``total`` may be an upper
-    bound (``bound=True`` writes "ETA <=").
+    most every :data:`PROGRESS_EVERY_S` seconds (the first after that long); ``total`` may be
+    an upper bound (``bound=True`` writes "ETA <=").
     """
 
     def __init__(self, say: Optional[Callable[[str], None]], what: str, total: int,
-                 unit: str = "steps", *, bound: bool = False, every_s: Optional[float] = None):
+                 unit: str = "steps", *, bound: bool = False):
         self.say, self.what, self.total, self.unit, self.bound = say, what, max(int(total), 1), unit, bound
-        self.every_s = PROGRESS_EVERY_S if every_s is None else every_s
         self.done = 0
         self.t0 = self.last = time.perf_counter()
 
-    def tick(self, n: int = 1) -> None:
-        self.done += n
+    def tick(self) -> None:
+        self.done += 1
         now = time.perf_counter()
-        if self.say is None or now - self.last < self.every_s:
+        if self.say is None or now - self.last < PROGRESS_EVERY_S:
             return
         self.last = now
         elapsed = now - self.t0

@@ -131,11 +131,11 @@ class StoppingRules:
         self.validation_history = validation
         if not self.history:      # the start was best: its ELBO stands for the history
             self.history = [self.evaluate_elbo()]
-        if self.p["verbose"]:
-            why = ("the time budget ran out" if self._reason == "time_budget" else
-                   f"the held-out deviance did not improve for {self.p['patience']} checks")
-            print(f"{'stopped' if self._reason == 'time_budget' else 'early-stopped'} at "
-                  f"iteration {last}: {why}; kept iteration {self.kept_iteration}", flush=True)
+        if self.p["verbose"] and self._reason == "validation":
+            print(f"{describe_stop(self._reason, last, self.kept_iteration)}: the held-out deviance "
+                  f"did not improve for {self.p['patience']} checks", flush=True)
+        elif self.p["verbose"]:
+            print(describe_stop(self._reason, last, self.kept_iteration), flush=True)
 
 
 def not_converged_message(result, p: dict, validated: bool) -> str | None:

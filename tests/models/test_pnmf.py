@@ -179,9 +179,9 @@ def test_verbose_progress_lines(data, capsys):
 def test_progress_lines_come_by_the_clock_too(data, capsys, monkeypatch):
     """Iterations slower than PROGRESS_EVERY_S seconds each still get a line each, whatever
     log_every says (here the clock's period is 0: every iteration is late)."""
-    from sf_mlflow.models._training import Trainer
+    import sf_mlflow.models.progress as progress
 
-    monkeypatch.setattr(Trainer, "PROGRESS_EVERY_S", 0.0)
+    monkeypatch.setattr(progress, "PROGRESS_EVERY_S", 0.0)
     PNMF(L, max_iter=7, tol=0, verbose=True, log_every=1000).fit(data.counts[:300])
     lines = capsys.readouterr().out.strip().splitlines()
     assert [int(re.match(r"iter +(\d+)/7", line).group(1)) for line in lines] == list(range(1, 8))
