@@ -167,6 +167,37 @@ def test_an_interrupt_that_python_swallowed_is_raised_again(mlflow_store, monkey
     assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # handlers given back
 
 
+def test_an_interrupt_raised_while_another_unwinds_leaves_no_store_lock(mlflow_store, monkeypatch):
+    """A second interrupt that lands in the clean-up of the first (a repeated one, or the
+    user's second Ctrl-C) chains them: the frame of the first, with its store connection
+    inside a write transaction, is then held by the first's traceback only. The run must
+    still end KILLED, not wait for that lock and fail as "database is locked"."""
+    from sqlalchemy import text
+
+    from sf_mlflow.tracking import stage_run
+
+    for key in ("MLFLOW_RUN_ID", "MLFLOW_EXPERIMENT_ID", "MLFLOW_EXPERIMENT_NAME"):
+        monkeypatch.delenv(key, raising=False)
+    client = MlflowClient(mlflow_store)
+
+    def write_then_interrupt():
+        connection = client._tracking_client.store.engine.connect()
+        connection.execute(text("UPDATE experiments SET name = name WHERE 1 = 0"))
+        raise KeyboardInterrupt  # inside the write transaction: sqlite's lock is held
+
+    def clean_up_interrupted():
+        try:
+            write_then_interrupt()
+        finally:
+            raise KeyboardInterrupt  # while the first unwinds
+
+    with pytest.raises(KeyboardInterrupt):
+        with stage_run("analyze", experiment="chained", params={}, tags={},
+                       run_name="r") as run:
+            clean_up_interrupted()
+    assert client.get_run(run.run_id).info.status == "KILLED"
+
+
 def test_an_interrupted_process_exits_though_a_stranded_thread_would_hold_it(tmp_path):
     """The console script leaves at once after an interrupt: a non-daemon thread that waits
     for ever (as a thread-pool worker does when the interrupt lands between its start and its

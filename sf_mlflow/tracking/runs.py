@@ -15,7 +15,7 @@ the way out and the CLI exits 130 for all three signals. The fit's
 (stop at the next iteration, log a checkpoint) and restores them. Signals are held back
 while a run is being created or ended, so they cannot leave one half-opened or RUNNING.
 An interrupt Python drops (raised inside a ``__del__`` or weakref callback) is raised
-again every half second until the outermost stage run has caught it.
+again every half second until a stage run has caught it.
 A process killed outright (SIGKILL) cannot end its runs: the heartbeat of
 :mod:`sf_mlflow.tracking.liveness` lets the next lookup see that and end them FAILED.
 """
@@ -299,9 +299,11 @@ _INTERRUPTS = tuple(getattr(signal, n) for n in ("SIGINT", "SIGTERM", "SIGHUP")
 _HOLD: dict[str, Any] = {"depth": 0, "pending": None}
 
 
-#: The interrupt under way: its signal until the outermost stage run has caught the
-#: KeyboardInterrupt, and whether that run is ending (later interrupts then change nothing).
-_KILL: dict[str, Any] = {"signum": None, "ending": False, "open": 0}
+#: The interrupt under way: its signal, whether a stage run has caught the KeyboardInterrupt
+#: (the watchdog then stops: from there on it propagates as any exception does), whether
+#: the outermost run is ending (later interrupts then change nothing), and how many stage
+#: runs are open.
+_KILL: dict[str, Any] = {"signum": None, "caught": False, "ending": False, "open": 0}
 #: How often the watchdog raises an interrupt again that no stage run has caught yet.
 _REPEAT_S = 0.5
 
@@ -315,7 +317,7 @@ def _interrupt(signum: int, frame) -> None:
     if _KILL["signum"] is None:
         print(f"\n{signal.Signals(signum).name} received: ending the open runs as KILLED",
               file=sys.stderr, flush=True)
-        _KILL["signum"] = signum
+        _KILL["signum"], _KILL["caught"] = signum, False
         threading.Thread(target=_repeat_interrupt, name="sf-interrupt", daemon=True).start()
     raise KeyboardInterrupt
 
@@ -327,12 +329,13 @@ def _repeat_interrupt() -> None:
     ``__del__`` or a garbage collection, where Python prints "Exception ignored" and drops
     the exception: the KeyboardInterrupt would be lost and the stage go on as if no signal
     had come. (Seen: a ThreadPoolExecutor's weakref callback ate it during ``analyze``.)
+    It stops as soon as any stage run has caught the interrupt: one raised again while the
+    first is still unwinding (through a store call's clean-up, say) could only do harm.
     """
     while True:
         time.sleep(_REPEAT_S)
         signum = _KILL["signum"]
-        if signum is None or not _KILL["open"]:
-            _KILL["signum"] = None
+        if signum is None or _KILL["caught"] or not _KILL["open"]:
             return
         _thread.interrupt_main(signum)
 
@@ -364,7 +367,7 @@ def _signals_interrupt() -> Iterator[None]:
     finally:
         _KILL["open"] -= 1
         if not _KILL["open"]:
-            _KILL["ending"], _KILL["signum"] = False, None
+            _KILL.update(ending=False, signum=None, caught=False)
         for sig, handler in previous.items():
             signal.signal(sig, handler)
 
@@ -396,12 +399,16 @@ def _release_interrupted_connections(client: MlflowClient,
     A KeyboardInterrupt raised in the middle of a store call can leave its sqlite
     connection holding a lock; ending the run from another connection would then wait
     for this very process and fail as "database is locked". The interrupted session is
-    kept alive by the exception's traceback, so its finished frames are cleared first
-    (the traceback keeps its lines); collecting the session then returns its connection
-    to the pool, rolled back, and disposing of the pool closes it.
+    kept alive by the exception's traceback -- or by that of an exception it interrupted
+    in turn, its ``__context__`` -- so the finished frames of every exception in the chain
+    are cleared first (tracebacks keep their lines); collecting the session then returns
+    its connection to the pool, rolled back, and disposing of the pool closes it.
     """
-    if interrupt is not None:
+    seen: set[int] = set()
+    while interrupt is not None and id(interrupt) not in seen:
+        seen.add(id(interrupt))
         traceback.clear_frames(interrupt.__traceback__)
+        interrupt = interrupt.__cause__ or interrupt.__context__
     gc.collect()
     store = getattr(getattr(client, "_tracking_client", None), "store", None)
     engine = getattr(store, "engine", None)
@@ -412,8 +419,8 @@ def _release_interrupted_connections(client: MlflowClient,
 def _end(client: MlflowClient, run_id: str, status: str,
          interrupt: BaseException | None = None) -> None:
     """End the run: no more heartbeats, then its terminal status (signals held back)."""
-    stop_heartbeat(run_id)
     with _signals_held():
+        stop_heartbeat(run_id)
         if interrupt is not None:
             _release_interrupted_connections(client, interrupt)
         client.set_terminated(run_id, status)
@@ -460,7 +467,8 @@ def stage_run(stage: str, *, experiment: str, params: Mapping[str, Any], tags: M
             handle.log_params(params)
             yield handle
         except KeyboardInterrupt as interrupt:
-            if _KILL["open"] == 1:  # the outermost run: the interrupt has been caught
+            _KILL["caught"] = True
+            if _KILL["open"] == 1:  # the outermost run: later signals change nothing
                 _KILL["ending"], _KILL["signum"] = True, None
             _end(client, run_id, "KILLED", interrupt)
             raise
