@@ -286,10 +286,11 @@ def test_sigterm_during_a_slow_step_undoes_it_and_keeps_the_last_whole_iteration
     preprocess(tmp_path, path, env)
     train = Pipeline(tmp_path, ["train", "-c", str(path)], env, "train.log")
     train.wait_for(lambda: "iter     2/50" in train.output(), "the second iteration")
-    code = train.signal(signal.SIGTERM)    # step 3 is under way: seconds of it are left
+    time.sleep(1.0)                        # step 3 is under way (2-3 s): seconds of it are left
+    code = train.signal(signal.SIGTERM)
     out = train.output()
     assert code == 130, out[-3000:]
-    assert "the step under way is undone" in out
+    assert "the step under way is undone" in out, out[-3000:]
     assert "iter     3/50" not in out
     assert "interrupted at iteration 2; checkpoint logged" in out
     client = MlflowClient(store)

@@ -518,20 +518,23 @@ class Trainer(StoppingRules):
         slow = False             # the last step took INTERRUPTIBLE_STEP_S or more
         undoable = self.INTERRUPTIBLE and current_phase() == TRAINING   # (not the PNMF start)
         for it in range(first, p["max_iter"] + 1):
-            if (slow and undoable) or self._good is None or it % self.SNAPSHOT_EVERY == 1:
-                pending = self.state_dict()
-            else:
-                pending = None
+            pending, started = None, False
             try:
                 t_step = time.perf_counter()
+                # a slow step's phase covers its snapshot too: a signal then never waits for it
                 with phase(STEP) if slow and undoable else contextlib.nullcontext():
+                    if (slow and undoable) or self._good is None or it % self.SNAPSHOT_EVERY == 1:
+                        pending = self.state_dict()
+                    started = True
                     batch, idx, gidx = next(batches)
                     value = self._step(batch, idx, gidx)
                 slow = time.perf_counter() - t_step >= INTERRUPTIBLE_STEP_S
             except KeyboardInterrupt:
                 # a signal handler (or Ctrl-C) cut the step short: back to a whole state, the
-                # iteration's start (or the last snapshot), which a checkpoint can then keep
-                self.load_state_dict(pending if pending is not None else self._good)
+                # iteration's start (or the last snapshot), which a checkpoint can then keep;
+                # before the step started the state is still the last iteration's, whole
+                if started:
+                    self.load_state_dict(pending if pending is not None else self._good)
                 self._reason = "interrupted"
                 raise
             if not math.isfinite(value):

@@ -6,7 +6,10 @@ reports a line with its ETA at least every :data:`PROGRESS_EVERY_S` seconds (:cl
 :func:`phase` names what a fit is doing; whoever handles signals reads :func:`current_phase`:
 inside ``"training"`` an interrupt waits for the iteration to end (its state is then whole,
 a checkpoint can be kept); inside ``"step"`` (a slow step the trainer can undo) and anywhere
-else there is nothing worth waiting for.
+else there is nothing worth waiting for. A stop noted inside ``"training"``
+(:func:`note_stop_request`) also keeps the next slow step from starting: entering ``"step"``
+then raises :class:`KeyboardInterrupt` at once, rather than after seconds or minutes of a
+step whose result would only be thrown away.
 """
 
 from __future__ import annotations
@@ -15,7 +18,8 @@ import contextlib
 import time
 from typing import Callable, Iterator, Optional
 
-__all__ = ["PROGRESS_EVERY_S", "Progress", "phase", "current_phase", "TRAINING", "STEP", "duration_text"]
+__all__ = ["PROGRESS_EVERY_S", "Progress", "phase", "current_phase", "note_stop_request",
+           "TRAINING", "STEP", "duration_text"]
 
 #: Longest wait between two progress lines of a long phase (and of training iterations).
 PROGRESS_EVERY_S = 10.0
@@ -26,11 +30,23 @@ TRAINING = "training"
 STEP = "step"
 
 _PHASES: list[str] = []
+_STOP = {"requested": False}
+
+
+def note_stop_request(requested: bool = True) -> None:
+    """A stop was asked for while the current iteration ends (or, False, no longer is)."""
+    _STOP["requested"] = bool(requested)
 
 
 @contextlib.contextmanager
 def phase(name: str) -> Iterator[None]:
-    """Mark the block as the fit's phase ``name`` (phases nest; the innermost is current)."""
+    """Mark the block as the fit's phase ``name`` (phases nest; the innermost is current).
+
+    Entering :data:`STEP` after :func:`note_stop_request` raises :class:`KeyboardInterrupt`
+    before the block runs: the step is not started.
+    """
+    if name == STEP and _STOP["requested"]:
+        raise KeyboardInterrupt
     _PHASES.append(name)
     try:
         yield

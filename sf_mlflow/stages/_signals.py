@@ -13,7 +13,7 @@ import threading
 from types import FrameType
 from typing import Optional
 
-from sf_mlflow.models.progress import STEP, TRAINING, current_phase
+from sf_mlflow.models.progress import STEP, TRAINING, current_phase, note_stop_request
 
 
 class StopRequests:
@@ -61,6 +61,7 @@ class StopRequests:
             print(f"\n{name} received: stopping {self.what} now ({current_phase() or 'outside the fit'})",
                   file=sys.stderr, flush=True)
             raise KeyboardInterrupt
+        note_stop_request()   # and no slow step starts after it
         print(f"\n{name} received: stopping {self.what} after the current "
               "iteration and saving a checkpoint (send it again to abort at once)",
               file=sys.stderr, flush=True)
@@ -72,6 +73,7 @@ class StopRequests:
         return self
 
     def __exit__(self, *exc) -> None:
+        note_stop_request(False)
         for sig, handler in self._previous.items():
             signal.signal(sig, handler)
         self._previous.clear()

@@ -207,6 +207,35 @@ def test_initialisation_phases_report_progress_with_an_eta(data, capsys, monkeyp
         assert done == sorted(done) and done[0] == 1, lines
 
 
+def test_a_stop_noted_between_steps_keeps_the_next_slow_step_from_starting(data, monkeypatch):
+    """A signal that lands between two slow steps (phase TRAINING: "stop after the current
+    iteration") stops the fit before the next step starts, state untouched, rather than
+    after a step of seconds or minutes; without a request, steps run as before."""
+    import sf_mlflow.models._training as training
+    import sf_mlflow.models.progress as progress
+
+    monkeypatch.setattr(training, "INTERRUPTIBLE_STEP_S", 0.0)   # every step counts as slow
+    Y = data.counts[:300]
+    model = PNMF(L, max_iter=6, tol=0, random_state=0)
+    seen = []
+
+    def stop_after_third(state):
+        seen.append(state.iteration)
+        if state.iteration == 3:
+            progress.note_stop_request()      # what the signal handler does in TRAINING
+        return False
+
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            model.fit(Y, callback=stop_after_third)
+    finally:
+        progress.note_stop_request(False)
+    assert seen == [1, 2, 3]                  # step 4 never started
+    whole = PNMF(L, max_iter=3, tol=0, random_state=0).fit(Y)
+    assert model.elbo_history_ == pytest.approx(whole.elbo_history_)
+    np.testing.assert_allclose(model.get_factors(), whole.get_factors(), rtol=1e-6)
+
+
 def test_time_budget_stops_the_fit_and_keeps_the_best_checked_state(data):
     n = 900
     held = np.arange(n) % 10 == 0
