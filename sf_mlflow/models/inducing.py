@@ -35,7 +35,7 @@ from sf_mlflow.errors import ModelError
 
 __all__ = ["select_inducing_points", "allocate_counts", "auto_num_inducing", "place_inducing",
            "group_parts", "occupied_cells", "ALLOCATIONS",
-           "AUTO_MAX", "AUTO_MIN", "AUTO_SPOTS_PER_POINT"]
+           "AUTO_MAX", "AUTO_MAX_CPU", "AUTO_MIN", "AUTO_SPOTS_PER_POINT", "auto_max"]
 
 #: Accepted values of ``allocation``.
 ALLOCATIONS = ("proportional", "equal", "derived")
@@ -52,6 +52,16 @@ _INIT_SUBSAMPLE = 10_000
 AUTO_SPOTS_PER_POINT = 10
 AUTO_MIN = 100
 AUTO_MAX = 3000
+#: The cap of ``num_inducing: auto`` on a CPU: a natural-gradient step costs O(L M^3 + L M^2 B),
+#: about 1.5 s per iteration at L = 10, M = 1000 on two cores against 5-6 s at M = 1400;
+#: a number given in the config is used as it is, on any device.
+AUTO_MAX_CPU = 1000
+
+
+def auto_max(device) -> int:
+    """The cap of ``num_inducing: auto`` on ``device`` (a torch device or its type string)."""
+    kind = getattr(device, "type", str(device))
+    return AUTO_MAX_CPU if kind == "cpu" else AUTO_MAX
 
 #: With a lengthscale, ``num_inducing: auto`` gives at most one inducing point per this many
 #: distinct locations (a sparse GP with M near N costs more than it saves).
@@ -79,7 +89,8 @@ def group_parts(coordinates: np.ndarray, groups: Optional[np.ndarray]) -> list[n
 
 
 def auto_num_inducing(coordinates: np.ndarray, groups: Optional[np.ndarray] = None,
-                      lengthscale: Optional[float] = None, *, explain: bool = False):
+                      lengthscale: Optional[float] = None, *, explain: bool = False,
+                      max_points: int = AUTO_MAX):
     """M for ``num_inducing = "auto"``.
 
     With a ``lengthscale``: inducing points about one lengthscale apart wherever there are
@@ -88,7 +99,7 @@ def auto_num_inducing(coordinates: np.ndarray, groups: Optional[np.ndarray] = No
     field resolved where that group has spots. Clipped to ``[AUTO_MIN, AUTO_MAX]`` and to the
     distinct locations (of each group). Without a lengthscale (a fixed-size rule for callers
     that have none): a tenth of the distinct locations, ``min(AUTO_MAX, n, max(AUTO_MIN, n //
-    10))``.
+    10))``. ``max_points`` replaces AUTO_MAX (:func:`auto_max`: less on a CPU).
 
     ``coordinates: (N, 2)``. Returns M, or with ``explain`` ``(M, reason)`` where the reason
     says how M came about and whether the cap bound.
@@ -96,23 +107,25 @@ def auto_num_inducing(coordinates: np.ndarray, groups: Optional[np.ndarray] = No
     X = np.asarray(coordinates, dtype=np.float64)
     if X.ndim != 2 or X.shape[1] != 2 or X.shape[0] < 1:
         raise ModelError(f"coordinates must have shape (N, 2) with N >= 1, got {X.shape}")
+    max_points = max(int(max_points), AUTO_MIN)
     if lengthscale is None:
         n = int(np.unique(X, axis=0).shape[0])
-        M = int(min(AUTO_MAX, n, max(AUTO_MIN, n // AUTO_SPOTS_PER_POINT)))
-        why = f"a tenth of the {n} distinct spot locations, within [{AUTO_MIN}, {AUTO_MAX}]"
+        M = int(min(max_points, n, max(AUTO_MIN, n // AUTO_SPOTS_PER_POINT)))
+        why = f"a tenth of the {n} distinct spot locations, within [{AUTO_MIN}, {max_points}]"
         return (M, why) if explain else M
     if not (np.isfinite(lengthscale) and lengthscale > 0):
         raise ModelError(f"lengthscale = {lengthscale!r} must be a positive number")
     parts = group_parts(X, groups)
     cells = sum(occupied_cells(part, lengthscale) for part in parts)
     distinct = sum(int(np.unique(part, axis=0).shape[0]) for part in parts)
-    M = int(min(max(cells, AUTO_MIN), AUTO_MAX, distinct,
+    M = int(min(max(cells, AUTO_MIN), max_points, distinct,
                 max(AUTO_MIN, distinct // AUTO_SPOTS_PER_LENGTHSCALE_POINT)))
     per = "" if groups is None else f" per group ({len(parts)} groups)"
     why = f"{cells} squares of side {lengthscale:.3g}, the shortest lengthscale, hold spots{per}"
-    if M == AUTO_MAX and cells > AUTO_MAX:
-        why += (f"; capped at {AUTO_MAX}, so the inducing points are about "
-                f"{lengthscale * math.sqrt(cells / AUTO_MAX):.3g} apart (set model.num_inducing "
+    if M == max_points and cells > max_points:
+        where = " on a CPU (3000 on a GPU)" if max_points == AUTO_MAX_CPU else ""
+        why += (f"; capped at {max_points}{where}, so the inducing points are about "
+                f"{lengthscale * math.sqrt(cells / max_points):.3g} apart (set model.num_inducing "
                 f"to use more)")
     elif M < cells:
         why += (f"; capped at a {AUTO_SPOTS_PER_LENGTHSCALE_POINT}th of the {distinct} distinct spot "

@@ -52,7 +52,8 @@ class SVGP:
     num_inducing: Union[Literal["auto"], int] = param(
         "auto", 1, doc="number of inducing points M; auto = one per lengthscale-wide square cell "
                        "the spots (of each group, with groups) occupy, at the shortest initial "
-                       "lengthscale, at least 100 (or all locations), at most 3000")
+                       "lengthscale, at least 100 (or all locations), at most 1000 on a CPU and "
+                       "3000 on a GPU")
     lengthscale: Union[Literal["auto"], float] = param(
         "auto", 0.0, lo_open=True,
         doc="kernel lengthscale in scaled coordinates; auto = chosen per factor from the data (the "
@@ -118,7 +119,7 @@ class SVGP:
         when ``groups=False``); ``inducing_points`` (M, 2) and ``inducing_groups`` (M,)
         restore a saved model's Z without rerunning k-means.
         """
-        from sf_mlflow.models.inducing import auto_num_inducing
+        from sf_mlflow.models.inducing import auto_max, auto_num_inducing
         from sf_mlflow.models.svgp import SVGPPrior
 
         used = groups if self.groups else None
@@ -126,7 +127,8 @@ class SVGP:
         if inducing_points is None and num_inducing == "auto":
             num_inducing = auto_num_inducing(coordinates.detach().cpu().numpy(),
                                              None if used is None else used.detach().cpu().numpy(),
-                                             None if self.lengthscale == "auto" else self.lengthscale)
+                                             None if self.lengthscale == "auto" else self.lengthscale,
+                                             max_points=auto_max(coordinates.device))
         n_groups = None if used is None else int(used.max().item()) + 1
         return SVGPPrior(coordinates, used, n_components, num_inducing=num_inducing,
                          kernel=self.kernel, lengthscale=self.initial_lengthscale,

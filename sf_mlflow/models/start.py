@@ -46,7 +46,8 @@ from scipy.spatial import cKDTree
 from torch import Tensor
 
 from sf_mlflow.models.hybrid import HybridPrior, spatial_order
-from sf_mlflow.models.inducing import auto_num_inducing, group_parts, occupied_cells
+from sf_mlflow.models.inducing import (auto_max, auto_num_inducing, group_parts,
+                                       occupied_cells)
 from sf_mlflow.models.initialization import fixed_point_scale, initial_state
 from sf_mlflow.models.kernels import make_kernel
 from sf_mlflow.models.likelihood import CountBatch, poisson_deviance
@@ -173,7 +174,8 @@ def initial_prior(p: dict, Y, full: CountBatch, gen: torch.Generator, coords: Op
     if spatial.num_inducing == "auto":
         M, why = auto_num_inducing(coords.detach().cpu().numpy(),
                                    None if used_groups is None else used_groups.detach().cpu().numpy(),
-                                   float(np.min(hyper["lengthscale"])) / INDUCING_DENSITY, explain=True)
+                                   float(np.min(hyper["lengthscale"])) / INDUCING_DENSITY, explain=True,
+                                   max_points=auto_max(coords.device))
         report["num_inducing_rule"] = why
         settings = dataclasses.replace(settings, num_inducing=M)
         floor = _resolvable_lengthscale(coords, used_groups, float(np.min(hyper["lengthscale"])), M)

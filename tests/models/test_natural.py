@@ -267,6 +267,25 @@ def test_auto_num_inducing_grows_with_distinct_locations_and_is_capped():
     assert auto_num_inducing(np.repeat(rng.random((30, 2)), 4, axis=0)) == 30
 
 
+def test_auto_num_inducing_is_capped_lower_on_a_cpu():
+    import torch
+
+    from sf_mlflow.models.inducing import AUTO_MAX, AUTO_MAX_CPU, auto_max
+
+    assert (auto_max(torch.device("cpu")), auto_max("cuda"), auto_max(torch.device("cuda", 1))
+            ) == (AUTO_MAX_CPU, AUTO_MAX, AUTO_MAX) == (1000, 3000, 3000)
+    X = np.random.default_rng(0).random((41786, 2)) * 200
+    M, why = auto_num_inducing(X, lengthscale=2.0, explain=True, max_points=auto_max("cpu"))
+    assert M == 1000 and "capped at 1000 on a CPU (3000 on a GPU)" in why
+    assert auto_num_inducing(X, lengthscale=2.0, max_points=auto_max("cuda")) == 3000
+    # a fit on the CPU takes the CPU's cap (a number in the config is used as it is)
+    from sf_mlflow.models.settings import SVGP
+
+    prior = SVGP(lengthscale=2.0).build(torch.as_tensor(X[:20000], dtype=torch.float32), None, 2,
+                                        kl_weight=1.0, seed=0)
+    assert prior.num_inducing == 1000
+
+
 def test_auto_is_the_default_and_records_the_value_used(grouped):
     model = PNMF(3, prior="svgp", max_iter=2, tol=0)
     assert model._validated()["spatial"].num_inducing == "auto"
