@@ -26,16 +26,51 @@ from sf_mlflow.stages.table import COMMANDS, STAGES
 INTERRUPTED = 130
 
 
+#: The epilog of each command's --help: what a newcomer types.
+EXAMPLES = {
+    "preprocess": "example:\n  spatial_factorization preprocess -c configs/quickstart.yaml",
+    "train": "examples:\n"
+             "  spatial_factorization train -c configs/quickstart.yaml\n"
+             "  spatial_factorization train -c my.yaml --preprocess-run-id <ID> "
+             "--set model.n_components=8\n"
+             "  spatial_factorization train -c my.yaml --register-as my-model",
+    "analyze": "example:\n  spatial_factorization analyze -c my.yaml --train-run-id <ID>",
+    "figures": "example:\n  spatial_factorization figures -c my.yaml --analyze-run-ids <ID>,<ID>",
+    "tune": "example:\n  spatial_factorization tune -c configs/quickstart_tune.yaml",
+    "main": "examples:\n"
+            "  spatial_factorization main -c configs/quickstart.yaml\n"
+            "  spatial_factorization main -c my.yaml --force true\n\n"
+            "one model: the config's model: block; several over one preprocess run: a\n"
+            "models: list (pnmf, svgp, mggp, hybrid) or mapping name -> {model: ...,\n"
+            "training: ...} overrides (see the README's Configuration)",
+    "export": "examples:\n"
+              "  spatial_factorization export --run-id <analyze run ID> -o results.h5ad\n"
+              "  spatial_factorization export --run-id <ID> -o r.h5ad "
+              "--tracking-uri sqlite:////path/to/mlflow.db",
+    "show-config": "examples:\n"
+                   "  spatial_factorization show-config\n"
+                   "  spatial_factorization show-config -c my.yaml --set model.n_components=8",
+}
+
+
 def _build_parser() -> argparse.ArgumentParser:
     """One subcommand per row of :data:`~sf_mlflow.stages.table.STAGES`, then of ``COMMANDS``."""
+    from sf_mlflow import __version__
+
     parser = argparse.ArgumentParser(
         prog="spatial_factorization",
         description="Fit spatial factor models and track each stage as an MLflow run.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog="Any config key can be overridden: --set training.max_iter=200 "
-               "or --training.max_iter 200.")
+               "or --training.max_iter 200.\n"
+               "Every key, its default and where a config's value came from:\n"
+               "  spatial_factorization show-config -c CONFIG")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     sub = parser.add_subparsers(dest="stage", required=True, metavar="STAGE")
     for name, stage in STAGES.items():
-        p = sub.add_parser(name, help=stage.description, description=stage.description)
+        p = sub.add_parser(name, help=stage.description, description=stage.description,
+                           epilog=EXAMPLES.get(name),
+                           formatter_class=argparse.RawDescriptionHelpFormatter)
         p.add_argument("-c", "--config", required=True, help="YAML config file")
         p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                        help="override a config key, e.g. model.n_components=5 (repeatable)")
@@ -46,10 +81,14 @@ def _build_parser() -> argparse.ArgumentParser:
             p.add_argument(arg.flag, default=arg.default, type=arg.type, metavar=arg.metavar,
                            help=arg.help)
     for name, command in COMMANDS.items():
-        p = sub.add_parser(name, help=command.description, description=command.description)
+        p = sub.add_parser(name, help=command.description, description=command.description,
+                           epilog=EXAMPLES.get(name),
+                           formatter_class=argparse.RawDescriptionHelpFormatter)
         for opt in command.options:
-            p.add_argument(*opt.flags, dest=opt.keyword, required=opt.default is None,
-                           default=opt.default, metavar=opt.metavar, help=opt.help)
+            p.add_argument(*opt.flags, dest=opt.keyword, required=opt.required,
+                           default=[] if opt.repeat else opt.default,
+                           action="append" if opt.repeat else "store",
+                           metavar=opt.metavar, help=opt.help)
     return parser
 
 

@@ -120,8 +120,12 @@ class PreprocessingConfig:
         0.2, 0.0, 1.0, doc="drop spots whose mitochondrial share of counts (genes mt-/MT-) exceeds "
                            "this, before min_counts; null = keep all")
     filter_mt: bool = _f(True, doc="drop mitochondrial genes (names starting mt- or MT-)")
-    min_counts: int = _f(100, 0, doc="drop spots with fewer total counts")
-    min_cells: int = _f(10, 0, doc="drop genes detected in fewer spots")
+    min_counts: Union[Literal["auto"], int] = _f(
+        "auto", 0, doc="drop spots with fewer total counts (after filter_mt); auto = 10 % of the "
+                       "median spot total, rounded down")
+    min_cells: Union[Literal["auto"], int] = _f(
+        "auto", 0, doc="drop genes detected in fewer spots; auto = 1 % of the spots, rounded up, "
+                       "at least 1 and at most 10")
     n_top_genes: Optional[int] = _f(None, 1, doc="keep the k genes of highest Poisson deviance; null = all")
     holdout_fraction: float = _f(0.05, 0.0, 1.0, hi_open=True,
                                  doc="seeded fraction of spots held out for validation")

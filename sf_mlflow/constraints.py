@@ -96,7 +96,8 @@ def describe(tp: Any) -> str:
         return "one of " + ", ".join(repr(a) for a in typing.get_args(tp))
     if origin in (Union, types.UnionType):
         args = [a for a in typing.get_args(tp) if a is not type(None)]
-        return " or ".join(describe(a) for a in args) + " or null"
+        optional = len(args) < len(typing.get_args(tp))
+        return " or ".join(describe(a) for a in args) + (" or null" if optional else "")
     return {int: "an integer", float: "a number", bool: "true or false", str: "a string",
             list: "a list", Duration: "a duration such as 90s, 20m, 1.5h or 1h30m (a bare number: "
                                       "seconds)"}.get(

@@ -5,6 +5,12 @@ iterations, training time) and every figure inline as a base64 PNG, so the file 
 mailed or opened from the MLflow UI's artifact view without anything beside it. Plain
 string templating with :func:`html.escape`; no MLflow here (the ``main`` stage gathers
 the numbers and figures and logs the page).
+
+Models are ranked by held-out deviance alone, the one number that says how well a model
+predicts counts it was not fitted to. Held-out sets are often a few hundred spots, so each
+model's difference to the best comes with a paired bootstrap interval over those spots
+(:func:`paired_interval`); Moran's I is shown, never ranked (higher only means smoother).
+Factors of one model that duplicate each other (:func:`duplicate_factors`) are flagged.
 """
 
 from __future__ import annotations
@@ -16,11 +22,21 @@ import io
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Mapping, Sequence
+from typing import Mapping, Optional, Sequence
+
+import numpy as np
 
 from sf_mlflow.models.stopping import describe_stop
 
-__all__ = ["ModelResult", "Figure", "METRIC_COLUMNS", "render_report", "write_report"]
+__all__ = ["ModelResult", "Figure", "METRIC_COLUMNS", "render_report", "write_report",
+           "paired_interval", "duplicate_factors", "DUPLICATE_R"]
+
+#: Two factors of one model whose log-factors correlate beyond this (in absolute value)
+#: describe one pattern twice.
+DUPLICATE_R = 0.9
+#: Bootstrap resamples and coverage of the report's intervals.
+N_BOOTSTRAP = 2000
+INTERVAL = 0.95
 
 
 @dataclass
@@ -41,17 +57,56 @@ class ModelResult:
     run_ids: Mapping[str, str]          # stage -> run ID
     figures: list[Figure] = field(default_factory=list)
     converged: bool | None = None
+    heldout_deviance: Optional[np.ndarray] = None
+    """(N_heldout,): each held-out spot's deviance, same spots and order for every model."""
+    factors: Optional[np.ndarray] = None
+    """(N_train, L): the factors at the training spots, to find duplicates."""
 
 
-#: (metric key, column heading, format, which is better: "low", "high" or None).
-METRIC_COLUMNS: tuple[tuple[str, str, str, str | None], ...] = (
-    ("heldout_deviance", "held-out deviance", "{:,.1f}", "low"),
-    ("heldout_deviance_mean", "held-out deviance / entry", "{:.4f}", "low"),
-    ("moran_i_mean", "mean Moran's I", "{:.3f}", "high"),
-    ("final_elbo", "final ELBO", "{:,.1f}", None),
-    ("n_iter", "iterations", "{:,.0f}", None),
-    ("training_time_s", "training time (s)", "{:.1f}", None),
+def paired_interval(diff: np.ndarray, n_boot: int = N_BOOTSTRAP, level: float = INTERVAL,
+                    seed: int = 0) -> tuple[float, float]:
+    """Percentile interval of ``diff.sum()`` over spots resampled with replacement.
+
+    diff : (N_heldout,) per-spot deviance of a model minus the best model's, so spots
+    shared by the two pair up; seeded, so the same runs give the same report.
+    """
+    diff = np.asarray(diff, dtype=np.float64)
+    rng = np.random.default_rng(seed)
+    totals = np.empty(n_boot)
+    for b in range(0, n_boot, 250):   # bounded memory for large held-out sets
+        idx = rng.integers(0, diff.size, size=(min(250, n_boot - b), diff.size))
+        totals[b:b + idx.shape[0]] = diff[idx].sum(axis=1)
+    tail = 100 * (1 - level) / 2
+    lo, hi = np.percentile(totals, [tail, 100 - tail])
+    return float(lo), float(hi)
+
+
+def duplicate_factors(factors: np.ndarray, threshold: float = DUPLICATE_R
+                      ) -> list[tuple[int, int, float]]:
+    """Pairs ``(i, j, r)`` (i < j, 1-based as the figures number them) of factors whose
+    log-factors correlate with ``|r| > threshold`` over the spots; factors (N, L) > 0."""
+    F = np.log(np.clip(np.asarray(factors, dtype=np.float64), 1e-300, None))
+    keep = F.std(axis=0) > 0
+    if keep.sum() < 2:
+        return []
+    r = np.corrcoef(F[:, keep].T)
+    cols = np.flatnonzero(keep)
+    return [(int(cols[a]) + 1, int(cols[b]) + 1, float(r[a, b]))
+            for a in range(len(cols)) for b in range(a + 1, len(cols))
+            if abs(r[a, b]) > threshold]
+
+
+#: (metric key, column heading, format) of the columns after the rank and the difference to
+#: the best; none is ranked but held-out deviance (see the module docstring).
+METRIC_COLUMNS: tuple[tuple[str, str, str], ...] = (
+    ("heldout_deviance", "held-out deviance", "{:,.1f}"),
+    ("heldout_deviance_mean", "held-out deviance / entry", "{:.4f}"),
+    ("moran_i_mean", "mean Moran's I", "{:.3f}"),
+    ("final_elbo", "final ELBO", "{:,.1f}"),
+    ("n_iter", "iterations", "{:,.0f}"),
+    ("training_time_s", "training time (s)", "{:.1f}"),
 )
+
 
 _STYLE = """
 body { font-family: system-ui, sans-serif; margin: 2em auto; max-width: 1200px; color: #222;
@@ -78,36 +133,69 @@ def _number(value: float | None, fmt: str) -> str:
     return _esc(fmt.format(float(value)))
 
 
-def _best(models: Sequence[ModelResult], key: str, better: str | None) -> float | None:
-    values = [float(m.metrics[key]) for m in models
-              if key in m.metrics and math.isfinite(float(m.metrics[key]))]
-    if better is None or len(values) < 2:
-        return None
-    return min(values) if better == "low" else max(values)
+def _ranked(models: Sequence[ModelResult]) -> list[ModelResult]:
+    """Best held-out deviance first; models without one last, in their given order."""
+    def key(m: ModelResult) -> float:
+        v = m.metrics.get("heldout_deviance")
+        return float(v) if v is not None and math.isfinite(float(v)) else math.inf
+    return sorted(models, key=key)
+
+
+def _difference(m: ModelResult, best: ModelResult) -> str:
+    """``+12.3 [4.5, 20.1]``: the difference to the best and its paired interval."""
+    if m is best:
+        return "best"
+    a, b = m.metrics.get("heldout_deviance"), best.metrics.get("heldout_deviance")
+    if a is None or b is None or not math.isfinite(float(a)):
+        return "&ndash;"
+    text = f"{float(a) - float(b):+,.1f}"
+    x, y = m.heldout_deviance, best.heldout_deviance
+    if x is not None and y is not None and np.shape(x) == np.shape(y) and np.size(x) > 1:
+        lo, hi = paired_interval(np.asarray(x) - np.asarray(y))
+        text += f" [{lo:+,.1f}, {hi:+,.1f}]" + (" (not distinguishable)" if lo <= 0 else "")
+    return _esc(text)
+
+
+def _notes(m: ModelResult) -> list[str]:
+    """What the reader must know about a model beside its numbers."""
+    notes = []
+    if m.factors is not None:
+        notes += [f"factors {i} and {j} duplicate each other (r = {r:.2f})"
+                  for i, j, r in duplicate_factors(m.factors)]
+    return notes
+
+
+def _stopped(m: ModelResult) -> str:
+    """How the fit ended: converged, early-stopped or cut by the time budget (with the
+    iteration kept), or not converged."""
+    reason = ("time_budget" if "time_budget_s" in m.metrics else
+              "validation" if m.converged and "early_stopped_at" in m.metrics else "")
+    said = describe_stop(reason, m.metrics.get("early_stopped_at"),
+                         m.metrics.get("kept_iteration"))
+    return said or {True: "converged", False: "not converged", None: "&ndash;"}[m.converged]
 
 
 def metrics_table(models: Sequence[ModelResult]) -> str:
-    """The table of every model's headline numbers; the best of each comparable column bold."""
-    head = "".join(f"<th>{_esc(title)}</th>" for _, title, _, _ in METRIC_COLUMNS)
+    """The table of every model's headline numbers, ranked by held-out deviance."""
+    ranked = _ranked(models)
+    best = ranked[0] if ranked and "heldout_deviance" in ranked[0].metrics else None
+    head = "".join(f"<th>{_esc(title)}</th>" for _, title, _ in METRIC_COLUMNS)
     rows = []
-    for m in models:
-        cells = [f'<td class="text"><a href="#model-{_esc(m.name)}">{_esc(m.name)}</a></td>',
+    for rank, m in enumerate(ranked, 1):
+        cells = [f"<td>{rank if best is not None and 'heldout_deviance' in m.metrics else ''}</td>",
+                 f'<td class="text"><a href="#model-{_esc(m.name)}">{_esc(m.name)}</a></td>',
                  f'<td class="text">{_esc(m.description)}</td>']
-        for key, _, fmt, better in METRIC_COLUMNS:
-            value = m.metrics.get(key)
-            best = _best(models, key, better)
-            cls = ' class="best"' if best is not None and value == best else ""
-            cells.append(f"<td{cls}>{_number(value, fmt)}</td>")
-        converged = {True: "yes", False: "no", None: "&ndash;"}[m.converged]
-        # patience or the time budget ended it (and kept its best state): say so, not yes/no
-        reason = ("time_budget" if "time_budget_s" in m.metrics else
-                  "validation" if m.converged else "")
-        converged = describe_stop(reason, m.metrics.get("early_stopped_at"),
-                                  m.metrics.get("kept_iteration")) or converged
-        cells.append(f'<td class="text">{converged}</td>')
+        cells.append(f"<td>{_difference(m, best) if best is not None else '&ndash;'}</td>")
+        for key, _, fmt in METRIC_COLUMNS:
+            cls = ' class="best"' if key == "heldout_deviance" and m is best else ""
+            cells.append(f"<td{cls}>{_number(m.metrics.get(key), fmt)}</td>")
+        cells.append(f'<td class="text">{_stopped(m)}</td>')
+        cells.append(f'<td class="text">{_esc("; ".join(_notes(m)))}</td>')
         rows.append("<tr>" + "".join(cells) + "</tr>")
-    return (f'<table id="metrics"><thead><tr><th class="text">model</th>'
-            f'<th class="text">settings</th>{head}<th class="text">converged</th></tr></thead>'
+    return (f'<table id="metrics"><thead><tr><th>rank</th><th class="text">model</th>'
+            f'<th class="text">settings used</th><th>held-out deviance minus the best '
+            f'[{100 * INTERVAL:.0f} % interval]</th>{head}<th class="text">stopped</th>'
+            '<th class="text">notes</th></tr></thead>'
             "<tbody>\n" + "\n".join(rows) + "\n</tbody></table>")
 
 
@@ -147,7 +235,9 @@ def _marking(m: ModelResult) -> list[str]:
 def _model_section(m: ModelResult) -> str:
     runs = ", ".join(f"{_esc(stage)} <code>{_esc(rid)}</code>" for stage, rid in m.run_ids.items())
     parts = [f'<section id="model-{_esc(m.name)}"><h2>{_esc(m.name)}</h2>',
-             f"<p>{_esc(m.description)}</p>", *_marking(m), f'<p class="note">runs: {runs}</p>']
+             f"<p>{_esc(m.description)}</p>", *_marking(m),
+             *[f'<p class="note">warning: {_esc(n)}</p>' for n in _notes(m)],
+             f'<p class="note">runs: {runs}</p>']
     parts += [_image(f) for f in m.figures] or ['<p class="note">no figures</p>']
     parts.append("</section>")
     return "\n".join(parts)
@@ -165,11 +255,15 @@ def render_report(title: str, models: Sequence[ModelResult], *,
         f'<p class="note">{_esc(intro)} Generated {_esc(when)}.</p>' if intro else
         f'<p class="note">Generated {_esc(when)}.</p>',
         "<h2>Metrics</h2>", metrics_table(models),
-        '<p class="note">Held-out deviance: Poisson deviance of the held-out spots (lower is '
-        "better). Moran's I: spatial autocorrelation of the factors, mean over factors. The "
-        "best value of each is in bold. The final ELBO bounds each model's own evidence; the "
-        "bounds of different priors differ in tightness, so held-out deviance is the fairer "
-        "comparison.</p>",
+        '<p class="note">Ranked by held-out deviance: the Poisson deviance of the held-out '
+        "spots, predicted from their positions (lower is better; the best is in bold). The "
+        f"interval is a paired bootstrap over the held-out spots ({N_BOOTSTRAP} resamples); "
+        "one that reaches zero means the held-out spots cannot tell the two models apart. "
+        "Moran's I: spatial autocorrelation of the factors, mean over factors; higher means "
+        "smoother, not better, so it is not ranked. The final ELBO bounds each model's own "
+        "evidence; the bounds of different priors differ in tightness, so it is not ranked "
+        f"either. Notes flag factors of one model whose log-factors correlate beyond "
+        f"|r| = {DUPLICATE_R} (one pattern described twice).</p>",
     ]
     if comparison:
         out.append('<section id="comparison"><h2>Comparison</h2>')

@@ -66,3 +66,35 @@ def one_torch_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+# ---- nothing written into the checkout ------------------------------------------------------
+
+#: What a stage writes relative to the working directory when nothing points it elsewhere
+#: (the default store and its artifacts, stage outputs, the tune stage's Optuna file).
+_WRITTEN_BY_DEFAULT = ("mlflow.db", "mlruns", "mlartifacts", "outputs", "optuna.db")
+
+
+@pytest.fixture(autouse=True)
+def _store_and_outputs_in_tmp(tmp_path_factory, monkeypatch):
+    """Every test gets a throw-away tracking store unless it sets its own (``mlflow_store``
+    does, and so do the subprocess tests), so no test can write runs into the checkout."""
+    if "MLFLOW_TRACKING_URI" not in os.environ:
+        folder = tmp_path_factory.mktemp("store")
+        monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{folder / 'mlflow.db'}")
+
+
+def pytest_sessionstart(session):
+    session.config._sf_present = {p for p in _WRITTEN_BY_DEFAULT if (REPO_ROOT / p).exists()}
+
+
+def pytest_sessionfinish(session, exitstatus):
+    """Fail the run when a test left a store or outputs inside the checkout."""
+    if hasattr(session.config, "workerinput"):  # xdist workers: the controller checks once
+        return
+    before = getattr(session.config, "_sf_present", set())
+    left = [p for p in _WRITTEN_BY_DEFAULT if (REPO_ROOT / p).exists() and p not in before]
+    if left:
+        print(f"\nerror: the tests wrote {', '.join(left)} into the checkout {REPO_ROOT}; "
+              "point every store and output_dir at a temporary folder", flush=True)
+        session.exitstatus = pytest.ExitCode.TESTS_FAILED

@@ -205,3 +205,19 @@ def test_bad_models_entries_name_file_key_and_value(models, message):
 def test_a_bad_models_override_names_the_override():
     with pytest.raises(ConfigError, match=r"bad.yaml \(with overrides\): models.svgp.model.sigma"):
         config_from_dict({"models": ["svgp"]}, "bad.yaml", overrides=["models.svgp.model.sigma=-1"])
+
+
+def test_the_readme_lists_every_key_with_its_default_from_the_settings_table():
+    """The README's reference is generated (``python -m sf_mlflow.config_reference
+    README.md``): a key added, renamed or given another default without regenerating it
+    fails here."""
+    from sf_mlflow.config_reference import BEGIN, END, markdown_table, settings
+
+    text = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    block = text.split(BEGIN, 1)[1].split(END, 1)[0].strip()
+    assert block == markdown_table(), "run: python -m sf_mlflow.config_reference README.md"
+    keys = {s.key for s in settings()}
+    assert {"preprocessing.min_counts", "model.num_inducing", "training.time_budget",
+            "tuning.lengthscale.low", "data.synthetic.n_spots"} <= keys
+    for s in settings():
+        assert f"| `{s.key}` |" in block

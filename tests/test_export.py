@@ -28,7 +28,7 @@ from test_stages import SMALL, user_error
 
 MODELS = {
     "pnmf": {"n_components": 3, "prior": "Gaussian"},
-    "svgp": {"n_components": 3, "prior": "SVGP", "groups": True, "num_inducing": 25,
+    "mggp": {"n_components": 3, "prior": "SVGP", "groups": True, "num_inducing": 25,
              "lengthscale": 2.0},
 }
 
@@ -56,7 +56,7 @@ def squidpy_moran(adata, key, k):
     return adata.uns["moranI"].loc[list(range(adata.obsm[key].shape[1])), "I"].to_numpy()
 
 
-@pytest.mark.parametrize("kind", ["pnmf", "svgp"])
+@pytest.mark.parametrize("kind", ["pnmf", "mggp"])
 def test_to_anndata_round_trip(mlflow_store, tmp_path, kind):
     cfg, pre_id, train_id, analyze_id = chain(kind, tmp_path)
     pre = load_preprocessed(pre_id, tmp_path / "pre")
@@ -66,8 +66,13 @@ def test_to_anndata_round_trip(mlflow_store, tmp_path, kind):
     assert list(adata.obs_names) == [str(s) for s in pre.data.spot_names]
     assert list(adata.var_names) == [str(g) for g in pre.data.gene_names]
     assert (adata.X != pre.data.counts).nnz == 0
-    held = adata.obs["heldout"].to_numpy()
-    assert held.dtype == bool and np.array_equal(held, pre.heldout) and held.sum() == 30
+    # held-out spots as a two-class category (squidpy colours it as such, not as 0-1)
+    assert list(adata.obs["heldout"].cat.categories) == ["training", "held-out"]
+    held = (adata.obs["heldout"] == "held-out").to_numpy()
+    assert np.array_equal(held, pre.heldout) and held.sum() == 30
+    counts = pre.data.counts.toarray()
+    np.testing.assert_allclose(adata.var["total_counts"], counts.sum(axis=0))
+    np.testing.assert_array_equal(adata.var["n_spots"], (counts > 0).sum(axis=0))
     assert list(adata.obs["group"].cat.categories) == list(pre.data.group_names)
     np.testing.assert_array_equal(adata.obs["group"].cat.codes, pre.data.groups)
     np.testing.assert_allclose(adata.obsm["spatial_scaled"], pre.data.coordinates)
@@ -85,8 +90,12 @@ def test_to_anndata_round_trip(mlflow_store, tmp_path, kind):
                                rtol=1e-10, atol=1e-12)
     assert np.all(np.diff(logged) <= 0)
     uns = adata.uns["sf_mlflow"]
-    np.testing.assert_allclose(uns["moran_i"], logged)
-    assert list(uns["original_factor"]) == order and uns["model"] == kind
+    table = uns["moran_i"]   # labelled: one row per exported factor, in obsm's column order
+    assert list(table.index) == [f"factor_{i}" for i in range(3)]
+    np.testing.assert_allclose(table["moran_i"], logged)
+    assert list(table["original_factor"]) == order and uns["model"] == kind
+    assert list(table["spatial"]) == [kind == "mggp"] * 3
+    assert uns["groups"] == (kind == "mggp")
     assert dict(uns["run_ids"]) == {"preprocess": pre_id, "train": train_id,
                                     "analyze": analyze_id}
     assert uns["metrics"]["heldout_deviance"] == pytest.approx(
@@ -103,7 +112,7 @@ def test_to_anndata_round_trip(mlflow_store, tmp_path, kind):
     groups = pre.data.groups[held] if model.uses_groups_ else None
     predicted = model.predict_at(X_held, groups=groups, neighbours=cfg.analysis.moran_k)
     np.testing.assert_allclose(factors[held], predicted[:, order], rtol=1e-12)
-    if kind == "svgp":
+    if kind == "mggp":
         _, std = model.predict_at(X_held, groups=groups, return_std=True)
         np.testing.assert_allclose(scales[held], std[:, order], rtol=1e-6)
     else:
@@ -114,6 +123,16 @@ def test_to_anndata_round_trip(mlflow_store, tmp_path, kind):
     assert [s["spot"] for s in spots] == list(adata.obs_names)
     assert [s["heldout"] == "1" for s in spots] == list(held)
     np.testing.assert_allclose(adata.varm[f"{kind}_loadings"], model.loadings_[:, order])
+    # the loadings refitted per group and their enrichment, one varm entry per group (the
+    # data has groups: analyze refits them whatever the model)
+    files = dict(uns["group_files"])
+    assert list(files) == list(pre.data.group_names)
+    lfc = np.load(a / "enrichment_lfc.npy")
+    for g, (name, file) in enumerate(files.items()):
+        np.testing.assert_allclose(adata.varm[f"{kind}_loadings_{file}"],
+                                   np.load(a / f"loadings_group_{file}.npy"))
+        np.testing.assert_allclose(adata.varm[f"{kind}_enrichment_{file}"], lfc[g])
+    assert len(adata.varm) == 1 + 2 * len(files)
     # positions in the data set's own units: one scale and a shift away from the fitted ones
     t = pre.metadata["coordinate_transform"]
     np.testing.assert_allclose((adata.obsm["spatial"] - t["center"]) * t["scale"],
@@ -121,23 +140,45 @@ def test_to_anndata_round_trip(mlflow_store, tmp_path, kind):
 
 
 def test_cli_export_writes_a_readable_h5ad(mlflow_store, tmp_path, capsys):
-    _, pre_id, train_id, analyze_id = chain("svgp", tmp_path)
+    _, pre_id, train_id, analyze_id = chain("mggp", tmp_path)
     out = tmp_path / "results.h5ad"
     capsys.readouterr()
     assert main(["export", "--run-id", analyze_id, "-o", str(out)]) == 0
     assert f"wrote {out}" in capsys.readouterr().out
     back = ad.read_h5ad(out)
-    assert back.n_obs == 300 and back.obs["heldout"].sum() == 30
+    assert back.n_obs == 300 and (back.obs["heldout"] == "held-out").sum() == 30
     assert back.uns["sf_mlflow"]["run_ids"]["analyze"] == analyze_id
-    assert back.obsm["X_svgp"].shape == (300, 3) and back.varm["svgp_loadings"].shape[1] == 3
-    np.testing.assert_allclose(back.obsm["X_svgp"], sf_mlflow.to_anndata(analyze_id).obsm["X_svgp"])
+    assert back.obsm["X_mggp"].shape == (300, 3) and back.varm["mggp_loadings"].shape[1] == 3
+    np.testing.assert_allclose(back.obsm["X_mggp"], sf_mlflow.to_anndata(analyze_id).obsm["X_mggp"])
+    assert list(back.uns["sf_mlflow"]["moran_i"].columns) == ["original_factor", "moran_i",
+                                                              "spatial"]
 
     # a run of another stage, or an output that is not .h5ad: one line naming the fix
     assert main(["export", "--run-id", train_id, "-o", str(out)]) == 2
-    assert "is a 'train' run, but a 'analyze' run ID is required" in user_error(
+    assert "is a 'train' run, but an 'analyze' run ID is required" in user_error(
         capsys.readouterr().err)
     assert main(["export", "--run-id", analyze_id, "-o", str(tmp_path / "r.csv")]) == 2
     assert "must end in .h5ad" in user_error(capsys.readouterr().err)
+
+
+def test_export_from_another_folder_names_the_store_and_never_creates_one(
+        mlflow_store, tmp_path, monkeypatch, capsys):
+    _, _, _, analyze_id = chain("pnmf", tmp_path)
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI")
+    capsys.readouterr()
+    assert main(["export", "--run-id", analyze_id, "-o", "r.h5ad"]) == 2
+    err = user_error(capsys.readouterr().err)
+    assert f"no tracking store at {elsewhere / 'mlflow.db'}" in err and "--tracking-uri" in err
+    assert list(elsewhere.iterdir()) == []          # no empty mlflow.db left behind
+    assert main(["export", "--run-id", analyze_id, "-o", "r.h5ad",
+                 "--tracking-uri", mlflow_store]) == 0
+    assert ad.read_h5ad(elsewhere / "r.h5ad").uns["sf_mlflow"]["run_ids"]["analyze"] == analyze_id
+    assert sorted(p.name for p in elsewhere.iterdir()) == ["r.h5ad"]
+    adata = sf_mlflow.to_anndata(analyze_id, tracking_uri=mlflow_store)
+    assert adata.uns["sf_mlflow"]["model"] == "pnmf"
 
 
 def test_all_spots_puts_rows_back_in_data_order():

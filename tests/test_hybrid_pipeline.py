@@ -212,7 +212,10 @@ def test_main_and_the_report_describe_a_hybrid():
 
     cfg = config_from_dict(HYBRID, "h.yaml")
     text = describe_model(cfg)
-    assert text.startswith("hybrid (NSFH): 2 spatial factors with the SVGP prior with groups")
+    assert text.startswith("hybrid (NSFH): 2 spatial factors with the MGGP-SVGP prior "
+                           "(with groups), M=25, lengthscale 6")
+    used = describe_model(cfg, {"num_inducing": 31, "lengthscale_0": 4.5, "lengthscale_1": 7.25})
+    assert "M=31, lengthscales 4.5-7.25 (one per factor)" in used   # what the fit used
     assert text.endswith("2 non-spatial with the Gaussian prior")
     metrics = {"n_spatial_factors": 2, "moran_i_mean_spatial": 0.61, "moran_i_mean_nonspatial": 0.04}
     page = render_report("r", [ModelResult("hybrid", text, metrics, {"train": "abc"}),

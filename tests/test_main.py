@@ -54,7 +54,7 @@ def test_main_runs_then_reuses_then_forces(mlflow_store, tmp_path):
     first = run_main(cfg)
     run = client.get_run(first)
     assert run.info.status == "FINISHED" and run.data.tags["sf.stage"] == "main"
-    assert run.info.run_name == "main/synthetic/svgp/L3/M30/l2"
+    assert run.info.run_name == "main/synthetic/mggp/L3/M30/l2"
     children = stage_runs(client, first)
     assert sorted(r.data.tags["sf.stage"] for r in children) == [
         "analyze", "figures", "preprocess", "train"]
@@ -85,6 +85,13 @@ def test_main_runs_then_reuses_then_forces(mlflow_store, tmp_path):
     tags = client.get_run(second).data.tags
     assert all(tags[f"sf.reused.{s}"] == "true" for s in links)
     assert client.get_run(second).data.metrics["stages_reused"] == 4
+
+    # a newer train run of the same settings (train --register-as, say) does not make main
+    # redo analyze and figures: it keeps to the chain it built
+    newer = run_train(cfg, links["preprocess"], register_as="main_tests_model")
+    assert newer != links["train"]
+    kept = run_main(cfg)
+    assert chain(client, kept) == links and stage_runs(client, kept) == []
 
     # force: four new child runs
     forced = run_main(cfg, force=True)

@@ -103,8 +103,8 @@ def test_spatial_train_on_osmfish_via_mlflow_run(tmp_path, shared_file):
     exp = client.get_experiment_by_name("project_test")
     (run,) = client.search_runs([exp.experiment_id], "tags.`sf.stage` = 'train'")
     assert run.info.status == "FINISHED"
-    assert run.info.run_name == "train/svgp/L6/M200/l20.35"  # osmFISH's lengthscale since #13
-    assert run.data.tags["sf.model"] == "svgp"
+    assert run.info.run_name == "train/mggp/L6/M200/l20.35"  # osmFISH's lengthscale since #13
+    assert run.data.tags["sf.model"] == "mggp"
     p, m = run.data.params, run.data.metrics
     assert p["model.num_inducing"] == "200" and p["model.kernel"] == "Matern32"
     assert p["model.inducing_allocation"] == "proportional"

@@ -227,11 +227,11 @@ def test_figures_compare_pnmf_and_svgp(mlflow_store, tmp_path, capsys):
     assert run.data.tags["sf.upstream_run_id"] == ",".join(ids)
     local = Path(client.download_artifacts(fig_id, "figures", str(tmp_path / "figs")))
     names = {str(p.relative_to(local)) for p in local.rglob("*.png")}
-    assert {"compare_moran_i.png", "compare_factors.png"} <= names
-    for model, rid in zip(("pnmf", "svgp"), ids):
+    assert {"compare_moran_i.png", "compare_factors.png", "cell_types.png"} <= names
+    for model, rid in zip(("pnmf", "mggp"), ids):   # the SVGP prior with groups: mggp
         sub = f"{model}_{rid[:8]}"
         assert f"{sub}/factors_spatial.png" in names and f"{sub}/elbo_curve.png" in names
-    assert f"svgp_{ids[1][:8]}/groupwise_factors.png" in names
+    assert f"mggp_{ids[1][:8]}/groupwise_factors.png" in names
     assert not any(n.startswith(f"pnmf_{ids[0][:8]}/groupwise") for n in names)
     assert run.data.metrics["n_figures"] == len(names)
     assert printed.count("[figures] drew figures/") == len(names)  # each figure as it goes

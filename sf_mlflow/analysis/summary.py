@@ -26,7 +26,7 @@ import numpy as np
 import scipy.sparse as sp
 from scipy.spatial import cKDTree
 
-from sf_mlflow.analysis.deviance import poisson_deviance
+from sf_mlflow.analysis.deviance import poisson_deviance, poisson_deviance_per_spot
 from sf_mlflow.analysis.enrichment import (enrichment_summary, group_gene_counts, relative_enrichment,
                                            relevant_genes)
 from sf_mlflow.analysis.group_loadings import group_loadings
@@ -43,7 +43,8 @@ class AnalysisResult:
 
     arrays : name -> ndarray, e.g. ``factors`` (N, L), ``scales`` (N, L) of the N training
         spots, ``heldout_factors`` (Nh, L) and ``heldout_scales`` (Nh, L) of the held-out
-        spots (when given), ``loadings`` (D, L), ``group_loadings`` (G, D, L),
+        spots and their Poisson deviance ``heldout_deviance`` (Nh,) (when given),
+        ``loadings`` (D, L), ``group_loadings`` (G, D, L),
         ``groupwise_factors`` (G, L, N; NaN for a hybrid's non-spatial factors),
         ``spatial_factors`` bool (L,): which factors have the GP prior
     metrics : scalar metrics (Moran's I per rank, deviances, reconstruction error, GP facts)
@@ -217,7 +218,7 @@ def _spatial_outputs(model, train: SpatialCounts, order: np.ndarray, arrays: dic
 def analyze_model(model, train: SpatialCounts, heldout: Optional[SpatialCounts] = None, *,
                   moran_k: int = 6, exp_mean: bool = False, group_loadings_iter: int = 100,
                   n_top_genes: int = 10, chunk_size: int = 10000,
-                  verbose: bool = False) -> AnalysisResult:
+                  verbose: bool = False, progress=None) -> AnalysisResult:
     """Compute factors, Moran's I, deviances, group loadings, enrichment and GP facts.
 
     Parameters
@@ -227,8 +228,10 @@ def analyze_model(model, train: SpatialCounts, heldout: Optional[SpatialCounts] 
     heldout : SpatialCounts, optional, held-out spots for held-out deviance.
     moran_k : neighbours of the binary, row-normalised kNN graph of Moran's I.
     exp_mean : report ``E[exp F]`` instead of ``exp(E[F])`` as the factors.
+    verbose : print a line as each step starts; ``progress(line)`` receives them instead
+        (the analyze stage prefixes them with ``[analyze]``).
     """
-    say = print if verbose else (lambda *a, **k: None)
+    say = progress or (print if verbose else (lambda *a, **k: None))
     X = train.coordinates
     model = with_train_coordinates(model, X)  # checks them; the fallback of a fit without them
     factors = model.get_factors(exp_mean=exp_mean)                 # (N, L)
@@ -263,6 +266,8 @@ def analyze_model(model, train: SpatialCounts, heldout: Optional[SpatialCounts] 
         held_factors = heldout_factors(model, heldout, k=moran_k, chunk_size=chunk_size,
                                        exp_mean=exp_mean and not model.is_spatial)
         metrics.update(_deviance_metrics("heldout", heldout.counts, held_factors, loadings))
+        arrays["heldout_deviance"] = poisson_deviance_per_spot(heldout.counts, held_factors,
+                                                               loadings)
         arrays["heldout_factors"] = held_factors[:, order]
         arrays["heldout_scales"] = heldout_scales(model, heldout, chunk_size=chunk_size)[:, order]
 

@@ -7,19 +7,28 @@ genes and counts it removed, so a run's data can be audited without re-running i
    ``MT-``, over all genes) exceeds the threshold; first, as the plan's reference loader
    filters on ``pct_counts_mt`` before ``min_counts``;
 a. ``filter_mt``: drop genes whose name starts with ``mt-`` or ``MT-``;
-b. ``min_counts``: drop spots whose total count (after a) is below the threshold;
+b. ``min_counts``: drop spots whose total count (after a) is below the threshold; ``auto``
+   (the default) is 10 % of the median spot total, so only spots far shallower than the
+   rest go, whatever the technology's depth;
 c. ``min_cells``: drop genes detected (count > 0) in fewer than that many remaining spots;
+   ``auto`` is 1 % of the spots, between 1 and 10;
 d. ``n_top_genes``: keep the k genes of highest Poisson deviance under the null model
    ``mu_ij = n_i p_j`` (spot total times gene share; Townes et al. 2019);
 e. rescale the coordinates (:func:`rescale_coordinates`): by default the plan's rule, which
    makes the geometric mean of the two side lengths ``4 x spatial_scale`` and centres the
    spots at their mean;
 f. hold out a seeded random fraction of spots, stratified by group when there are groups.
+
+A filter that removes more than :data:`QC_WARN_SHARE` of the spots (steps 0 and b) or of the
+counts (steps a and c) raises a :class:`QCWarning` that names the setting to change;
+:func:`describe_filters` words the report, one line per step, for the stage's output.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
+import warnings
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -32,8 +41,9 @@ from sf_mlflow.data.counts import SpatialCounts
 from sf_mlflow.errors import DataError
 
 __all__ = ["PreprocessResult", "preprocess", "poisson_null_deviance", "heldout_split",
-           "rescale_coordinates", "coordinate_side_lengths",
-           "MT_PREFIXES", "COORDINATE_SCALINGS", "GEOMETRIC_MEAN_SIDE"]
+           "rescale_coordinates", "coordinate_side_lengths", "describe_filters",
+           "auto_min_counts", "auto_min_cells", "QCWarning",
+           "MT_PREFIXES", "COORDINATE_SCALINGS", "GEOMETRIC_MEAN_SIDE", "QC_WARN_SHARE"]
 
 #: Mitochondrial gene prefixes: mouse (mt-) and human (MT-) symbol conventions.
 MT_PREFIXES = ("mt-", "MT-")
@@ -44,6 +54,33 @@ COORDINATE_SCALINGS = ("geometric_mean", "longest_side")
 #: The plan's reference scales the geometric mean of the side lengths to this before
 #: multiplying by ``spatial_scale`` (so its ``lengthscale: 4.0`` is "after spatial_scale = 50").
 GEOMETRIC_MEAN_SIDE = 4.0
+
+#: A filter removing more than this share of the spots (or, for gene filters, of the
+#: counts) warns: holes that large in the maps are rarely what the user meant.
+QC_WARN_SHARE = 0.10
+
+#: ``min_counts: auto`` = this share of the median spot total.
+AUTO_MIN_COUNTS_SHARE = 0.10
+#: ``min_cells: auto`` = this share of the spots, rounded up, within AUTO_MIN_CELLS_RANGE.
+AUTO_MIN_CELLS_SHARE = 0.01
+AUTO_MIN_CELLS_RANGE = (1, 10)
+
+
+class QCWarning(UserWarning):
+    """A quality-control filter removed a large share of the data."""
+
+
+def auto_min_counts(spot_totals: np.ndarray) -> int:
+    """``min_counts: auto``: 10 % of the median spot total, rounded down (0 for no spots)."""
+    if len(spot_totals) == 0:
+        return 0
+    return int(math.floor(AUTO_MIN_COUNTS_SHARE * float(np.median(spot_totals))))
+
+
+def auto_min_cells(n_spots: int) -> int:
+    """``min_cells: auto``: 1 % of ``n_spots``, rounded up, at least 1 and at most 10."""
+    lo, hi = AUTO_MIN_CELLS_RANGE
+    return int(min(hi, max(lo, math.ceil(AUTO_MIN_CELLS_SHARE * n_spots))))
 
 
 @dataclass
@@ -263,6 +300,7 @@ def preprocess(data: SpatialCounts, cfg: PreprocessingConfig, seed: int = 0,
         ``{spots,genes,counts}_input``; ``spots_mt_fraction``/``counts_mt_fraction``;
         ``genes_mt``/``counts_mt``;
         ``spots_min_counts``/``counts_min_counts``; ``genes_min_cells``/``counts_min_cells``;
+        ``min_counts_used``/``min_cells_used`` (the thresholds applied: ``auto`` resolved);
         ``genes_top_k``/``counts_top_k``; ``{spots,genes,counts}_kept``;
         ``coordinate_center`` [2] and ``coordinate_scale`` (new = (old - center) * scale),
         ``coordinate_scaling`` (the rule), ``coordinate_side_lengths`` [2] (raw units);
@@ -283,6 +321,8 @@ def preprocess(data: SpatialCounts, cfg: PreprocessingConfig, seed: int = 0,
     Y, spots = _drop_low_count_spots(Y, spots, cfg, report)          # (b)
     Y, genes = _drop_rare_genes(Y, genes, cfg, report)               # (c)
     genes = _keep_top_genes(Y, genes, cfg, report)                   # (d)
+    for message in _large_removals(report, cfg):
+        warnings.warn(message, QCWarning, stacklevel=2)
 
     out = data.subset(spots=spots, genes=genes)
     report["spots_kept"] = int(out.n_spots)
@@ -307,10 +347,83 @@ def _check_training_spots(report: dict, cfg: PreprocessingConfig, need: int) -> 
         f"preprocessing kept {report['spots_kept']} of {report['spots_input']} spots "
         f"({report['n_heldout']} held out), leaving {n_train} training spots, fewer than "
         f"the {need} the analysis needs (analysis.moran_k + 1); loosen the filters: "
-        f"preprocessing.min_counts = {cfg.min_counts} (removed {report['spots_min_counts']}), "
+        f"preprocessing.min_counts = {_setting(cfg.min_counts, report['min_counts_used'])} "
+        f"(removed {report['spots_min_counts']}), "
         f"max_mt_fraction = {cfg.max_mt_fraction} "
         f"(removed {report.get('spots_mt_fraction', 0)}), "
         f"holdout_fraction = {cfg.holdout_fraction:g}; or lower analysis.moran_k")
+
+
+def _share(part: float, whole: float) -> str:
+    return f"{100.0 * part / whole:.1f} %" if whole else "0 %"
+
+
+def _setting(value, used) -> str:
+    """``auto (15)`` for a resolved ``auto``, else the value."""
+    return f"auto ({used})" if value == "auto" else f"{value}"
+
+
+def _spots_before_min_counts(report: dict) -> int:
+    return report["spots_input"] - report["spots_mt_fraction"]
+
+
+def describe_filters(report: dict) -> list[str]:
+    """One line per step of :func:`preprocess`: the setting, what it removed and its share.
+
+    Shares of spots are of the spots the step saw; shares of counts are of all input counts.
+    """
+    cfg = report["settings"]
+    spots_in, counts_in = report["spots_input"], report["counts_input"]
+    lines = []
+    if cfg["max_mt_fraction"] is not None:
+        n = report["spots_mt_fraction"]
+        lines.append(f"max_mt_fraction = {cfg['max_mt_fraction']:g}: removed {n:,} of "
+                     f"{spots_in:,} spots ({_share(n, spots_in)})")
+    if cfg["filter_mt"]:
+        lines.append(f"filter_mt = true: removed {report['genes_mt']:,} mitochondrial genes, "
+                     f"{_share(report['counts_mt'], counts_in)} of the counts")
+    n, seen = report["spots_min_counts"], _spots_before_min_counts(report)
+    rule = " = 10 % of the median spot total" if cfg["min_counts"] == "auto" else ""
+    lines.append(f"min_counts = {_setting(cfg['min_counts'], report['min_counts_used'])}{rule}: "
+                 f"removed {n:,} of {seen:,} spots ({_share(n, seen)})")
+    n, genes_seen = report["genes_min_cells"], report["genes_input"] - report["genes_mt"]
+    lines.append(f"min_cells = {_setting(cfg['min_cells'], report['min_cells_used'])}: removed "
+                 f"{n:,} of {genes_seen:,} genes ({_share(n, genes_seen)}), "
+                 f"{_share(report['counts_min_cells'], counts_in)} of the counts")
+    if report["genes_top_k"]:
+        lines.append(f"n_top_genes = {cfg['n_top_genes']}: left out {report['genes_top_k']:,} "
+                     f"genes of lower deviance, {_share(report['counts_top_k'], counts_in)} of "
+                     "the counts")
+    return lines
+
+
+def _large_removals(report: dict, cfg: PreprocessingConfig) -> list[str]:
+    """The warnings of the filters that removed more than QC_WARN_SHARE (module docstring)."""
+    out = []
+    spots_in, counts_in = report["spots_input"], report["counts_input"]
+    n = report["spots_mt_fraction"]
+    if n > QC_WARN_SHARE * spots_in:
+        out.append(f"preprocessing.max_mt_fraction = {cfg.max_mt_fraction:g} removed {n:,} of "
+                   f"{spots_in:,} spots ({_share(n, spots_in)}), leaving holes in the maps; "
+                   "raise it, or set it to null to keep every spot")
+    if report["counts_mt"] > QC_WARN_SHARE * counts_in:
+        out.append(f"preprocessing.filter_mt = true removed {report['genes_mt']:,} genes holding "
+                   f"{_share(report['counts_mt'], counts_in)} of the counts; set "
+                   "preprocessing.filter_mt: false to keep them")
+    n, seen = report["spots_min_counts"], _spots_before_min_counts(report)
+    if n > QC_WARN_SHARE * seen:
+        out.append(f"preprocessing.min_counts = "
+                   f"{_setting(cfg.min_counts, report['min_counts_used'])} removed {n:,} of "
+                   f"{seen:,} spots ({_share(n, seen)}), leaving holes in the maps; lower "
+                   "preprocessing.min_counts (auto = 10 % of the median spot total), or set it "
+                   "to 0 to keep every spot")
+    if report["counts_min_cells"] > QC_WARN_SHARE * counts_in:
+        out.append(f"preprocessing.min_cells = "
+                   f"{_setting(cfg.min_cells, report['min_cells_used'])} removed "
+                   f"{report['genes_min_cells']:,} genes holding "
+                   f"{_share(report['counts_min_cells'], counts_in)} of the counts; lower "
+                   "preprocessing.min_cells")
+    return out
 
 
 # ---- the steps of preprocess, in order; each records what it removed in ``report`` ------------
@@ -358,11 +471,14 @@ def _drop_low_count_spots(Y: sp.csr_matrix, spots: np.ndarray, cfg: Preprocessin
                           report: dict) -> tuple[sp.csr_matrix, np.ndarray]:
     """(b) Drop spots whose total over the remaining genes is below ``min_counts``."""
     totals = np.asarray(Y.sum(axis=1)).ravel()
-    low = totals < cfg.min_counts
+    threshold = auto_min_counts(totals) if cfg.min_counts == "auto" else cfg.min_counts
+    low = totals < threshold
+    report["min_counts_used"] = threshold
     report["spots_min_counts"] = int(low.sum())
     report["counts_min_counts"] = int(round(float(totals[low].sum())))
     if low.all():
-        raise DataError(f"preprocessing.min_counts = {cfg.min_counts} removed all {len(low)} spots "
+        raise DataError(f"preprocessing.min_counts = {_setting(cfg.min_counts, threshold)} "
+                        f"removed all {len(low)} spots "
                         f"(the largest spot total is {totals.max():g}); lower "
                         "preprocessing.min_counts")
     return Y[~low], spots[~low]
@@ -372,12 +488,15 @@ def _drop_rare_genes(Y: sp.csr_matrix, genes: np.ndarray, cfg: PreprocessingConf
                      report: dict) -> tuple[sp.csr_matrix, np.ndarray]:
     """(c) Drop genes detected in fewer than ``min_cells`` of the remaining spots."""
     detected = np.asarray((Y > 0).sum(axis=0)).ravel()
-    rare = detected < cfg.min_cells
+    threshold = auto_min_cells(Y.shape[0]) if cfg.min_cells == "auto" else cfg.min_cells
+    rare = detected < threshold
     gene_totals = np.asarray(Y.sum(axis=0)).ravel()
+    report["min_cells_used"] = threshold
     report["genes_min_cells"] = int(rare.sum())
     report["counts_min_cells"] = int(round(float(gene_totals[rare].sum())))
     if rare.all():
-        raise DataError(f"preprocessing.min_cells = {cfg.min_cells} removed all {len(rare)} genes "
+        raise DataError(f"preprocessing.min_cells = {_setting(cfg.min_cells, threshold)} "
+                        f"removed all {len(rare)} genes "
                         f"(the most widely detected gene is in {detected.max()} of {Y.shape[0]} "
                         "spots); lower preprocessing.min_cells")
     return Y[:, ~rare].tocsr(), genes[~rare]

@@ -19,8 +19,10 @@ four panels a row. Both gene figures rank genes by one criterion, loading x shar
   ``gene_enrichment_heatmap``, ``enrichment_for_group``;
 * :mod:`~sf_mlflow.plots.compare`: ``compare_morans_i``, ``compare_factor_maps`` (factors
   paired across models by Hungarian matching on correlation, r in each title).
+* :mod:`~sf_mlflow.plots.cell_types`: ``cell_types`` (where each cell type is).
 """
 
+from sf_mlflow.plots.cell_types import cell_types
 from sf_mlflow.plots.compare import compare_factor_maps, compare_morans_i
 from sf_mlflow.plots.genes import (enrichment_for_group, factors_with_genes,
                                    gene_enrichment_heatmap, top_genes)
@@ -28,6 +30,6 @@ from sf_mlflow.plots.spatial import (factors_spatial, groupwise_factors, scales_
                                      spatial_grid)
 from sf_mlflow.plots.training import elbo_curve
 
-__all__ = ["compare_factor_maps", "compare_morans_i", "elbo_curve", "enrichment_for_group",
+__all__ = ["cell_types", "compare_factor_maps", "compare_morans_i", "elbo_curve", "enrichment_for_group",
            "factors_spatial", "factors_with_genes", "gene_enrichment_heatmap",
            "groupwise_factors", "scales_spatial", "spatial_grid", "top_genes"]

@@ -18,22 +18,24 @@ from sf_mlflow.plots._common import (FACTOR_CMAP, INVERT_Y, LABEL_SIZE, MAX_COLS
                                      heldout_legend, marker_size, new_figure, tissue_aspect,
                                      tissue_scatter, wrap)
 
-__all__ = ["compare_morans_i", "compare_factor_maps"]
+__all__ = ["compare_morans_i", "compare_factor_maps", "WEAK_R"]
+
+#: A factor paired with the reference by a correlation weaker than this (in absolute value)
+#: has no real counterpart: its title says so, in red.
+WEAK_R = 0.5
 
 
-def compare_morans_i(values: Mapping[str, np.ndarray], *, sort: bool = True,
+def compare_morans_i(values: Mapping[str, np.ndarray], *,
                      title: Optional[str] = "Spatial autocorrelation of the factors",
                      path: Optional[str | os.PathLike] = None) -> Figure:
-    """Grouped bars of Moran's I per factor, one colour per model.
+    """Moran's I of every factor of each model: one column of dots per model, its mean
+    marked. The factors of different models do not correspond one to one, so nothing
+    pairs them (a factor's counterpart, if any, is in :func:`compare_factor_maps`).
 
     Parameters
     ----------
     values : mapping of str to ndarray, (L_m,)
         Model label -> Moran's I of each of its factors (models may have different L).
-    sort : bool
-        Sort each model's values from highest to lowest, so bars compare factors of equal
-        rank (the factors of different models do not correspond one to one). With
-        ``sort=False`` bar k shows factor k of each model as given.
     title : str, optional
         Figure title.
     path : str or path-like, optional
@@ -42,7 +44,8 @@ def compare_morans_i(values: Mapping[str, np.ndarray], *, sort: bool = True,
     Returns
     -------
     matplotlib.figure.Figure
-        The legend gives each model's mean Moran's I; NaN values leave a gap.
+        Dots are labelled with the factor's rank within its model (1 = highest Moran's
+        I); NaN values are left out and counted under the model's name.
     """
     if not values:
         raise DataError("values is empty; expected a mapping label -> Moran's I (L,)")
@@ -51,40 +54,43 @@ def compare_morans_i(values: Mapping[str, np.ndarray], *, sort: bool = True,
         a = np.asarray(v, dtype=np.float64).ravel()
         if a.size == 0:
             raise DataError(f"values[{label!r}] is empty; expected one Moran's I per factor")
-        if sort:
-            a = np.concatenate([np.sort(a[~np.isnan(a)])[::-1], a[np.isnan(a)]])
         series[str(label)] = a
     M = len(series)
-    L = max(a.size for a in series.values())
-    width = 0.8 / M
-    fig = new_figure(min(max(4.5, 1.2 + 0.22 * L * M + 0.2 * L), 12.0), 3.6)
+    fig = new_figure(min(max(3.6, 1.6 + 1.3 * M), 12.0), 3.8)
     ax = fig.subplots()
-    x = np.arange(L)
+    names = []
     for m, (label, a) in enumerate(series.items()):
-        mean = np.nanmean(a) if np.isfinite(a).any() else np.nan
-        ax.bar(np.arange(a.size) + (m - (M - 1) / 2) * width, a, width=width * 0.95,
-               color=QUALITATIVE[m % len(QUALITATIVE)], label=f"{label} (mean {mean:.2f})")
+        ok = np.isfinite(a)
+        order = np.argsort(-np.where(ok, a, -np.inf), kind="stable")
+        rank = np.empty(a.size, int)
+        rank[order] = np.arange(1, a.size + 1)
+        # spread dots of similar value sideways so each stays visible
+        offset = 0.12 * (((rank - 1) % 5) - 2) / 2
+        colour = QUALITATIVE[m % len(QUALITATIVE)]
+        ax.scatter(m + offset[ok], a[ok], s=22, color=colour, zorder=3)
+        for x, y, r in zip(m + offset[ok], a[ok], rank[ok]):
+            ax.annotate(str(r), (x, y), xytext=(3, 0), textcoords="offset points",
+                        fontsize=TICK_SIZE - 1, va="center", color="0.35")
+        if ok.any():
+            mean = float(a[ok].mean())
+            ax.hlines(mean, m - 0.3, m + 0.3, color=colour, lw=2.0, zorder=2)
+            ax.annotate(f"mean {mean:.2f}", (m + 0.3, mean), xytext=(2, 0),
+                        textcoords="offset points", fontsize=TICK_SIZE, va="center",
+                        color=colour)
+        missing = int((~ok).sum())
+        names.append(label + (f"\n({missing} NaN)" if missing else ""))
     ax.axhline(0, color="0.3", lw=0.6)
-    ax.set_xticks(x, [str(k + 1) for k in x], fontsize=TICK_SIZE)
-    ax.set_xlabel("factor rank (highest Moran's I first)" if sort else "factor",
-                  fontsize=LABEL_SIZE)
-    ax.set_ylabel("Moran's I", fontsize=LABEL_SIZE)
-    finite = np.concatenate([a[np.isfinite(a)] for a in series.values()])
-    top = max(1.0, float(finite.max()) if finite.size else 1.0)
-    bottom = min(0.0, float(finite.min()) if finite.size else 0.0)
-    # headroom above the tallest bar for the legend, ticks only over the data range
-    ax.set_ylim(bottom - 0.05 * (top - bottom) if bottom < 0 else 0.0,
-                top + 0.06 * (1 + M // 4) * (top - bottom) + 0.06 * (top - bottom))
-    ticks = [t for t in ax.get_yticks() if t <= top + 1e-9]
-    ax.set_yticks(ticks)
+    ax.set_xticks(np.arange(M), names, fontsize=LABEL_SIZE)
+    ax.set_xlim(-0.6, M - 0.4 + 0.35)
+    ax.set_ylabel("Moran's I (higher: smoother, not better)", fontsize=LABEL_SIZE)
     ax.tick_params(labelsize=TICK_SIZE)
     ax.grid(True, axis="y", lw=0.3, color="0.85")
     ax.set_axisbelow(True)
     for side in ("top", "right"):
         ax.spines[side].set_visible(False)
-    ax.legend(fontsize=LABEL_SIZE, frameon=False, ncols=min(M, 4), loc="upper center")
     if title:
-        fig.suptitle(title, fontsize=SUPTITLE_SIZE)
+        fig.suptitle(title + "\n(each dot a factor, numbered by its rank in its model)",
+                     fontsize=SUPTITLE_SIZE)
     return finish(fig, path)
 
 
@@ -181,9 +187,13 @@ def compare_factor_maps(coordinates: np.ndarray, factors: Mapping[str, np.ndarra
             tissue_scatter(ax, X, np.clip(scaled, 0, 1), s, FACTOR_CMAP, 0.0, 1.0, invert_y,
                            held)
             head = f"{label} {heads[label][col]}".replace("\n", ", ")
+            weak = False
             if label != labels[0] and block[0][0] >= 0:
+                weak = bool(np.isnan(r) or abs(r) < WEAK_R)
                 head += "\nr = n/a" if np.isnan(r) else f"\nr = {r:.2f}"
-            ax.set_title(wrap(head, 0.9 * pw), fontsize=TITLE_SIZE)
+                head += " (no counterpart)" if weak else ""
+            ax.set_title(wrap(head, pw), fontsize=TITLE_SIZE - 1,
+                         color="#B00020" if weak else "black")
     for sub in subs[len(blocks):]:
         sub.set_frameon(False)
     # one shared colour bar (every panel is on the same 0-1 scale) in a footer of its own
@@ -196,8 +206,8 @@ def compare_factor_maps(coordinates: np.ndarray, factors: Mapping[str, np.ndarra
         heldout_legend(bottom, outside=False)
     if title:
         # two lines: one line overflowed the figure's width at three models
-        fig.suptitle(title + ("\nr: correlation with the first model's factor" if M > 1 else ""),
-                     fontsize=SUPTITLE_SIZE)
+        fig.suptitle(title + (f"\nr: correlation with the first model's factor; |r| < {WEAK_R}: "
+                              "no counterpart" if M > 1 else ""), fontsize=SUPTITLE_SIZE)
     return finish(fig, path)
 
 

@@ -176,7 +176,9 @@ def factors_with_genes(coordinates: np.ndarray, factors: np.ndarray, counts, loa
     ph = pw * tissue_aspect(X) + 0.35
     fig = new_figure(per_row * 2 * (pw + 0.55), rows * ph + (0.35 if title else 0.0)
                      + (0.25 if held is not None else 0.0))
-    # one framed sub-figure per (factor, gene) pair, so the pairing is unmistakable
+    # one framed sub-figure per (factor, gene) pair, so the pairing is unmistakable; the
+    # extra padding keeps two-line titles off the frames
+    fig.get_layout_engine().set(h_pad=0.09, w_pad=0.06)
     subs = np.atleast_1d(fig.subfigures(rows, per_row, squeeze=False).ravel())
     s = marker_size(X, pw, ph - 0.35, area=area_per_spot(X))
     for l in range(L):
@@ -306,7 +308,9 @@ def gene_enrichment_heatmap(lfc: np.ndarray, gene_names: Optional[Sequence[str]]
             im = _heatmap(ax, shown[l].T, norm, [genes[i] for i in picks[l]], groups,
                           annotate=False)
             ax.set_title(wrap(heads[l], pw), fontsize=TITLE_SIZE)
-        colorbar(fig, im, axes, "log2 enrichment", ext, shrink=0.6, aspect=30)
+        which = "top genes by loading" if loadings is not None else "most changed genes"
+        colorbar(fig, im, axes, f"log2 enrichment of each factor's {which} "
+                 f"(scale +-{hi:.2g})", ext, shrink=0.6, aspect=30)
     if title:
         fig.suptitle(title, fontsize=SUPTITLE_SIZE)
     return finish(fig, path)
@@ -404,8 +408,9 @@ def enrichment_for_group(lfc_g: np.ndarray, gene_names: Sequence[str], group_nam
         ax.axvline(0, color="0.3", lw=0.6)
         ax.set_xlim(-lim, lim)
         ax.set_title(wrap(heads[l], pw), fontsize=TITLE_SIZE)
-        ax.set_xlabel("log2 enrichment", fontsize=TICK_SIZE)
+        ax.set_xlabel(f"log2 enrichment (axis +-{lim:.2g})", fontsize=TICK_SIZE)
         _clean_bar_axes(ax)
-    fig.suptitle(f"{group_name}: genes whose loading share rises (red) or falls (blue) "
-                 "vs all spots", fontsize=SUPTITLE_SIZE)
+    fig.suptitle(f"{group_name}: the genes whose loading share rises (red) or falls (blue) "
+                 "most vs all spots\n(the most changed genes: a wider scale than the heatmap "
+                 "of each factor's top genes)", fontsize=SUPTITLE_SIZE)
     return finish(fig, path)

@@ -39,9 +39,25 @@ def _scaled_label(label: str, k: int) -> str:
     return label if k == 0 else f"{label} (x 1e{k})"
 
 
+def _heldout_axis(ax, steps: np.ndarray, values: np.ndarray, lo: float, hi: float):
+    """Held-out deviance on a second y axis of ``ax``, for the steps in [lo, hi]."""
+    keep = (steps >= lo) & (steps <= hi) & np.isfinite(values)
+    if not keep.any():
+        return None
+    twin = ax.twinx()
+    twin.plot(steps[keep], values[keep], color=QUALITATIVE[2], lw=1.0, ls="--", marker="o",
+              ms=2.5, label="held-out deviance")
+    twin.set_ylabel("held-out deviance (lower is better)", fontsize=LABEL_SIZE,
+                    color=QUALITATIVE[2])
+    twin.tick_params(labelsize=TICK_SIZE, colors=QUALITATIVE[2])
+    twin.spines["top"].set_visible(False)
+    return twin
+
+
 def elbo_curve(elbo: np.ndarray, x: Optional[np.ndarray] = None, *, xlabel: str = "iteration",
                ylabel: str = "ELBO", title: Optional[str] = "Training objective",
-               zoom_fraction: float = 0.5,
+               zoom_fraction: float = 0.5, heldout: Optional[tuple] = None,
+               kept: Optional[int] = None,
                path: Optional[str | os.PathLike] = None) -> Figure:
     """The ELBO over training: the whole run, and a zoom on its late part.
 
@@ -59,6 +75,11 @@ def elbo_curve(elbo: np.ndarray, x: Optional[np.ndarray] = None, *, xlabel: str 
     zoom_fraction : float
         The right panel shows the last ``zoom_fraction`` of the steps, with y-limits fitted
         to them, so late progress (invisible next to the first steps' huge gains) shows.
+    heldout : (steps (K,), values (K,)), optional
+        Held-out deviance at the steps it was checked, drawn on a second y axis.
+    kept : int, optional
+        The iteration whose state the fit kept (early stopping or a time budget rolled it
+        back): a vertical line on both panels.
     path : str or path-like, optional
         Save the figure there too.
 
@@ -128,6 +149,8 @@ def elbo_curve(elbo: np.ndarray, x: Optional[np.ndarray] = None, *, xlabel: str 
         ax_zoom.set_ylim(float(yz.min()) - pad, float(yz.max()) + pad)
         ax_zoom.set_title(f"last {100 * zoom_fraction:.0f}% of steps; final {y[-1]:.6g}",
                           fontsize=TITLE_SIZE)
+    if y.size:
+        _marks(fig, (ax_all, ax_zoom), (t[0], t[-1]), (tz[0], tz[-1]), heldout, kept)
     for ax in (ax_all, ax_zoom):
         ax.set_xlabel(xlabel, fontsize=LABEL_SIZE)
         ax.tick_params(labelsize=TICK_SIZE)
@@ -138,3 +161,25 @@ def elbo_curve(elbo: np.ndarray, x: Optional[np.ndarray] = None, *, xlabel: str 
         extra = f" ({n_bad} non-finite values left out)" if n_bad else ""
         fig.suptitle(f"{title or ''}{extra}", fontsize=SUPTITLE_SIZE)
     return finish(fig, path)
+
+
+def _marks(fig: Figure, axes, span_all, span_zoom, heldout, kept) -> None:
+    """The held-out deviance axis and the kept iteration on both panels, with one legend."""
+    handles = []
+    for ax, (lo, hi) in zip(axes, (span_all, span_zoom)):
+        if heldout is not None:
+            steps, values = (np.asarray(v, dtype=np.float64).ravel() for v in heldout)
+            if steps.shape != values.shape:
+                raise DataError(f"heldout has {steps.size} steps and {values.size} values; "
+                                "expected two arrays of the same length (K,)")
+            twin = _heldout_axis(ax, steps, values, lo, hi)
+            if twin is not None and not handles:
+                handles += twin.get_lines()[:1]
+        if kept is not None and lo <= kept <= hi:
+            line = ax.axvline(kept, color="0.2", lw=1.0, ls=":",
+                              label=f"kept iteration {int(kept)}")
+            if len(handles) < 2 and line.get_label() not in [h.get_label() for h in handles]:
+                handles.append(line)
+    if handles:
+        fig.legend(handles=handles, loc="lower center", ncol=len(handles), frameon=False,
+                   fontsize=TICK_SIZE, bbox_to_anchor=(0.5, -0.02))

@@ -26,6 +26,8 @@ from sf_mlflow.tracking import (
     describe_run,
     download_artifacts,
     experiment_url,
+    ui_address,
+    ui_port,
     find_latest_run,
     get_stage_run,
     lookup_experiment_id,
@@ -85,12 +87,21 @@ def base_tags(config: Config, stage: str | None = None) -> dict[str, str]:
 
 # ---- names --------------------------------------------------------------------------------------
 
+#: The kinds of model :func:`model_kind` names, and which of them have a GP prior.
+MODEL_KINDS = ("pnmf", "svgp", "mggp", "hybrid")
+SPATIAL_KINDS = ("svgp", "mggp", "hybrid")
+
+
 def model_kind(config: Config) -> str:
-    """``"svgp"``, ``"hybrid"`` (SVGP with ``model.spatial_components``) or ``"pnmf"``: the
-    short model name used in run names and tags."""
+    """``"pnmf"`` (Gaussian prior), ``"svgp"`` (GP prior, one kernel for all spots),
+    ``"mggp"`` (GP prior with the multi-group kernel over cell-type groups) or ``"hybrid"``
+    (``model.spatial_components`` of the factors under the GP prior): the model's name in
+    run names, the ``sf.model`` tag, descriptions, export keys and the report."""
     if not config.model.spatial:
         return "pnmf"
-    return "svgp" if config.model.spatial_components is None else "hybrid"
+    if config.model.spatial_components is not None:
+        return "hybrid"
+    return "mggp" if config.model.groups else "svgp"
 
 
 def run_name(config: Config) -> str:
@@ -100,7 +111,7 @@ def run_name(config: Config) -> str:
     name = f"train/{kind}/L{m.n_components}"
     if kind == "hybrid":
         name += f"/K{m.spatial_components}"
-    if kind in ("svgp", "hybrid"):
+    if kind in SPATIAL_KINDS:
         name += f"/M{m.num_inducing}/l{setting(m.lengthscale)}"
     return name
 
@@ -227,7 +238,9 @@ def finished(stage: str, run: StageRun) -> str:
     local = _OUTPUT_DIRS.get(run.run_id)
     if local is not None and local.is_dir():
         say(stage, f"  local copy: {local.resolve()}")
-    say(stage, f"  in the UI:  {experiment_url(info.experiment_id)}  (after `mlflow ui`)")
+    server = ui_address()[1]
+    say(stage, f"  in the UI:  {experiment_url(info.experiment_id)}"
+               + ("" if server else f"  (after `mlflow ui --port {ui_port()}`)"))
     return run.run_id
 
 

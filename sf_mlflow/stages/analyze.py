@@ -47,7 +47,8 @@ def run_analyze(config: Config, train_run_id: str | None = None, *,
     prediction from position, :meth:`~sf_mlflow.models.pnmf.PNMF.predict_at`, as used for
     the held-out deviance, and the GP predictive sd -- NaN for the non-spatial model);
     ``spots.csv`` (``spot,heldout``: spot name, 0/1) in the same row order;
-    ``loadings.npy`` (D, L), ``moran_i.csv`` (rank, original factor, Moran's I, ``spatial``
+    ``loadings.npy`` (D, L), ``heldout_deviance.npy`` (N_heldout,: each held-out spot's
+    Poisson deviance, in the order of the held-out rows; for paired comparisons), ``moran_i.csv`` (rank, original factor, Moran's I, ``spatial``
     0/1: whether the factor has the GP prior), ``spatial_factors.npy`` (bool (L,), the same
     marking: all True for the spatial model, all False for the non-spatial one, a hybrid's
     K spatial factors wherever Moran's I ranks them), ``metrics.json``, and with groups
@@ -83,7 +84,8 @@ def run_analyze(config: Config, train_run_id: str | None = None, *,
         train, held = pre.training_spots(), pre.heldout_spots()
         result = analyze_model(model, train, held, moran_k=a.moran_k, exp_mean=a.exp_mean,
                                group_loadings_iter=a.group_loadings_iter,
-                               n_top_genes=a.n_top_genes, verbose=True)
+                               n_top_genes=a.n_top_genes,
+                               progress=lambda line: say(STAGE, line))
         with staging_dir(config, STAGE, run.run_id) as out:
             write_outputs(out, result, train, pre)
             (out / "metrics.json").write_text(json.dumps(
@@ -113,6 +115,8 @@ def write_outputs(out: Path, result, train, pre) -> None:
         np.save(out / f"{name}.npy",
                 all_spots(arrays[name], arrays.get(f"heldout_{name}"), pre.heldout))
     np.save(out / "loadings.npy", arrays["loadings"])
+    if "heldout_deviance" in arrays:
+        np.save(out / "heldout_deviance.npy", arrays["heldout_deviance"])
     np.save(out / "spatial_factors.npy", np.asarray(arrays["spatial_factors"], dtype=bool))
     with open(out / "spots.csv", "w", newline="") as fh:
         w = csv.writer(fh)

@@ -38,7 +38,7 @@ from sf_mlflow.stages._common import (
     staging_dir,
 )
 from sf_mlflow.tracking import (TAG_DATASET, TAG_MODEL, TAG_PREPROCESS_HASH, TAG_UPSTREAM,
-                                download_artifacts, get_stage_run)
+                                download_artifacts, get_stage_run, metric_history)
 
 STAGE = "figures"
 
@@ -86,6 +86,8 @@ class Analysis:
     heldout_label: str = HELDOUT_LABEL
     spatial: np.ndarray | None = None  # (L,) bool, a hybrid's marking of its GP factors
     stop_note: str | None = None       # "early-stopped at iteration k, kept iteration j"
+    heldout_history: tuple | None = None   # (steps (K,), held-out deviance (K,)) of the fit
+    kept_iteration: int | None = None      # the iteration the fit kept, when rolled back
 
     def titles(self) -> list[str]:
         """Panel titles in rank order; a hybrid's say which factors are spatial."""
@@ -209,14 +211,19 @@ def load_analysis(lin: Lineage, tmp: Path) -> Analysis:
         order=np.array([int(r["original_factor"]) for r in rows]), elbo=elbo,
         lfc=_enrichment(a, pre, loadings), groupwise=gw,
         heldout_label=HELDOUT_LABEL if complete else NO_VALUE_LABEL, spatial=_marking(a, lin),
-        stop_note=_stop_note(lin))
+        **_training(lin))
 
 
-def _stop_note(lin: Lineage) -> str | None:
-    """How the train run's fit ended, when early stopping rolled it back (its tags)."""
+def _training(lin: Lineage) -> dict:
+    """How the train run's fit ended (its tags: the note and iteration kept when early
+    stopping or a time budget rolled it back) and its held-out deviance per check."""
     tags = get_stage_run(lin.train_run_id, "train").data.tags
-    return describe_stop(tags.get("sf.stop_reason", ""), tags.get("sf.early_stopped_at"),
-                         tags.get("sf.kept_iteration"))
+    kept = tags.get("sf.kept_iteration")
+    steps, values = metric_history(lin.train_run_id, "heldout_deviance")
+    return {"stop_note": describe_stop(tags.get("sf.stop_reason", ""),
+                                       tags.get("sf.early_stopped_at"), kept),
+            "kept_iteration": int(kept) if kept not in (None, "") else None,
+            "heldout_history": (steps, values) if steps.size else None}
 
 
 def _marking(a: Path, lin: Lineage) -> np.ndarray | None:
@@ -259,6 +266,17 @@ class _Saver:
         say(STAGE, f"drew {path.relative_to(self.root)} ({time.perf_counter() - t0:.1f} s)")
 
 
+def _sd_label(an: Analysis) -> str:
+    """What the held-out rings of the scales map show: a spatial model's GP predictive sd;
+    none (grey) for the non-spatial model's, and for a hybrid's non-spatial factors."""
+    held_sd = np.isfinite(an.scales[an.heldout]) if an.heldout.any() else np.zeros((0, 1))
+    if held_sd.size and held_sd.all():
+        return "held-out spot (not fitted; the GP's predictive sd at its position)"
+    if held_sd.size and held_sd.any():
+        return "held-out spot (not fitted; GP predictive sd, grey: none, a non-spatial factor)"
+    return "held-out spot (not fitted; grey: no posterior sd)"
+
+
 def single_figures(an: Analysis, save: _Saver) -> None:
     """Every figure of one analyze run, saved with ``save``."""
     d = an.data
@@ -266,14 +284,17 @@ def single_figures(an: Analysis, save: _Saver) -> None:
     titles = an.titles()
     genes = list(d.gene_names)
     opts = dict(invert_y=INVERT_Y, heldout=held)
-    no_sd = "held-out spot (not fitted; grey: no posterior sd)"
     save(lambda: plots.factors_spatial(X, an.factors, titles,
                                        title=f"{an.model.upper()} factors", **opts),
          "factors_spatial.png")
-    save(lambda: plots.scales_spatial(X, an.scales, titles, heldout_label=no_sd, **opts),
-         "scales_spatial.png")
-    save(lambda: plots.elbo_curve(an.elbo, title="Training objective" + (
-        f" ({an.stop_note})" if an.stop_note else "")), "elbo_curve.png")
+    save(lambda: plots.scales_spatial(
+        X, an.scales, titles, heldout_label=_sd_label(an),
+        title=f"{an.model.upper()}: posterior standard deviation of the log-factors", **opts),
+        "scales_spatial.png")
+    save(lambda: plots.elbo_curve(
+        an.elbo, title=f"{an.model.upper()} training objective" + (
+            f" ({an.stop_note})" if an.stop_note else ""),
+        heldout=an.heldout_history, kept=an.kept_iteration), "elbo_curve.png")
     save(lambda: plots.top_genes(an.loadings, genes, titles=titles), "top_genes.png")
     save(lambda: plots.factors_with_genes(X, an.factors, d.counts, an.loadings, genes,
                                           titles, **opts), "factors_with_genes.png")
@@ -293,6 +314,14 @@ def single_figures(an: Analysis, save: _Saver) -> None:
             [t for t, s in zip(titles, gp) if s], invert_y=INVERT_Y,
             heldout=held, heldout_label="held-out spot (not fitted; grey: no group-wise "
                                         "prediction)"), "groupwise_factors.png")
+
+
+def data_figures(an: Analysis, save: _Saver) -> None:
+    """Figures of the data every model shares: where the cell types are."""
+    d = an.data
+    if d.groups is not None and d.group_names:
+        save(lambda: plots.cell_types(d.coordinates, d.groups, d.group_names,
+                                      invert_y=INVERT_Y, heldout=an.heldout), "cell_types.png")
 
 
 def comparison_figures(analyses: list[Analysis], save: _Saver) -> None:
@@ -359,6 +388,7 @@ def run_figures(config: Config, analyze_run_ids: list[str] | None = None, *,
                 save.out = figdir if len(analyses) == 1 else figdir / f"{an.model}_{an.run_id[:8]}"
                 single_figures(an, save)
             save.out = figdir
+            data_figures(analyses[0], save)
             if len(analyses) > 1:
                 comparison_figures(analyses, save)
             (out / "figures.json").write_text(json.dumps(

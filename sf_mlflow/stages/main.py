@@ -28,11 +28,14 @@ page with every model's numbers and figures (:mod:`sf_mlflow.report`).
 
 from __future__ import annotations
 
+import csv
 import json
 import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Mapping
+
+import numpy as np
 
 from sf_mlflow.config import Config
 from sf_mlflow.provenance import code_version
@@ -103,18 +106,37 @@ def main_run_name(config: Config) -> str:
     return f"main/{config.dataset}/" + run_name(config).split("/", 1)[1]
 
 
-def describe_model(config: Config) -> str:
-    """The model of a config in words, e.g. ``SVGP prior with groups, M=auto, l=12, L=5``."""
-    m = config.model
+def _used(metrics: Mapping[str, float], key: str, configured) -> str:
+    """The value a fit used (its train metric), else the configured one."""
+    if key == "lengthscale":
+        per = sorted(v for k, v in metrics.items() if k.startswith("lengthscale_")
+                     and k[len("lengthscale_"):].isdigit())
+        if len(per) > 1:
+            return f"lengthscales {per[0]:.3g}-{per[-1]:.3g} (one per factor)"
+        if "lengthscale" in metrics:
+            return f"lengthscale {metrics['lengthscale']:.3g}"
+        return f"lengthscale {setting(configured)}"
+    return f"{metrics[key]:.0f}" if key in metrics else setting(configured)
+
+
+def describe_model(config: Config, metrics: Mapping[str, float] | None = None) -> str:
+    """The model of a config in words, e.g. ``MGGP-SVGP prior (with groups), M=412,
+    lengthscales 8.1-20.4 (one per factor), L=5``: with a fit's ``metrics``, the values
+    it used (``auto`` resolved), else the configured ones."""
+    m, metrics = config.model, metrics or {}
     if not m.spatial:
         return f"Gaussian prior (non-spatial PNMF), L={m.n_components}"
-    groups = "with groups (MGGP)" if m.groups else "without groups"
-    text = (f"SVGP prior {groups}, M={m.num_inducing}, lengthscale {setting(m.lengthscale)}, "
-            f"L={m.n_components}")
+    groups = "MGGP-SVGP prior (with groups)" if m.groups else "SVGP prior (without groups)"
+    text = (f"{groups}, M={_used(metrics, 'num_inducing', m.num_inducing)}, "
+            f"{_used(metrics, 'lengthscale', m.lengthscale)}, L={m.n_components}")
     if m.spatial_components is None:
         return text
     return (f"hybrid (NSFH): {m.spatial_components} spatial factors with the {text}, "
             f"{m.n_components - m.spatial_components} non-spatial with the Gaussian prior")
+
+
+#: The stage that runs on each stage's result in a chain (for reuse: see find_reusable_run).
+_NEXT = {"preprocess": "train", "train": "analyze"}
 
 
 def _reuse_or_run(stage: str, config: Config, upstream: str | None, force: bool,
@@ -124,7 +146,8 @@ def _reuse_or_run(stage: str, config: Config, upstream: str | None, force: bool,
     else ``launch`` a new one."""
     label = f"{stage} of {model}" if model else stage
     if not force:
-        found = find_reusable_run(stage, stage_hash(config, stage), code_version(), upstream)
+        found = find_reusable_run(stage, stage_hash(config, stage), code_version(), upstream,
+                                  downstream=_NEXT.get(stage))
         if found is not None:
             say(STAGE, f"{label}: reusing {describe_run(found)}")
             return StageOutcome(stage, found.info.run_id, True, model)
@@ -170,6 +193,34 @@ def _headline(fitted: dict[str, tuple[StageOutcome, StageOutcome]], named: bool
     return headline, per_model
 
 
+#: What each figure shows, by its file name (figures.py makes them).
+CAPTIONS = {
+    "factors_spatial": "The factors on the tissue, in descending Moran's I order (held-out "
+                       "spots: predicted from their positions)",
+    "scales_spatial": "Posterior standard deviation of each log-factor (the uncertainty of "
+                      "the maps above)",
+    "elbo_curve": "Training: the ELBO and the held-out deviance per iteration, with the "
+                  "iteration the fit kept",
+    "top_genes": "The genes with the largest loadings on each factor",
+    "factors_with_genes": "Each factor beside the counts of its top gene",
+    "gene_enrichment": "Gene enrichment: log fold change of each cell type's refitted "
+                       "loadings against the shared ones",
+    "groupwise_factors": "The factors as the GP predicts them for each cell type",
+    "cell_types": "Where the cell types are on the tissue",
+    "compare_moran_i": "Moran's I of each model's factors (one dot a factor; nothing pairs "
+                       "the factors of different models)",
+    "compare_factors": "The factors of each model paired with their best-correlated "
+                       "counterpart in the other (r on the training spots)",
+}
+
+
+def caption(figure: Path) -> str:
+    """A figure's caption from its path under ``figures/`` (per-group ones name the group)."""
+    if figure.parent.name == "enrichment_by_group":
+        return f"Gene enrichment in cell type {figure.stem}, factor by factor"
+    return CAPTIONS.get(figure.stem, figure.stem.replace("_", " ").capitalize())
+
+
 def _figures_by_model(figures_run_id: str, analyses: dict[str, str], tmp: Path
                       ) -> tuple[dict[str, list[Figure]], list[Figure]]:
     """The figures run's PNGs: each model's (by its analyze run ID in the folder name;
@@ -190,10 +241,30 @@ def _figures_by_model(figures_run_id: str, analyses: dict[str, str], tmp: Path
         elif len(rel.parts) > 1:
             owner = next((n for n, aid in analyses.items() if aid[:8] in rel.parts[0]), None)
         inner = Path(*rel.parts[1:]) if owner and len(analyses) > 1 else rel
-        caption = str(inner.with_suffix("")).replace("_", " ").replace("/", ": ")
-        caption = caption[:1].upper() + caption[1:]
-        (per[owner] if owner else comparison).append(Figure(path, caption))
+        (per[owner] if owner else comparison).append(Figure(path, caption(inner)))
     return per, comparison
+
+
+def _per_spot(analyze_id: str, tmp: Path) -> tuple[np.ndarray | None, np.ndarray | None]:
+    """An analyze run's per-spot held-out deviance (N_heldout,) and its factors at the
+    training spots (N_train, L), for the report's intervals and duplicate flags; None
+    for what a run made by an older version lacks."""
+    from sf_mlflow.errors import ArtifactError
+
+    out: list[np.ndarray | None] = []
+    for name in ("heldout_deviance.npy", "factors.npy", "spots.csv"):
+        try:
+            path = download_artifacts(analyze_id, name, tmp)
+        except ArtifactError:
+            out.append(None)
+            continue
+        out.append(np.load(path) if name.endswith(".npy") else path)
+    held, factors, spots = out
+    if factors is not None and spots is not None:
+        with open(spots, newline="") as fh:
+            training = np.array([r["heldout"] == "0" for r in csv.DictReader(fh)])
+        factors = factors[training] if training.size == len(factors) else None
+    return held, factors
 
 
 def _write_outputs(config: Config, parent: StageRun, chain: list[StageOutcome],
@@ -209,10 +280,12 @@ def _write_outputs(config: Config, parent: StageRun, chain: list[StageOutcome],
         results = []
         for name, cfg in models.items():
             got = per_model[name]
+            held, factors = _per_spot(fitted[name][1].run_id, Path(tmp) / name)
             results.append(ModelResult(
-                name=name, description=describe_model(cfg), metrics=got,
+                name=name, description=describe_model(cfg, got), metrics=got,
                 run_ids={o.stage: o.run_id for o in fitted[name]}, figures=per[name],
-                converged=bool(got["converged"]) if "converged" in got else None))
+                converged=bool(got["converged"]) if "converged" in got else None,
+                heldout_deviance=held, factors=factors))
         (out / "chain.json").write_text(json.dumps(
             {"chain": [asdict(o) for o in chain], "metrics": headline}, indent=2))
         write_report(out / "report.html", f"{config.name}: {', '.join(models)} on "

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import warnings
+
 from sf_mlflow.config import Config
 from sf_mlflow.data.io import write_preprocessed
-from sf_mlflow.data.preprocess import preprocess
+from sf_mlflow.data.preprocess import QCWarning, describe_filters, preprocess
 from sf_mlflow.data.sources import load_dataset
 from sf_mlflow.stages._common import (
     PREPROCESS_SECTIONS,
@@ -40,8 +42,17 @@ def run_preprocess(config: Config, *, parent_run_id: str | None = None) -> str:
         say(STAGE, f"loaded {raw.n_spots:,} spots x {raw.n_genes:,} genes"
                    + (f" from {raw.counts_source}" if raw.counts_source else "")
                    + (f", {raw.n_groups} groups" if raw.groups is not None else ", no groups"))
-        result = preprocess(raw, config.preprocessing, seed=config.seed,
-                            min_training_spots=config.analysis.moran_k + 1)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always", QCWarning)
+            result = preprocess(raw, config.preprocessing, seed=config.seed,
+                                min_training_spots=config.analysis.moran_k + 1)
+        for line in describe_filters(result.report):
+            say(STAGE, line)
+        for w in caught:
+            if issubclass(w.category, QCWarning):
+                say(STAGE, f"warning: {w.message}")
+            else:  # not ours to word: pass it on as it came
+                warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
         kept = result.data
         say(STAGE, f"kept {kept.n_spots:,} spots x {kept.n_genes:,} genes "
                    f"({int(result.heldout.sum()):,} spots held out)")

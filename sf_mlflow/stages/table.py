@@ -216,12 +216,20 @@ STAGES: dict[str, Stage] = {
 
 @dataclass(frozen=True)
 class Option:
-    """A CLI option of a :class:`Command`, e.g. ``("-o", "--output")``; required unless a default."""
+    """A CLI option of a :class:`Command`, e.g. ``("-o", "--output")``; required unless it
+    has a default or is ``optional`` (then None when left out); ``repeat``: may be given
+    several times, a list."""
 
     flags: tuple[str, ...]
     help: str
     metavar: str | None = None
     default: str | None = None
+    optional: bool = False
+    repeat: bool = False
+
+    @property
+    def required(self) -> bool:
+        return self.default is None and not (self.optional or self.repeat)
 
     @property
     def keyword(self) -> str:
@@ -252,8 +260,19 @@ COMMANDS: dict[str, Command] = {
     "export": Command(
         run="sf_mlflow.export:export_h5ad",
         options=(Option(("--run-id",), "the analyze run to export", metavar="ID"),
-                 Option(("-o", "--output"), "the .h5ad file to write", metavar="FILE.h5ad")),
+                 Option(("-o", "--output"), "the .h5ad file to write", metavar="FILE.h5ad"),
+                 Option(("--tracking-uri",), "the store holding the run (default: "
+                        "MLFLOW_TRACKING_URI, else ./mlflow.db); never created when missing",
+                        metavar="URI", optional=True)),
         description="write an analyze run (counts, positions, factors, loadings, Moran's I, "
                     "run IDs) as an AnnData .h5ad file"),
+    "show-config": Command(
+        run="sf_mlflow.config_reference:show_config",
+        options=(Option(("-c", "--config"), "YAML config file (left out: the defaults alone)",
+                        metavar="CONFIG", optional=True),
+                 Option(("--set",), "override a config key, e.g. model.n_components=5 "
+                        "(repeatable)", metavar="KEY=VALUE", repeat=True)),
+        description="print every config key with its resolved value and where it came from "
+                    "(file, --set or default)"),
 }
 """Commands besides the stages, listed after them by the CLI."""

@@ -12,6 +12,8 @@ from sf_mlflow.tracking.experiments import (
     HEADLINE_VIEW,
     describe_experiment,
     experiment_url,
+    ui_address,
+    ui_port,
     lookup_experiment_id,
     select_experiment,
 )
@@ -21,6 +23,7 @@ from sf_mlflow.tracking.lineage import (
     find_latest_run,
     find_reusable_run,
     get_stage_run,
+    metric_history,
     run_metrics,
 )
 from sf_mlflow.tracking.runs import (
@@ -43,7 +46,7 @@ from sf_mlflow.tracking.runs import (
     stage_run,
 )
 from sf_mlflow.tracking.registry import register_train_run
-from sf_mlflow.tracking.runs import ui_command
+from sf_mlflow.tracking.runs import reading_store, ui_command
 
 __all__ = [
     # tags
@@ -53,13 +56,14 @@ __all__ = [
     "TAG_UPSTREAM",
     # runs
     "MetricStream", "StageRun", "configure_tracking", "existing_run", "stage_run", "ui_command",
+    "reading_store",
     # experiments
     "EXPERIMENT_KIND", "EXPERIMENT_KIND_TAG", "HEADLINE_VIEW", "add_headline_metrics",
     "describe_experiment",
-    "experiment_url", "lookup_experiment_id", "select_experiment",
+    "experiment_url", "lookup_experiment_id", "select_experiment", "ui_address", "ui_port",
     # lineage
     "describe_run", "download_artifacts", "find_latest_run", "find_reusable_run",
-    "get_stage_run", "run_metrics",
+    "get_stage_run", "metric_history", "run_metrics",
     # registry
     "alias_run_id", "register_train_run",
 ]

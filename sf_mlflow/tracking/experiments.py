@@ -118,7 +118,8 @@ def experiment_id_for(client: MlflowClient, config_name: str, *, create: bool = 
     if not create:
         return None
     try:
-        return client.create_experiment(value, tags={EXPERIMENT_KIND_TAG: EXPERIMENT_KIND})
+        return client.create_experiment(value, artifact_location=_artifact_location(value),
+                                        tags={EXPERIMENT_KIND_TAG: EXPERIMENT_KIND})
     except mlflow.exceptions.MlflowException:
         # Another process created it between our lookup and create.
         exp = client.get_experiment_by_name(value)
@@ -186,12 +187,54 @@ def add_headline_metrics(experiment_id: str, metrics) -> None:
         client.set_experiment_tag(experiment_id, key, json.dumps(state))
 
 
-def experiment_url(experiment_id: str, host: str = "http://127.0.0.1:5000") -> str:
-    """URL of the experiment's runs table with the headline columns (``mlflow ui``'s default host)."""
-    # The runs route and workflowType=machine_learning: MLflow 3.17's UI otherwise opens in its
-    # GenAI mode (a per-browser setting, GenAI by default) on the experiment's traces overview.
+def _artifact_location(name: str) -> str | None:
+    """Where a new experiment of a sqlite store keeps its artifacts: beside the database
+    (``<store folder>/mlruns/<name>-<8 hex>``), not under whatever folder the process runs
+    in -- MLflow's default, which under ``mlflow run`` is the project's checkout. None (the
+    server's choice) for other stores."""
+    import re
+    import uuid
+
+    from sf_mlflow.tracking.store import sqlite_path
+
+    db = sqlite_path(mlflow.get_tracking_uri())
+    if db is None:
+        return None
+    safe = re.sub(r"[^A-Za-z0-9._-]+", "_", name).strip("_")[:60] or "experiment"
+    return str(db.resolve().parent / "mlruns" / f"{safe}-{uuid.uuid4().hex[:8]}")
+
+
+#: The port ``mlflow ui`` is told to use in the printed command, and so the port of every
+#: printed URL of a local store; ``SF_UI_PORT`` changes both (e.g. when 5000 is taken).
+UI_PORT_ENV = "SF_UI_PORT"
+
+
+def ui_address() -> tuple[str, bool]:
+    """``(address of the UI, whether it is a tracking server already)``: the tracking URI
+    itself for an ``http(s)://`` server, else ``http://127.0.0.1:<SF_UI_PORT or 5000>``,
+    where the printed ``mlflow ui`` command serves the local store."""
+    uri = mlflow.get_tracking_uri()
+    if uri.startswith(("http://", "https://")):
+        return uri.rstrip("/"), True
+    return f"http://127.0.0.1:{ui_port()}", False
+
+
+def ui_port() -> int:
+    value = os.environ.get(UI_PORT_ENV, "5000")
+    return int(value) if value.isdigit() and 0 < int(value) < 65536 else 5000
+
+
+#: The query that opens MLflow 3.17's UI in its "Model training" mode: otherwise it opens in
+#: its GenAI mode (a per-browser setting, GenAI by default) on the traces overview.
+ML_VIEW = "workflowType=machine_learning"
+
+
+def experiment_url(experiment_id: str, host: str | None = None) -> str:
+    """URL of the experiment's runs table with the headline columns (on ``host``, default
+    :func:`ui_address`)."""
+    host = host or ui_address()[0]
     return (f"{host}/#/experiments/{experiment_id}/runs?viewStateShareKey={HEADLINE_VIEW}"
-            "&workflowType=machine_learning")
+            f"&{ML_VIEW}")
 
 
 def describe_experiment(experiment_id: str) -> str:

@@ -6,6 +6,7 @@ import datetime as _dt
 from pathlib import Path
 
 import mlflow
+import numpy as np
 from mlflow.entities import ViewType
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
@@ -52,8 +53,11 @@ def get_stage_run(run_id: str, stage: str, statuses: tuple[str, ...] = ("FINISHE
             f"(check the ID in the MLflow UI, or MLFLOW_TRACKING_URI)") from None
     actual = run.data.tags.get(TAG_STAGE)
     if actual != stage:
-        what = f"a '{actual}' run" if actual else "not a run of this pipeline"
-        raise RunLookupError(f"run ID {run_id!r} is {what}, but a '{stage}' run ID is required here")
+        what = (f"{'an' if actual[:1] in 'aeiou' else 'a'} '{actual}' run" if actual else
+                "not a run of this pipeline")
+        article = "an" if stage[:1] in "aeiou" else "a"
+        raise RunLookupError(f"run ID {run_id!r} is {what}, but {article} '{stage}' run ID is "
+                             "required here")
     if run.info.status not in statuses:
         raise RunLookupError(f"{stage} run {run_id!r} is {run.info.status}, not "
                              f"{' or '.join(statuses)}; run the {stage} stage again or pass "
@@ -77,7 +81,8 @@ def _swept_experiment(experiment_id: str | None):
     return client, experiment_id
 
 
-def find_latest_run(stage: str, tags: dict[str, str], experiment_id: str | None = None):
+def find_latest_run(stage: str, tags: dict[str, str], experiment_id: str | None = None,
+                    max_results: int = 1):
     """Newest FINISHED run of ``stage`` in one experiment whose tags match, or None.
 
     ``experiment_id``: the experiment to search; default the experiment of the stage run
@@ -85,33 +90,48 @@ def find_latest_run(stage: str, tags: dict[str, str], experiment_id: str | None 
     Never searches other experiments: a chain's runs stay in its experiment. Runs of
     that experiment left RUNNING by a dead process are first ended FAILED
     (:func:`~sf_mlflow.tracking.liveness.sweep_dead_runs`), so none is taken for work
-    in progress.
+    in progress. With ``max_results`` > 1: the newest that many, newest first (a list).
     """
     searched = _swept_experiment(experiment_id)
     if searched is None:
-        return None
+        return None if max_results == 1 else []
     client, experiment_id = searched
     clauses = [f"tags.`{TAG_STAGE}` = {_quote(stage)}", "attributes.status = 'FINISHED'"]
     clauses += [f"tags.`{k}` = {_quote(v)}" for k, v in tags.items()]
     runs = client.search_runs([str(experiment_id)], " and ".join(clauses),
                               run_view_type=ViewType.ACTIVE_ONLY,
-                              order_by=["attributes.start_time DESC"], max_results=1)
+                              order_by=["attributes.start_time DESC"], max_results=max_results)
+    if max_results != 1:
+        return list(runs)
     return runs[0] if runs else None
 
 
 def find_reusable_run(stage: str, stage_hash: str, code_version: str,
-                      upstream_run_id: str | None = None, experiment_id: str | None = None):
+                      upstream_run_id: str | None = None, experiment_id: str | None = None,
+                      downstream: str | None = None):
     """Newest FINISHED run of ``stage`` that computed the same thing, or None.
 
     Same thing = the same stage hash (the settings the stage depends on), the same
     upstream run (none for preprocess) and the same code version; runs tagged
     ``sf.reusable = false`` (work that stopped short) never qualify. Only runs of
     ``experiment_id`` (default: the experiment of the stage run open in this process).
+
+    ``downstream``: among equal runs, the newest that already has a finished run of that
+    stage on it comes first -- the chain ``main`` built before -- so a newer equal run
+    (``train --register-as`` of the same settings, say) does not make ``main`` redo the
+    stages after it.
     """
     tags = {TAG_STAGE_HASH: stage_hash, TAG_CODE_VERSION: code_version, TAG_REUSABLE: "true"}
     if upstream_run_id:
         tags[TAG_UPSTREAM] = upstream_run_id
-    return find_latest_run(stage, tags, experiment_id)
+    if downstream is None:
+        return find_latest_run(stage, tags, experiment_id)
+    runs = find_latest_run(stage, tags, experiment_id, max_results=20)
+    for run in runs:
+        if find_latest_run(downstream, {TAG_UPSTREAM: run.info.run_id, TAG_REUSABLE: "true",
+                                        TAG_CODE_VERSION: code_version}, experiment_id):
+            return run
+    return runs[0] if runs else None
 
 
 def find_interrupted_run(stage: str, stage_hash: str, code_version: str, upstream_run_id: str,
@@ -148,6 +168,15 @@ def run_metrics(run_id: str) -> dict[str, float]:
     """The latest value of every metric of a run."""
     configure_tracking()
     return dict(MlflowClient().get_run(run_id).data.metrics)
+
+
+def metric_history(run_id: str, key: str) -> tuple[np.ndarray, np.ndarray]:
+    """``(steps (K,), values (K,))`` of a run's step metric ``key``, by step; empty when
+    the run never logged it."""
+    configure_tracking()
+    history = sorted(MlflowClient().get_metric_history(run_id, key), key=lambda m: m.step)
+    return (np.array([m.step for m in history], dtype=np.int64),
+            np.array([m.value for m in history], dtype=np.float64))
 
 
 def describe_run(run) -> str:

@@ -95,18 +95,56 @@ def configure_tracking() -> str:
     return uri
 
 
+@contextlib.contextmanager
+def reading_store(tracking_uri: str | None = None) -> Iterator[str]:
+    """Read runs from ``tracking_uri`` (else ``MLFLOW_TRACKING_URI``, else ``./mlflow.db``)
+    inside the block, and never create a store doing so.
+
+    A sqlite store that does not exist is an error naming the file and how to point at the
+    right one, not a new empty ``mlflow.db`` in whatever folder the reader happens to be in.
+    The previous tracking URI is restored on the way out.
+    """
+    from sf_mlflow.errors import RunLookupError
+    from sf_mlflow.tracking.store import sqlite_path
+
+    env_before = os.environ.get("MLFLOW_TRACKING_URI")
+    uri = tracking_uri or env_before or f"sqlite:///{Path.cwd() / 'mlflow.db'}"
+    path = sqlite_path(uri)
+    if path is not None and not path.is_file():
+        given = "tracking_uri" if tracking_uri else (
+            "MLFLOW_TRACKING_URI" if env_before else "the default store (./mlflow.db)")
+        raise RunLookupError(
+            f"no tracking store at {path.resolve()} ({given}); point at the store that holds "
+            "the runs: --tracking-uri sqlite:////absolute/path/to/mlflow.db (tracking_uri= in "
+            "Python) or set MLFLOW_TRACKING_URI")
+    uri_before = mlflow.get_tracking_uri()
+    os.environ["MLFLOW_TRACKING_URI"] = uri
+    try:
+        yield uri
+    finally:
+        if env_before is None:
+            os.environ.pop("MLFLOW_TRACKING_URI", None)
+        else:
+            os.environ["MLFLOW_TRACKING_URI"] = env_before
+        mlflow.set_tracking_uri(uri_before)
+
+
 def ui_command(experiment_id: str | None = None,
                run_id: str | None = None) -> tuple[str, str | None]:
     """How to look at the tracking store in use: the command that starts the MLflow UI on
     it (for a tracking server, its address) and the UI's page of a run or experiment."""
-    uri = mlflow.get_tracking_uri()
+    from sf_mlflow.tracking.experiments import ML_VIEW, ui_address, ui_port
+
+    host, server = ui_address()
     page = ""
     if experiment_id:
-        page = f"#/experiments/{experiment_id}" + (f"/runs/{run_id}" if run_id else "")
-    if uri.startswith(("http://", "https://")):
-        return f"open {uri}", (uri.rstrip("/") + "/" + page) if page else None
-    return (f"mlflow ui --backend-store-uri {shlex.quote(uri)}",
-            "http://127.0.0.1:5000/" + page)
+        page = (f"#/experiments/{experiment_id}" + (f"/runs/{run_id}" if run_id else "")
+                + f"?{ML_VIEW}")
+    if server:
+        return f"open {host}", (host + "/" + page) if page else None
+    uri = mlflow.get_tracking_uri()
+    return (f"mlflow ui --backend-store-uri {shlex.quote(uri)} --port {ui_port()}",
+            host + "/" + page)
 
 
 _INITIALISED: set[str] = set()

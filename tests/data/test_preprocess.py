@@ -379,3 +379,33 @@ def test_default_tune_range_keeps_its_meaning_on_the_default_data():
                                                max_mt_fraction=None)).report["coordinate_scale"]
     t = cfg.tuning.lengthscale
     assert (t.low / new, t.high / new) == pytest.approx((0.5 / old, 20.0 / old), rel=1e-3)
+
+
+def test_auto_thresholds_follow_the_data_and_are_reported():
+    from sf_mlflow.data.preprocess import auto_min_cells, auto_min_counts, describe_filters
+
+    assert auto_min_counts(np.array([10.0, 157.0, 400.0])) == 15
+    assert auto_min_counts(np.array([])) == 0
+    assert [auto_min_cells(n) for n in (1, 50, 101, 500, 999, 1000, 41786)] == [1, 1, 2, 5, 10, 10, 10]
+    r = preprocess(tiny(), PreprocessingConfig(filter_mt=True, max_mt_fraction=None)).report
+    # non-mt totals 13, 3, 14, 11, 1, 19: median 12 -> min_counts 1 drops none; 6 spots -> 1
+    assert (r["min_counts_used"], r["spots_min_counts"]) == (1, 0)
+    assert (r["min_cells_used"], r["genes_min_cells"]) == (1, 0)
+    assert describe_filters(r) == [
+        "filter_mt = true: removed 2 mitochondrial genes, 50.4 % of the counts",
+        "min_counts = auto (1) = 10 % of the median spot total: removed 0 of 6 spots (0.0 %)",
+        "min_cells = auto (1): removed 0 of 4 genes (0.0 %), 0.0 % of the counts",
+    ]
+
+
+def test_filters_that_remove_more_than_a_tenth_warn_naming_the_setting():
+    from sf_mlflow.data.preprocess import QCWarning
+
+    with pytest.warns(QCWarning) as caught:
+        preprocess(tiny(), PreprocessingConfig(filter_mt=True, min_counts=10, min_cells=2,
+                                               max_mt_fraction=None))
+    messages = [str(w.message) for w in caught]
+    assert len(messages) == 2, messages
+    assert messages[0].startswith("preprocessing.filter_mt = true removed 2 genes holding 50.4 % "
+                                  "of the counts; set preprocessing.filter_mt: false")
+    assert messages[1].startswith("preprocessing.min_counts = 10 removed 2 of 6 spots (33.3 %)")

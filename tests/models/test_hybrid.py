@@ -244,7 +244,9 @@ def test_an_unset_spatial_components_leaves_hashes_and_params_as_they_were():
     assert hybrid.flat()["model.spatial_components"] == 2
     assert stage_hash(base, "train") != stage_hash(hybrid, "train")
     assert base.to_dict()["model"]["spatial_components"] is None     # still written to YAML
-    assert (model_kind(base), model_kind(hybrid)) == ("svgp", "hybrid")
+    assert (model_kind(base), model_kind(hybrid)) == ("mggp", "hybrid")   # groups by default
+    no_groups = config_from_dict({"model": {"n_components": 4, "groups": False}})
+    assert model_kind(no_groups) == "svgp"
     assert run_name(hybrid).startswith("train/hybrid/L4/K2/M")
     model = build_model(hybrid)
     assert model.spatial_components == 2 and isinstance(model.prior, SVGP)

@@ -92,6 +92,43 @@ def test_elbo_curve(tmp_path):
         plots.elbo_curve([])
 
 
+def test_elbo_curve_shows_the_heldout_deviance_and_the_kept_iteration(tmp_path):
+    t = np.arange(1, 401)
+    elbo = -1e5 - 5e5 * np.exp(-t / 40)
+    steps = np.arange(0, 401, 10)
+    dev = 3000 + 2000 * np.exp(-steps / 60) + 2.0 * np.maximum(steps - 330, 0)
+    fig = plots.elbo_curve(elbo, t, heldout=(steps, dev), kept=330, path=tmp_path / "e.png")
+    check_png(fig, tmp_path / "e.png")
+    twins = [ax for ax in fig.axes if ax.get_ylabel().startswith("held-out deviance")]
+    assert len(twins) == 2                                       # both panels
+    legend = [t.get_text() for t in fig.legends[0].get_texts()]
+    assert legend == ["held-out deviance", "kept iteration 330"]
+    kept_lines = [ln for ax in fig.axes[:2] for ln in ax.get_lines()
+                  if ln.get_label() == "kept iteration 330"]
+    assert len(kept_lines) == 2 and all(ln.get_xdata()[0] == 330 for ln in kept_lines)
+    with pytest.raises(DataError, match="heldout has 3 steps and 2 values"):
+        plots.elbo_curve(elbo, heldout=([0, 1, 2], [1.0, 2.0]))
+
+
+def test_cell_type_map_colours_every_type_and_counts_its_spots(data, tmp_path):
+    d, _, _, _ = data
+    held = np.zeros(d.n_spots, bool)
+    held[::10] = True
+    fig = plots.cell_types(d.coordinates, d.groups, d.group_names, heldout=held,
+                           path=tmp_path / "ct.png")
+    check_png(fig, tmp_path / "ct.png")
+    counts = np.bincount(d.groups, minlength=len(d.group_names))
+    assert [t.get_text() for t in fig.legends[0].get_texts()] == [
+        f"{n} ({c:,})" for n, c in zip(d.group_names, counts)]
+    many = plots.cell_types(d.coordinates, np.arange(d.n_spots) % 40,
+                            [f"cluster {k}" for k in range(40)], path=tmp_path / "ct40.png")
+    check_png(many, tmp_path / "ct40.png")
+    colours = plots.cell_types.__globals__["group_colours"](40)
+    assert len({tuple(c) for c in colours}) == 40                 # 40 distinct colours
+    with pytest.raises(DataError, match="group_names names 3 groups"):
+        plots.cell_types(d.coordinates, np.full(d.n_spots, 5), ["a", "b", "c"])
+
+
 def test_gene_figures(data, tmp_path):
     d, F, W, lfc = data
     fig = plots.top_genes(W, d.gene_names, n=6, path=tmp_path / "t.png")
