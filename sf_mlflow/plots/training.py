@@ -139,6 +139,7 @@ def elbo_curve(elbo: np.ndarray, x: Optional[np.ndarray] = None, *, xlabel: str 
         k = _exponent(yz)
         yz, smooth, late_range = yz / 10.0 ** k, smooth / 10.0 ** k, late_range / 10.0 ** k
         ax_zoom.set_ylabel(_scaled_label(ylabel, k), fontsize=LABEL_SIZE)
+        ax_zoom.ticklabel_format(axis="y", useOffset=False)   # plain values, no "+1.085" offset
         ax_zoom.plot(tz, yz, color=colour, lw=0.6 if noisy else 1.2, alpha=0.5 if noisy else 1.0,
                      label="raw" if noisy else None)
         if noisy:
@@ -149,8 +150,8 @@ def elbo_curve(elbo: np.ndarray, x: Optional[np.ndarray] = None, *, xlabel: str 
         ax_zoom.set_ylim(float(yz.min()) - pad, float(yz.max()) + pad)
         ax_zoom.set_title(f"last {100 * zoom_fraction:.0f}% of steps; final {y[-1]:.6g}",
                           fontsize=TITLE_SIZE)
-    if y.size:
-        _marks(fig, (ax_all, ax_zoom), (t[0], t[-1]), (tz[0], tz[-1]), heldout, kept)
+    if y.size:   # the left panel shows every check, the start's (step 0) too
+        _marks(fig, (ax_all, ax_zoom), (-np.inf, t[-1]), (tz[0], tz[-1]), heldout, kept)
     for ax in (ax_all, ax_zoom):
         ax.set_xlabel(xlabel, fontsize=LABEL_SIZE)
         ax.tick_params(labelsize=TICK_SIZE)

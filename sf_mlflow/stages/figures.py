@@ -292,7 +292,8 @@ def single_figures(an: Analysis, save: _Saver) -> None:
         title=f"{an.model.upper()}: posterior standard deviation of the log-factors", **opts),
         "scales_spatial.png")
     save(lambda: plots.elbo_curve(
-        an.elbo, title=f"{an.model.upper()} training objective" + (
+        an.elbo, np.arange(1, an.elbo.size + 1),    # iterations count from 1, as logged
+        title=f"{an.model.upper()} training objective" + (
             f" ({an.stop_note})" if an.stop_note else ""),
         heldout=an.heldout_history, kept=an.kept_iteration), "elbo_curve.png")
     save(lambda: plots.top_genes(an.loadings, genes, titles=titles), "top_genes.png")

@@ -111,8 +111,10 @@ def _used(metrics: Mapping[str, float], key: str, configured) -> str:
     if key == "lengthscale":
         per = sorted(v for k, v in metrics.items() if k.startswith("lengthscale_")
                      and k[len("lengthscale_"):].isdigit())
-        if len(per) > 1:
+        if len(per) > 1 and f"{per[0]:.3g}" != f"{per[-1]:.3g}":
             return f"lengthscales {per[0]:.3g}-{per[-1]:.3g} (one per factor)"
+        if per:
+            return f"lengthscale {per[0]:.3g}"
         if "lengthscale" in metrics:
             return f"lengthscale {metrics['lengthscale']:.3g}"
         return f"lengthscale {setting(configured)}"
