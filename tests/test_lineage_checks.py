@@ -278,8 +278,13 @@ def test_group_file_names_are_distinct_and_stable():
     files = group_file_names(names)
     assert len(set(files)) == 4
     assert files[2] == "Astro"  # no clash: the plain safe name, as before
-    assert all(f.startswith(safe_name(n) + "_") for f, n in zip(files, names) if n != "Astro")
+    # a clash spells out what the file name would drop, so each file says whose it is
+    assert files == ["L2_slash_3", "L2_3", "Astro", "L2_space_3"]
     assert group_file_names(names) == files
+    # names that still coincide once spelled out get a suffix from their own name
+    odd = group_file_names(["a/b", "a_slash_b", "a_b"])
+    assert len(set(odd)) == 3 and odd[2] == "a_b" and all(o.startswith("a_slash_b_")
+                                                           for o in odd[:2])
     assert group_file_names(["L2/3", "Astro"]) == ["L2_3", "Astro"]
 
 

@@ -126,21 +126,38 @@ def safe_name(name: str) -> str:
     return re.sub(r"[^A-Za-z0-9._-]+", "_", str(name)).strip("_") or "group"
 
 
+#: Words for the characters a file name leaves out, when two group names differ only there.
+_SPELLED = {"/": "slash", " ": "space", "\\": "backslash", ":": "colon", "+": "plus",
+            "&": "and", "(": "(", ")": ")", ",": "comma", "#": "hash"}
+
+
+def _spelled(name: str) -> str:
+    """``L2/3`` -> ``L2_slash_3``: a file-name part that keeps what safe_name drops."""
+    def word(m: re.Match) -> str:
+        c = m.group()
+        return "_" + _SPELLED.get(c, f"u{ord(c):04x}").strip("()") + "_" if c not in "()" else "_"
+    return re.sub(r"_+", "_", re.sub(r"[^A-Za-z0-9._-]", word, str(name))).strip("_") or "group"
+
+
 def group_file_names(names) -> list[str]:
     """File-name parts of the groups ``names``, in order, all distinct.
 
     :func:`safe_name` of each; groups whose safe names coincide (``L2/3`` and ``L2_3``)
-    get a short suffix from a hash of their own name, so neither overwrites the other's
-    file and the names stay the same from run to run (and for groups that do not clash,
-    the same as before).
+    spell out the characters that set them apart (``L2_slash_3``, ``L2_3``), so a reader
+    can tell which file is which; only names that still coincide get a short suffix from
+    a hash of their own name. The names are the same from run to run (and, for groups
+    that do not clash, the same as before).
     """
     safe = [safe_name(n) for n in names]
     counts: dict[str, int] = {}
     for s in safe:
         counts[s] = counts.get(s, 0) + 1
-    return [s if counts[s] == 1 else
-            f"{s}_{hashlib.sha256(str(n).encode()).hexdigest()[:6]}"
-            for s, n in zip(safe, names)]
+    out = [s if counts[s] == 1 else _spelled(n) for s, n in zip(safe, names)]
+    seen: dict[str, int] = {}
+    for o in out:
+        seen[o] = seen.get(o, 0) + 1
+    return [o if seen[o] == 1 else f"{o}_{hashlib.sha256(str(n).encode()).hexdigest()[:6]}"
+            for o, n in zip(out, names)]
 
 
 def say(stage: str, message: str) -> None:
