@@ -36,6 +36,39 @@ def test_rules(monkeypatch, mlflow_store):
     assert chosen_experiment("cfg")[:2] == ("name", "flag_exp")
 
 
+def test_printed_ui_links_open_the_model_training_view_on_the_port_they_name(monkeypatch,
+                                                                              mlflow_store):
+    import mlflow
+
+    from sf_mlflow.tracking import experiment_url, ui_command
+
+    command, url = ui_command("3", "abc")
+    assert command == f"mlflow ui --backend-store-uri {mlflow_store} --port 5000"
+    assert url == "http://127.0.0.1:5000/#/experiments/3/runs/abc?workflowType=machine_learning"
+    monkeypatch.setenv("SF_UI_PORT", "5055")     # 5000 taken: one setting moves them all
+    command, url = ui_command("3")
+    assert command.endswith("--port 5055") and url.startswith("http://127.0.0.1:5055/#/experiments/3?")
+    assert experiment_url("3").startswith("http://127.0.0.1:5055/#/experiments/3/runs?")
+    assert experiment_url("3").endswith("&workflowType=machine_learning")
+    # on a tracking server: its own address, no command to start a UI
+    monkeypatch.setattr(mlflow, "get_tracking_uri", lambda: "http://mlflow-host:8080/")
+    command, url = ui_command("3", "abc")
+    assert command == "open http://mlflow-host:8080"
+    assert url == "http://mlflow-host:8080/#/experiments/3/runs/abc?workflowType=machine_learning"
+
+
+def test_experiments_of_a_sqlite_store_keep_their_artifacts_beside_it(mlflow_store, tmp_path,
+                                                                       monkeypatch):
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)            # as under mlflow run: the project's folder
+    with open_stage("beside") as run:
+        pass
+    location = MlflowClient().get_experiment(run.info.experiment_id).artifact_location
+    assert location.startswith(str(tmp_path / "mlruns" / "beside-"))
+    assert list(elsewhere.iterdir()) == []
+
+
 def test_runs_go_to_the_config_experiment_tagged_for_the_runs_table(mlflow_store):
     with open_stage() as run:
         pass
