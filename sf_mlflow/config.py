@@ -294,7 +294,7 @@ def _build(cls: type, raw: Any, source: str, prefix: str) -> Any:
     if raw is None:
         raw = {}
     if not isinstance(raw, Mapping):
-        raise ConfigError(f"{source}: {where} must be a mapping of keys to values, got {raw!r}")
+        raise ConfigError(f"{source}: {where} must be a mapping of keys to values, got {shown(raw)}")
     hints = typing.get_type_hints(cls)
     fields = {f.name: f for f in dataclasses.fields(cls) if not f.metadata.get("internal")}
     for key in raw:
@@ -321,10 +321,11 @@ def _build(cls: type, raw: Any, source: str, prefix: str) -> Any:
             coerced = _coerce(value, tp)
         except _Invalid as e:
             raise ConfigError(
-                f"{source}: {prefix}{name} = {value!r} is invalid: expected {e.expected}") from None
+                f"{source}: {prefix}{name} = {shown(value)} is invalid: expected {e.expected}") from None
         problem = _check_range(coerced, f.metadata)
         if problem:
-            raise ConfigError(f"{source}: {prefix}{name} = {value!r} is out of range: expected {problem}")
+            raise ConfigError(f"{source}: {prefix}{name} = {shown(value)} is out of range: "
+                              f"expected {problem}")
         kwargs[name] = coerced
     return cls(**kwargs)
 
@@ -334,7 +335,7 @@ def _build_mapping(cls: type, raw: Any, source: str, prefix: str) -> dict:
         return {}
     if not isinstance(raw, Mapping):
         raise ConfigError(f"{source}: {prefix.rstrip('.')} must be a mapping of names to "
-                          f"settings, got {raw!r}")
+                          f"settings, got {shown(raw)}")
     return {str(k): _build(cls, v, source, f"{prefix}{k}.") for k, v in raw.items()}
 
 
@@ -370,6 +371,37 @@ def _scalar_kind(tp: Any) -> Any:
 
 # ---- public API -----------------------------------------------------------------------------
 
+#: Longest value an error message prints (a value of megabytes would drown the message).
+SHOWN_CHARS = 200
+
+
+def shown(value: Any) -> str:
+    """``repr(value)``, cut to SHOWN_CHARS characters for an error message."""
+    text = repr(value)
+    return text if len(text) <= SHOWN_CHARS else text[:SHOWN_CHARS - 20] + f"... ({len(text):,} characters)"
+
+
+class _ConfigLoader(yaml.SafeLoader):
+    """PyYAML's safe loader without aliases: a config never needs ``*name``, and a few lines
+    of nested aliases expand into billions of values (the "billion laughs") once copied."""
+
+    def compose_node(self, parent, index):
+        if self.check_event(yaml.AliasEvent):
+            event = self.peek_event()
+            raise yaml.YAMLError(f"YAML aliases are not accepted in a config (found "
+                                 f"*{event.anchor} at {event.start_mark}); write the value "
+                                 "out where it is needed")
+        return super().compose_node(parent, index)
+
+
+def read_yaml(text: str, source: str) -> Any:
+    """The YAML document ``text`` (from ``source``), aliases refused; ConfigError if invalid."""
+    try:
+        return yaml.load(text, Loader=_ConfigLoader)   # noqa: S506 (a SafeLoader subclass)
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{source}: not valid YAML: {str(e)[:SHOWN_CHARS * 2]}") from None
+
+
 def parse_overrides(items: Sequence[str] | Mapping[str, Any] | None) -> dict[str, Any]:
     """Turn ``["model.lengthscale=2", ...]`` (or a mapping) into ``{dotted key: value}``.
 
@@ -392,7 +424,7 @@ def parse_overrides(items: Sequence[str] | Mapping[str, Any] | None) -> dict[str
     for k, v in pairs:
         if isinstance(v, str):
             try:
-                v = yaml.safe_load(v) if v.strip() else None
+                v = yaml.load(v, Loader=_ConfigLoader) if v.strip() else None  # noqa: S506
             except yaml.YAMLError:
                 pass
         out[k] = v
@@ -409,7 +441,7 @@ def _apply_overrides(raw: dict, overrides: Mapping[str, Any], source: str) -> di
             if child is None:
                 child = node[p] = {}
             if not isinstance(child, dict):
-                raise ConfigError(f"override {key}={value!r}: '{p}' is not a section")
+                raise ConfigError(f"override {key}={shown(value)}: '{p}' is not a section")
             node = child
         node[parts[-1]] = value
     return raw
@@ -458,8 +490,4 @@ def load_config(path: str | Path, overrides: Sequence[str] | Mapping[str, Any] |
     if not p.is_file():
         raise ConfigError(f"config file {str(path)!r} does not exist "
                           "(pass the path of a YAML file, e.g. configs/quickstart.yaml)")
-    try:
-        raw = yaml.safe_load(p.read_text())
-    except yaml.YAMLError as e:
-        raise ConfigError(f"{path}: not valid YAML: {e}") from None
-    return config_from_dict(raw, str(path), overrides)
+    return config_from_dict(read_yaml(p.read_text(), str(path)), str(path), overrides)

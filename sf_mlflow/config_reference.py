@@ -19,7 +19,7 @@ from typing import Any, Mapping, Sequence
 
 import yaml
 
-from sf_mlflow.config import Config, _flatten, config_from_dict, parse_overrides
+from sf_mlflow.config import Config, _flatten, config_from_dict, parse_overrides, read_yaml
 from sf_mlflow.constraints import describe
 from sf_mlflow.errors import ConfigError
 
@@ -131,10 +131,7 @@ def show_config(config: str | None = None, set: Sequence[str] | None = None,  # 
             raise ConfigError(f"config file {config!r} does not exist (pass the path of a YAML "
                               "file, e.g. configs/quickstart.yaml, or leave -c out to see the "
                               "defaults)")
-        try:
-            raw = yaml.safe_load(path.read_text())
-        except yaml.YAMLError as e:
-            raise ConfigError(f"{config}: not valid YAML: {e}") from None
+        raw = read_yaml(path.read_text(), str(config))
         source = str(config)
     cfg = config_from_dict(raw, source, overrides)
     values = _flatten(cfg.to_dict())

@@ -221,3 +221,39 @@ def test_the_readme_lists_every_key_with_its_default_from_the_settings_table():
             "tuning.lengthscale.low", "data.synthetic.n_spots"} <= keys
     for s in settings():
         assert f"| `{s.key}` |" in block
+
+
+def test_a_yaml_alias_bomb_is_refused_before_anything_is_expanded(tmp_path):
+    """Eight lines of nested aliases stand for 10^8 values once expanded: the loader refuses
+    the first alias, before anything is expanded (and any alias: a config never needs one).
+    The memory the refusal takes is measured, not its time."""
+    import tracemalloc
+
+    from sf_mlflow.config import read_yaml
+
+    lines = ["a0: &a0 [x, x, x, x, x, x, x, x, x, x]"]
+    lines += [f"a{i}: &a{i} [" + ", ".join([f"*a{i - 1}"] * 10) + "]" for i in range(1, 8)]
+    lines += ["name: *a7"]
+    path = tmp_path / "bomb.yaml"
+    path.write_text("\n".join(lines) + "\n")
+    tracemalloc.start()
+    with pytest.raises(ConfigError, match=r"bomb.yaml: not valid YAML: YAML aliases are not "
+                                          r"accepted in a config \(found \*a0"):
+        load_config(path)
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    assert peak < 100 * 2**20, peak
+    with pytest.raises(ConfigError, match="aliases are not accepted"):
+        read_yaml("a: &x 1\nb: *x\n", "small.yaml")
+    assert read_yaml("a: &x 1\nb: 2\n", "anchor.yaml") == {"a": 1, "b": 2}  # an anchor alone is fine
+
+
+def test_error_messages_cut_long_values():
+    from sf_mlflow.config import SHOWN_CHARS
+    from sf_mlflow.errors import ConfigError
+
+    with pytest.raises(ConfigError) as err:
+        config_from_dict({"model": {"n_components": "x" * 100_000}})
+    message = str(err.value)
+    assert "model.n_components = 'xxxx" in message and "(100,002 characters)" in message
+    assert len(message) < SHOWN_CHARS + 200

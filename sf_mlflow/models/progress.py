@@ -6,10 +6,13 @@ reports a line with its ETA at least every :data:`PROGRESS_EVERY_S` seconds (:cl
 :func:`phase` names what a fit is doing; whoever handles signals reads :func:`current_phase`:
 inside ``"training"`` an interrupt waits for the iteration to end (its state is then whole,
 a checkpoint can be kept); inside ``"step"`` (a slow step the trainer can undo) and anywhere
-else there is nothing worth waiting for. A stop noted inside ``"training"``
-(:func:`note_stop_request`) also keeps the next slow step from starting: entering ``"step"``
-then raises :class:`KeyboardInterrupt` at once, rather than after seconds or minutes of a
-step whose result would only be thrown away.
+else there is nothing worth waiting for. A stop is also noted (:func:`note_stop_request`), and
+a noted stop raises :class:`KeyboardInterrupt` on entering any phase and, outside
+``"training"``, at the next :meth:`Progress.tick`: inside ``"training"`` it keeps the next slow
+step from starting (rather than waiting seconds or minutes for a step whose result would only
+be thrown away); elsewhere it stops the fit even when Python dropped the handler's own
+KeyboardInterrupt (raised inside a weakref callback or ``__del__``, where Python prints
+"Exception ignored" and goes on).
 """
 
 from __future__ import annotations
@@ -42,10 +45,10 @@ def note_stop_request(requested: bool = True) -> None:
 def phase(name: str) -> Iterator[None]:
     """Mark the block as the fit's phase ``name`` (phases nest; the innermost is current).
 
-    Entering :data:`STEP` after :func:`note_stop_request` raises :class:`KeyboardInterrupt`
-    before the block runs: the step is not started.
+    Entering any phase after :func:`note_stop_request` raises :class:`KeyboardInterrupt`
+    before the block runs (a slow :data:`STEP` is then not started).
     """
-    if name == STEP and _STOP["requested"]:
+    if _STOP["requested"]:
         raise KeyboardInterrupt
     _PHASES.append(name)
     try:
@@ -82,6 +85,10 @@ class Progress:
         self.t0 = self.last = time.perf_counter()
 
     def tick(self) -> None:
+        """One step done; a line when one is due. Raises KeyboardInterrupt when a stop was
+        noted outside the training loop (whose iterations end first)."""
+        if _STOP["requested"] and current_phase() != TRAINING:
+            raise KeyboardInterrupt
         self.done += 1
         now = time.perf_counter()
         if self.say is None or now - self.last < PROGRESS_EVERY_S:

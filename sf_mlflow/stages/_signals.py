@@ -49,6 +49,9 @@ class StopRequests:
             raise KeyboardInterrupt
         self.signal = signum
         name = signal.Signals(signum).name
+        # noted as well as raised: should Python drop the KeyboardInterrupt below (raised in
+        # a weakref callback), the fit's next phase or progress step raises it again
+        note_stop_request()
         if current_phase() == STEP:
             print(f"\n{name} received: stopping {self.what} now; the step under way is undone and a "
                   "checkpoint of the last whole iteration saved (send it again to abort at once)",
@@ -56,12 +59,10 @@ class StopRequests:
             raise KeyboardInterrupt
         if current_phase() != TRAINING:
             # initialisation (or what follows the loop): no state a checkpoint could keep, so
-            # nothing to wait for. Should Python drop this exception (raised in a __del__),
-            # the flag still stops the fit after its first iteration.
+            # nothing to wait for
             print(f"\n{name} received: stopping {self.what} now ({current_phase() or 'outside the fit'})",
                   file=sys.stderr, flush=True)
             raise KeyboardInterrupt
-        note_stop_request()   # and no slow step starts after it
         print(f"\n{name} received: stopping {self.what} after the current "
               "iteration and saving a checkpoint (send it again to abort at once)",
               file=sys.stderr, flush=True)

@@ -236,6 +236,46 @@ def test_a_stop_noted_between_steps_keeps_the_next_slow_step_from_starting(data,
     np.testing.assert_allclose(model.get_factors(), whole.get_factors(), rtol=1e-6)
 
 
+def test_a_noted_stop_ends_initialisation_at_its_next_step_or_phase(data):
+    """The signal handler notes a stop as well as raising it: should Python drop its
+    KeyboardInterrupt (raised inside a weakref callback), the next progress step of an
+    initialisation phase, or the next phase, raises it again; the training loop's own
+    iterations are left to end (the callback stops the fit after them)."""
+    import sf_mlflow.models.progress as progress
+
+    try:
+        progress.note_stop_request()
+        with pytest.raises(KeyboardInterrupt):
+            PNMF(L, prior=SVGP(num_inducing=20), max_iter=2).fit(
+                data.counts[:200], coordinates=data.coordinates[:200])
+        start = progress.Progress(None, "PNMF start", 10)
+        with _in_phase("initialisation"):
+            with pytest.raises(KeyboardInterrupt):
+                start.tick()
+        with _in_phase(progress.TRAINING):
+            start.tick()                       # in the loop: the iteration ends first
+        assert start.done == 1
+    finally:
+        progress.note_stop_request(False)
+    PNMF(L, max_iter=2, tol=0).fit(data.counts[:200])   # cleared: fits run again
+
+
+def _in_phase(name):
+    """Enter phase ``name`` while a stop is noted (entering would raise, as it should)."""
+    import contextlib
+
+    import sf_mlflow.models.progress as progress
+
+    @contextlib.contextmanager
+    def inside():
+        progress._PHASES.append(name)
+        try:
+            yield
+        finally:
+            progress._PHASES.pop()
+    return inside()
+
+
 def test_time_budget_stops_the_fit_and_keeps_the_best_checked_state(data):
     n = 900
     held = np.arange(n) % 10 == 0
