@@ -388,9 +388,10 @@ class _ConfigLoader(yaml.SafeLoader):
     def compose_node(self, parent, index):
         if self.check_event(yaml.AliasEvent):
             event = self.peek_event()
+            mark = event.start_mark
             raise yaml.YAMLError(f"YAML aliases are not accepted in a config (found "
-                                 f"*{event.anchor} at {event.start_mark}); write the value "
-                                 "out where it is needed")
+                                 f"*{event.anchor} at line {mark.line + 1}, column "
+                                 f"{mark.column + 1}); write the value out where it is needed")
         return super().compose_node(parent, index)
 
 
