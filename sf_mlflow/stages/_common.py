@@ -127,15 +127,16 @@ def safe_name(name: str) -> str:
 
 
 #: Words for the characters a file name leaves out, when two group names differ only there.
+#: (Brackets only separate: ``T(cell)`` -> ``T_cell``.)
 _SPELLED = {"/": "slash", " ": "space", "\\": "backslash", ":": "colon", "+": "plus",
-            "&": "and", "(": "(", ")": ")", ",": "comma", "#": "hash"}
+            "&": "and", ",": "comma", "#": "hash", "(": "", ")": ""}
 
 
 def _spelled(name: str) -> str:
     """``L2/3`` -> ``L2_slash_3``: a file-name part that keeps what safe_name drops."""
     def word(m: re.Match) -> str:
         c = m.group()
-        return "_" + _SPELLED.get(c, f"u{ord(c):04x}").strip("()") + "_" if c not in "()" else "_"
+        return f"_{_SPELLED.get(c, f'u{ord(c):04x}')}_"
     return re.sub(r"_+", "_", re.sub(r"[^A-Za-z0-9._-]", word, str(name))).strip("_") or "group"
 
 
