@@ -22,7 +22,7 @@ import time
 from typing import Callable, Iterator, Optional
 
 __all__ = ["PROGRESS_EVERY_S", "Progress", "phase", "current_phase", "note_stop_request",
-           "TRAINING", "STEP", "duration_text"]
+           "stop_point", "stopping", "TRAINING", "STEP", "duration_text"]
 
 #: Longest wait between two progress lines of a long phase (and of training iterations).
 PROGRESS_EVERY_S = 10.0
@@ -39,6 +39,24 @@ _STOP = {"requested": False}
 def note_stop_request(requested: bool = True) -> None:
     """A stop was asked for while the current iteration ends (or, False, no longer is)."""
     _STOP["requested"] = bool(requested)
+
+
+def stop_point() -> None:
+    """Raise :class:`KeyboardInterrupt` when a stop was noted and the fit is not inside
+    ``"training"`` (whose iterations end first): a place where initialisation may end."""
+    if _STOP["requested"] and current_phase() != TRAINING:
+        raise KeyboardInterrupt
+
+
+def stopping(say: Callable[[str], None]) -> Callable[[str], None]:
+    """``say`` that passes a :func:`stop_point` before each line: a phase's progress line marks
+    the end of one piece of work and the start of the next, so a noted stop ends the phase
+    there rather than after the next piece (an interrupt Python dropped between two pieces
+    that report no :meth:`Progress.tick` would otherwise let the next one run whole)."""
+    def said(line: str) -> None:
+        stop_point()
+        say(line)
+    return said
 
 
 @contextlib.contextmanager
@@ -87,8 +105,7 @@ class Progress:
     def tick(self) -> None:
         """One step done; a line when one is due. Raises KeyboardInterrupt when a stop was
         noted outside the training loop (whose iterations end first)."""
-        if _STOP["requested"] and current_phase() != TRAINING:
-            raise KeyboardInterrupt
+        stop_point()
         self.done += 1
         now = time.perf_counter()
         if self.say is None or now - self.last < PROGRESS_EVERY_S:

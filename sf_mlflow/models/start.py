@@ -54,7 +54,7 @@ from sf_mlflow.models.likelihood import CountBatch, poisson_deviance
 from sf_mlflow.models.natural import _flipped_cholesky, _lu_from_flipped, _solve_flipped
 from sf_mlflow.models.neighbours import nearest_neighbour_log_factors
 from sf_mlflow.models.priors import FactorPrior, GaussianPrior
-from sf_mlflow.models.progress import Progress
+from sf_mlflow.models.progress import Progress, stopping
 
 __all__ = ["initial_prior", "choose_hyperparameters", "conjugate_qv", "hyperparameter_bounds",
            "PNMF_START_MAX_ITER", "HYPER_SPOTS"]
@@ -135,7 +135,8 @@ def initial_prior(p: dict, Y, full: CountBatch, gen: torch.Generator, coords: Op
         (with validation), the chosen ``lengthscale``/``sigma``/``group_diff_param``,
         ``num_inducing`` and how it was chosen, and ``start_seconds``.
     """
-    say = say or (lambda msg: None)
+    # every line of the start passes a stop point (see progress.stopping)
+    say = stopping(say or (lambda msg: None))
     t0 = time.perf_counter()
     L, spatial, K = p["n_components"], p["spatial"], p["n_spatial"]
     device, dtype = full.device, full.values.dtype

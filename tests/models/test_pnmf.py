@@ -260,6 +260,33 @@ def test_a_noted_stop_ends_initialisation_at_its_next_step_or_phase(data):
     PNMF(L, max_iter=2, tol=0).fit(data.counts[:200])   # cleared: fits run again
 
 
+def test_a_stop_noted_between_two_pieces_of_the_start_ends_it_before_the_next(data, monkeypatch):
+    """An interrupt Python dropped after the inducing points were placed (CI: the handler's
+    KeyboardInterrupt raised inside a weakref callback) ends the start at its next line: the
+    conjugate start, which reports no progress step before its first block, never begins."""
+    import io
+    import sys
+
+    import sf_mlflow.models.progress as progress
+
+    class NotingAStop(io.StringIO):
+        def write(self, text):
+            if text.startswith("inducing points: M ="):
+                progress.note_stop_request()   # what the handler does before raising
+            return super().write(text)
+
+    out = NotingAStop()
+    monkeypatch.setattr(sys, "stdout", out)
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            PNMF(3, prior=SVGP(num_inducing=30), max_iter=2, tol=0, verbose=True).fit(
+                data.counts[:300], coordinates=data.coordinates[:300] * 20, groups=data.groups[:300])
+    finally:
+        progress.note_stop_request(False)
+    assert "inducing points: M =" in out.getvalue()
+    assert "conjugate start" not in out.getvalue(), out.getvalue()
+
+
 def _in_phase(name):
     """Enter phase ``name`` while a stop is noted (entering would raise, as it should)."""
     import contextlib
