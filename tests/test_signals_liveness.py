@@ -118,11 +118,18 @@ def preprocess(tmp_path: Path, path: Path, env: dict[str, str]) -> None:
 
 # ---- 1. SIGTERM outside the fit ---------------------------------------------------------------
 
+#: PIPELINE with an analyze of tens of seconds (its group loadings), so that a signal sent
+#: once the group loadings have begun lands inside analyze even on a loaded machine (at
+#: the default 100 updates analyze took 1.7 s, and a busy CI once saw it finish first).
+SLOW_ANALYZE = {**PIPELINE, "analysis": {"group_loadings_iter": 3000}}
+
+
 def test_sigterm_during_analyze_in_main_ends_the_analyze_and_main_runs_killed(tmp_path):
     store = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    path = write_config(tmp_path, PIPELINE)
+    path = write_config(tmp_path, SLOW_ANALYZE)
     main = Pipeline(tmp_path, ["main", "-c", str(path)], cli_env(store), "main.log")
-    main.wait_for(lambda: "[analyze] run " in main.output(), "the analyze run")
+    main.wait_for(lambda: "[analyze] group-specific loadings" in main.output(),
+                  "the analyze run's group loadings")
     code = main.signal(signal.SIGTERM)
 
     out = main.output()
