@@ -95,6 +95,10 @@ class DataConfig:
                     "is not integral")
     missing_groups: Literal["drop", "unknown"] = _f(
         "drop", doc="spots whose group label is missing: drop them, or give them the group 'unknown'")
+    make_unique: bool = _f(
+        False, omit_unset=True,
+        doc="gene or spot names that occur more than once: false = refuse the file; true = "
+            "append -1, -2, ... to the repeats, as anndata's var_names_make_unique does")
     synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
 
     def __post_init__(self) -> None:
@@ -267,15 +271,20 @@ def _flatten(d: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
     return out
 
 
+def _same(value: Any, default: Any) -> bool:
+    """``value`` is ``default`` itself, not merely equal to it (0 is not False)."""
+    return type(value) is type(default) and value == default
+
+
 def _unset_omitted(obj: Any, prefix: str = "", hashing: bool = False) -> set[str]:
-    """Dotted keys of the ``omit_unset`` fields that are None and of the ``unhashed`` ones at
+    """Dotted keys of the ``omit_unset`` fields at their default and of the ``unhashed`` ones at
     their default (all ``unhashed`` ones with ``hashing``), see :func:`sf_mlflow.constraints.param`."""
     out: set[str] = set()
     for f in dataclasses.fields(obj):
         value = getattr(obj, f.name)
         if dataclasses.is_dataclass(value):
             out |= _unset_omitted(value, f"{prefix}{f.name}.", hashing)
-        elif (value is None and f.metadata.get("omit_unset")) or (
+        elif (f.metadata.get("omit_unset") and _same(value, f.default)) or (
                 f.metadata.get("unhashed") and (hashing or value == f.default)):
             out.add(prefix + f.name)
     return out

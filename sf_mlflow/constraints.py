@@ -65,9 +65,9 @@ def param(default: Any, lo: float | None = None, hi: float | None = None, *, lo_
        hi_open: bool = False, doc: str = "", omit_unset: bool = False, unhashed: bool = False) -> Any:
     """A dataclass field with a default, an optional numeric range and a description.
 
-    ``omit_unset``: a setting added after runs were hashed, whose default (None) keeps the
-    old behaviour; while it is None it is left out of the config's flat view, so the stage
-    hashes, params and study names of configs that do not set it stay what they were.
+    ``omit_unset``: a setting added after runs were hashed, whose default keeps the old
+    behaviour; while it has its default it is left out of the config's flat view, so the
+    stage hashes, params and study names of configs that do not set it stay what they were.
 
     ``unhashed``: a setting that changes how a result is computed but not the result (e.g.
     how many processes share a fit); it is left out of the config's hashes, and out of its
@@ -77,8 +77,6 @@ def param(default: Any, lo: float | None = None, hi: float | None = None, *, lo_
     if unhashed:
         meta["unhashed"] = True
     if omit_unset:
-        if default is not None:
-            raise TypeError("omit_unset needs the default None")
         meta["omit_unset"] = True
     if isinstance(default, (dict, list)) or dataclasses.is_dataclass(default):
         raise TypeError("use field(default_factory=...) for mutable defaults")

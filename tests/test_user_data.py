@@ -113,3 +113,83 @@ def test_show_config_lists_every_default_used_and_where_each_value_came_from(tmp
     from sf_mlflow.config_reference import settings
 
     assert set(rows) == {s.key for s in settings()}   # every key, none left out
+
+
+# ---- repeated gene names (issue 22) --------------------------------------------------------
+
+def _with_repeated_genes(tmp_path: Path) -> tuple[Path, list[str]]:
+    """The user's file with Gene1 renamed Gene0 and Gene6, Gene7 renamed Gene5 (as two
+    probes of one gene often are), and the names anndata's make_unique gives them."""
+    path = user_h5ad(tmp_path / "my_tissue.h5ad")
+    adata = ad.read_h5ad(path)
+    names = list(adata.var_names)
+    names[1], names[6], names[7] = "Gene0", "Gene5", "Gene5"
+    adata.var_names = names
+    adata.write_h5ad(path)
+    unique = adata.copy()
+    unique.var_names_make_unique()
+    return path, list(unique.var_names)
+
+
+def test_repeated_gene_names_are_refused_in_one_line_naming_them_and_the_setting(
+        mlflow_store, tmp_path, capsys):
+    path = user_config(tmp_path)
+    _with_repeated_genes(tmp_path)
+    assert main(["preprocess", "-c", str(path)]) != 0
+    err = [line for line in capsys.readouterr().err.strip().splitlines()
+           if " INFO mlflow." not in line]      # MLflow's own lines on creating the store
+    assert len(err) == 1, err
+    assert ("2 gene names occur more than once ('Gene0' x2, 'Gene5' x3)" in err[0]
+            and "data.make_unique: true" in err[0]), err[0]
+
+
+def test_make_unique_gives_the_model_one_loading_and_one_predicted_column_per_gene(
+        mlflow_store, tmp_path):
+    import mlflow.pyfunc
+
+    path = user_config(tmp_path)
+    _, unique = _with_repeated_genes(tmp_path)
+    raw = yaml.safe_load(path.read_text())
+    raw["data"]["make_unique"] = True
+    raw["model"] = {"n_components": 3, "prior": "Gaussian"}
+    raw["training"] = {"max_iter": 30}
+    path.write_text(yaml.safe_dump(raw))
+    assert main(["preprocess", "-c", str(path)]) == 0
+    assert main(["train", "-c", str(path), "--register-as", "repeats"]) == 0
+    model = mlflow.pyfunc.load_model("models:/repeats/1")
+    spots = model.input_example
+    counts = model.predict(spots, params={"output": "expected_counts"})
+    assert counts.shape == (len(spots), 80)
+    assert list(counts.columns) == [g for g in unique]   # every gene, in the file's order
+    assert {"Gene0", "Gene0-1", "Gene5", "Gene5-1", "Gene5-2"} <= set(counts.columns)
+    picked = model.predict(spots, params={"output": "expected_counts",
+                                          "genes": ["Gene5-2", "Gene0"]})
+    np.testing.assert_array_equal(picked.to_numpy(), counts[["Gene5-2", "Gene0"]].to_numpy())
+    assert not np.allclose(counts["Gene0"], counts["Gene0-1"])   # two genes, two loadings
+
+
+def test_a_model_registered_with_repeated_names_answers_by_position_and_refuses_the_name():
+    """Models registered before repeated names were refused still predict every gene (by
+    position); asking for a repeated name is an error, not the last repeat's loadings."""
+    import pytest
+
+    from sf_mlflow.analysis.predictor import FactorPredictor, prediction_info
+    from sf_mlflow.errors import DataError
+    from sf_mlflow.models.pnmf import PNMF
+
+    rng = np.random.default_rng(0)
+    Y = rng.poisson(3.0, size=(60, 4)).astype(float)
+    xy = rng.uniform(0, 10, size=(60, 2))
+    model = PNMF(2, max_iter=20, tol=0).fit(Y, coordinates=xy)
+    metadata = {"gene_names": ["a", "b", "a", "c"],
+                "coordinate_transform": {"center": [0.0, 0.0], "scale": 1.0}}
+    info = prediction_info(model, metadata, model_kind="pnmf", neighbours=3)
+    predictor = FactorPredictor(model, info)
+    spots = pd.DataFrame({"x": xy[:5, 0], "y": xy[:5, 1]})
+    every = predictor.predict(spots, {"output": "expected_counts"})
+    assert list(every.columns) == ["a", "b", "a", "c"]
+    F = predictor.predict(spots).to_numpy()
+    np.testing.assert_allclose(every.to_numpy(), F @ model.loadings_.T)
+    with pytest.raises(DataError, match=r"\['a'\] name\(s\) several genes .*rows \[\[0, 2\]\]"):
+        predictor.predict(spots, {"output": "expected_counts", "genes": ["a"]})
+    assert list(predictor.predict(spots, {"output": "expected_counts", "genes": "c"}).columns) == ["c"]

@@ -192,7 +192,12 @@ class FactorPredictor:
         t = self.info["coordinate_transform"]
         self.center = np.asarray(t["center"], dtype=np.float64)      # (2,)
         self.scale = float(t["scale"])
-        self.gene_index = {g: i for i, g in enumerate(self.info["gene_names"])}
+        self.gene_names = [str(g) for g in self.info["gene_names"]]     # (D,), the loadings' rows
+        # a name -> its rows; more than one only in models registered before repeated gene
+        # names were refused, which then answer by position and refuse the ambiguous name
+        self.gene_rows: dict[str, list[int]] = {}
+        for i, g in enumerate(self.gene_names):
+            self.gene_rows.setdefault(g, []).append(i)
         names = self.info.get("group_names") or []
         self.group_index = {g: i for i, g in enumerate(names)}
         self.loadings = np.asarray(model.loadings_, dtype=np.float64)  # (D, L)
@@ -325,13 +330,25 @@ class FactorPredictor:
         F = self.factors(X, groups, neighbours=p["neighbours"], exp_mean=bool(p["exp_mean"]))
         if output == "factors":
             return pd.DataFrame(F, index=frame.index, columns=self.columns)
-        genes = p["genes"]
+        rows, genes = self.gene_columns(p["genes"])
+        return pd.DataFrame(F @ self.loadings[rows].T, index=frame.index, columns=genes)
+
+    def gene_columns(self, genes: Any) -> tuple[list[int], list[str]]:
+        """The loadings' rows and the column names of ``genes`` (a name, a list of names, or
+        empty/None for every gene, by position)."""
+        if genes is None:
+            genes = []
         genes = [genes] if isinstance(genes, str) else [str(g) for g in np.ravel(genes)]
         if not genes:
-            genes = list(self.gene_index)
-        unknown = [g for g in genes if g not in self.gene_index]
+            return list(range(len(self.gene_names))), list(self.gene_names)
+        unknown = [g for g in genes if g not in self.gene_rows]
         if unknown:
             raise DataError(f"param genes has unknown gene(s) {unknown[:10]}; this model has "
-                            f"{len(self.gene_index)} genes, e.g. {list(self.gene_index)[:5]}")
-        W = self.loadings[[self.gene_index[g] for g in genes]]      # (G, L)
-        return pd.DataFrame(F @ W.T, index=frame.index, columns=genes)
+                            f"{len(self.gene_names)} genes, e.g. {self.gene_names[:5]}")
+        ambiguous = [g for g in genes if len(self.gene_rows[g]) > 1]
+        if ambiguous:
+            raise DataError(f"param genes: {ambiguous[:10]} name(s) several genes of this model "
+                            f"(rows {[self.gene_rows[g] for g in ambiguous[:3]]}); leave genes "
+                            "empty for one column per gene by position, or retrain with "
+                            "data.make_unique: true")
+        return [self.gene_rows[g][0] for g in genes], genes

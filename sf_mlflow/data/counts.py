@@ -81,6 +81,16 @@ class SpatialCounts:
             raise DataError(f"{source}: {len(self.gene_names)} gene names for {d} genes")
         if len(self.spot_names) != n:
             raise DataError(f"{source}: {len(self.spot_names)} spot names for {n} spots")
+        for what, names in (("gene", self.gene_names), ("spot", self.spot_names)):
+            repeats = repeated_names(names)
+            if repeats:
+                shown = ", ".join(f"{name!r} x{k}" for name, k in repeats[:5])
+                more = f" and {len(repeats) - 5} more" if len(repeats) > 5 else ""
+                raise DataError(
+                    f"{source}: {len(repeats)} {what} names occur more than once ({shown}{more}); "
+                    f"a model would mix their {'loadings' if what == 'gene' else 'factors'} up. "
+                    "Set data.make_unique: true to append -1, -2, ... to the repeats (as "
+                    "anndata's make_unique does), or rename them in the file")
         vals = Y.data
         if vals.size:
             bad = ~np.isfinite(vals)
@@ -125,6 +135,14 @@ class SpatialCounts:
         return (f"first: spot {self.spot_names[row]!r}, gene {self.gene_names[col]!r} "
                 f"= {Y.data[k]:g}")
 
+    def made_unique(self) -> tuple["SpatialCounts", int, int]:
+        """A copy whose repeated gene and spot names get ``-1``, ``-2``, ... appended (the first
+        of each keeps its name), with the numbers of genes and of spots renamed."""
+        genes, n_genes = unique_names(self.gene_names)
+        spots, n_spots = unique_names(self.spot_names)
+        out = SpatialCounts(**{**self.__dict__, "gene_names": genes, "spot_names": spots})
+        return out, n_genes, n_spots
+
     def subset(self, spots: np.ndarray | None = None, genes: np.ndarray | None = None) -> "SpatialCounts":
         """A copy restricted to the given spot and gene indices (or boolean masks).
 
@@ -154,3 +172,39 @@ class SpatialCounts:
             truth=truth,
             counts_source=self.counts_source,
         )
+
+
+def repeated_names(names) -> list[tuple[str, int]]:
+    """Each name that occurs more than once, with its count, in order of first occurrence."""
+    values, first, counts = np.unique(np.asarray(names).astype(str), return_index=True,
+                                      return_counts=True)
+    order = np.argsort(first[counts > 1], kind="stable")
+    return [(str(v), int(k)) for v, k in zip(values[counts > 1][order], counts[counts > 1][order])]
+
+
+def unique_names(names) -> tuple[np.ndarray, int]:
+    """``names`` (D,) with ``-1``, ``-2``, ... appended to the second, third, ... occurrence of a
+    name (skipping suffixes that are names already), and how many were renamed.
+
+    The rule of anndata's ``var_names_make_unique`` (separator ``-``), so names agree with a
+    file the user made unique there.
+    """
+    names = [str(x) for x in np.asarray(names, dtype=object).ravel()]
+    taken = set(names)
+    seen: dict[str, int] = {}
+    out, renamed = [], 0
+    for name in names:
+        k = seen.get(name, 0)
+        seen[name] = k + 1
+        if k == 0:
+            out.append(name)
+            continue
+        new = f"{name}-{k}"
+        while new in taken:
+            k += 1
+            new = f"{name}-{k}"
+        seen[name] = k + 1
+        taken.add(new)
+        out.append(new)
+        renamed += 1
+    return np.asarray(out, dtype=object), renamed

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import numbers
+import warnings
 from pathlib import Path
 from typing import Any, Optional, Union
 
@@ -66,14 +67,16 @@ def load_dataset(cfg: Config) -> SpatialCounts:
     if cfg.dataset == "slideseq":
         group_key = SLIDESEQ_GROUP_KEY if d.group_key == "auto" else d.group_key
         return load_slideseq(d.path, coordinates_key=d.coordinates_key, group_key=group_key,
-                             layer=d.layer, use_raw=d.use_raw, missing_groups=d.missing_groups)
+                             layer=d.layer, use_raw=d.use_raw, missing_groups=d.missing_groups,
+                             make_unique=d.make_unique)
     if cfg.dataset == "h5ad":
         if d.path is None:
             raise DataError("dataset 'h5ad' needs data.path: set it to the .h5ad file to read "
                             "(e.g. --set data.path=/path/to/file.h5ad)")
         group_key = None if d.group_key == "auto" else d.group_key
         return read_h5ad_counts(d.path, coordinates_key=d.coordinates_key, group_key=group_key,
-                                layer=d.layer, use_raw=d.use_raw, missing_groups=d.missing_groups)
+                                layer=d.layer, use_raw=d.use_raw, missing_groups=d.missing_groups,
+                             make_unique=d.make_unique)
     if cfg.dataset == "synthetic":
         return synthetic_from_config(d.synthetic, cfg.seed).validate(source="synthetic data")
     raise DataError(f"dataset = {cfg.dataset!r} is unknown; valid datasets: {', '.join(DATASETS)}")
@@ -82,7 +85,7 @@ def load_dataset(cfg: Config) -> SpatialCounts:
 def load_slideseq(path: Optional[str | Path] = None, *, coordinates_key: str = "spatial",
                   group_key: Optional[str] = SLIDESEQ_GROUP_KEY, layer: Optional[str] = None,
                   use_raw: UseRaw = "auto", missing_groups: str = "drop",
-                  download: bool = True) -> SpatialCounts:
+                  download: bool = True, make_unique: bool = False) -> SpatialCounts:
     """Read squidpy's Slide-seqV2 mouse hippocampus data (41,786 beads, 14 cell types).
 
     squidpy's file keeps 4,000 selected, log-normalised genes in ``X`` and the raw counts
@@ -94,7 +97,7 @@ def load_slideseq(path: Optional[str | Path] = None, *, coordinates_key: str = "
     ----------
     path : str or Path, optional
         The cached ``.h5ad`` file; default :data:`SLIDESEQ_DEFAULT_PATH`.
-    coordinates_key, group_key, layer, missing_groups
+    coordinates_key, group_key, layer, missing_groups, make_unique
         As in :func:`read_h5ad_counts`; ``group_key`` defaults to ``"cluster"``.
     use_raw : {"auto", True, False}
         ``"auto"`` = ``adata.raw`` when present (and ``layer`` is None), else ``X``; True =
@@ -119,7 +122,8 @@ def load_slideseq(path: Optional[str | Path] = None, *, coordinates_key: str = "
                 f"squidpy.datasets.slideseqv2(path='{p}')\" and copy it to {str(p)!r}, or set "
                 "data.path to where the file is (e.g. --set data.path=/path/to/slideseqv2.h5ad)")
     return _read_h5ad(p, coordinates_key=coordinates_key, group_key=group_key, layer=layer,
-                      use_raw=use_raw, missing_groups=missing_groups, prefer_raw=True)
+                      use_raw=use_raw, missing_groups=missing_groups, prefer_raw=True,
+                      make_unique=make_unique)
 
 
 def _download_slideseq(p: Path) -> str:
@@ -136,7 +140,8 @@ def _download_slideseq(p: Path) -> str:
 
 def read_h5ad_counts(path: str | Path, coordinates_key: str = "spatial",
                      group_key: Optional[str] = None, layer: Optional[str] = None,
-                     missing_groups: str = "drop", use_raw: UseRaw = "auto") -> SpatialCounts:
+                     missing_groups: str = "drop", use_raw: UseRaw = "auto",
+                     make_unique: bool = False) -> SpatialCounts:
     """Read raw counts, spot coordinates and optional group labels from an AnnData file.
 
     Parameters
@@ -156,6 +161,10 @@ def read_h5ad_counts(path: str | Path, coordinates_key: str = "spatial",
         Read ``adata.raw.X`` (N, D_raw) and its gene names: True = always (an error if the
         file has none); False = never; ``"auto"`` = when the file has ``adata.raw``,
         ``layer`` is None and ``X`` holds non-integer values (normalised data).
+    make_unique : bool
+        Gene or spot names that occur more than once are an error (a model indexed by name
+        would mix them up); True appends ``-1``, ``-2``, ... to the repeats instead (the rule
+        of anndata's ``var_names_make_unique``) and logs how many were renamed.
 
     Returns
     -------
@@ -167,12 +176,13 @@ def read_h5ad_counts(path: str | Path, coordinates_key: str = "spatial",
         that names the matrix read and the setting that picks another.
     """
     return _read_h5ad(path, coordinates_key=coordinates_key, group_key=group_key, layer=layer,
-                      use_raw=use_raw, missing_groups=missing_groups, prefer_raw=False)
+                      use_raw=use_raw, missing_groups=missing_groups, prefer_raw=False,
+                      make_unique=make_unique)
 
 
 def _read_h5ad(path: str | Path, *, coordinates_key: str, group_key: Optional[str],
                layer: Optional[str], use_raw: UseRaw, missing_groups: str,
-               prefer_raw: bool) -> SpatialCounts:
+               prefer_raw: bool, make_unique: bool = False) -> SpatialCounts:
     """:func:`read_h5ad_counts`; ``prefer_raw`` makes ``use_raw="auto"`` read ``adata.raw``
     whenever it is present (the Slide-seq source), not only when ``X`` is non-integral."""
     p = Path(path)
@@ -183,22 +193,26 @@ def _read_h5ad(path: str | Path, *, coordinates_key: str, group_key: Optional[st
     import anndata
 
     try:
-        adata = anndata.read_h5ad(p)
+        with warnings.catch_warnings():
+            # repeated names are refused or made unique below, in the project's own words
+            warnings.filterwarnings("ignore", message=".*names are not unique")
+            adata = anndata.read_h5ad(p)
     except Exception as e:  # h5py/anndata raise assorted types for corrupt or non-h5ad files
         raise DataError(f"{p}: cannot be read as an AnnData .h5ad file "
                         f"({type(e).__name__}: {e})") from None
     return counts_from_anndata(adata, source=str(p), coordinates_key=coordinates_key,
                                group_key=group_key, layer=layer, missing_groups=missing_groups,
-                               use_raw=use_raw, prefer_raw=prefer_raw)
+                               use_raw=use_raw, prefer_raw=prefer_raw, make_unique=make_unique)
 
 
 def counts_from_anndata(adata: Any, source: str = "AnnData", coordinates_key: str = "spatial",
                         group_key: Optional[str] = None, layer: Optional[str] = None,
                         missing_groups: str = "drop", use_raw: UseRaw = "auto",
-                        prefer_raw: bool = False) -> SpatialCounts:
+                        prefer_raw: bool = False, make_unique: bool = False) -> SpatialCounts:
     """:func:`read_h5ad_counts` for an in-memory ``anndata.AnnData``; ``source`` names it in errors.
 
-    ``prefer_raw=True`` makes ``use_raw="auto"`` read ``adata.raw`` whenever it is present.
+    ``prefer_raw=True`` makes ``use_raw="auto"`` read ``adata.raw`` whenever it is present;
+    ``make_unique`` as in :func:`read_h5ad_counts`.
     """
     if missing_groups not in _MISSING_POLICIES:
         raise DataError(f"{source}: missing_groups = {missing_groups!r} is unknown; use one of "
@@ -228,6 +242,11 @@ def counts_from_anndata(adata: Any, source: str = "AnnData", coordinates_key: st
                     "(set data.missing_groups: unknown to keep them)",
                     source, int((~keep).sum()), keep.size, group_key)
         data = data.subset(spots=keep)
+    if make_unique:
+        data, genes, spots = data.made_unique()
+        if genes or spots:
+            log.warning("%s: data.make_unique renamed %d repeated gene names and %d repeated spot "
+                        "names (-1, -2, ... appended)", source, genes, spots)
     return data.validate(source=source)
 
 

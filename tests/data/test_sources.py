@@ -393,3 +393,18 @@ def test_unknown_dataset_lists_valid_ones():
     cfg.dataset = "visium"
     with pytest.raises(DataError, match="'visium' is unknown; valid datasets: slideseq, h5ad, synthetic"):
         load_dataset(cfg)
+
+
+def test_repeated_spot_names_are_refused_or_made_unique(tmp_path):
+    obs = pd.DataFrame(index=["s0", "s1", "s0", "s0-1"])
+    path = _write(tmp_path, obs=obs)
+    with pytest.raises(DataError, match=r"1 spot names occur more than once \('s0' x2\).*"
+                                        r"data.make_unique: true"):
+        read_h5ad_counts(path)
+    d = read_h5ad_counts(path, make_unique=True)
+    assert list(d.spot_names) == ["s0", "s1", "s0-2", "s0-1"]   # anndata's rule: s0-1 is taken
+    cfg = config_from_dict({"dataset": "h5ad", "data": {"path": str(path), "make_unique": True}})
+    assert list(load_dataset(cfg).spot_names) == list(d.spot_names)
+    assert "data.make_unique" in cfg.flat()
+    unset = config_from_dict({"dataset": "h5ad", "data": {"path": str(path)}})
+    assert "data.make_unique" not in unset.flat()   # hashes of configs without it stay
