@@ -46,7 +46,9 @@ EXAMPLES = {
     "export": "examples:\n"
               "  spatial_factorization export --run-id <analyze run ID> -o results.h5ad\n"
               "  spatial_factorization export --run-id <ID> -o r.h5ad "
-              "--tracking-uri sqlite:////path/to/mlflow.db",
+              "--tracking-uri sqlite:////path/to/mlflow.db\n"
+              "  spatial_factorization export --run-id <ID> -o results.h5ad --force   "
+              "# replace it",
     "show-config": "examples:\n"
                    "  spatial_factorization show-config\n"
                    "  spatial_factorization show-config -c my.yaml --set model.n_components=8",
@@ -85,6 +87,9 @@ def _build_parser() -> argparse.ArgumentParser:
                            epilog=EXAMPLES.get(name),
                            formatter_class=argparse.RawDescriptionHelpFormatter)
         for opt in command.options:
+            if opt.switch:
+                p.add_argument(*opt.flags, dest=opt.keyword, action="store_true", help=opt.help)
+                continue
             p.add_argument(*opt.flags, dest=opt.keyword, required=opt.required,
                            default=[] if opt.repeat else opt.default,
                            action="append" if opt.repeat else "store",

@@ -22,6 +22,7 @@ import yaml
 from sf_mlflow.config import Config, _flatten, config_from_dict, parse_overrides, read_yaml
 from sf_mlflow.constraints import describe
 from sf_mlflow.errors import ConfigError
+from sf_mlflow.files import atomic_write
 
 __all__ = ["Setting", "settings", "markdown_table", "show_config", "update_readme",
            "BEGIN", "END"]
@@ -105,7 +106,7 @@ def update_readme(path: str | Path) -> bool:
     _, tail = rest.split(END, 1)
     new = f"{head}{BEGIN}\n{markdown_table()}\n{END}{tail}"
     if new != text:
-        path.write_text(new)
+        atomic_write(path, lambda fh: fh.write(new.encode()))
     return new != text
 
 

@@ -20,7 +20,9 @@ spots: ``adata[~adata.obs["heldout"]]`` with the same graph reproduces it.
 from __future__ import annotations
 
 import csv
+import io
 import json
+import os
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -30,6 +32,7 @@ import scipy.sparse as sp
 
 from sf_mlflow.data.io import PreprocessedData, read_preprocessed
 from sf_mlflow.errors import DataError, RunLookupError
+from sf_mlflow.files import replacing
 from sf_mlflow.stages._common import group_file_names
 from sf_mlflow.tracking import (
     TAG_DATASET,
@@ -223,20 +226,54 @@ def _assemble(run, train_id: str, pre_id: str, pre: PreprocessedData, a: Path):
     return adata
 
 
-def export_h5ad(run_id: str, output: str, tracking_uri: str | None = None) -> Path:
+def export_h5ad(run_id: str, output: str, tracking_uri: str | None = None,
+                force: bool = False) -> Path:
     """Write :func:`to_anndata` of analyze run ``run_id`` (in the store ``tracking_uri``)
-    to the ``.h5ad`` file ``output``."""
+    to the ``.h5ad`` file ``output``.
+
+    The file is written beside ``output`` under a temporary name and renamed only when
+    complete (:func:`sf_mlflow.files.replacing`): a full disk or a crash leaves an existing
+    ``output`` as it was and no half-written file. An existing ``output`` is replaced only
+    with ``force``.
+    """
     path = Path(output)
     if path.suffix != ".h5ad":
         raise DataError(f"output {output!r} must end in .h5ad, e.g. -o results.h5ad")
     if not path.parent.is_dir():
         raise DataError(f"output {output!r}: folder {str(path.parent)!r} does not exist; "
                         "create it first or choose another path")
+    if path.exists() and not force:      # before minutes of reading, not after
+        raise DataError(f"output {output!r} exists; pass --force to replace it, or choose "
+                        "another path")
     adata = to_anndata(run_id, tracking_uri)
-    adata.write_h5ad(path)
+    image = h5ad_image(adata)
+    with replacing(path, force=force, expected_bytes=image.nbytes) as tmp:
+        with open(tmp, "wb") as fh:
+            fh.write(image)
+            fh.flush()
+            os.fsync(fh.fileno())
     kind = adata.uns["sf_mlflow"]["model"]
     print(f"[export] wrote {path} ({adata.n_obs:,} spots x {adata.n_vars:,} genes, "
           f"{adata.obsm[f'X_{kind}'].shape[1]} {kind} factors in obsm['X_{kind}'], "
           f"{int((adata.obs['heldout'] == 'held-out').sum()):,} held-out spots in "
           "obs['heldout'])", flush=True)
     return path
+
+
+
+def h5ad_image(adata) -> memoryview:
+    """The bytes of ``adata`` as an ``.h5ad`` file, assembled in memory.
+
+    HDF5 crashes the interpreter (a segmentation fault at exit, after pages of tracebacks)
+    when the file it writes stops growing (a full disk, a quota); in memory it cannot, and
+    the bytes then go to disk by plain file writes, whose failure is an ordinary OSError.
+    The price is memory for one more copy of the file.
+    """
+    import h5py
+    from anndata.io import write_elem
+
+    adata.strings_to_categoricals()      # as AnnData.write_h5ad does
+    buffer = io.BytesIO()
+    with h5py.File(buffer, "w") as f:
+        write_elem(f, "/", adata)
+    return buffer.getbuffer()

@@ -26,6 +26,7 @@ from typing import Mapping, Optional, Sequence
 
 import numpy as np
 
+from sf_mlflow.files import atomic_write
 from sf_mlflow.models.stopping import describe_stop
 
 __all__ = ["ModelResult", "Figure", "METRIC_COLUMNS", "render_report", "write_report",
@@ -279,7 +280,8 @@ def render_report(title: str, models: Sequence[ModelResult], *,
 
 
 def write_report(path: str | Path, title: str, models: Sequence[ModelResult], **kwargs) -> Path:
-    """Write :func:`render_report` to ``path``; return it."""
+    """Write :func:`render_report` to ``path`` (whole or not at all); return it."""
     path = Path(path)
-    path.write_text(render_report(title, models, **kwargs), encoding="utf-8")
+    text = render_report(title, models, **kwargs)
+    atomic_write(path, lambda fh: fh.write(text.encode("utf-8")))
     return path

@@ -154,7 +154,7 @@ def test_cli_export_writes_a_readable_h5ad(mlflow_store, tmp_path, capsys):
                                                               "spatial"]
 
     # a run of another stage, or an output that is not .h5ad: one line naming the fix
-    assert main(["export", "--run-id", train_id, "-o", str(out)]) == 2
+    assert main(["export", "--run-id", train_id, "-o", str(tmp_path / "other.h5ad")]) == 2
     assert "is a 'train' run, but an 'analyze' run ID is required" in user_error(
         capsys.readouterr().err)
     assert main(["export", "--run-id", analyze_id, "-o", str(tmp_path / "r.csv")]) == 2
@@ -192,3 +192,54 @@ def test_all_spots_puts_rows_back_in_data_order():
                                   np.ones((3, 2)))
     with pytest.raises(ValueError, match="2 held-out spots but 0 held-out rows"):
         all_spots(np.ones((3, 1)), None, held)
+
+
+def _export_in_a_child(store: str, run_id: str, out, *extra: str, max_file_bytes: int):
+    """``export`` in a fresh process whose files may not grow past ``max_file_bytes``
+    (RLIMIT_FSIZE: a write beyond it fails with EFBIG, as on a full disk)."""
+    import os
+    import resource
+    import signal
+    import subprocess
+    import sys
+
+    def limited():
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)      # EFBIG instead of being killed
+        resource.setrlimit(resource.RLIMIT_FSIZE, (max_file_bytes, max_file_bytes))
+
+    return subprocess.run([sys.executable, "-m", "sf_mlflow.cli", "export", "--run-id", run_id,
+                           "-o", str(out), *extra], env={**os.environ, "MLFLOW_TRACKING_URI": store},
+                          preexec_fn=limited, capture_output=True, text=True, timeout=300)
+
+
+def test_export_replaces_only_with_force_and_a_failed_write_leaves_the_target_as_it_was(
+        mlflow_store, tmp_path, capsys):
+    _, _, _, analyze_id = chain("pnmf", tmp_path)
+    folder = tmp_path / "exports"
+    folder.mkdir()
+    out = folder / "results.h5ad"
+    assert main(["export", "--run-id", analyze_id, "-o", str(out)]) == 0
+    before = out.read_bytes()
+    capsys.readouterr()
+    assert main(["export", "--run-id", analyze_id, "-o", str(out)]) == 2
+    assert f"output '{out}' exists; pass --force to replace it" in user_error(capsys.readouterr().err)
+    assert out.read_bytes() == before
+
+    # the disk fills while the replacement is written: the old file stays, whole
+    limit = len(before) // 2
+    failed = _export_in_a_child(mlflow_store, analyze_id, out, "--force", max_file_bytes=limit)
+    assert failed.returncode == 2, failed.stderr[-3000:]
+    line = user_error(failed.stderr).strip()
+    assert "\n" not in line and f"cannot write '{out}'" in line, line
+    assert "the existing file is untouched" in line
+    assert out.read_bytes() == before
+    assert sorted(p.name for p in folder.iterdir()) == ["results.h5ad"]   # no partial file
+    # a new target that cannot be written is not left behind half-written
+    fresh = folder / "fresh.h5ad"
+    failed = _export_in_a_child(mlflow_store, analyze_id, fresh, max_file_bytes=limit)
+    assert failed.returncode == 2 and "nothing was written there" in user_error(failed.stderr)
+    assert sorted(p.name for p in folder.iterdir()) == ["results.h5ad"]
+
+    assert main(["export", "--run-id", analyze_id, "-o", str(out), "--force"]) == 0
+    assert ad.read_h5ad(out).uns["sf_mlflow"]["run_ids"]["analyze"] == analyze_id
+    assert sorted(p.name for p in folder.iterdir()) == ["results.h5ad"]

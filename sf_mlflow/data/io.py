@@ -16,7 +16,6 @@ removed first and written last, so a folder whose writer died part-way never has
 from __future__ import annotations
 
 import json
-import os
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,6 +27,7 @@ import scipy.sparse as sp
 from sf_mlflow.data.counts import SpatialCounts
 from sf_mlflow.data.preprocess import PreprocessResult
 from sf_mlflow.errors import ArtifactError, DataError
+from sf_mlflow.files import atomic_write
 
 __all__ = ["PreprocessedData", "write_preprocessed", "read_preprocessed", "FILES"]
 
@@ -84,20 +84,6 @@ def _json_default(o: Any) -> Any:
     raise TypeError(f"{type(o).__name__} is not JSON serialisable")
 
 
-def _atomic_write(path: Path, write: Callable[[Any], None]) -> None:
-    """Write through ``write(file object)`` to a temporary sibling, then rename over ``path``."""
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        with open(tmp, "wb") as fh:
-            write(fh)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-
-
 def write_preprocessed(directory: str | Path, result: PreprocessResult,
                        metadata: Optional[dict[str, Any]] = None) -> list[Path]:
     """Write a :class:`PreprocessResult` to ``directory``.
@@ -135,21 +121,21 @@ def write_preprocessed(directory: str | Path, result: PreprocessResult,
 
     written = []
     X = np.ascontiguousarray(data.coordinates, dtype=np.float64)
-    _atomic_write(out / COORDINATES_FILE, lambda fh: np.save(fh, X))
+    atomic_write(out / COORDINATES_FILE, lambda fh: np.save(fh, X))
     written.append(out / COORDINATES_FILE)
     Y = sp.csr_matrix(data.counts)
-    _atomic_write(out / COUNTS_FILE, lambda fh: sp.save_npz(fh, Y, compressed=True))
+    atomic_write(out / COUNTS_FILE, lambda fh: sp.save_npz(fh, Y, compressed=True))
     written.append(out / COUNTS_FILE)
     C = (np.zeros(n, dtype=np.int64) if data.groups is None
          else np.asarray(data.groups, dtype=np.int64))
-    _atomic_write(out / GROUPS_FILE, lambda fh: np.save(fh, C))
+    atomic_write(out / GROUPS_FILE, lambda fh: np.save(fh, C))
     written.append(out / GROUPS_FILE)
 
     truth_path = out / TRUTH_FILE
     truth = {k: np.asarray(v) for k, v in (data.truth or {}).items()
              if isinstance(v, np.ndarray)}
     if truth:
-        _atomic_write(truth_path, lambda fh: np.savez(fh, **truth))
+        atomic_write(truth_path, lambda fh: np.savez(fh, **truth))
         written.append(truth_path)
     else:
         truth_path.unlink(missing_ok=True)  # stale truth from an earlier synthetic run
@@ -182,7 +168,7 @@ def write_preprocessed(directory: str | Path, result: PreprocessResult,
     }
     meta.update(metadata or {})
     text = json.dumps(meta, indent=1, default=_json_default)
-    _atomic_write(meta_path, lambda fh: fh.write(text.encode()))
+    atomic_write(meta_path, lambda fh: fh.write(text.encode()))
     written.append(meta_path)
     return written
 

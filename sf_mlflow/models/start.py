@@ -135,8 +135,7 @@ def initial_prior(p: dict, Y, full: CountBatch, gen: torch.Generator, coords: Op
         (with validation), the chosen ``lengthscale``/``sigma``/``group_diff_param``,
         ``num_inducing`` and how it was chosen, and ``start_seconds``.
     """
-    # every line of the start passes a stop point (see progress.stopping)
-    say = stopping(say or (lambda msg: None))
+    say = stopping(say or (lambda msg: None))    # a noted stop ends the start at its next line
     t0 = time.perf_counter()
     L, spatial, K = p["n_components"], p["spatial"], p["n_spatial"]
     device, dtype = full.device, full.values.dtype

@@ -226,10 +226,12 @@ class Option:
     default: str | None = None
     optional: bool = False
     repeat: bool = False
+    switch: bool = False
+    """A flag without a value: False unless given."""
 
     @property
     def required(self) -> bool:
-        return self.default is None and not (self.optional or self.repeat)
+        return self.default is None and not (self.optional or self.repeat or self.switch)
 
     @property
     def keyword(self) -> str:
@@ -263,7 +265,9 @@ COMMANDS: dict[str, Command] = {
                  Option(("-o", "--output"), "the .h5ad file to write", metavar="FILE.h5ad"),
                  Option(("--tracking-uri",), "the store holding the run (default: "
                         "MLFLOW_TRACKING_URI, else ./mlflow.db); never created when missing",
-                        metavar="URI", optional=True)),
+                        metavar="URI", optional=True),
+                 Option(("--force",), "replace FILE.h5ad when it exists (it is written under "
+                        "a temporary name and renamed when complete)", switch=True)),
         description="write an analyze run (counts, positions, factors, loadings, Moran's I, "
                     "run IDs) as an AnnData .h5ad file"),
     "show-config": Command(
