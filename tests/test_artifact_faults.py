@@ -261,15 +261,52 @@ def test_full_disk_names_the_path(store, tmp_path):
     line = explain_failure(info.value)
     assert line.startswith("no space left on the device writing ")
     assert line.endswith("free space or set output_dir (or the artifact location) elsewhere")
+    # (export writes beside its target and renames: its failed writes are tested in
+    # test_export.py, with a file size limit)
 
-    # through the command line: an export whose output file is on a full device
-    out = tmp_path / "results.h5ad"
-    out.symlink_to("/dev/full")
-    proc = cli(store, "export", "--run-id", store.analyze.info.run_id, "-o", str(out),
-               cwd=tmp_path)
-    line = error_line(proc)
-    assert line.startswith(f"error: no space left on the device writing {out}")
-    assert "free space or set output_dir" in line
+
+def test_a_damaged_store_is_one_line_that_says_how_to_go_on(store, tmp_path):
+    import mlflow.store.db.utils  # noqa: F401  (its logger's filter is what keeps the line one)
+
+    copy = tmp_path / "mlflow.db"
+    shutil.copy(store.base / "mlflow.db", copy)
+    with open(copy, "r+b") as fh:          # pages of the tables overwritten, the header kept
+        fh.seek(4096 * 3)
+        fh.write(bytes(range(256)) * 16 * 6)
+    garbage = tmp_path / "garbage.db"
+    garbage.write_bytes(b"not sqlite at all" * 200)
+    for db, problem in ((copy, "database disk image is malformed"),
+                        (garbage, "file is not a database")):
+        damaged_store = SimpleNamespace(uri=f"sqlite:///{db}", base=store.base)
+        line = error_line(cli(damaged_store, "preprocess", "-c", str(store.config), cwd=tmp_path))
+        assert line == (f"error: the tracking store sqlite:///{db} is damaged (sqlite: {problem}); "
+                        f"restore {db} from a backup, or point MLFLOW_TRACKING_URI at a new store "
+                        "(e.g. sqlite:///mlflow-new.db); the runs' artifacts beside it are "
+                        "untouched")
+
+
+@pytest.mark.parametrize("where", ["/proc", "/proc/self/fd", "/dev/full", "a file"])
+def test_an_output_dir_that_is_no_writable_folder_is_refused_before_a_run_opens(store, tmp_path,
+                                                                                where):
+    if where == "a file":
+        where = str(tmp_path / "notes.txt")
+        Path(where).write_text("mine")
+    if not Path(where).exists():
+        pytest.skip(f"no {where} on this system")
+    before = len(_runs(store.client, "preprocess"))
+    line = error_line(cli(store, "preprocess", "-c", str(store.config), "--set",
+                          f"output_dir={where}", cwd=tmp_path))
+    assert line.startswith(f"error: {store.config}: output_dir '{where}' ")
+    assert line.endswith("set output_dir to a folder you can write")
+    assert len(_runs(store.client, "preprocess")) == before      # no run was opened
+
+
+def test_a_data_path_that_is_no_file_says_what_it_is(store, tmp_path):
+    for path, what in (("/dev/zero", "not a regular file (a device, pipe or socket)"),
+                       (str(tmp_path), "a folder")):
+        line = error_line(cli(store, "preprocess", "-c", str(store.config), "--set",
+                              "dataset=h5ad", "--set", f"data.path={path}", cwd=tmp_path))
+        assert line == f"error: data.path '{path}' is {what}; set data.path to an .h5ad file"
 
 
 def test_a_full_disk_inside_a_stage_names_its_output_folder(tmp_path):
@@ -292,3 +329,15 @@ def test_a_full_disk_inside_a_stage_names_its_output_folder(tmp_path):
     assert line.split("writing ", 1)[1].startswith(str(tmp_path / "outputs" / "analyze" / "run123.partial"))
     assert not (tmp_path / "outputs" / "analyze" / "run123.partial").exists()
     assert not (tmp_path / "outputs" / "analyze" / "run123").exists()
+
+
+def test_any_os_error_that_names_its_path_is_one_line():
+    from sf_mlflow.tracking.store import explain_failure
+
+    try:
+        open("/proc/self/fd/no-such-entry", "rb")
+    except OSError as err:
+        line = explain_failure(err)
+    assert line == ("cannot use /proc/self/fd/no-such-entry (No such file or directory); check "
+                    "the path, or set output_dir (or the artifact location) elsewhere")
+    assert explain_failure(OSError(errno.EINVAL, "unnamed")) is None   # a bug keeps its traceback

@@ -186,6 +186,9 @@ def _read_h5ad(path: str | Path, *, coordinates_key: str, group_key: Optional[st
     """:func:`read_h5ad_counts`; ``prefer_raw`` makes ``use_raw="auto"`` read ``adata.raw``
     whenever it is present (the Slide-seq source), not only when ``X`` is non-integral."""
     p = Path(path)
+    if p.exists() and not p.is_file():
+        what = "a folder" if p.is_dir() else "not a regular file (a device, pipe or socket)"
+        raise DataError(f"data.path {str(path)!r} is {what}; set data.path to an .h5ad file")
     if not p.is_file():
         where = "the folder does not exist" if not p.parent.is_dir() else "no such file"
         raise DataError(f"h5ad file {str(path)!r} not found ({where}); set data.path to an "

@@ -123,14 +123,29 @@ def check_registration(name: str | None, alias: str | None) -> None:
 def check_output_dir(config: Config) -> None:
     """Refuse an ``output_dir`` that cannot be created or written (before any run is opened)."""
     out = Path(config.output_dir)
+    where = config.source or '<your config>'
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"{where}: output_dir {str(out)!r} exists and is not a folder "
+                          f"({_kind(out)}); set output_dir to a folder you can write")
     try:
         out.mkdir(parents=True, exist_ok=True)
         with tempfile.NamedTemporaryFile(dir=out, prefix=".write-check-"):
             pass
     except OSError as err:
-        raise ConfigError(f"{config.source or '<your config>'}: output_dir {str(out)!r} cannot "
-                          f"be written ({err.strerror or err}); set output_dir to a folder you "
-                          "can write") from None
+        raise ConfigError(f"{where}: output_dir {str(out)!r} cannot be written "
+                          f"({err.strerror or err}); set output_dir to a folder you can write") from None
+
+
+def _kind(path: Path) -> str:
+    """What a path that exists and is not a folder is, e.g. ``"a character device"``."""
+    import stat
+
+    mode = path.stat().st_mode
+    for test, name in ((stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"),
+                       (stat.S_ISFIFO, "a named pipe"), (stat.S_ISSOCK, "a socket")):
+        if test(mode):
+            return name
+    return "a file"
 
 
 def check_training_spots(config: Config, n_train: int, preprocess_run_id: str) -> None:

@@ -8,6 +8,7 @@ from sf_mlflow.config import Config
 from sf_mlflow.data.io import write_preprocessed
 from sf_mlflow.data.preprocess import QCWarning, describe_filters, preprocess
 from sf_mlflow.data.sources import load_dataset
+from sf_mlflow.stages._checks import check_output_dir
 from sf_mlflow.stages._common import (
     PREPROCESS_SECTIONS,
     base_tags,
@@ -28,6 +29,7 @@ def run_preprocess(config: Config, *, parent_run_id: str | None = None) -> str:
     ``config.yaml`` as artifacts, the preprocessing settings as params and what each
     filter kept and removed as metrics. Returns the run ID.
     """
+    check_output_dir(config)
     params = config.flat(*PREPROCESS_SECTIONS)
     description = (f"Preprocess {config.dataset} for '{config.name}': min_counts="
                    f"{config.preprocessing.min_counts}, min_cells={config.preprocessing.min_cells}, "

@@ -27,6 +27,7 @@ SQLITE_BUSY_TIMEOUT_S = 20
 _LOCKED = ("database is locked", "database table is locked")
 _READ_ONLY = ("readonly database", "read-only database", "read-only file system",
               "unable to open database file")
+_DAMAGED = ("database disk image is malformed", "file is not a database")
 
 
 def sqlite_path(uri: str) -> Path | None:
@@ -54,8 +55,8 @@ def _tracking_uri() -> str:
 
 
 def store_failure(err: BaseException, uri: str | None = None) -> StoreError | None:
-    """A :class:`StoreError` when ``err`` (or what it wraps) says the store is locked or
-    read-only, else None."""
+    """A :class:`StoreError` when ``err`` (or what it wraps) says the store is locked,
+    read-only or damaged, else None."""
     text = _text(err)
     uri = uri or _tracking_uri()
     if any(s in text for s in _LOCKED):
@@ -69,13 +70,26 @@ def store_failure(err: BaseException, uri: str | None = None) -> StoreError | No
             "stages write runs to it: make it writable, or copy it somewhere writable and point "
             "MLFLOW_TRACKING_URI at the copy (reading, e.g. spatial_factorization export, works "
             "on a read-only store)")
+    if any(s in text for s in _DAMAGED):
+        path = sqlite_path(uri)
+        return StoreError(
+            f"the tracking store {uri} is damaged (sqlite: "
+            f"{next(s for s in _DAMAGED if s in text)}); restore {path or 'it'} from a backup, "
+            "or point MLFLOW_TRACKING_URI at a new store (e.g. sqlite:///mlflow-new.db); "
+            "the runs' artifacts beside it are untouched")
     return None
 
 
+#: Failures of writing, whatever the file.
+_WRITE_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM)
+
+
 def _os_error(err: BaseException) -> OSError | None:
+    """The failure of the disk in ``err``'s chain: a write failure, or any OSError that names
+    its path (a system path such as /proc given as a folder, a vanished file)."""
     for e in _chain(err):
-        if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT, errno.EROFS,
-                                                   errno.EACCES, errno.EPERM):
+        if isinstance(e, OSError) and e.errno is not None and (
+                e.errno in _WRITE_ERRNOS or e.filename is not None):
             return e
     return None
 
@@ -95,6 +109,9 @@ def explain_failure(err: BaseException) -> str | None:
         return (f"no space left on the device writing {where}; free space or set output_dir "
                 "(or the artifact location) elsewhere")
     reason = os.strerror(os_err.errno)
+    if os_err.errno not in _WRITE_ERRNOS:
+        return (f"cannot use {where} ({reason}); check the path, or set output_dir (or the "
+                "artifact location) elsewhere")
     return (f"cannot write {where} ({reason}); make it writable or set output_dir (or the "
             "artifact location) elsewhere")
 
@@ -107,7 +124,7 @@ class _TranslatedFailures(logging.Filter):
         text = record.getMessage().lower()
         if record.exc_info and record.exc_info[1] is not None:
             text += " " + _text(record.exc_info[1])
-        return not any(s in text for s in _LOCKED + _READ_ONLY)
+        return not any(s in text for s in _LOCKED + _READ_ONLY + _DAMAGED)
 
 
 _FILTER = _TranslatedFailures()
