@@ -11,6 +11,8 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
+from urllib.parse import urlparse
 
 import numpy as np
 from mlflow.tracking import MlflowClient
@@ -234,6 +236,29 @@ def test_sigterm_saves_a_checkpoint_and_resume_matches_an_uninterrupted_fit(mlfl
     bad = subprocess.run(cli + ["train", "-c", str(path), "--resume-from", reference_id],
                          capture_output=True, text=True, env=env, cwd=tmp_path)
     assert bad.returncode == 2 and "is FINISHED, not KILLED or FAILED" in bad.stderr
+
+    # resuming with a setting the checkpoint was not made with: refused before a run opens,
+    # naming the setting (no FAILED train run left, as for an upstream mismatch)
+    runs_before = len(all_runs(client))
+    other = subprocess.run(cli + ["train", "-c", str(path), "--resume-from", killed_id, "--set",
+                                  "training.batch_size=50"],
+                           capture_output=True, text=True, env=env, cwd=tmp_path)
+    assert other.returncode == 2
+    assert ("cannot resume: hyperparameters differ from the checkpoint's (batch_size: "
+            "checkpoint 100, now 50)") in other.stderr
+    assert len(all_runs(client)) == runs_before
+
+    # a checkpoint deleted after the interrupt: the error says so, not "was not stopped"
+    root = killed[0].info.artifact_uri
+    root = Path(urlparse(root).path if root.startswith("file:") else root)
+    checkpoint = root / "checkpoint" / "checkpoint.pt"
+    checkpoint.unlink()
+    gone = subprocess.run(cli + ["train", "-c", str(path), "--resume-from", killed_id],
+                          capture_output=True, text=True, env=env, cwd=tmp_path)
+    assert gone.returncode == 2
+    assert ("it was interrupted and logged one, which has since been deleted from its "
+            "artifacts); train again without --resume-from") in gone.stderr
+    assert len(all_runs(client)) == runs_before
 
 
 # ---- two pipelines at once ------------------------------------------------------------------

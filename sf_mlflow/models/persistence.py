@@ -238,9 +238,20 @@ def checked_checkpoint(model, resume: Any, n: int, d: int) -> dict:
     theirs = params_from_portable(blob["hyperparameters"])
     theirs["prior"] = _portable_prior(theirs.get("prior", "gaussian"))
     mine = portable_params(model)
-    diff = {k: (v, mine.get(k)) for k, v in theirs.items()
-            if k not in RESUMABLE_CHANGES and mine.get(k) != v}
+    diff = _differences({k: v for k, v in theirs.items() if k not in RESUMABLE_CHANGES},
+                        {k: mine.get(k) for k in theirs if k not in RESUMABLE_CHANGES})
     if diff:
-        detail = ", ".join(f"{k}: checkpoint {a!r}, now {b!r}" for k, (a, b) in sorted(diff.items()))
+        detail = ", ".join(f"{k}: checkpoint {a!r}, now {b!r}" for k, (a, b) in diff)
         raise ConfigError(f"cannot resume: hyperparameters differ from the checkpoint's ({detail})")
     return blob
+
+
+def _differences(theirs: Any, mine: Any, key: str = "") -> list[tuple[str, tuple[Any, Any]]]:
+    """The dotted keys whose values differ, e.g. ``prior.svgp.lengthscale`` (not the
+    prior's whole settings), sorted, with the two values."""
+    if isinstance(theirs, dict) and isinstance(mine, dict):
+        out = []
+        for k in sorted(set(theirs) | set(mine), key=str):
+            out += _differences(theirs.get(k), mine.get(k), f"{key}.{k}" if key else str(k))
+        return out
+    return [] if theirs == mine else [(key, (theirs, mine))]

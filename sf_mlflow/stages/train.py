@@ -20,6 +20,7 @@ from sf_mlflow.errors import ArtifactError, ConfigError, RunLookupError
 from sf_mlflow.models.device import resolve_device
 from sf_mlflow.models.distributed import Communicator
 from sf_mlflow.models.pnmf import PNMF, ConvergenceWarning, NonFiniteELBOError
+from sf_mlflow.models.persistence import checked_checkpoint
 from sf_mlflow.constraints import parse_duration
 from sf_mlflow.models.settings import ModelParams, TrainingParams
 from sf_mlflow.models.stopping import describe_stop
@@ -96,16 +97,20 @@ def load_checkpoint(run, tmp: Path) -> dict:
     except ArtifactError as err:
         if "is missing from" not in str(err):
             raise  # a damaged checkpoint: the artifact error names the run and what to do
-        raise RunLookupError(
-            f"train run {run.info.run_id} ({run.info.status}) has no {CHECKPOINT_DIR}/"
-            f"{CHECKPOINT_FILE} artifact to resume from (it was not stopped by SIGINT/SIGTERM "
-            "during the fit)") from None
+        raise RunLookupError(_no_checkpoint(run)) from None
     except Exception as err:  # the artifact store's own error type differs by backend
-        raise RunLookupError(
-            f"train run {run.info.run_id} ({run.info.status}) has no {CHECKPOINT_DIR}/"
-            f"{CHECKPOINT_FILE} artifact to resume from (it was not stopped by SIGINT/SIGTERM "
-            f"during the fit): {err}") from None
+        raise RunLookupError(f"{_no_checkpoint(run)}: {err}") from None
     return PNMF.load_checkpoint(path)
+
+
+def _no_checkpoint(run) -> str:
+    """Why a train run has no checkpoint to resume from."""
+    head = (f"train run {run.info.run_id} ({run.info.status}) has no {CHECKPOINT_DIR}/"
+            f"{CHECKPOINT_FILE} artifact to resume from")
+    if run.data.tags.get(TAG_INTERRUPTED) == "true":
+        return (f"{head} (it was interrupted and logged one, which has since been deleted "
+                "from its artifacts); train again without --resume-from")
+    return f"{head} (it was not stopped by SIGINT/SIGTERM during the fit)"
 
 
 def log_checkpoint(run, model: PNMF) -> None:
@@ -347,14 +352,18 @@ def register(run: StageRun, config: Config, pre: PreprocessedData, data: Spatial
 
 
 def check_before_fit(config: Config, upstream_id: str, data: SpatialCounts, groups,
-                     register_as: str | None, register_alias: str) -> None:
+                     register_as: str | None, register_alias: str,
+                     checkpoint: dict | None = None) -> None:
     """What would fail only after the fit, refused before the run is opened.
 
-    A registered-model name MLflow refuses, an output folder that cannot be written, fewer
-    training spots than the analysis needs, more inducing points than spot locations.
+    A registered-model name MLflow refuses, an output folder that cannot be written, a
+    checkpoint of other settings or data, fewer training spots than the analysis needs,
+    more inducing points than spot locations.
     """
     check_registration(register_as, register_alias)
     check_output_dir(config)
+    if checkpoint is not None:    # a resume with other settings: refused before a run opens
+        checked_checkpoint(build_model(config), checkpoint, data.n_spots, data.n_genes)
     check_training_spots(config, data.n_spots, upstream_id)
     check_num_inducing(config, data.coordinates, groups)
 
@@ -425,7 +434,8 @@ def resolve_inputs(config: Config, comm: Communicator | None, preprocess_run_id:
                     else None)).info.run_id
         pre, checkpoint = read_inputs(upstream_id, resumed)
         data, groups = training_inputs(config, pre)
-        check_before_fit(config, upstream_id, data, groups, register_as, register_alias)
+        check_before_fit(config, upstream_id, data, groups, register_as, register_alias,
+                         checkpoint)
     except BaseException:
         if comm is not None:
             comm.broadcast(None)

@@ -135,6 +135,17 @@ def test_resume_rejects_other_hyperparameters_and_data(data):
         same.fit(data.counts[:, :59], resume=ckpt)
 
 
+def test_a_resume_with_another_prior_setting_names_that_setting_alone(data):
+    params = CASES["svgp-adam"]
+    ckpt = _fit(data, params, callback=lambda state: state.iteration == 2).checkpoint()
+    other = PNMF(3, max_iter=24, tol=0, random_state=5,
+                 **{**params, "prior": SVGP(num_inducing=40, lengthscale=0.5)})
+    with pytest.raises(ConfigError) as err:
+        other.fit(data.counts, coordinates=data.coordinates, groups=data.groups, resume=ckpt)
+    assert str(err.value) == ("cannot resume: hyperparameters differ from the checkpoint's "
+                              "(prior.svgp.lengthscale: checkpoint 0.3, now 0.5)")
+
+
 def test_checkpoint_needs_a_stopped_fit(data, tmp_path):
     finished = _fit(data, CASES["gaussian-minibatch"])
     with pytest.raises(ModelError, match=r"stopped early .*inside a fit callback use state.checkpoint\(\)"):
