@@ -193,3 +193,24 @@ def test_a_model_registered_with_repeated_names_answers_by_position_and_refuses_
     with pytest.raises(DataError, match=r"\['a'\] name\(s\) several genes .*rows \[\[0, 2\]\]"):
         predictor.predict(spots, {"output": "expected_counts", "genes": ["a"]})
     assert list(predictor.predict(spots, {"output": "expected_counts", "genes": "c"}).columns) == ["c"]
+
+
+def test_spots_all_at_one_position_warn_at_preprocess_and_a_spatial_fit_is_refused(
+        mlflow_store, tmp_path, capsys):
+    from mlflow.tracking import MlflowClient
+
+    path = user_config(tmp_path)
+    adata = ad.read_h5ad(tmp_path / "my_tissue.h5ad")
+    adata.obsm["spatial"] = np.zeros((adata.n_obs, 2))    # e.g. the wrong obsm key's zeros
+    adata.write_h5ad(tmp_path / "my_tissue.h5ad")
+    assert main(["preprocess", "-c", str(path)]) == 0
+    assert any("lie at 1 distinct position(s)" in line
+               for line in qc_lines(capsys.readouterr().out))
+    assert main(["train", "-c", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert ("the training spots lie at 1 distinct position(s); a spatial model needs at least 7 "
+            "(analysis.moran_k + 1): check data.coordinates_key, or set model.prior: Gaussian"
+            ) in err
+    client = MlflowClient()
+    runs = client.search_runs([e.experiment_id for e in client.search_experiments()])
+    assert [r.data.tags["sf.stage"] for r in runs] == ["preprocess"]   # no train run opened

@@ -335,7 +335,29 @@ def preprocess(data: SpatialCounts, cfg: PreprocessingConfig, seed: int = 0,
     heldout = heldout_split(out.n_spots, cfg.holdout_fraction, seed, out.groups)
     report["n_heldout"] = int(heldout.sum())
     _check_training_spots(report, cfg, min_training_spots)
+    for message in _degenerate(out, min_training_spots):
+        warnings.warn(message, QCWarning, stacklevel=2)
     return PreprocessResult(data=out, heldout=heldout, report=report)
+
+
+def _degenerate(data: SpatialCounts, need: int) -> list[str]:
+    """Warnings for data a spatial analysis cannot use as meant: fewer distinct positions than
+    the neighbours Moran's I needs (every factor would look spatial, or none), and more
+    groups than a tenth of the spots (labels that name spots or cells, not cell types)."""
+    out = []
+    distinct = int(np.unique(data.coordinates, axis=0).shape[0])
+    if distinct < max(need, 2):
+        out.append(f"the {data.n_spots:,} spots lie at {distinct} distinct position(s), fewer "
+                   f"than the {max(need, 2)} Moran's I and a spatial model need "
+                   "(analysis.moran_k + 1); check data.coordinates_key names the spot "
+                   "coordinates (a spatial model is refused at train; model.prior: Gaussian fits)")
+    G = data.n_groups
+    if data.groups is not None and G > max(data.n_spots / 10, 1):
+        out.append(f"{G} groups for {data.n_spots:,} spots (more than one per ten spots): "
+                   "check that data.group_key names cell types, not spot or cell IDs; the "
+                   "multi-group kernel learns one pattern per group and needs many spots in each "
+                   "(set model.groups: false to fit without them)")
+    return out
 
 
 def _check_training_spots(report: dict, cfg: PreprocessingConfig, need: int) -> None:

@@ -70,14 +70,28 @@ QUALITATIVE = ["#0072B2", "#D55E00", "#009E73", "#CC79A7", "#E69F00", "#56B4E9",
                "#000000"]
 
 
+#: Largest side and area of a saved figure, in pixels: beyond them the resolution is lowered
+#: (the layout in inches stays), so that no figure is an image viewers refuse (Pillow warns
+#: of a decompression bomb from 89 Mpx on).
+MAX_SIDE_PX = 12_000
+MAX_AREA_PX = 40_000_000
+
+
+def figure_dpi(width: float, height: float) -> float:
+    """:data:`DPI`, or less for a figure of ``width`` x ``height`` inches beyond the caps."""
+    return min(DPI, MAX_SIDE_PX / max(width, height), (MAX_AREA_PX / (width * height)) ** 0.5)
+
+
 def new_figure(width: float, height: float) -> Figure:
     """A constrained-layout Figure of about ``width`` x ``height`` inches, Agg canvas.
 
-    The size is rounded to whole pixels at :data:`DPI`, so a saved PNG has exactly
-    ``fig.get_size_inches() * DPI`` pixels.
+    The size is rounded to whole pixels at its resolution (:data:`DPI`, lower for a figure
+    beyond :data:`MAX_SIDE_PX` or :data:`MAX_AREA_PX`), so a saved PNG has exactly
+    ``fig.get_size_inches() * fig.dpi`` pixels.
     """
-    width, height = (max(1, round(v * DPI)) / DPI for v in (width, height))
-    fig = Figure(figsize=(width, height), dpi=DPI, layout="constrained")
+    dpi = figure_dpi(max(width, 0.01), max(height, 0.01))
+    width, height = (max(1, round(v * dpi)) / dpi for v in (width, height))
+    fig = Figure(figsize=(width, height), dpi=dpi, layout="constrained")
     FigureCanvasAgg(fig)
     fig.get_layout_engine().set(w_pad=0.03, h_pad=0.03, wspace=0.02, hspace=0.02)
     return fig
@@ -86,11 +100,12 @@ def new_figure(width: float, height: float) -> Figure:
 def finish(fig: Figure, path: Optional[str | os.PathLike] = None) -> Figure:
     """Save ``fig`` to ``path`` (format from the extension) if given; return ``fig``.
 
-    Saved at the figure's size and :data:`DPI` without tight cropping, so a PNG has
-    exactly ``width * DPI`` x ``height * DPI`` pixels.
+    Saved at the figure's size and resolution without tight cropping, so a PNG has
+    exactly ``width * fig.dpi`` x ``height * fig.dpi`` pixels (``fig.dpi`` is :data:`DPI`
+    unless the figure is beyond the pixel caps, see :func:`new_figure`).
     """
     if path is not None:
-        fig.savefig(os.fspath(path), dpi=DPI, facecolor="white")
+        fig.savefig(os.fspath(path), dpi=fig.dpi, facecolor="white")
     return fig
 
 

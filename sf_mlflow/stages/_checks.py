@@ -160,17 +160,27 @@ def check_training_spots(config: Config, n_train: int, preprocess_run_id: str) -
 
 
 def check_num_inducing(config: Config, coordinates: np.ndarray, groups) -> None:
-    """Refuse a ``model.num_inducing`` the inducing-point placement would refuse at the fit.
+    """Refuse a spatial model on fewer distinct positions than Moran's I needs, and a
+    ``model.num_inducing`` the inducing-point placement would refuse at the fit.
 
     :func:`~sf_mlflow.models.inducing.select_inducing_points` never caps M: it raises when
     M exceeds the distinct spot locations (within the groups for the ``proportional`` and
     ``equal`` allocations), or for ``derived`` when M is below the number of groups.
     """
     m = config.model
-    if not m.spatial or m.num_inducing == "auto":
+    if not m.spatial:
+        return
+    X = np.asarray(coordinates)
+    need = max(config.analysis.moran_k + 1, 2)
+    distinct = int(np.unique(X, axis=0).shape[0])
+    if distinct < need:
+        raise ConfigError(f"{config.source or '<your config>'}: the training spots lie at "
+                          f"{distinct} distinct position(s); a spatial model needs at least "
+                          f"{need} (analysis.moran_k + 1): check data.coordinates_key, or set "
+                          "model.prior: Gaussian to fit without the spatial prior")
+    if m.num_inducing == "auto":
         return
     M = int(m.num_inducing)
-    X = np.asarray(coordinates)
     if groups is None or m.inducing_allocation == "derived":
         n = int(np.unique(X, axis=0).shape[0])
         where = "distinct training spot locations"

@@ -277,6 +277,25 @@ def _sd_label(an: Analysis) -> str:
     return "held-out spot (not fitted; grey: no posterior sd)"
 
 
+#: Most groups drawn one panel (or one file) each; with more, the most populous are drawn.
+MAX_GROUP_PANELS = 16
+
+
+def panel_groups(d: SpatialCounts) -> list[int]:
+    """Codes of the groups drawn one panel or file each: all, or the :data:`MAX_GROUP_PANELS`
+    with most spots (in code order), saying so. 200 groups once made a 1,215 x 80,489-pixel
+    figure and 456 s of drawing."""
+    G = len(d.group_names or [])
+    if G <= MAX_GROUP_PANELS or d.groups is None:
+        return list(range(G))
+    sizes = np.bincount(d.groups, minlength=G)
+    shown = sorted(np.argsort(-sizes, kind="stable")[:MAX_GROUP_PANELS].tolist())
+    say(STAGE, f"{G} groups: the per-group figures (enrichment_by_group, groupwise_factors) "
+               f"show the {MAX_GROUP_PANELS} with most spots ({int(sizes[shown].sum()):,} of "
+               f"{int(sizes.sum()):,} spots)")
+    return shown
+
+
 def single_figures(an: Analysis, save: _Saver) -> None:
     """Every figure of one analyze run, saved with ``save``."""
     d = an.data
@@ -303,15 +322,18 @@ def single_figures(an: Analysis, save: _Saver) -> None:
         save(lambda: plots.gene_enrichment_heatmap(an.lfc, genes, d.group_names, titles,
                                                    loadings=an.loadings),
              "gene_enrichment.png")
-        for g, (name, file) in enumerate(zip(d.group_names, group_file_names(d.group_names))):
-            save(lambda g=g, name=name: plots.enrichment_for_group(
-                an.lfc[g], genes, name, titles, loadings=an.loadings),
-                f"enrichment_by_group/{file}.png")
+    shown = panel_groups(d)
+    if an.lfc is not None and d.group_names:
+        files = group_file_names(d.group_names)
+        for g in shown:
+            save(lambda g=g: plots.enrichment_for_group(
+                an.lfc[g], genes, d.group_names[g], titles, loadings=an.loadings),
+                f"enrichment_by_group/{files[g]}.png")
     # only factors with a GP have group-wise predictions (a hybrid's non-spatial: none)
     gp = np.ones(an.moran.size, bool) if an.spatial is None else an.spatial
     if an.groupwise is not None and d.group_names and gp.any():
         save(lambda: plots.groupwise_factors(
-            X, an.factors[:, gp], an.groupwise[:, gp], d.group_names,
+            X, an.factors[:, gp], an.groupwise[shown][:, gp], [d.group_names[g] for g in shown],
             [t for t, s in zip(titles, gp) if s], invert_y=INVERT_Y,
             heldout=held, heldout_label="held-out spot (not fitted; grey: no group-wise "
                                         "prediction)"), "groupwise_factors.png")

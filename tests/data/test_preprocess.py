@@ -8,7 +8,7 @@ import scipy.sparse as sp
 
 from sf_mlflow.config import PreprocessingConfig
 from sf_mlflow.data.counts import SpatialCounts
-from sf_mlflow.data.preprocess import (coordinate_side_lengths, heldout_split,
+from sf_mlflow.data.preprocess import (QCWarning, coordinate_side_lengths, heldout_split,
                                        poisson_null_deviance, preprocess, rescale_coordinates)
 from sf_mlflow.data.sources import read_h5ad_counts
 from sf_mlflow.data.synthetic import make_synthetic
@@ -404,8 +404,36 @@ def test_filters_that_remove_more_than_a_tenth_warn_naming_the_setting():
     with pytest.warns(QCWarning) as caught:
         preprocess(tiny(), PreprocessingConfig(filter_mt=True, min_counts=10, min_cells=2,
                                                max_mt_fraction=None))
-    messages = [str(w.message) for w in caught]
+    # (6 spots in 2 groups also warn of more groups than a tenth of the spots)
+    messages = [str(w.message) for w in caught if "groups for" not in str(w.message)]
     assert len(messages) == 2, messages
     assert messages[0].startswith("preprocessing.filter_mt = true removed 2 genes holding 50.4 % "
                                   "of the counts; set preprocessing.filter_mt: false")
     assert messages[1].startswith("preprocessing.min_counts = 10 removed 2 of 6 spots (33.3 %)")
+
+
+def test_degenerate_positions_and_groups_warn_naming_the_setting():
+    base = make_synthetic(n_spots=200, n_genes=30, n_components=2, n_groups=2, seed=1)
+    cfg = PreprocessingConfig(min_counts=0, min_cells=0, holdout_fraction=0.1)
+    one_place = base.subset()
+    one_place.coordinates = np.zeros_like(one_place.coordinates)
+    with pytest.warns(QCWarning) as caught:
+        preprocess(one_place, cfg, min_training_spots=7)
+    (w,) = [str(w.message) for w in caught if "distinct position" in str(w.message)]
+    assert w.startswith("the 200 spots lie at 1 distinct position(s), fewer than the 7 ")
+    assert "data.coordinates_key" in w
+
+    per_spot = base.subset()
+    per_spot.groups = np.arange(200)
+    per_spot.group_names = [f"cell{i}" for i in range(200)]
+    with pytest.warns(QCWarning) as caught:
+        preprocess(per_spot, cfg, min_training_spots=7)
+    (w,) = [str(w.message) for w in caught if "groups for" in str(w.message)]
+    assert w.startswith("200 groups for 200 spots (more than one per ten spots)")
+    assert "data.group_key" in w and "model.groups: false" in w
+
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", QCWarning)      # the usual data set: no warning
+        preprocess(base, cfg, min_training_spots=7)

@@ -246,3 +246,36 @@ def test_comparison_pairs_a_permutation_by_correlation(data, tmp_path):
         assert f"A factor {k + 1}" in titles
         assert f"B factor {j + 1}\nr = 1.00" in titles
     assert titles.index(f"B factor {perm.index(0) + 1}\nr = 1.00") == titles.index("A factor 1") + 1
+
+
+def test_a_figure_beyond_the_pixel_caps_keeps_its_layout_at_a_lower_resolution(tmp_path):
+    from PIL import Image
+
+    from sf_mlflow.plots._common import MAX_AREA_PX, MAX_SIDE_PX, finish, new_figure
+
+    small = new_figure(4.0, 3.0)
+    assert small.dpi == DPI
+    tall = new_figure(8.0, 540.0)            # 200 groups' panels once asked for 80,489 px
+    assert tall.dpi < DPI
+    assert abs(tall.get_size_inches()[1] - 540.0) < 0.1     # the layout is the same
+    finish(tall, tmp_path / "tall.png")
+    width, height = Image.open(tmp_path / "tall.png").size
+    assert height <= MAX_SIDE_PX and width * height <= MAX_AREA_PX
+    assert (width, height) == tuple(round(v * tall.dpi) for v in tall.get_size_inches())
+
+
+def test_many_groups_draw_the_most_populous_per_group_panels():
+    from sf_mlflow.data.counts import SpatialCounts
+    from sf_mlflow.stages.figures import MAX_GROUP_PANELS, panel_groups
+    import scipy.sparse as sp
+
+    sizes = np.arange(1, 31)                            # group g has g + 1 spots
+    groups = np.repeat(np.arange(30), sizes)
+    n = groups.size
+    d = SpatialCounts(counts=sp.csr_matrix((n, 2)), coordinates=np.zeros((n, 2)),
+                      gene_names=np.array(["a", "b"], dtype=object),
+                      spot_names=np.array([f"s{i}" for i in range(n)], dtype=object),
+                      groups=groups, group_names=[f"g{i}" for i in range(30)])
+    assert panel_groups(d) == list(range(30 - MAX_GROUP_PANELS, 30))
+    few = SpatialCounts(**{**d.__dict__, "groups": groups % 3, "group_names": ["a", "b", "c"]})
+    assert panel_groups(few) == [0, 1, 2]
