@@ -284,3 +284,30 @@ def test_two_pipelines_at_once_on_one_sqlite_store(tmp_path):
     assert all(r.info.status == "FINISHED" for r in runs)
     # each pipeline has its own train, analyze and figures runs
     assert sorted(r.data.tags["sf.stage"] for r in runs).count("train") == 2
+    # the preprocess run both need was computed once, by whichever claimed it first
+    assert sorted(r.data.tags["sf.stage"] for r in runs).count("preprocess") == 1
+
+
+def test_two_identical_pipelines_at_once_make_one_run_per_stage(tmp_path):
+    """Each stage is claimed through the store before it is computed: the second main waits
+    for the first's run (saying so) and reuses it, instead of computing it again."""
+    store = f"sqlite:///{tmp_path / 'shared.db'}"
+    env = {**os.environ, "MLFLOW_TRACKING_URI": store}
+    path = write_config(tmp_path, {**PIPELINE, "training": {**PIPELINE["training"],
+                                                            "max_iter": 60}}, "same.yaml")
+    procs = [subprocess.Popen([sys.executable, "-m", "sf_mlflow.cli", "main", "-c", str(path)],
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+                              cwd=tmp_path) for _ in range(2)]
+    outs = [p.communicate(timeout=900) for p in procs]
+    for p, (out, err) in zip(procs, outs):
+        assert p.returncode == 0, err[-3000:]
+    client = MlflowClient(store)
+    stages = sorted(r.data.tags["sf.stage"] for r in all_runs(client))
+    assert stages == ["analyze", "figures", "main", "main", "preprocess", "train"], stages
+    assert all(r.info.status == "FINISHED" for r in all_runs(client))
+    said = "\n".join(out for out, _ in outs)
+    assert "which is computing it, to finish" in said, said   # one of them waited
+    import sqlite3
+
+    with sqlite3.connect(tmp_path / "shared.db") as db:      # every claim was released
+        assert db.execute("SELECT COUNT(*) FROM sf_stage_claims").fetchone() == (0,)

@@ -65,6 +65,7 @@ from sf_mlflow.tracking import (
     run_metrics,
     ui_command,
 )
+from sf_mlflow.tracking.claims import stage_claim
 from sf_mlflow.tracking.lineage import find_interrupted_run
 from sf_mlflow.tracking.liveness import sweep_dead_runs
 
@@ -142,17 +143,25 @@ _NEXT = {"preprocess": "train", "train": "analyze"}
 
 
 def _reuse_or_run(stage: str, config: Config, upstream: str | None, force: bool,
-                  launch: Callable[[], str], model: str | None = None,
+                  launch: Callable[[], str], holder: str, model: str | None = None,
                   resume: Callable[[str], str] | None = None) -> StageOutcome:
     """Reuse a finished run of the stage, else resume an interrupted one (with ``resume``),
-    else ``launch`` a new one."""
+    else ``launch`` a new one, holding the stage's claim for the ``main`` run ``holder``
+    (:mod:`sf_mlflow.tracking.claims`): a stage another live ``main`` computes is waited for
+    and reused."""
     label = f"{stage} of {model}" if model else stage
-    if not force:
-        found = find_reusable_run(stage, stage_hash(config, stage), code_version(), upstream,
-                                  downstream=_NEXT.get(stage))
+    if force:
+        say(STAGE, f"{label}: running (force)")
+        return StageOutcome(stage, launch(), False, model)
+    found = _reusable(stage, config, upstream, label, model)
+    if found is not None:
+        return found
+    # another main may be computing this very stage: wait for it rather than compute it twice
+    with stage_claim(stage, stage_hash(config, stage), code_version(), upstream, holder,
+                     say=lambda line: say(STAGE, f"{label}: {line}")) as waited:
+        found = _reusable(stage, config, upstream, label, model) if waited else None
         if found is not None:
-            say(STAGE, f"{label}: reusing {describe_run(found)}")
-            return StageOutcome(stage, found.info.run_id, True, model)
+            return found
         stopped = (find_interrupted_run(stage, stage_hash(config, stage), code_version(),
                                         upstream) if resume is not None and upstream else None)
         if stopped is not None:
@@ -161,8 +170,19 @@ def _reuse_or_run(stage: str, config: Config, upstream: str | None, force: bool,
                        f"({stopped.info.run_name}, {stopped.info.status}) from its checkpoint"
                        + (f" at iteration {at:.0f}" if at is not None else ""))
             return StageOutcome(stage, resume(stopped.info.run_id), False, model)
-    say(STAGE, f"{label}: running" + (" (force)" if force else ""))
-    return StageOutcome(stage, launch(), False, model)
+        say(STAGE, f"{label}: running")
+        return StageOutcome(stage, launch(), False, model)
+
+
+def _reusable(stage: str, config: Config, upstream: str | None, label: str,
+              model: str | None) -> StageOutcome | None:
+    """The finished run of the stage to reuse (said so), or None."""
+    found = find_reusable_run(stage, stage_hash(config, stage), code_version(), upstream,
+                              downstream=_NEXT.get(stage))
+    if found is None:
+        return None
+    say(STAGE, f"{label}: reusing {describe_run(found)}")
+    return StageOutcome(stage, found.info.run_id, True, model)
 
 
 def _fit_models(models: dict[str, Config], pre_id: str, pid: str, force: bool,
@@ -171,11 +191,12 @@ def _fit_models(models: dict[str, Config], pre_id: str, pid: str, force: bool,
     out = {}
     for name, cfg in models.items():
         label = name if named else None
-        train = _reuse_or_run("train", cfg, pre_id, force, model=label, launch=(
+        train = _reuse_or_run("train", cfg, pre_id, force, holder=pid, model=label, launch=(
             lambda cfg=cfg: run_train(cfg, pre_id, parent_run_id=pid)), resume=(
             lambda old, cfg=cfg: run_train(cfg, pre_id, parent_run_id=pid, resume_from=old)))
-        analyze = _reuse_or_run("analyze", cfg, train.run_id, force, model=label, launch=(
-            lambda cfg=cfg, tid=train.run_id: run_analyze(cfg, tid, parent_run_id=pid)))
+        analyze = _reuse_or_run("analyze", cfg, train.run_id, force, holder=pid, model=label,
+                                launch=(lambda cfg=cfg, tid=train.run_id:
+                                        run_analyze(cfg, tid, parent_run_id=pid)))
         out[name] = (train, analyze)
     return out
 
@@ -336,12 +357,13 @@ def run_main(config: Config, force: bool = False) -> str:
         pid = parent.run_id
         sweep_dead_runs([parent.info.experiment_id])
         pre = _reuse_or_run("preprocess", config, None, force,
-                            lambda: run_preprocess(config, parent_run_id=pid))
+                            lambda: run_preprocess(config, parent_run_id=pid), holder=pid)
         fitted = _fit_models(models, pre.run_id, pid, force, named)
         ids = [a.run_id for _, a in fitted.values()]
         labels = {a.run_id: name for name, (_, a) in fitted.items()} if len(fitted) > 1 else None
         figures = _reuse_or_run("figures", config, ",".join(ids), force,
-                                lambda: run_figures(config, ids, parent_run_id=pid, labels=labels))
+                                lambda: run_figures(config, ids, parent_run_id=pid, labels=labels),
+                                holder=pid)
         chain = [pre, *(o for pair in fitted.values() for o in pair), figures]
         parent.set_tags({f"sf.chain.{o.key}_run_id": o.run_id for o in chain})
         parent.set_tags({f"sf.reused.{o.key}": str(o.reused).lower() for o in chain})

@@ -1,0 +1,76 @@
+"""Stage claims (sf_mlflow.tracking.claims) in a real sqlite MLflow store.
+
+Two processes racing for one claim are in test_main.py
+(``test_two_identical_pipelines_at_once_make_one_run_per_stage``); here: one claim per key
+whoever asks, a claim whose holder died is taken over, a store without a database takes none.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+
+from mlflow.tracking import MlflowClient
+
+from sf_mlflow.tracking.claims import claimed, claims_supported, stage_claim
+from sf_mlflow.tracking.runs import configure_tracking
+
+
+def _running_run(client: MlflowClient) -> str:
+    found = client.get_experiment_by_name("claims")
+    exp = found.experiment_id if found else client.create_experiment("claims")
+    return client.create_run(exp, tags={"sf.stage": "main"}).info.run_id
+
+
+def test_a_claim_is_held_by_one_run_and_the_other_waits_for_its_release(mlflow_store):
+    configure_tracking()
+    client = MlflowClient()
+    first, second = _running_run(client), _running_run(client)
+    lines, order = [], []
+    entered = threading.Event()
+
+    def hold():
+        with stage_claim("train", "abc", "v1", "pre", first, say=lines.append) as got:
+            assert got
+            entered.set()
+            time.sleep(2.5)
+            order.append("first done")
+
+    holder = threading.Thread(target=hold)
+    holder.start()
+    entered.wait(30)
+    with stage_claim("train", "abc", "v1", "pre", second, say=lines.append) as got:
+        order.append("second in")
+        assert got
+    holder.join()
+    assert order == ["first done", "second in"]
+    assert lines and lines[0].startswith(f"waiting for run {first} (process ")
+    # another key is not held by the first claim
+    with stage_claim("train", "abc", "v1", "other-pre", second, say=lines.append) as got:
+        assert got
+
+
+def test_a_claim_whose_holder_died_is_taken_over(mlflow_store):
+    configure_tracking()
+    client = MlflowClient()
+    dead, alive = _running_run(client), _running_run(client)
+    lines = []
+    # the holder's process was killed: its claim stays, its run is swept FAILED
+    gen = stage_claim("analyze", "h", "v1", "t", dead, say=lines.append)
+    assert gen.__enter__()
+    client.set_terminated(dead, "FAILED")
+    started = time.monotonic()
+    with stage_claim("analyze", "h", "v1", "t", alive, say=lines.append) as got:
+        assert got
+    assert time.monotonic() - started < 10
+    assert lines == [f"the run {dead} that claimed it is gone (its run ended FAILED); "
+                     "taking it over"]
+
+
+def test_a_store_without_a_database_of_ours_takes_no_claims():
+    assert not claims_supported("http://127.0.0.1:5000")
+    assert claims_supported("sqlite:////tmp/x.db")
+    assert claims_supported("postgresql+psycopg2://u@h/db")
+    with claimed("http://127.0.0.1:5000", "k", "r", holder_gone=lambda c: None,
+                 say=print) as got:
+        assert got is False
