@@ -277,8 +277,9 @@ def _sd_label(an: Analysis) -> str:
     return "held-out spot (not fitted; grey: no posterior sd)"
 
 
-#: Most groups drawn one panel (or one file) each; with more, the most populous are drawn.
-MAX_GROUP_PANELS = 16
+#: Most groups drawn one panel (or one file) each; with more, the most populous are drawn
+#: (osmFISH's 32 clusters are all drawn; labels that name cells, hundreds, are not).
+MAX_GROUP_PANELS = 40
 
 
 def panel_groups(d: SpatialCounts) -> list[int]:

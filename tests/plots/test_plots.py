@@ -269,13 +269,13 @@ def test_many_groups_draw_the_most_populous_per_group_panels():
     from sf_mlflow.stages.figures import MAX_GROUP_PANELS, panel_groups
     import scipy.sparse as sp
 
-    sizes = np.arange(1, 31)                            # group g has g + 1 spots
-    groups = np.repeat(np.arange(30), sizes)
+    sizes = np.arange(1, 51)                            # group g has g + 1 spots
+    groups = np.repeat(np.arange(50), sizes)
     n = groups.size
     d = SpatialCounts(counts=sp.csr_matrix((n, 2)), coordinates=np.zeros((n, 2)),
                       gene_names=np.array(["a", "b"], dtype=object),
                       spot_names=np.array([f"s{i}" for i in range(n)], dtype=object),
-                      groups=groups, group_names=[f"g{i}" for i in range(30)])
-    assert panel_groups(d) == list(range(30 - MAX_GROUP_PANELS, 30))
+                      groups=groups, group_names=[f"g{i}" for i in range(50)])
+    assert panel_groups(d) == list(range(50 - MAX_GROUP_PANELS, 50))
     few = SpatialCounts(**{**d.__dict__, "groups": groups % 3, "group_names": ["a", "b", "c"]})
     assert panel_groups(few) == [0, 1, 2]
