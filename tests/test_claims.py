@@ -59,10 +59,8 @@ def test_a_claim_whose_holder_died_is_taken_over(mlflow_store):
     gen = stage_claim("analyze", "h", "v1", "t", dead, say=lines.append)
     assert gen.__enter__()
     client.set_terminated(dead, "FAILED")
-    started = time.monotonic()
     with stage_claim("analyze", "h", "v1", "t", alive, say=lines.append) as got:
         assert got
-    assert time.monotonic() - started < 10
     assert lines == [f"the run {dead} that claimed it is gone (its run ended FAILED); "
                      "taking it over"]
 

@@ -42,6 +42,8 @@ from mlflow.tracking import MlflowClient
 
 from sf_mlflow.provenance import code_version, git_commit
 from sf_mlflow.tracking.liveness import liveness_tags, start_heartbeat, stop_heartbeat
+from sf_mlflow.tracking.metric_stream import MetricStream, series
+from sf_mlflow.tracking.outage import check_server, is_server, patiently, quick_requests, unreachable
 from sf_mlflow.tracking.experiments import (
     _ACTIVE,
     TAG_LAUNCHER_RUN,
@@ -78,6 +80,9 @@ _BATCH = 1000  # MLflow accepts at most 1000 metrics per log_batch call
 _PARAM_BATCH = 100  # ... and at most 100 params
 
 
+_CHECKED_SERVERS: set[str] = set()
+
+
 def configure_tracking() -> str:
     """Use ``MLFLOW_TRACKING_URI`` when set, else sqlite ``mlflow.db`` in the working directory."""
     # Artifact progress bars would interleave with the stages' own progress lines.
@@ -86,6 +91,14 @@ def configure_tracking() -> str:
     if not uri:
         uri = f"sqlite:///{Path.cwd() / 'mlflow.db'}"
     mlflow.set_tracking_uri(uri)
+    if is_server(uri):
+        # MLflow's own retries (7, with backoff: minutes) would hold a fit on every write
+        # while a server is away; the writes wait for it themselves (tracking.outage)
+        os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")
+        os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "30")
+        if uri not in _CHECKED_SERVERS:
+            check_server(uri)
+            _CHECKED_SERVERS.add(uri)
     from sf_mlflow.tracking.store import quiet_translated_failures
 
     # a locked or read-only store is reported in one line (sf_mlflow.tracking.store), not
@@ -200,15 +213,32 @@ def _param_str(value: Any) -> str:
 
 
 class StageRun:
-    """Handle on the MLflow run of one stage; see :func:`stage_run`."""
+    """Handle on the MLflow run of one stage; see :func:`stage_run`.
 
-    def __init__(self, client: MlflowClient, run_id: str):
+    Every write waits for a tracking server that stopped answering (see
+    :mod:`~sf_mlflow.tracking.outage`) instead of failing the stage.
+    """
+
+    def __init__(self, client: MlflowClient, run_id: str, stage: str = ""):
         self.client = client
         self.run_id = run_id
+        self.stage = stage
+        self.uri = mlflow.get_tracking_uri()
 
     @property
     def info(self):
         return self.client.get_run(self.run_id).info
+
+    def say(self, line: str) -> None:
+        print(f"[{self.stage}] {line}" if self.stage else line, flush=True)
+
+    def _write(self, what: str, write) -> None:
+        """``write()`` with signals held back, waiting (signals answered) while the server
+        is away."""
+        def attempt():
+            with _signals_held():
+                write()
+        patiently(self.uri, attempt, self.say, what)
 
     def log_params(self, params: Mapping[str, Any]) -> None:
         """Log params, skipping keys the run already has.
@@ -219,66 +249,41 @@ class StageRun:
         """
         existing = self.client.get_run(self.run_id).data.params
         items = [Param(k, _param_str(v)) for k, v in params.items() if k not in existing]
-        with _signals_held():
-            for i in range(0, len(items), _PARAM_BATCH):
-                self.client.log_batch(self.run_id, params=items[i:i + _PARAM_BATCH])
+        self._write("its params", lambda: [
+            self.client.log_batch(self.run_id, params=items[i:i + _PARAM_BATCH])
+            for i in range(0, len(items), _PARAM_BATCH)])
 
     def set_tags(self, tags: Mapping[str, Any]) -> None:
         items = [RunTag(k, str(v)) for k, v in tags.items() if v is not None]
         if items:
-            with _signals_held():
-                self.client.log_batch(self.run_id, tags=items)
+            self._write("its tags", lambda: self.client.log_batch(self.run_id, tags=items))
 
     def log_metrics(self, metrics: Mapping[str, float], step: int = 0) -> None:
         """Log scalar metrics (non-finite values are skipped: MLflow's UI cannot plot them)."""
         ts = int(time.time() * 1000)
         items = [Metric(k, float(v), ts, step) for k, v in metrics.items()
                  if v is not None and math.isfinite(float(v))]
-        with _signals_held():
-            for i in range(0, len(items), _BATCH):
-                self.client.log_batch(self.run_id, metrics=items[i:i + _BATCH])
+        self._write("its metrics", lambda: self._log_metric_items(items))
 
     def log_metric_history(self, key: str, values, steps=None) -> None:
         """Log a whole step series (e.g. the ELBO curve) in batches of 1000."""
-        ts = int(time.time() * 1000)
-        steps = range(len(values)) if steps is None else steps
-        items = [Metric(key, float(v), ts, int(s)) for s, v in zip(steps, values)
-                 if math.isfinite(float(v))]
-        with _signals_held():
-            for i in range(0, len(items), _BATCH):
-                self.client.log_batch(self.run_id, metrics=items[i:i + _BATCH])
+        self._write(f"the {key} curve", lambda: self._log_metric_items(
+            series(key, values, steps)))
 
-    def metric_stream(self, key: str, flush_every: int = 100) -> "MetricStream":
+    def _log_metric_items(self, items: list) -> None:
+        for i in range(0, len(items), _BATCH):
+            self.client.log_batch(self.run_id, metrics=items[i:i + _BATCH])
+
+    def metric_stream(self, key: str, flush_every: int = 100) -> MetricStream:
         return MetricStream(self, key, flush_every)
 
     def log_artifacts(self, local_dir: str | Path, artifact_path: str | None = None) -> None:
-        self.client.log_artifacts(self.run_id, str(local_dir), artifact_path)
+        patiently(self.uri, lambda: self.client.log_artifacts(
+            self.run_id, str(local_dir), artifact_path), self.say, "its artifacts")
 
     def log_artifact(self, local_path: str | Path, artifact_path: str | None = None) -> None:
-        self.client.log_artifact(self.run_id, str(local_path), artifact_path)
-
-
-class MetricStream:
-    """Buffers one step metric and writes it with ``log_batch`` every ``flush_every`` steps.
-
-    Lets the MLflow UI follow a long fit without one database write per iteration.
-    """
-
-    def __init__(self, run: StageRun, key: str, flush_every: int = 100):
-        self.run, self.key, self.flush_every = run, key, flush_every
-        self._steps: list[int] = []
-        self._values: list[float] = []
-
-    def append(self, step: int, value: float) -> None:
-        self._steps.append(step)
-        self._values.append(value)
-        if len(self._steps) >= self.flush_every:
-            self.flush()
-
-    def flush(self) -> None:
-        if self._steps:
-            self.run.log_metric_history(self.key, self._values, self._steps)
-            self._steps, self._values = [], []
+        patiently(self.uri, lambda: self.client.log_artifact(
+            self.run_id, str(local_path), artifact_path), self.say, "its artifacts")
 
 
 _LAUNCHER_TAG_PREFIXES = ("mlflow.source.", "mlflow.project.", "mlflow.gitRepoURL", "mlflow.user",
@@ -456,12 +461,33 @@ def _release_interrupted_connections(client: MlflowClient,
 
 def _end(client: MlflowClient, run_id: str, status: str,
          interrupt: BaseException | None = None) -> None:
-    """End the run: no more heartbeats, then its terminal status (signals held back)."""
+    """End the run: no more heartbeats, then its terminal status (signals held back, but
+    not while waiting for a tracking server that is away)."""
+    uri = mlflow.get_tracking_uri()
     with _signals_held():
         stop_heartbeat(run_id)
         if interrupt is not None:
             _release_interrupted_connections(client, interrupt)
-        client.set_terminated(run_id, status)
+        if not is_server(uri):
+            client.set_terminated(run_id, status)
+            return
+
+    def attempt():
+        with _signals_held():
+            client.set_terminated(run_id, status)
+
+    if interrupt is None:
+        return patiently(uri, attempt, lambda line: print(line, flush=True),
+                         f"the end of run {run_id}")
+    try:    # interrupted: one quick try, no waiting for a server that is away
+        with quick_requests():
+            attempt()
+    except Exception as err:
+        if not unreachable(err):
+            raise
+        print(f"the tracking server {uri} does not answer: run {run_id} stays RUNNING there "
+              "until a later lookup finds its heartbeat stale and marks it FAILED",
+              file=sys.stderr, flush=True)
 
 
 @contextlib.contextmanager
@@ -493,7 +519,7 @@ def stage_run(stage: str, *, experiment: str, params: Mapping[str, Any], tags: M
         # ends it, a run holds signals back: none can leave it half-opened and RUNNING.
         hold.enter_context(_signals_held())
         run_id = _open(client, experiment, run_name, parent_run_id)
-        handle = StageRun(client, run_id)
+        handle = StageRun(client, run_id, stage)
         exp_id = None
         try:
             exp_id = client.get_run(run_id).info.experiment_id
