@@ -447,12 +447,19 @@ FAULTS: dict[str, Callable] = {
 }
 
 
+def all_faults() -> dict[str, Callable]:
+    """:data:`FAULTS` and those of ``faults_more.py`` (issue 22: inputs, store, concurrency)."""
+    from faults_more import MORE
+
+    return {**FAULTS, **MORE}
+
+
 def run_fault(name: str, keep: Path | None) -> dict:
     root = Path(tempfile.mkdtemp(prefix=f"sf-fault-{name}-", dir=keep))
     ws = Workspace(root)
     record: dict = {"fault": name}
     try:
-        rc, ok, extra = FAULTS[name](ws)
+        rc, ok, extra = all_faults()[name](ws)
         record.update(exit_code=rc, ok=bool(ok), **extra)
     except PermissionError as err:
         record.update(skipped=str(err))
@@ -476,19 +483,19 @@ def run_fault(name: str, keep: Path | None) -> dict:
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--only", nargs="+", choices=sorted(FAULTS), help="faults to run")
+    parser.add_argument("--only", nargs="+", choices=sorted(all_faults()), help="faults to run")
     parser.add_argument("--list", action="store_true", help="list the faults and exit")
     parser.add_argument("--keep", type=Path, default=None,
                         help="keep each fault's folder under this directory")
     args = parser.parse_args(argv)
     if args.list:
-        for name, fn in FAULTS.items():
+        for name, fn in all_faults().items():
             print(f"{name:28s} {(fn.__doc__ or '').strip().splitlines()[0]}")
         return 0
     if args.keep is not None:
         args.keep.mkdir(parents=True, exist_ok=True)
     bad = 0
-    for name in args.only or FAULTS:
+    for name in args.only or all_faults():
         record = run_fault(name, args.keep)
         bad += bool(record["running"] or record["complete_outputs_of_failed_runs"]
                     or record.get("ok") is False)
