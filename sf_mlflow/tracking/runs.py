@@ -175,7 +175,8 @@ def _initialise_sqlite_store(uri: str) -> None:
     """
     import fcntl
 
-    from sf_mlflow.tracking.store import sqlite_path, store_failure
+    from sf_mlflow.errors import StoreError
+    from sf_mlflow.tracking.store import check_integrity, sqlite_path, store_failure
 
     db = sqlite_path(uri)
     if db is None or uri in _INITIALISED:
@@ -190,6 +191,9 @@ def _initialise_sqlite_store(uri: str) -> None:
         if lock is not None:
             fcntl.flock(lock, fcntl.LOCK_EX)
         MlflowClient(uri).search_experiments(max_results=1)
+        check_integrity(uri)
+    except StoreError:
+        raise
     except Exception as err:  # sqlite's, SQLAlchemy's or MLflow's wrapper of the same failure
         failure = store_failure(err, uri)
         if failure is None:

@@ -9,6 +9,7 @@ translated itself.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import logging
 import os
@@ -71,13 +72,43 @@ def store_failure(err: BaseException, uri: str | None = None) -> StoreError | No
             "MLFLOW_TRACKING_URI at the copy (reading, e.g. spatial_factorization export, works "
             "on a read-only store)")
     if any(s in text for s in _DAMAGED):
-        path = sqlite_path(uri)
-        return StoreError(
-            f"the tracking store {uri} is damaged (sqlite: "
-            f"{next(s for s in _DAMAGED if s in text)}); restore {path or 'it'} from a backup, "
-            "or point MLFLOW_TRACKING_URI at a new store (e.g. sqlite:///mlflow-new.db); "
-            "the runs' artifacts beside it are untouched")
+        return damaged_store(uri, next(s for s in _DAMAGED if s in text))
     return None
+
+
+def damaged_store(uri: str, problem: str) -> StoreError:
+    """The one line for a store whose database is damaged (``problem``: sqlite's words)."""
+    path = sqlite_path(uri)
+    return StoreError(
+        f"the tracking store {uri} is damaged (sqlite: {problem}); restore {path or 'it'} "
+        "from a backup, or point MLFLOW_TRACKING_URI at a new store (e.g. "
+        "sqlite:///mlflow-new.db); the runs' artifacts beside it are untouched")
+
+
+#: Stores up to this size are checked for damage (sqlite's quick_check, well under a second
+#: here) before a run is made in them: a run created in a damaged store could not be ended.
+QUICK_CHECK_MAX_BYTES = 256 * 2**20
+
+
+def check_integrity(uri: str) -> None:
+    """Raise :func:`damaged_store` when sqlite's ``quick_check`` of the store finds damage."""
+    import sqlite3
+
+    path = sqlite_path(uri)
+    if path is None or not path.is_file() or path.stat().st_size > QUICK_CHECK_MAX_BYTES:
+        return
+    try:
+        with contextlib.closing(sqlite3.connect(f"file:{path}?mode=ro", uri=True,
+                                                timeout=SQLITE_BUSY_TIMEOUT_S)) as con:
+            result = con.execute("PRAGMA quick_check(1)").fetchone()[0]
+    except sqlite3.DatabaseError as err:
+        text = str(err).lower()
+        if any(s in text for s in _DAMAGED):
+            raise damaged_store(uri, next(s for s in _DAMAGED if s in text)) from None
+        return      # locked, unreadable: the store's own access reports that
+    if result != "ok":
+        detail = [ln for ln in str(result).splitlines() if not ln.startswith("***")]
+        raise damaged_store(uri, "quick_check found " + (detail[0] if detail else "damage")[:200])
 
 
 #: Failures of writing, whatever the file.
