@@ -32,7 +32,7 @@ import scipy.sparse as sp
 
 from sf_mlflow.data.io import PreprocessedData, read_preprocessed
 from sf_mlflow.errors import DataError, RunLookupError
-from sf_mlflow.files import replacing
+from sf_mlflow.files import check_target, replacing
 from sf_mlflow.stages._common import group_file_names
 from sf_mlflow.tracking import (
     TAG_DATASET,
@@ -242,9 +242,7 @@ def export_h5ad(run_id: str, output: str, tracking_uri: str | None = None,
     if not path.parent.is_dir():
         raise DataError(f"output {output!r}: folder {str(path.parent)!r} does not exist; "
                         "create it first or choose another path")
-    if path.exists() and not force:      # before minutes of reading, not after
-        raise DataError(f"output {output!r} exists; pass --force to replace it, or choose "
-                        "another path")
+    check_target(path, force=force, name="output")    # before minutes of reading, not after
     adata = to_anndata(run_id, tracking_uri)
     image = h5ad_image(adata)
     with replacing(path, force=force, expected_bytes=image.nbytes) as tmp:

@@ -16,7 +16,7 @@ from typing import Any, Callable, Iterator
 
 from sf_mlflow.errors import DataError
 
-__all__ = ["atomic_write", "replacing"]
+__all__ = ["atomic_write", "check_target", "replacing"]
 
 
 def _temporary_sibling(path: Path) -> Path:
@@ -38,6 +38,20 @@ def atomic_write(path: Path, write: Callable[[Any], None]) -> None:
             tmp.unlink()
 
 
+def check_target(path: Path, *, force: bool = False, force_flag: str = "--force",
+                 name: str = "") -> None:
+    """Refuse to write ``path`` when it is a folder, or a file that exists and ``force`` is
+    not given (:class:`DataError` naming ``force_flag``, and ``path`` as ``name`` when given,
+    e.g. "output"); callers check before long work."""
+    path = Path(path)
+    shown = f"{name} {str(path)!r}" if name else repr(str(path))
+    if path.is_dir():
+        raise DataError(f"{shown} is a folder; name a file to write inside it")
+    if path.exists() and not force:
+        raise DataError(f"{shown} exists; pass {force_flag} to replace it, or choose "
+                        "another path")
+
+
 @contextlib.contextmanager
 def replacing(path: Path, *, force: bool = False, force_flag: str = "--force",
               expected_bytes: int = 0) -> Iterator[Path]:
@@ -56,12 +70,8 @@ def replacing(path: Path, *, force: bool = False, force_flag: str = "--force",
     file is removed whatever happens.
     """
     path = Path(path)
-    if path.is_dir():
-        raise DataError(f"{str(path)!r} is a folder; name a file to write inside it")
+    check_target(path, force=force, force_flag=force_flag)
     existed = path.exists()
-    if existed and not force:
-        raise DataError(f"{str(path)!r} exists; pass {force_flag} to replace it, or choose "
-                        "another path")
     untouched = "the existing file is untouched" if existed else "nothing was written there"
     try:
         free = shutil.disk_usage(path.parent).free
