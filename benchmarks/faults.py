@@ -75,7 +75,7 @@ class Workspace:
 
     def command(self, stage: str, *args: str, config: Path | None = None) -> list[str]:
         cmd = [sys.executable, "-m", "sf_mlflow.cli", stage]
-        if stage != "export":
+        if stage not in ("export", "sync"):
             cmd += ["-c", str(config or self.config)]
         return cmd + list(args)
 
@@ -141,7 +141,7 @@ class Workspace:
         status = {r["run_id"]: r["status"] for r in self.runs()}
         bad = []
         for folder in (self.root / "outputs").glob("*/*"):
-            if folder.is_dir() and not folder.name.endswith(".partial") \
+            if folder.is_dir() and not folder.name.endswith((".partial", ".unsent")) \
                     and status.get(folder.name) != "FINISHED":
                 bad.append(str(folder.relative_to(self.root)))
         return sorted(bad)

@@ -1,10 +1,20 @@
 """The faults of issue 22 for ``benchmarks/faults.py``: a user's inputs, the store, two
-processes at once. Each takes a fresh :class:`faults.Workspace` and returns
-``(exit code, ok, extra)`` as the faults there do; ``faults.py`` runs and reports them.
+processes at once, a tracking server that goes away. Each takes a fresh
+:class:`faults.Workspace` and returns ``(exit code, ok, extra)`` as the faults there do;
+``faults.py`` runs and reports them. The server faults run a real ``mlflow server`` on
+127.0.0.1 over the workspace's sqlite store (so the harness still reads the store directly);
+the README shows the same with PostgreSQL.
 """
 
 from __future__ import annotations
 
+import contextlib
+import os
+import signal
+import socket
+import sqlite3
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -110,6 +120,124 @@ def fault_two_mains_at_once(ws: Workspace):
     return rc, rc == 0 and one_each, {"stages": stages, "expect": "one run per stage"}
 
 
+class Server:
+    """``mlflow server`` over the workspace's store; stop() kills it (SIGKILL, as a crash),
+    start() brings it back on the same port."""
+
+    def __init__(self, ws: Workspace):
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            self.port = sock.getsockname()[1]
+        self.ws, self.uri, self.proc = ws, f"http://127.0.0.1:{self.port}", None
+        ws.env = {**ws.env, "MLFLOW_TRACKING_URI": self.uri}
+
+    def start(self) -> "Server":
+        import requests
+
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port",
+             str(self.port), "--workers", "1", "--backend-store-uri", self.ws.uri,
+             "--artifacts-destination", str(self.ws.root / "artifacts")],
+            cwd=self.ws.root, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+            start_new_session=True)
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            with contextlib.suppress(requests.RequestException):
+                if requests.get(self.uri + "/health", timeout=1).ok:
+                    return self
+            time.sleep(0.3)
+        raise RuntimeError("mlflow server did not start")
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.wait()
+
+
+#: A fit long enough to lose its server in the middle, the same every time (seeded, tol 0).
+LONG_FIT = ("--set", "training.max_iter=1500", "--set", "training.tol=0",
+            "--set", "training.log_every=100", "--set", "training.validation_every=0")
+
+
+def _elbo_of(ws: Workspace, run_id: str) -> tuple[int, float | None]:
+    """(number of ELBO values logged, final_elbo) of a run, read from the store directly."""
+    with contextlib.closing(sqlite3.connect(f"file:{ws.db}?mode=ro", uri=True)) as con:
+        n = con.execute("SELECT COUNT(DISTINCT step) FROM metrics WHERE run_uuid = ? AND "
+                        "key = 'elbo'", (run_id,)).fetchone()[0]
+        final = con.execute("SELECT value FROM latest_metrics WHERE run_uuid = ? AND "
+                            "key = 'final_elbo'", (run_id,)).fetchone()
+    return int(n), (float(final[0]) if final else None)
+
+
+def _fit_with_outage(ws: Workspace, server: Server, away_s: float | None, **env):
+    """Train once undisturbed, then again with the server killed at iteration ~300 and back
+    after ``away_s`` seconds (None: after the train command ended). Returns the two train
+    runs' (ELBO values, final ELBO) and the disturbed command's result."""
+    ws.run("preprocess")
+    ws.run("train", *LONG_FIT)
+    calm = ws.run_of("train", "FINISHED")["run_id"]
+    ws.env = {**ws.env, **env}
+    proc = ws.start("train", *LONG_FIT)
+    run = ws.wait_for(lambda: [r for r in ws.runs() if r["tags"].get("sf.stage") == "train"
+                               and r["run_id"] != calm and _elbo_of(ws, r["run_id"])[0] >= 300],
+                      proc, what="300 logged iterations")[0]
+    server.stop()
+    if away_s is not None:
+        time.sleep(away_s)
+        server.start()
+    done = ws.finish(proc, timeout=900)
+    return calm, run["run_id"], done
+
+
+def fault_server_down_at_start(ws: Workspace):
+    """MLFLOW_TRACKING_URI on a server that does not answer: one line within the wait."""
+    server = Server(ws)         # never started
+    ws.env["SF_TRACKING_WAIT_S"] = "5"
+    started = time.monotonic()
+    rc = ws.run("preprocess").returncode
+    seconds = time.monotonic() - started
+    return rc, rc == 2 and seconds < 30 and "does not answer" in ws.last.stderr, {
+        "seconds": round(seconds, 1), "uri": server.uri,
+        "expect": "one line within SF_TRACKING_WAIT_S (5 s here), no run"}
+
+
+def fault_server_away_mid_train(ws: Workspace):
+    """The server killed at iteration ~300 of 1,500 and back 20 s later."""
+    server = Server(ws).start()
+    try:
+        calm, hit, done = _fit_with_outage(ws, server, 20.0)
+    finally:
+        server.stop()
+    (n_calm, e_calm), (n_hit, e_hit) = _elbo_of(ws, calm), _elbo_of(ws, hit)
+    same = e_calm is not None and e_hit == e_calm
+    return done.returncode, done.returncode == 0 and n_hit == n_calm == 1500 and same, {
+        "elbo_values": n_hit, "final_elbo": e_hit, "undisturbed_final_elbo": e_calm,
+        "expect": "the fit finishes, every iteration logged, results equal an undisturbed fit's"}
+
+
+def fault_server_gone_for_good(ws: Workspace):
+    """The server killed mid-train and back only after the stage gave up on it
+    (SF_TRACKING_OUTAGE_S=5): the stage's writes wait in a folder; sync uploads them."""
+    server = Server(ws).start()
+    try:
+        calm, hit, done = _fit_with_outage(ws, server, None, SF_TRACKING_OUTAGE_S="5")
+        kept = sorted((ws.root / "outputs" / "train").glob("*.unsent"))
+        named = bool(kept) and f"spatial_factorization sync {kept[0]}" in done.stderr
+        server.start()
+        synced = ws.run("sync", *map(str, kept)).returncode if kept else None
+        ws.last = done          # the report's error line is the stage's
+    finally:
+        server.stop()
+    (n_calm, e_calm), (n_hit, e_hit) = _elbo_of(ws, calm), _elbo_of(ws, hit)
+    ok = (done.returncode == 2 and named and synced == 0 and n_hit == n_calm == 1500
+          and e_calm is not None and e_hit == e_calm and not any(p.exists() for p in kept))
+    return done.returncode, ok, {
+        "sync_exit_code": synced, "elbo_values": n_hit, "final_elbo": e_hit,
+        "undisturbed_final_elbo": e_calm,
+        "expect": "one line naming the folder and the sync command; after sync the run is "
+                  "whole and equal to an undisturbed fit"}
+
+
 MORE = {
     "repeated_gene_names": fault_repeated_gene_names,
     "export_over_a_file": fault_export_over_a_file,
@@ -119,4 +247,7 @@ MORE = {
     "data_path_is_a_device": fault_data_path_is_a_device,
     "spots_at_one_position": fault_spots_at_one_position,
     "two_mains_at_once": fault_two_mains_at_once,
+    "server_down_at_start": fault_server_down_at_start,
+    "server_away_mid_train": fault_server_away_mid_train,
+    "server_gone_for_good": fault_server_gone_for_good,
 }

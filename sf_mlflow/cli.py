@@ -49,6 +49,8 @@ EXAMPLES = {
               "--tracking-uri sqlite:////path/to/mlflow.db\n"
               "  spatial_factorization export --run-id <ID> -o results.h5ad --force   "
               "# replace it",
+    "sync": "example:\n"
+            "  spatial_factorization sync outputs/train/<run id>.unsent",
     "show-config": "examples:\n"
                    "  spatial_factorization show-config\n"
                    "  spatial_factorization show-config -c my.yaml --set model.n_components=8",
@@ -87,6 +89,10 @@ def _build_parser() -> argparse.ArgumentParser:
                            epilog=EXAMPLES.get(name),
                            formatter_class=argparse.RawDescriptionHelpFormatter)
         for opt in command.options:
+            if opt.positional:
+                p.add_argument(opt.flags[0], nargs="+" if opt.repeat else None,
+                               metavar=opt.metavar, help=opt.help)
+                continue
             if opt.switch:
                 p.add_argument(*opt.flags, dest=opt.keyword, action="store_true", help=opt.help)
                 continue

@@ -1,6 +1,8 @@
 """A real ``mlflow server`` (sqlite backend, on 127.0.0.1) that goes away: while it is down a
 fit goes on and its ELBO curve waits in memory; the run's other writes wait for the server;
-when it is back, the run is complete. A server that never answered fails a stage in one line.
+when it is back, the run is complete. Away for longer than SF_TRACKING_OUTAGE_S: the writes go
+to a local folder that ``spatial_factorization sync`` uploads. A server that never answered
+fails a stage in one line.
 """
 
 from __future__ import annotations
@@ -125,3 +127,89 @@ def test_a_server_that_never_answers_fails_the_stage_in_one_line_within_the_wait
                      f"{uri}/health for 3 s); start it (mlflow server ...) or point "
                      "MLFLOW_TRACKING_URI at a running one; SF_TRACKING_WAIT_S=<seconds> "
                      "waits longer"], proc.stderr[-3000:]
+
+
+def _wait_for(log: Path, proc, text: str, deadline: float) -> None:
+    while text not in log.read_text():
+        assert proc.poll() is None and time.monotonic() < deadline, log.read_text()[-3000:]
+        time.sleep(0.1)
+
+
+def _train_run(client: MlflowClient, run_id: str):
+    run = client.get_run(run_id)
+    assert run.data.tags.get("sf.stage") == "train"
+    return run
+
+
+def test_a_server_gone_for_good_leaves_every_write_in_a_folder_that_sync_uploads(server,
+                                                                                 tmp_path):
+    """Server killed mid-train and not back within SF_TRACKING_OUTAGE_S: the fit finishes,
+    its writes go to <output_dir>/train/<run>.unsent, the stage ends with one line naming it
+    and the sync command. A second fit interrupted while the server is away keeps its
+    checkpoint there too, within 2 s. Once the server is back, one sync uploads both; the
+    interrupted run then resumes from its checkpoint."""
+    config = tmp_path / "outage.yaml"
+    config.write_text(yaml.safe_dump(CONFIG))
+    cmd, env = _cli(tmp_path, server.uri, "preprocess", "-c", str(config))
+    assert subprocess.run(cmd, env=env, cwd=tmp_path, capture_output=True).returncode == 0
+    cmd, env = _cli(tmp_path, server.uri, "train", "-c", str(config), SF_TRACKING_OUTAGE_S="3")
+    log = tmp_path / "train.log"
+    with open(log, "w") as out:
+        train = subprocess.Popen(cmd, env=env, cwd=tmp_path, stdout=out, stderr=subprocess.STDOUT)
+        _wait_for(log, train, "iter   200/1200", time.monotonic() + 300)
+        server.stop()
+        code = train.wait(timeout=600)
+    text = log.read_text()
+    assert code == 2 and "Traceback" not in text, text[-3000:]
+    [kept] = sorted((tmp_path / "outputs" / "train").glob("*.unsent"))
+    last = text.strip().splitlines()[-1]
+    assert last.startswith(f"error: the tracking server {server.uri} has not answered since "), last
+    assert last.endswith(f"are kept in {kept}; upload them once the server is back: "
+                         f"spatial_factorization sync {kept}"), last
+    assert (tmp_path / "outputs" / "train" / kept.name[:-len(".unsent")] / "model.pth").is_file()
+
+    server.start()
+    cmd, env = _cli(tmp_path, server.uri, "train", "-c", str(config))
+    log = tmp_path / "interrupted.log"
+    with open(log, "w") as out:
+        train = subprocess.Popen(cmd, env=env, cwd=tmp_path, stdout=out, stderr=subprocess.STDOUT)
+        _wait_for(log, train, "iter   100/1200", time.monotonic() + 300)
+        server.stop()
+        _wait_for(log, train, "unreachable since", time.monotonic() + 300)
+        train.send_signal(2)
+        sent = time.monotonic()
+        code = train.wait(timeout=60)
+        took = time.monotonic() - sent
+    text = log.read_text()
+    assert code == 130 and "Traceback" not in text, text[-3000:]
+    assert took < 2.0, (took, text[-3000:])     # one quick try, no waiting for the server
+    second = [p for p in (tmp_path / "outputs" / "train").glob("*.unsent") if p != kept]
+    assert len(second) == 1 and f"spatial_factorization sync {second[0]}" in text, text[-3000:]
+
+    server.start()
+    cmd, env = _cli(tmp_path, server.uri, "sync", str(kept), str(second[0]))
+    proc = subprocess.run(cmd, env=env, cwd=tmp_path, capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert not kept.exists() and not second[0].exists()
+    client = MlflowClient(server.uri)
+    done = _train_run(client, kept.name[:-len(".unsent")])
+    assert done.info.status == "FINISHED"
+    steps = [m.step for m in client.get_metric_history(done.info.run_id, "elbo")]
+    assert sorted(set(steps)) == list(range(1, 1201))
+    assert "final_elbo" in done.data.metrics and done.data.tags["sf.converged"] in ("true", "false")
+    assert {a.path for a in client.list_artifacts(done.info.run_id)} >= {
+        "model.pth", "training.json", "elbo_history.csv"}
+    stopped = _train_run(client, second[0].name[:-len(".unsent")])
+    assert stopped.info.status == "KILLED" and stopped.data.tags["sf.interrupted"] == "true"
+    at = int(stopped.data.metrics["interrupted_at_iteration"])
+    assert sorted(m.step for m in client.get_metric_history(stopped.info.run_id, "elbo")) == \
+        list(range(1, at + 1))
+
+    cmd, env = _cli(tmp_path, server.uri, "train", "-c", str(config), "--resume-from",
+                    stopped.info.run_id)
+    proc = subprocess.run(cmd, env=env, cwd=tmp_path, capture_output=True, text=True,
+                          timeout=600)
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-3000:]
+    assert f"resuming run {stopped.info.run_id} from iteration {at}" in proc.stdout, \
+        proc.stdout[-3000:]

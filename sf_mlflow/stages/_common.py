@@ -21,6 +21,7 @@ from sf_mlflow.tracking import (
     TAG_PREPROCESS_HASH,
     TAG_REUSABLE,
     TAG_STAGE_HASH,
+    UNSENT_SUFFIX,
     StageRun,
     describe_experiment,
     describe_run,
@@ -236,6 +237,7 @@ def open_run(config: Config, stage: str, *, params: Mapping[str, Any],
     with stage_run(stage, experiment=config.name, params=params, tags=tags,
                    run_name=run_name, description=description,
                    parent_run_id=parent_run_id) as run:
+        run.spool = (Path(config.output_dir) / stage / f"{run.run_id}{UNSENT_SUFFIX}").absolute()
         say(stage, f"run {run.run_id}: {headline if headline is not None else description}")
         yield run
 

@@ -228,10 +228,13 @@ class Option:
     repeat: bool = False
     switch: bool = False
     """A flag without a value: False unless given."""
+    positional: bool = False
+    """An argument without a flag (``flags`` holds its name); with ``repeat``: one or more."""
 
     @property
     def required(self) -> bool:
-        return self.default is None and not (self.optional or self.repeat or self.switch)
+        return self.default is None and not (self.optional or self.repeat or self.switch
+                                             or self.positional)
 
     @property
     def keyword(self) -> str:
@@ -270,6 +273,15 @@ COMMANDS: dict[str, Command] = {
                         "a temporary name and renamed when complete)", switch=True)),
         description="write an analyze run (counts, positions, factors, loadings, Moran's I, "
                     "run IDs) as an AnnData .h5ad file"),
+    "sync": Command(
+        run="sf_mlflow.tracking.journal:sync",
+        options=(Option(("folder",), "a folder of unsent writes, <output_dir>/<stage>/<run "
+                        "id>.unsent, as named by the stage that kept it", metavar="FOLDER",
+                        repeat=True, positional=True),
+                 Option(("--tracking-uri",), "upload there (default: the server the run was "
+                        "made in)", metavar="URI", optional=True)),
+        description="upload what a stage kept locally while its tracking server was away "
+                    "(params, metrics, artifacts, the run's end), then remove the folder"),
     "show-config": Command(
         run="sf_mlflow.config_reference:show_config",
         options=(Option(("-c", "--config"), "YAML config file (left out: the defaults alone)",

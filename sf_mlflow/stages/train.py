@@ -153,8 +153,9 @@ def save_checkpoint_and_stop(run, model: PNMF, config: Config) -> None:
     # KILLED with FAILED after the process exits (its _maybe_set_run_terminated compares
     # the status string with integer codes), so the tag is what marks a resumable run.
     run.set_tags({TAG_INTERRUPTED: "true"})
-    say(STAGE, f"interrupted at iteration {model.n_iter_}; checkpoint logged. Continue with\n"
-               + resume_hint(config, run.run_id))
+    kept = f" (kept in {run.journal.folder} until synced)" if run.journal is not None else ""
+    say(STAGE, f"interrupted at iteration {model.n_iter_}; checkpoint logged{kept}. Continue "
+               "with\n" + resume_hint(config, run.run_id))
     raise KeyboardInterrupt
 
 
@@ -230,9 +231,11 @@ def fit(run: StageRun, config: Config, model: PNMF, pre: PreprocessedData, data:
             say(STAGE, f"warning: {w.message}")
         else:
             warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
-    elbo_stream.flush()
     if stop.requested:
-        save_checkpoint_and_stop(run, model, config)
+        with run.without_waiting():     # a server that is away: kept locally, no wait
+            elbo_stream.flush()
+            save_checkpoint_and_stop(run, model, config)
+    elbo_stream.flush()
 
 
 def log_divergence(run: StageRun, model: PNMF, err: NonFiniteELBOError, config: Config) -> None:

@@ -45,6 +45,7 @@ from sf_mlflow.tracking.runs import (
     configure_tracking,
     stage_run,
 )
+from sf_mlflow.tracking.journal import SUFFIX as UNSENT_SUFFIX
 from sf_mlflow.tracking.registry import register_train_run
 from sf_mlflow.tracking.runs import reading_store, ui_command
 
@@ -55,7 +56,7 @@ __all__ = [
     "TAG_PREPROCESS_HASH", "TAG_RESUMED_FROM", "TAG_REUSABLE", "TAG_STAGE", "TAG_STAGE_HASH",
     "TAG_UPSTREAM",
     # runs
-    "MetricStream", "StageRun", "configure_tracking", "existing_run", "stage_run", "ui_command",
+    "MetricStream", "StageRun", "UNSENT_SUFFIX", "configure_tracking", "existing_run", "stage_run", "ui_command",
     "reading_store",
     # experiments
     "EXPERIMENT_KIND", "EXPERIMENT_KIND_TAG", "HEADLINE_VIEW", "add_headline_metrics",

@@ -25,6 +25,7 @@ import threading
 import time
 from typing import Iterable
 
+import mlflow
 from mlflow.entities import RunTag, ViewType
 from mlflow.tracking import MlflowClient
 
@@ -98,6 +99,8 @@ class _Heartbeat:
                     return
                 now = f"{time.time():.0f}"
                 for run_id, client in list(self._runs.items()):
+                    if _server_away():
+                        break   # MLflow's retries would hold the lock, and an ending run, for minutes
                     try:
                         client.log_batch(run_id, tags=[RunTag(TAG_HEARTBEAT, now)])
                     except Exception:  # a busy store: the next beat tries again
@@ -105,6 +108,14 @@ class _Heartbeat:
 
 
 _HEARTBEAT = _Heartbeat()
+
+
+def _server_away() -> bool:
+    """Whether the tracking server is known not to answer, or does not answer now."""
+    from sf_mlflow.tracking.outage import answers, away_since, is_server
+
+    uri = mlflow.get_tracking_uri()
+    return is_server(uri) and (away_since(uri) is not None or not answers(uri, timeout=2.0))
 
 
 def start_heartbeat(client: MlflowClient, run_id: str) -> None:

@@ -8,7 +8,13 @@ runs does not cost the fit: the ELBO curve is buffered in memory while the serve
 wait), every other write of the run waits for the server to come back (polling its
 ``/health`` every second, a line every :data:`SAY_EVERY_S` seconds, signals answered at once)
 for up to :func:`outage_wait` seconds (``SF_TRACKING_OUTAGE_S``, default one hour), then
-goes through. Only a server away for longer than that ends the stage, with one line.
+goes through. A server away for longer than that: the run's writes go to a local journal
+(:mod:`~sf_mlflow.tracking.journal`) and the stage goes on; ``spatial_factorization sync``
+uploads it later.
+
+How long a server has been away is known process-wide (:func:`away_since`): a ``main`` run
+and its stage's run, or a write after a long fit whose ELBO stream saw the server go, count
+from the first failure, not each from its own.
 """
 
 from __future__ import annotations
@@ -22,7 +28,8 @@ from typing import Callable, Iterator, TypeVar
 from sf_mlflow.errors import StoreError
 
 __all__ = ["is_server", "unreachable", "answers", "check_server", "quick_requests",
-           "wait_for_server", "start_wait", "outage_wait", "WAIT_ENV", "OUTAGE_ENV"]
+           "wait_for_server", "start_wait", "outage_wait", "WAIT_ENV", "OUTAGE_ENV",
+           "ServerAway", "away_since", "note_away", "note_back"]
 
 WAIT_ENV = "SF_TRACKING_WAIT_S"
 OUTAGE_ENV = "SF_TRACKING_OUTAGE_S"
@@ -35,6 +42,31 @@ _UNREACHABLE = ("max retries exceeded", "connection refused", "failed to establi
                 "service unavailable")
 
 T = TypeVar("T")
+
+#: Tracking URI -> when its server was first found not answering (cleared when it answers).
+_AWAY: dict[str, float] = {}
+
+
+class ServerAway(StoreError):
+    """The tracking server has not answered for longer than :func:`outage_wait`."""
+
+    def __init__(self, message: str, since: float):
+        super().__init__(message)
+        self.since = since
+
+
+def away_since(uri: str) -> float | None:
+    """Since when the server at ``uri`` has not answered, or None."""
+    return _AWAY.get(uri)
+
+
+def note_away(uri: str) -> float:
+    """Note that the server at ``uri`` did not answer; return since when it has not."""
+    return _AWAY.setdefault(uri, time.time())
+
+
+def note_back(uri: str) -> None:
+    _AWAY.pop(uri, None)
 
 
 def _seconds(env: str, default: float) -> float:
@@ -119,37 +151,37 @@ def since_text(t: float) -> str:
 
 def wait_for_server(uri: str, since: float, say: Callable[[str], None], what: str) -> None:
     """Poll the server at ``uri`` (unreachable since ``since``) until it answers; a line every
-    :data:`SAY_EVERY_S` seconds; :class:`StoreError` after :func:`outage_wait` seconds."""
+    :data:`SAY_EVERY_S` seconds; :class:`ServerAway` after :func:`outage_wait` seconds."""
     limit = outage_wait()
     said = None
     while not answers(uri):
         now = time.time()
         if now - since >= limit:
-            raise StoreError(
+            raise ServerAway(
                 f"the tracking server {uri} has not answered since {since_text(since)} "
                 f"({now - since:.0f} s), so {what} could not be logged; start the server and "
-                f"run the stage again ({OUTAGE_ENV}=<seconds> waits longer)")
+                f"run the stage again ({OUTAGE_ENV}=<seconds> waits longer)", since)
         if said is None or now - said >= SAY_EVERY_S:
             say(f"tracking server {uri} unreachable since {since_text(since)}; waiting for it "
                 f"to log {what} ({now - since:.0f} s so far, Ctrl-C to stop)")
             said = now
         time.sleep(1.0)
+    note_back(uri)
     say(f"tracking server {uri} is back (away {time.time() - since:.0f} s)")
 
 
 def patiently(uri: str, write: Callable[[], T], say: Callable[[str], None], what: str) -> T:
-    """``write()``; when the server does not answer, wait for it and try again."""
+    """``write()``; when the server does not answer, wait for it and try again
+    (:class:`ServerAway` once it has been away for :func:`outage_wait` seconds)."""
     if not is_server(uri):
         return write()
-    since = None
     while True:
         try:
-            if since is None:
+            if away_since(uri) is None:
                 return write()
             with quick_requests():
                 return write()
         except Exception as err:
             if not unreachable(err):
                 raise
-        since = since or time.time()
-        wait_for_server(uri, since, say, what)
+        wait_for_server(uri, note_away(uri), say, what)

@@ -7,15 +7,12 @@ interrupt, FAILED on any error, so no run is ever left RUNNING. Artifacts are
 logged by the stage only once its outputs are complete, so a failed run never
 presents half-written results.
 
-Interrupts: SIGINT raises :class:`KeyboardInterrupt` (Python's default), and while a
-stage run is open SIGTERM and SIGHUP do too (unless the process installed its own
-handlers), so every open run -- a child stage and its ``main`` parent -- ends KILLED on
-the way out and the CLI exits 130 for all three signals. The fit's
-:class:`~sf_mlflow.stages._signals.StopRequests` overrides these handlers while it runs
-(stop at the next iteration, log a checkpoint) and restores them. Signals are held back
-while a run is being created or ended, so they cannot leave one half-opened or RUNNING.
-An interrupt Python drops (raised inside a ``__del__`` or weakref callback) is raised
-again every half second until a stage run has caught it.
+Interrupts (SIGINT, SIGTERM, SIGHUP) end every open run KILLED and the CLI exits 130
+(:mod:`~sf_mlflow.tracking.interrupts`). The fit's
+:class:`~sf_mlflow.stages._signals.StopRequests` overrides those handlers while it runs
+(stop at the next iteration, log a checkpoint) and restores them.
+A tracking server that goes away: :mod:`~sf_mlflow.tracking.outage` and
+:mod:`~sf_mlflow.tracking.journal`.
 A process killed outright (SIGKILL) cannot end its runs: the heartbeat of
 :mod:`sf_mlflow.tracking.liveness` lets the next lookup see that and end them FAILED.
 """
@@ -23,18 +20,13 @@ A process killed outright (SIGKILL) cannot end its runs: the heartbeat of
 from __future__ import annotations
 
 import contextlib
-import gc
 import math
 import os
 import shlex
-import signal
-import _thread
 import sys
-import threading
 import time
-import traceback
 from pathlib import Path
-from typing import Any, Iterator, Mapping
+from typing import Any, Callable, Iterator, Mapping
 
 import mlflow
 from mlflow.entities import Metric, Param, RunTag
@@ -43,7 +35,23 @@ from mlflow.tracking import MlflowClient
 from sf_mlflow.provenance import code_version, git_commit
 from sf_mlflow.tracking.liveness import liveness_tags, start_heartbeat, stop_heartbeat
 from sf_mlflow.tracking.metric_stream import MetricStream, series
-from sf_mlflow.tracking.outage import check_server, is_server, patiently, quick_requests, unreachable
+from sf_mlflow.tracking.interrupts import (
+    note_caught,
+    release_interrupted_connections,
+    signals_held,
+    signals_interrupt,
+)
+from sf_mlflow.tracking.journal import Journal, end_kept
+from sf_mlflow.tracking.outage import (
+    ServerAway,
+    check_server,
+    is_server,
+    note_away,
+    patiently,
+    quick_requests,
+    since_text,
+    unreachable,
+)
 from sf_mlflow.tracking.experiments import (
     _ACTIVE,
     TAG_LAUNCHER_RUN,
@@ -228,6 +236,32 @@ class StageRun:
         self.run_id = run_id
         self.stage = stage
         self.uri = mlflow.get_tracking_uri()
+        #: Where the run's writes go once its server has been away too long (set by the
+        #: stage: ``<output_dir>/<stage>/<run_id>.unsent``); None: such a wait fails it.
+        self.spool: Path | None = None
+        self.journal: Journal | None = None
+        self._hurried = False
+
+    @contextlib.contextmanager
+    def without_waiting(self) -> Iterator[None]:
+        """Writes inside the block do not wait for a server that is away: one quick try,
+        then into the journal (for an interrupted stage, whose user wants out now)."""
+        self._hurried = True
+        try:
+            yield
+        finally:
+            self._hurried = False
+
+    def keep_locally(self, since: float) -> bool:
+        """From now on, keep the run's writes in its journal (the server has been away since
+        ``since``); False when the run has no folder for one."""
+        if self.journal is None and self.spool is not None:
+            self.journal = Journal.create(self.spool, run_id=self.run_id, uri=self.uri,
+                                          stage=self.stage, since=since)
+            self.say(f"tracking server {self.uri} has not answered since {since_text(since)} "
+                     f"({time.time() - since:.0f} s); the stage goes on and keeps the run's "
+                     f"writes in {self.spool} until it answers")
+        return self.journal is not None
 
     @property
     def info(self):
@@ -236,13 +270,27 @@ class StageRun:
     def say(self, line: str) -> None:
         print(f"[{self.stage}] {line}" if self.stage else line, flush=True)
 
-    def _write(self, what: str, write) -> None:
+    def _write(self, what: str, write, keep: Callable[[Journal], None]) -> None:
         """``write()`` with signals held back, waiting (signals answered) while the server
-        is away."""
+        is away; once it has been away too long, ``keep(journal)`` instead."""
         def attempt():
-            with _signals_held():
+            with signals_held():
                 write()
-        patiently(self.uri, attempt, self.say, what)
+        if self.journal is None:
+            try:
+                if not self._hurried:
+                    return patiently(self.uri, attempt, self.say, what)
+                with quick_requests():
+                    return attempt()
+            except ServerAway as away:
+                if not self.keep_locally(away.since):
+                    raise
+            except Exception as err:
+                if not (self._hurried and is_server(self.uri) and unreachable(err)
+                        and self.keep_locally(note_away(self.uri))):
+                    raise
+        with signals_held():
+            keep(self.journal)
 
     def log_params(self, params: Mapping[str, Any]) -> None:
         """Log params, skipping keys the run already has.
@@ -255,24 +303,27 @@ class StageRun:
         items = [Param(k, _param_str(v)) for k, v in params.items() if k not in existing]
         self._write("its params", lambda: [
             self.client.log_batch(self.run_id, params=items[i:i + _PARAM_BATCH])
-            for i in range(0, len(items), _PARAM_BATCH)])
+            for i in range(0, len(items), _PARAM_BATCH)], lambda j: j.params(items))
 
     def set_tags(self, tags: Mapping[str, Any]) -> None:
         items = [RunTag(k, str(v)) for k, v in tags.items() if v is not None]
         if items:
-            self._write("its tags", lambda: self.client.log_batch(self.run_id, tags=items))
+            self._write("its tags", lambda: self.client.log_batch(self.run_id, tags=items),
+                        lambda j: j.tags(items))
 
     def log_metrics(self, metrics: Mapping[str, float], step: int = 0) -> None:
         """Log scalar metrics (non-finite values are skipped: MLflow's UI cannot plot them)."""
         ts = int(time.time() * 1000)
         items = [Metric(k, float(v), ts, step) for k, v in metrics.items()
                  if v is not None and math.isfinite(float(v))]
-        self._write("its metrics", lambda: self._log_metric_items(items))
+        self._write("its metrics", lambda: self._log_metric_items(items),
+                    lambda j: j.metrics(items))
 
     def log_metric_history(self, key: str, values, steps=None) -> None:
         """Log a whole step series (e.g. the ELBO curve) in batches of 1000."""
-        self._write(f"the {key} curve", lambda: self._log_metric_items(
-            series(key, values, steps)))
+        items = series(key, values, steps)
+        self._write(f"the {key} curve", lambda: self._log_metric_items(items),
+                    lambda j: j.metrics(items))
 
     def _log_metric_items(self, items: list) -> None:
         for i in range(0, len(items), _BATCH):
@@ -282,12 +333,14 @@ class StageRun:
         return MetricStream(self, key, flush_every)
 
     def log_artifacts(self, local_dir: str | Path, artifact_path: str | None = None) -> None:
-        patiently(self.uri, lambda: self.client.log_artifacts(
-            self.run_id, str(local_dir), artifact_path), self.say, "its artifacts")
+        self._write("its artifacts", lambda: self.client.log_artifacts(
+            self.run_id, str(local_dir), artifact_path),
+            lambda j: j.artifacts(local_dir, artifact_path))
 
     def log_artifact(self, local_path: str | Path, artifact_path: str | None = None) -> None:
-        patiently(self.uri, lambda: self.client.log_artifact(
-            self.run_id, str(local_path), artifact_path), self.say, "its artifacts")
+        self._write("its artifacts", lambda: self.client.log_artifact(
+            self.run_id, str(local_path), artifact_path),
+            lambda j: j.artifacts(local_path, artifact_path))
 
 
 _LAUNCHER_TAG_PREFIXES = ("mlflow.source.", "mlflow.project.", "mlflow.gitRepoURL", "mlflow.user",
@@ -338,160 +391,44 @@ def _open(client: MlflowClient, experiment: str, run_name: str, parent_run_id: s
     return _redirect_launcher(client, launch, exp_id, run_name)
 
 
-#: Signals that end the open runs KILLED: SIGINT's default handler raises KeyboardInterrupt
-#: already; ours does the same for SIGTERM and SIGHUP, and can hold all three back.
-_INTERRUPTS = tuple(getattr(signal, n) for n in ("SIGINT", "SIGTERM", "SIGHUP")
-                    if hasattr(signal, n))
-#: While ``depth`` > 0 a signal is only noted (``pending``) and raised when the hold ends.
-_HOLD: dict[str, Any] = {"depth": 0, "pending": None}
-
-
-#: The interrupt under way: its signal, whether a stage run has caught the KeyboardInterrupt
-#: (the watchdog then stops: from there on it propagates as any exception does), whether
-#: the outermost run is ending (later interrupts then change nothing), and how many stage
-#: runs are open.
-_KILL: dict[str, Any] = {"signum": None, "caught": False, "ending": False, "open": 0}
-#: How often the watchdog raises an interrupt again that no stage run has caught yet.
-_REPEAT_S = 0.5
-
-
-def _interrupt(signum: int, frame) -> None:
-    if _HOLD["depth"]:
-        _HOLD["pending"] = signum
-        return
-    if _KILL["ending"]:
-        return
-    if _KILL["signum"] is None:
-        print(f"\n{signal.Signals(signum).name} received: ending the open runs as KILLED",
-              file=sys.stderr, flush=True)
-        _KILL["signum"], _KILL["caught"] = signum, False
-        threading.Thread(target=_repeat_interrupt, name="sf-interrupt", daemon=True).start()
-    raise KeyboardInterrupt
-
-
-def _repeat_interrupt() -> None:
-    """Raise the interrupt in the main thread again until a stage run has caught it.
-
-    A signal handler runs between any two bytecodes, also inside a weakref callback, a
-    ``__del__`` or a garbage collection, where Python prints "Exception ignored" and drops
-    the exception: the KeyboardInterrupt would be lost and the stage go on as if no signal
-    had come. (Seen: a ThreadPoolExecutor's weakref callback ate it during ``analyze``.)
-    It stops as soon as any stage run has caught the interrupt: one raised again while the
-    first is still unwinding (through a store call's clean-up, say) could only do harm.
-    """
-    while True:
-        time.sleep(_REPEAT_S)
-        signum = _KILL["signum"]
-        if signum is None or _KILL["caught"] or not _KILL["open"]:
-            return
-        _thread.interrupt_main(signum)
-
-
-def _in_main_thread() -> bool:
-    return threading.current_thread() is threading.main_thread()
-
-
-def _default_handler(sig: int, handler) -> bool:
-    return handler is (signal.default_int_handler if sig == signal.SIGINT else signal.SIG_DFL)
-
-
-@contextlib.contextmanager
-def _signals_interrupt() -> Iterator[None]:
-    """SIGINT, SIGTERM and SIGHUP raise :class:`KeyboardInterrupt` inside the block.
-
-    Only where the process left their default handler in place, and only in the main
-    thread (elsewhere handlers cannot be installed); the outermost block installs,
-    nested blocks find it done, and the handlers are restored on the way out.
-    """
-    previous = {}
-    if _in_main_thread():
-        for sig in _INTERRUPTS:
-            if _default_handler(sig, signal.getsignal(sig)):
-                previous[sig] = signal.signal(sig, _interrupt)
-    _KILL["open"] += 1
-    try:
-        yield
-    finally:
-        _KILL["open"] -= 1
-        if not _KILL["open"]:
-            _KILL.update(ending=False, signum=None, caught=False)
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
-
-
-@contextlib.contextmanager
-def _signals_held() -> Iterator[None]:
-    """Hold the signals of :func:`_signals_interrupt` back; one that came is raised after.
-
-    (A signal mask would not do: it is per thread, and any other thread -- the
-    heartbeat's, torch's -- would take the signal and run the handler all the same.)
-    """
-    if not _in_main_thread():
-        yield
-        return
-    _HOLD["depth"] += 1
-    try:
-        yield
-    finally:
-        _HOLD["depth"] -= 1
-        if not _HOLD["depth"] and _HOLD["pending"] is not None:
-            signum, _HOLD["pending"] = _HOLD["pending"], None
-            _interrupt(signum, None)
-
-
-def _release_interrupted_connections(client: MlflowClient,
-                                     interrupt: BaseException | None = None) -> None:
-    """Close the store connections an interrupt may have left inside a transaction.
-
-    A KeyboardInterrupt raised in the middle of a store call can leave its sqlite
-    connection holding a lock; ending the run from another connection would then wait
-    for this very process and fail as "database is locked". The interrupted session is
-    kept alive by the exception's traceback -- or by that of an exception it interrupted
-    in turn, its ``__context__`` -- so the finished frames of every exception in the chain
-    are cleared first (tracebacks keep their lines); collecting the session then returns
-    its connection to the pool, rolled back, and disposing of the pool closes it.
-    """
-    seen: set[int] = set()
-    while interrupt is not None and id(interrupt) not in seen:
-        seen.add(id(interrupt))
-        traceback.clear_frames(interrupt.__traceback__)
-        interrupt = interrupt.__cause__ or interrupt.__context__
-    gc.collect()
-    store = getattr(getattr(client, "_tracking_client", None), "store", None)
-    engine = getattr(store, "engine", None)
-    if engine is not None:
-        engine.dispose()
-
-
-def _end(client: MlflowClient, run_id: str, status: str,
-         interrupt: BaseException | None = None) -> None:
+def _end(handle: StageRun, status: str, interrupt: BaseException | None = None) -> None:
     """End the run: no more heartbeats, then its terminal status (signals held back, but
-    not while waiting for a tracking server that is away)."""
-    uri = mlflow.get_tracking_uri()
-    with _signals_held():
+    not while waiting for a tracking server that is away). A run whose writes are kept in a
+    journal, or whose server is gone for good, ends there: see
+    :func:`~sf_mlflow.tracking.journal.end_kept`."""
+    client, run_id, uri = handle.client, handle.run_id, handle.uri
+    with signals_held():
         stop_heartbeat(run_id)
         if interrupt is not None:
-            _release_interrupted_connections(client, interrupt)
+            release_interrupted_connections(client, interrupt)
         if not is_server(uri):
             client.set_terminated(run_id, status)
             return
 
     def attempt():
-        with _signals_held():
+        with signals_held():
             client.set_terminated(run_id, status)
 
-    if interrupt is None:
-        return patiently(uri, attempt, lambda line: print(line, flush=True),
-                         f"the end of run {run_id}")
-    try:    # interrupted: one quick try, no waiting for a server that is away
-        with quick_requests():
-            attempt()
-    except Exception as err:
-        if not unreachable(err):
-            raise
-        print(f"the tracking server {uri} does not answer: run {run_id} stays RUNNING there "
-              "until a later lookup finds its heartbeat stale and marks it FAILED",
-              file=sys.stderr, flush=True)
+    if handle.journal is None and interrupt is None:
+        try:
+            return patiently(uri, attempt, lambda line: print(line, flush=True),
+                             f"the end of run {run_id}")
+        except ServerAway as away:
+            if not handle.keep_locally(away.since):
+                raise
+    elif handle.journal is None:    # interrupted: one quick try, no waiting for the server
+        try:
+            with quick_requests():
+                return attempt()
+        except Exception as err:
+            if not unreachable(err):
+                raise
+        if not handle.keep_locally(note_away(uri)):
+            print(f"the tracking server {uri} does not answer: run {run_id} stays RUNNING "
+                  "there until a later lookup finds its heartbeat stale and marks it FAILED",
+                  file=sys.stderr, flush=True)
+            return
+    end_kept(handle.journal, status, client, fail=interrupt is None and status == "FINISHED")
 
 
 @contextlib.contextmanager
@@ -518,10 +455,10 @@ def stage_run(stage: str, *, experiment: str, params: Mapping[str, Any], tags: M
         all_tags["mlflow.note.content"] = description
     if parent_run_id:
         all_tags["mlflow.parentRunId"] = parent_run_id
-    with _signals_interrupt(), contextlib.ExitStack() as hold:
+    with signals_interrupt(), contextlib.ExitStack() as hold:
         # From its creation until it is tagged and watched, and inside the try below that
         # ends it, a run holds signals back: none can leave it half-opened and RUNNING.
-        hold.enter_context(_signals_held())
+        hold.enter_context(signals_held())
         run_id = _open(client, experiment, run_name, parent_run_id)
         handle = StageRun(client, run_id, stage)
         exp_id = None
@@ -535,16 +472,14 @@ def stage_run(stage: str, *, experiment: str, params: Mapping[str, Any], tags: M
             handle.log_params(params)
             yield handle
         except KeyboardInterrupt as interrupt:
-            _KILL["caught"] = True
-            if _KILL["open"] == 1:  # the outermost run: later signals change nothing
-                _KILL["ending"], _KILL["signum"] = True, None
-            _end(client, run_id, "KILLED", interrupt)
+            note_caught()
+            _end(handle, "KILLED", interrupt)
             raise
         except BaseException:
-            _end(client, run_id, "FAILED")
+            _end(handle, "FAILED")
             raise
         else:
-            _end(client, run_id, "FINISHED")
+            _end(handle, "FINISHED")
         finally:
             if exp_id is not None:
                 _ACTIVE.pop()
