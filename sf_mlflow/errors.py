@@ -7,6 +7,8 @@ what would be accepted instead.
 
 from __future__ import annotations
 
+from typing import Iterator
+
 
 class SfMlflowError(Exception):
     """Base class of user-facing errors: bad configuration, data or run IDs."""
@@ -48,3 +50,16 @@ class StoreError(SfMlflowError, RuntimeError):
 
 class ModelFileError(ArtifactError, ModelError):
     """A model or checkpoint file cannot be loaded (a :class:`ModelError` too, as before)."""
+
+
+def exception_chain(err: BaseException | None) -> Iterator[BaseException]:
+    """``err`` and the exceptions it was raised from or while handling, outermost first.
+
+    Libraries wrap one underlying failure (a refused connection, a locked database) in their
+    own exceptions, often only as text, so what a failure is must be read from every link.
+    """
+    seen: set[int] = set()
+    while err is not None and id(err) not in seen:
+        seen.add(id(err))
+        yield err
+        err = err.__cause__ or err.__context__

@@ -23,6 +23,8 @@ from typing import Any, Iterator
 
 from mlflow.tracking import MlflowClient
 
+from sf_mlflow.errors import exception_chain
+
 __all__ = ["signals_interrupt", "signals_held", "note_caught", "release_interrupted_connections"]
 
 
@@ -139,11 +141,8 @@ def release_interrupted_connections(client: MlflowClient,
     are cleared first (tracebacks keep their lines); collecting the session then returns
     its connection to the pool, rolled back, and disposing of the pool closes it.
     """
-    seen: set[int] = set()
-    while interrupt is not None and id(interrupt) not in seen:
-        seen.add(id(interrupt))
-        traceback.clear_frames(interrupt.__traceback__)
-        interrupt = interrupt.__cause__ or interrupt.__context__
+    for err in exception_chain(interrupt):
+        traceback.clear_frames(err.__traceback__)
     gc.collect()
     store = getattr(getattr(client, "_tracking_client", None), "store", None)
     engine = getattr(store, "engine", None)

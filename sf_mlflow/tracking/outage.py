@@ -25,7 +25,7 @@ import os
 import time
 from typing import Callable, Iterator, TypeVar
 
-from sf_mlflow.errors import StoreError
+from sf_mlflow.errors import StoreError, exception_chain
 
 __all__ = ["is_server", "unreachable", "answers", "check_server", "quick_requests",
            "wait_for_server", "start_wait", "outage_wait", "WAIT_ENV", "OUTAGE_ENV",
@@ -93,12 +93,7 @@ def is_server(uri: str) -> bool:
 
 def unreachable(err: BaseException) -> bool:
     """Whether ``err`` (or what it wraps) says the server did not answer."""
-    seen, texts = set(), []
-    while err is not None and id(err) not in seen:
-        seen.add(id(err))
-        texts.append(f"{type(err).__name__} {err}".lower())
-        err = err.__cause__ or err.__context__
-    text = " ".join(texts)
+    text = " ".join(f"{type(e).__name__} {e}" for e in exception_chain(err)).lower()
     return any(s in text for s in _UNREACHABLE)
 
 

@@ -16,7 +16,7 @@ import os
 import re
 from pathlib import Path
 
-from sf_mlflow.errors import StoreError
+from sf_mlflow.errors import StoreError, exception_chain
 
 __all__ = ["explain_failure", "store_failure", "SQLITE_BUSY_TIMEOUT_S", "sqlite_path",
            "quiet_translated_failures"]
@@ -36,17 +36,8 @@ def sqlite_path(uri: str) -> Path | None:
     return Path(uri[len("sqlite:///"):]) if uri.startswith("sqlite:///") else None
 
 
-def _chain(err: BaseException):
-    """``err`` and the exceptions it was raised from or while handling, outermost first."""
-    seen = set()
-    while err is not None and id(err) not in seen:
-        seen.add(id(err))
-        yield err
-        err = err.__cause__ or err.__context__
-
-
 def _text(err: BaseException) -> str:
-    return " ".join(str(e) for e in _chain(err)).lower()
+    return " ".join(str(e) for e in exception_chain(err)).lower()
 
 
 def _tracking_uri() -> str:
@@ -71,9 +62,15 @@ def store_failure(err: BaseException, uri: str | None = None) -> StoreError | No
             "stages write runs to it: make it writable, or copy it somewhere writable and point "
             "MLFLOW_TRACKING_URI at the copy (reading, e.g. spatial_factorization export, works "
             "on a read-only store)")
-    if any(s in text for s in _DAMAGED):
-        return damaged_store(uri, next(s for s in _DAMAGED if s in text))
+    problem = _damage(text)
+    if problem is not None:
+        return damaged_store(uri, problem)
     return None
+
+
+def _damage(text: str) -> str | None:
+    """sqlite's words for a damaged database, if ``text`` (lower case) has them."""
+    return next((s for s in _DAMAGED if s in text), None)
 
 
 def damaged_store(uri: str, problem: str) -> StoreError:
@@ -102,9 +99,9 @@ def check_integrity(uri: str) -> None:
                                                 timeout=SQLITE_BUSY_TIMEOUT_S)) as con:
             result = con.execute("PRAGMA quick_check(1)").fetchone()[0]
     except sqlite3.DatabaseError as err:
-        text = str(err).lower()
-        if any(s in text for s in _DAMAGED):
-            raise damaged_store(uri, next(s for s in _DAMAGED if s in text)) from None
+        problem = _damage(str(err).lower())
+        if problem is not None:
+            raise damaged_store(uri, problem) from None
         return      # locked, unreadable: the store's own access reports that
     if result != "ok":
         detail = [ln for ln in str(result).splitlines() if not ln.startswith("***")]
@@ -118,7 +115,7 @@ _WRITE_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EP
 def _os_error(err: BaseException) -> OSError | None:
     """The failure of the disk in ``err``'s chain: a write failure, or any OSError that names
     its path (a system path such as /proc given as a folder, a vanished file)."""
-    for e in _chain(err):
+    for e in exception_chain(err):
         if isinstance(e, OSError) and e.errno is not None and (
                 e.errno in _WRITE_ERRNOS or e.filename is not None):
             return e
