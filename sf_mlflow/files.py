@@ -10,13 +10,20 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import shutil
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
 from sf_mlflow.errors import DataError
 
-__all__ = ["atomic_write", "check_target", "replacing"]
+__all__ = ["atomic_write", "check_target", "replacing", "safe_name"]
+
+
+def safe_name(name: str, fallback: str = "file") -> str:
+    """``name`` usable in a file or folder name (``L2/3 IT`` -> ``L2_3_IT``; ``fallback``
+    when nothing is left)."""
+    return re.sub(r"[^A-Za-z0-9._-]+", "_", str(name)).strip("_") or fallback
 
 
 def _temporary_sibling(path: Path) -> Path:

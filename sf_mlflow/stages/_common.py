@@ -10,6 +10,7 @@ import tempfile
 from pathlib import Path
 from typing import Any, Iterator, Mapping
 
+from sf_mlflow import files
 from sf_mlflow.config import Config
 from sf_mlflow.data.io import PreprocessedData, read_preprocessed
 from sf_mlflow.errors import ConfigError, RunLookupError
@@ -124,7 +125,7 @@ def setting(value) -> str:
 
 def safe_name(name: str) -> str:
     """A group name usable in a file name (``L2/3 IT`` -> ``L2_3_IT``)."""
-    return re.sub(r"[^A-Za-z0-9._-]+", "_", str(name)).strip("_") or "group"
+    return files.safe_name(name, "group")
 
 
 #: Words for the characters a file name leaves out, when two group names differ only there.

@@ -192,15 +192,15 @@ def _artifact_location(name: str) -> str | None:
     (``<store folder>/mlruns/<name>-<8 hex>``), not under whatever folder the process runs
     in -- MLflow's default, which under ``mlflow run`` is the project's checkout. None (the
     server's choice) for other stores."""
-    import re
     import uuid
 
+    from sf_mlflow.files import safe_name
     from sf_mlflow.tracking.store import sqlite_path
 
     db = sqlite_path(mlflow.get_tracking_uri())
     if db is None:
         return None
-    safe = re.sub(r"[^A-Za-z0-9._-]+", "_", name).strip("_")[:60] or "experiment"
+    safe = safe_name(name, "experiment")[:60]
     return str(db.resolve().parent / "mlruns" / f"{safe}-{uuid.uuid4().hex[:8]}")
 
 
