@@ -331,11 +331,15 @@ def fault_readonly_store(ws):
     """The store's folder is read-only: reading works, writing stages say so."""
     ws.run("main")
     analyze = ws.run_of("analyze", "FINISHED")
-    with mounted("ro", ws.root):
-        read = subprocess.run(ws.command("export", "--run-id", analyze["run_id"], "-o",
-                                         "/tmp/faults-readonly.h5ad"),
-                              cwd="/tmp", env=ws.env, capture_output=True, text=True)
-        rc = ws.run("train").returncode
+    elsewhere = Path(tempfile.mkdtemp(prefix="sf-fault-export-"))   # outside the read-only folder
+    try:
+        with mounted("ro", ws.root):
+            read = subprocess.run(ws.command("export", "--run-id", analyze["run_id"], "-o",
+                                             str(elsewhere / "readonly.h5ad")),
+                                  cwd=elsewhere, env=ws.env, capture_output=True, text=True)
+            rc = ws.run("train").returncode
+    finally:
+        shutil.rmtree(elsewhere, ignore_errors=True)
     return rc, read.returncode == 0 and rc == 2, {
         "read_exit_code": read.returncode, "read_stderr": read.stderr.strip()[-300:],
         "expect": "export (a read) works; train says the store is read-only"}

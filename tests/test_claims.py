@@ -12,7 +12,7 @@ import time
 
 from mlflow.tracking import MlflowClient
 
-from sf_mlflow.tracking.claims import claimed, claims_supported, stage_claim
+from sf_mlflow.tracking.claims import claimed, claims_supported, hold_claim, stage_claim
 from sf_mlflow.tracking.runs import configure_tracking
 
 
@@ -72,3 +72,28 @@ def test_a_store_without_a_database_of_ours_takes_no_claims():
     with claimed("http://127.0.0.1:5000", "k", "r", holder_gone=lambda c: None,
                  say=print) as got:
         assert got is False
+
+
+def test_a_standalone_stages_claim_makes_main_wait_but_never_waits_itself(mlflow_store):
+    configure_tracking()
+    client = MlflowClient()
+    standalone, main, other = (_running_run(client) for _ in range(3))
+    lines, order = [], []
+    release = hold_claim("train", "h", "v1", "pre", standalone, say=lines.append)
+    assert release is not None
+
+    def finish():
+        time.sleep(2.0)
+        order.append("standalone done")
+        release()
+
+    threading.Thread(target=finish).start()
+    with stage_claim("train", "h", "v1", "pre", main, say=lines.append) as got:
+        order.append("main in")
+        assert got
+        # a second standalone run of the same stage while main holds it: a note, no wait
+        assert hold_claim("train", "h", "v1", "pre", other, say=lines.append) is None
+    assert order == ["standalone done", "main in"]
+    assert lines[0].startswith(f"waiting for run {standalone} (process ")
+    assert lines[-1].startswith(f"note: run {main} (process ") and \
+        lines[-1].endswith("this run computes it too (`main` waits for such a run and reuses it)")

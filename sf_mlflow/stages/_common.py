@@ -14,6 +14,7 @@ from sf_mlflow import files
 from sf_mlflow.config import Config
 from sf_mlflow.data.io import PreprocessedData, read_preprocessed
 from sf_mlflow.errors import ConfigError, RunLookupError
+from sf_mlflow.provenance import code_version
 from sf_mlflow.stages._checks import check_upstream
 from sf_mlflow.stages.table import STAGES
 from sf_mlflow.tracking import (
@@ -22,6 +23,7 @@ from sf_mlflow.tracking import (
     TAG_PREPROCESS_HASH,
     TAG_REUSABLE,
     TAG_STAGE_HASH,
+    TAG_UPSTREAM,
     UNSENT_SUFFIX,
     StageRun,
     describe_experiment,
@@ -35,6 +37,7 @@ from sf_mlflow.tracking import (
     lookup_experiment_id,
     stage_run,
 )
+from sf_mlflow.tracking.claims import hold_claim
 
 #: The config sections that determine each stage's output (its upstream run carries the rest):
 #: the ``sections`` of the stages in :data:`~sf_mlflow.stages.table.STAGES` whose runs are reused.
@@ -240,7 +243,19 @@ def open_run(config: Config, stage: str, *, params: Mapping[str, Any],
                    parent_run_id=parent_run_id) as run:
         run.spool = (Path(config.output_dir) / stage / f"{run.run_id}{UNSENT_SUFFIX}").absolute()
         say(stage, f"run {run.run_id}: {headline if headline is not None else description}")
+        if parent_run_id is None and stage in CLAIMED and TAG_STAGE_HASH in tags:
+            # (under main, main holds the claim of what its children compute)
+            release = hold_claim(stage, tags[TAG_STAGE_HASH], code_version(),
+                                 tags.get(TAG_UPSTREAM), run.run_id,
+                                 say=lambda line: say(stage, line))
+            if release is not None:     # released once the run has ended, not before
+                run.after_end.append(release)
         yield run
+
+
+#: Stages whose standalone runs hold the claim of what they compute (see
+#: :mod:`sf_mlflow.tracking.claims`), so that a ``main`` started meanwhile waits for them.
+CLAIMED = ("preprocess", "train", "analyze", "figures")
 
 
 #: Local output folders of the runs of this process (run ID -> folder), for :func:`finished`.

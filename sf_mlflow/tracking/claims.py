@@ -6,7 +6,10 @@ now claims it: it inserts a row keyed by what the stage computes (stage, stage h
 version, upstream run) into the table ``sf_stage_claims`` of the tracking store's own
 database. The key is the table's primary key, so of two processes inserting the same key the
 database lets exactly one succeed -- the claim is atomic however the two interleave. The other
-waits, printing so, until the claim is released, then reuses the finished run.
+waits, printing so, until the claim is released, then reuses the finished run. A stage run on
+its own (``spatial_factorization train``, ``mlflow run . -e train``) holds the claim of what it
+computes too (:func:`hold_claim`), so a ``main`` started meanwhile waits for it; the stage
+itself never waits, since it was asked for a run of its own.
 
 A claim names the run that holds it (the ``main`` run, which has a heartbeat: see
 :mod:`sf_mlflow.tracking.liveness`). A claim whose holder is no longer RUNNING, or whose
@@ -31,7 +34,7 @@ POLL_S = 1.0
 #: Seconds between two "still waiting" lines.
 SAY_EVERY_S = 30.0
 
-__all__ = ["Claim", "claimed", "claims_supported", "stage_claim", "TABLE"]
+__all__ = ["Claim", "claimed", "claims_supported", "hold_claim", "stage_claim", "TABLE"]
 
 
 @dataclass(frozen=True)
@@ -140,32 +143,64 @@ def claimed(uri: str, key: str, run_id: str, *, holder_gone: Callable[[Claim], O
         _release(uri, key, run_id)
 
 
+def _key(stage: str, stage_hash: str, code_version: str, upstream_run_id: str | None) -> str:
+    return f"{stage}|{stage_hash}|{code_version}|{upstream_run_id or '-'}"
+
+
+def _holder_gone(claim: Claim) -> Optional[str]:
+    """Why the holder of ``claim`` will never release it: its run is no longer RUNNING or
+    its process is dead (:func:`~sf_mlflow.tracking.liveness.death_reason`); else None."""
+    from mlflow.tracking import MlflowClient
+
+    from sf_mlflow.tracking.liveness import death_reason
+
+    try:
+        run = MlflowClient().get_run(claim.run_id)
+    except Exception:   # deleted for good: nobody will release it
+        return "its run no longer exists"
+    if run.info.status != "RUNNING":
+        return f"its run ended {run.info.status}"
+    return death_reason(run.data.tags)
+
+
 @contextlib.contextmanager
 def stage_claim(stage: str, stage_hash: str, code_version: str, upstream_run_id: str | None,
                 holder_run_id: str, say: Callable[[str], None]) -> Iterator[bool]:
     """:func:`claimed` for the stage result that ``(stage, stage_hash, code_version,
     upstream_run_id)`` names, held by ``holder_run_id`` in the current tracking store.
 
-    A holder is gone when its run is no longer RUNNING or its process is dead
-    (:func:`~sf_mlflow.tracking.liveness.death_reason`).
+    A holder is gone when its run is no longer RUNNING or its process is dead.
     """
     import mlflow
-    from mlflow.tracking import MlflowClient
 
-    from sf_mlflow.tracking.liveness import death_reason
-
-    client = MlflowClient()
-
-    def holder_gone(claim: Claim) -> Optional[str]:
-        try:
-            run = client.get_run(claim.run_id)
-        except Exception:   # deleted for good: nobody will release it
-            return "its run no longer exists"
-        if run.info.status != "RUNNING":
-            return f"its run ended {run.info.status}"
-        return death_reason(run.data.tags)
-
-    key = f"{stage}|{stage_hash}|{code_version}|{upstream_run_id or '-'}"
-    with claimed(mlflow.get_tracking_uri(), key, holder_run_id, holder_gone=holder_gone,
-                 say=say) as got:
+    with claimed(mlflow.get_tracking_uri(), _key(stage, stage_hash, code_version,
+                                                 upstream_run_id),
+                 holder_run_id, holder_gone=_holder_gone, say=say) as got:
         yield got
+
+
+def hold_claim(stage: str, stage_hash: str, code_version: str, upstream_run_id: str | None,
+               run_id: str, say: Callable[[str], None]) -> Optional[Callable[[], None]]:
+    """Claim the stage that a standalone command computes in run ``run_id``; return the
+    function that releases the claim (call it once the run has ended), or None.
+
+    A ``main`` started meanwhile that needs the same result then waits for this run and
+    reuses it. The command itself never waits: it was asked to compute a run. When another
+    live run holds the claim, it says so, goes on, and returns None.
+    """
+    import mlflow
+
+    uri = mlflow.get_tracking_uri()
+    if not claims_supported(uri):
+        return None
+    key = _key(stage, stage_hash, code_version, upstream_run_id)
+    held = _try_claim(uri, key, run_id)
+    if held is not None and held.run_id != run_id and _holder_gone(held) is not None:
+        _release(uri, key, held.run_id)
+        held = _try_claim(uri, key, run_id)
+    if held is not None and held.run_id != run_id:
+        say(f"note: run {held.run_id} (process {held.pid} on {held.host}) is computing the "
+            f"same {stage} now; this run computes it too (`main` waits for such a run and "
+            "reuses it)")
+        return None
+    return lambda: _release(uri, key, run_id)

@@ -241,6 +241,8 @@ class StageRun:
         self.spool: Path | None = None
         self.journal: Journal | None = None
         self._hurried = False
+        #: Called once the run has ended, whatever its end (e.g. releasing a stage claim).
+        self.after_end: list[Callable[[], None]] = []
 
     @contextlib.contextmanager
     def without_waiting(self) -> Iterator[None]:
@@ -483,3 +485,5 @@ def stage_run(stage: str, *, experiment: str, params: Mapping[str, Any], tags: M
         finally:
             if exp_id is not None:
                 _ACTIVE.pop()
+            for call in handle.after_end:
+                call()
