@@ -37,7 +37,6 @@ from sf_mlflow.tracking.outage import (
     answers,
     check_server,
     note_back,
-    quick_requests,
     since_text,
     unreachable,
 )
@@ -203,9 +202,8 @@ def end_kept(journal: Journal, status: str, client: MlflowClient, *, fail: bool)
     ``fail``; printed otherwise, e.g. while an interrupt or another error ends the stage)."""
     journal.end(status)
     if answers(journal.uri):
-        try:
-            with quick_requests():
-                n = journal.upload(client)
+        try:    # MLflow's own timeouts and retries: a large model file takes its time
+            n = journal.upload(client)
         except Exception as err:
             if not unreachable(err):
                 raise
@@ -244,17 +242,16 @@ def sync(folder: list[str] | str, tracking_uri: str | None = None) -> None:
         uri = tracking_uri or journal.uri
         check_server(uri)
         what = journal.describe()
-        with quick_requests():
-            try:
-                n = journal.upload(MlflowClient(uri))
-            except Exception as err:
-                from sf_mlflow.tracking.store import explain_failure
+        try:
+            n = journal.upload(MlflowClient(uri))
+        except Exception as err:
+            from sf_mlflow.tracking.store import explain_failure
 
-                raise StoreError(
-                    f"uploading {journal.folder} to {uri} stopped after {journal.sent()} of "
-                    f"{len(journal.entries())} entries: "
-                    f"{explain_failure(err) or str(err)[:300]}; run the same command again to "
-                    "continue") from None
+            raise StoreError(
+                f"uploading {journal.folder} to {uri} stopped after {journal.sent()} of "
+                f"{len(journal.entries())} entries: "
+                f"{explain_failure(err) or str(err)[:300]}; run the same command again to "
+                "continue") from None
         journal.remove()
         print(f"run {journal.run_id} ({journal.stage}): {n} kept writes uploaded to {uri} "
               f"({what}); removed {journal.folder}", flush=True)
