@@ -97,3 +97,32 @@ def test_a_standalone_stages_claim_makes_main_wait_but_never_waits_itself(mlflow
     assert lines[0].startswith(f"waiting for run {standalone} (process ")
     assert lines[-1].startswith(f"note: run {main} (process ") and \
         lines[-1].endswith("this run computes it too (`main` waits for such a run and reuses it)")
+
+
+def test_a_standalone_stage_run_holds_its_claim_until_after_it_has_ended(mlflow_store, tmp_path):
+    """The wiring in open_run: a stage run without a parent claims (stage, hash, code version,
+    upstream) as it opens and releases it only once it has ended FINISHED, so a main waiting
+    on the claim finds the finished run to reuse; a child run of main claims nothing."""
+    import sqlite3
+
+    from sf_mlflow.config import config_from_dict
+    from sf_mlflow.provenance import code_version
+    from sf_mlflow.stages._common import open_run
+    from sf_mlflow.tracking.store import sqlite_path
+
+    configure_tracking()
+    db = sqlite_path(mlflow_store)
+    config = config_from_dict({"name": "claims", "output_dir": str(tmp_path / "out")})
+    tags = {"sf.stage_hash": "h1", "sf.upstream_run_id": "pre1"}
+
+    def rows():
+        with sqlite3.connect(db) as con:
+            return con.execute("SELECT key, run_id FROM sf_stage_claims").fetchall()
+
+    with open_run(config, "train", params={}, tags=tags, run_name="t", description="d") as run:
+        assert rows() == [(f"train|h1|{code_version()}|pre1", run.run_id)]
+        with open_run(config, "analyze", params={}, tags=tags, run_name="c", description="d",
+                      parent_run_id=run.run_id):
+            assert len(rows()) == 1                 # the child claims nothing
+    assert rows() == []
+    assert MlflowClient().get_run(run.run_id).info.status == "FINISHED"

@@ -312,36 +312,3 @@ def test_two_identical_pipelines_at_once_make_one_run_per_stage(tmp_path):
     with sqlite3.connect(tmp_path / "shared.db") as db:      # every claim was released
         assert db.execute("SELECT COUNT(*) FROM sf_stage_claims").fetchone() == (0,)
 
-
-def test_main_waits_for_a_standalone_train_of_the_same_settings_and_reuses_it(tmp_path):
-    """A train stage started on its own holds the claim of what it computes: a main started
-    while it runs waits for it (saying so) and reuses its run instead of training again."""
-    store = f"sqlite:///{tmp_path / 'shared.db'}"
-    env = {**os.environ, "MLFLOW_TRACKING_URI": store}
-    # a fit that lasts 25 s whatever the machine's load: main reaches the train stage first
-    path = write_config(tmp_path, {**PIPELINE, "training": {
-        **PIPELINE["training"], "max_iter": 10**6, "tol": 0, "validation_every": 0,
-        "time_budget": "25s"}}, "same.yaml")
-    cli = [sys.executable, "-m", "sf_mlflow.cli"]
-    assert subprocess.run([*cli, "preprocess", "-c", str(path)], env=env, cwd=tmp_path,
-                          capture_output=True).returncode == 0
-    train = subprocess.Popen([*cli, "train", "-c", str(path)], stdout=subprocess.PIPE,
-                             stderr=subprocess.STDOUT, text=True, env=env, cwd=tmp_path)
-    client = MlflowClient(store)
-    deadline = time.monotonic() + 300
-    while not [r for r in stage_runs(client) if r.data.tags.get("sf.stage") == "train"]:
-        assert train.poll() is None and time.monotonic() < deadline
-        time.sleep(0.2)
-    main = subprocess.run([*cli, "main", "-c", str(path)], env=env, cwd=tmp_path,
-                          capture_output=True, text=True, timeout=900)
-    out, _ = train.communicate(timeout=900)
-    assert train.returncode == 0 and main.returncode == 0, (out + main.stderr)[-3000:]
-    [trained] = [r for r in stage_runs(client) if r.data.tags["sf.stage"] == "train"]
-    assert "mlflow.parentRunId" not in trained.data.tags        # the standalone run
-    assert f"waiting for run {trained.info.run_id} (process {train.pid} on " in main.stdout, \
-        main.stdout[:3000]
-    assert "train: reusing" in main.stdout and trained.info.run_id in main.stdout
-    import sqlite3
-
-    with sqlite3.connect(tmp_path / "shared.db") as db:      # every claim was released
-        assert db.execute("SELECT COUNT(*) FROM sf_stage_claims").fetchone() == (0,)
