@@ -77,14 +77,15 @@ def test_cli_defaults_become_the_run_functions_defaults():
 def test_stage_hashes_are_unchanged():
     """Values computed before the table existed: reuse keys of existing runs must still match.
 
-    The train hash changed twice, on purpose: ``model.spatial`` gave way to ``model.prior``
+    The train hash changed three times, on purpose: ``model.spatial`` gave way to ``model.prior``
     (the only difference of the hashed model and training settings, checked when it changed),
-    and the defaults of ``model.lengthscale``, ``sigma``, ``group_diff_param`` (``auto``),
-    ``per_factor_lengthscale`` (true) and ``training.learning_rate`` (``auto``) changed.
+    the defaults of ``model.lengthscale``, ``sigma``, ``group_diff_param`` (``auto``),
+    ``per_factor_lengthscale`` (true) and ``training.learning_rate`` (``auto``) changed, and
+    ``training.batch_size``'s default became ``auto`` (mini-batches above a step's work limit).
     """
     cfg = config_from_dict(SMALL, "small.yaml")
     assert {s: stage_hash(cfg, s) for s in STAGE_SECTIONS} == {
-        "preprocess": "3bd33892cb29", "train": "7d55e6be7b9c", "analyze": "db2931397a7b",
+        "preprocess": "3bd33892cb29", "train": "86af5978a298", "analyze": "db2931397a7b",
         "figures": "none"}
     assert STAGE_SECTIONS == {"preprocess": ("seed", "dataset", "data", "preprocessing"),
                               "train": ("seed", "model", "training"),

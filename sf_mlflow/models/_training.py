@@ -41,6 +41,7 @@ from sf_mlflow.models.batching import IndexStream, literal_state
 from sf_mlflow.models.hybrid import validation_predictor
 from sf_mlflow.models.likelihood import CountBatch, expected_log_likelihood, likelihood_and_update
 from sf_mlflow.models.priors import FactorPrior
+from sf_mlflow.models.settings import resolve_batch_size
 from sf_mlflow.models import progress
 from sf_mlflow.models.progress import STEP, TRAINING, current_phase, duration_text, phase
 from sf_mlflow.models.stopping import VALIDATION_MIN_DELTA, StoppingRules  # noqa: F401 (re-export)
@@ -135,6 +136,9 @@ class Trainer(StoppingRules):
         self.coords, self.groups = coords, groups
         self.N, self.D = Y.shape
         self.device, self.dtype = full.device, full.values.dtype
+        if p["batch_size"] == "auto":    # callers other than PNMF.fit (which says why)
+            self.p = p = dict(p)
+            resolve_batch_size(p, self.N, self.device)
         self.train_loadings = train_loadings
         self.gradient_loadings = train_loadings and p["loadings_mode"] == "gradient"
         self.natural = None

@@ -159,7 +159,7 @@ class DistributedTrainer(Trainer):
         self.comm = comm
         if self.natural is not None:
             self.natural.comm = comm
-        smallest = min(self.N if p["batch_size"] is None else p["batch_size"], self.N)
+        smallest = min(self.N if self.p["batch_size"] is None else self.p["batch_size"], self.N)
         if smallest < comm.world_size:
             raise ModelError(f"training.batch_size = {smallest} spots cannot be shared by "
                              f"{comm.world_size} processes: use at least one spot per process")

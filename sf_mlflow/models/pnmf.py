@@ -6,10 +6,9 @@ estimator follows scikit-learn's conventions: ``__init__`` only stores the hyper
 :meth:`PNMF.fit` validates them (through the constraint table of :mod:`sf_mlflow.models.settings`,
 which the config shares), and learned attributes end in ``_``.
 
-This module is the estimator's front. The rest of a fit lives beside it:
-:mod:`~sf_mlflow.models.inputs` (data checks), :mod:`~sf_mlflow.models.initialization`
-(KL-NMF start, GP warm start), :mod:`~sf_mlflow.models._training` (the loop and its
-explicit state) and :mod:`~sf_mlflow.models.persistence` (save, load, checkpoints).
+This module is the estimator's front; beside it: :mod:`~.inputs` (data checks), :mod:`~.start`
+(the spatial start), :mod:`~._training` (the loop and its explicit state) and
+:mod:`~.persistence` (save, load, checkpoints).
 """
 
 from __future__ import annotations
@@ -43,7 +42,7 @@ from sf_mlflow.models.priors import GaussianPrior
 from sf_mlflow.models.progress import TRAINING, phase
 from sf_mlflow.models.start import initial_prior
 from sf_mlflow.models.settings import (SVGP, ModelParams, TrainingParams, check_spatial_components,
-                                       resolve_optimizer, spatial_settings)
+                                       resolve_batch_size, resolve_optimizer, spatial_settings)
 
 __all__ = ["PNMF", "FitState", "ConvergenceWarning", "NonFiniteELBOError"]
 
@@ -122,8 +121,8 @@ class PNMF:
         relative; the model is rolled back to the best checked state.
     dtype : {"float32", "float64"}
     device : {"cpu", "gpu", "cuda", "auto"}
-    batch_size, y_batch_size : int or None
-        Spots and genes per mini-batch; ``None`` uses all.
+    batch_size, y_batch_size : int, None or "auto" (batch_size only)
+        Spots and genes per mini-batch; ``None`` uses all (auto: :func:`~.settings.resolve_batch_size`).
     shuffle : bool
         Draw mini-batches in a new random order every epoch.
     log_every : int
@@ -176,11 +175,11 @@ class PNMF:
     inducing_points_, inducing_groups_ : ndarray, (M, 2) and (M,), or None
     fit_time_ : float
         Seconds spent in :meth:`fit`, initialisation included.
+    batch_size_ : int or None
+        Spots a step the fit used (None: all); ``batch_size_rule_`` says why.
     device_ : torch.device
-    n_features_in_ : int
-        D.
-    n_spots_ : int
-        N.
+    n_spots_, n_features_in_ : int
+        N and D.
     """
 
     def __init__(self, n_components=_M.n_components, *, prior="gaussian", mode=_M.mode,
@@ -303,9 +302,8 @@ class PNMF:
             A checkpoint (``FitState.checkpoint()``, :meth:`checkpoint`,
             :meth:`save_checkpoint`) of a fit of the same model on the same data:
             training continues from its iteration and, on the CPU, ends with the same
-            result as a fit that was never interrupted. ``max_iter``, ``tol``,
-            ``tol_window``, ``learning_rate``, ``validation_every``, ``patience``,
-            ``verbose`` and ``log_every`` may differ from the checkpoint's.
+            result as a fit that was never interrupted. ``max_iter``, ``tol``, ``tol_window``,
+            ``learning_rate``, ``validation_every``, ``patience``, ``verbose``, ``log_every`` may differ.
         validation : tuple ``(Y_val, coordinates_val, groups_val)``, optional
             Held-out spots (``groups_val`` may be None) scored every
             ``validation_every`` iterations by the Poisson deviance of the rates
@@ -366,6 +364,8 @@ class PNMF:
         device, dtype = resolve_device(p["device"]), p["dtype"]
         comm = Communicator.join(device) if p["distributed"] else None   # cuda:LOCAL_RANK
         device = device if comm is None else comm.device
+        self.batch_size_rule_ = p["batch_size_rule"] = resolve_batch_size(p, Yc.shape[0], device)
+        self.batch_size_ = p["batch_size"]
         gen = torch.Generator(device=device).manual_seed(p["random_state"])
         full = CountBatch.from_scipy(Yc, device=device, dtype=dtype)
         spatial = p["spatial"]

@@ -25,7 +25,7 @@ from sf_mlflow.constraints import Duration, checked_fields, param
 from sf_mlflow.errors import ConfigError
 
 __all__ = ["SVGP", "ModelParams", "TrainingParams", "spatial_settings", "check_spatial_components",
-           "resolve_optimizer", "KERNEL_NAMES", "DEFAULT_LEARNING_RATE", "ADAM_BESIDE_NATURAL"]
+           "resolve_optimizer", "resolve_batch_size", "KERNEL_NAMES", "DEFAULT_LEARNING_RATE", "ADAM_BESIDE_NATURAL"]
 
 #: ``learning_rate: auto`` of Adam, AdamW and SGD (and of PNMF).
 DEFAULT_LEARNING_RATE = 0.1
@@ -33,6 +33,14 @@ DEFAULT_LEARNING_RATE = 0.1
 #: ``learning_rate: auto`` beside natural steps: Adam's step for trained kernel
 #: hyperparameters (log scale: ~5 % a step) and a hybrid's non-spatial factors.
 ADAM_BESIDE_NATURAL = 0.05
+
+#: ``batch_size: auto`` of a spatial prior: the work of one natural step, spots x spatial
+#: factors x M^2 (the curvature and the kernel solves of every spot cost ~L M^2 each), that a
+#: full batch may take on each kind of device; above it, mini-batches of that much work.
+#: On two CPU cores 1e11 is about 6 s a step (0.6 ms a spot at L 10, M 1,000).
+AUTO_BATCH_WORK = {"cpu": 1e11, "cuda": 2e12}
+#: The smallest mini-batch ``batch_size: auto`` takes (fewer spots make noisy natural steps).
+AUTO_BATCH_MIN = 1000
 
 #: Kernels of :data:`sf_mlflow.models.kernels.KERNELS`, by name (kept here so that the
 #: settings and the config load without torch; a test keeps the two equal).
@@ -179,7 +187,11 @@ class TrainingParams:
     dtype: Literal["float32", "float64"] = param("float32", doc="floating-point precision of the fit")
     device: Literal["cpu", "gpu", "cuda", "auto"] = param(
         "auto", doc="cpu; gpu/cuda (falls back to cpu with a warning); auto = cuda when present")
-    batch_size: Optional[int] = param(None, 1, doc="spots per mini-batch; null = all spots")
+    batch_size: Union[Literal["auto"], int, None] = param(
+        "auto", 1, doc="spots per mini-batch; null = all spots; auto = all spots for the Gaussian prior "
+                       "and for a spatial one up to a step's work limit on the device "
+                       "(N L M^2 <= 1e11 on a CPU, about 10,000 spots at L 10, M 1,000; 2e12 on a "
+                       "GPU), else as many spots as that work allows (at least 1,000)")
     y_batch_size: Optional[int] = param(None, 1, doc="genes per mini-batch; null = all genes")
     shuffle: bool = param(True, doc="draw mini-batches in a fresh random order every epoch")
     log_every: int = param(50, 1, doc="iterations between progress lines (and at least one "
@@ -251,3 +263,38 @@ def resolve_optimizer(p: dict, given: Any) -> None:
                           "Gaussian likelihood; 0.1-0.5 for mini-batches) or auto")
     p["adam_learning_rate"] = ADAM_BESIDE_NATURAL if auto else p["learning_rate"]
     p["learning_rate"] = 1.0 if auto else p["learning_rate"]
+
+
+def resolve_batch_size(p: dict, n_spots: int, device: Any) -> str:
+    """Resolve ``batch_size: auto`` in the validated hyperparameters ``p`` (in place) for a fit
+    on ``n_spots`` spots on ``device`` (a torch device or its type string); returns why.
+
+    The Gaussian prior takes all spots (a step costs O(N D L), cheap). A spatial prior's step
+    costs about ``B K M^2`` for K spatial factors and M inducing points (M as set, or the
+    device's cap of ``num_inducing: auto``): all spots while ``N K M^2`` is within
+    AUTO_BATCH_WORK of the device, else the most spots within it, at least AUTO_BATCH_MIN.
+    Deterministic given N, the settings and the device kind, so a fit repeats.
+    """
+    if p["batch_size"] != "auto":
+        return "as set"
+    spatial, K = p["spatial"], p["n_spatial"]
+    if spatial is None or K == 0:
+        p["batch_size"] = None
+        return "all spots (Gaussian prior: a step is cheap)"
+    from sf_mlflow.models.inducing import auto_max
+
+    kind = getattr(device, "type", str(device))
+    M = auto_max(kind) if spatial.num_inducing == "auto" else int(spatial.num_inducing)
+    work = AUTO_BATCH_WORK["cpu" if kind == "cpu" else "cuda"]
+    per_spot = float(K) * M * M
+    if n_spots * per_spot <= work:
+        p["batch_size"] = None
+        return f"all {n_spots:,} spots: N L M^2 = {n_spots * per_spot:.2g} is within {work:.0e} on a {kind}"
+    B = int(max(AUTO_BATCH_MIN, work // per_spot))
+    if B >= n_spots:
+        p["batch_size"] = None
+        return f"all {n_spots:,} spots (the smallest mini-batch auto takes is {AUTO_BATCH_MIN:,})"
+    p["batch_size"] = B
+    return (f"{B:,} of {n_spots:,} spots a step: all of them would be N L M^2 = {n_spots * per_spot:.2g} "
+            f"(L {K} spatial factors, M {M}), more than {work:.0e} on a {kind}; set "
+            f"training.batch_size to choose")

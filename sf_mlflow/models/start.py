@@ -252,6 +252,12 @@ def _pnmf_start(p: dict, Y, full: CountBatch, gen: torch.Generator, W0: Tensor, 
              learning_rate_auto=False, validation_every=0, verbose=False, spatial=None,
              n_spatial=0, hybrid=False, prior="gaussian", distributed=False,
              tol=PNMF_START_TOL, max_iter=PNMF_START_MAX_ITER)
+    if p.get("batch_size_rule", "as set") != "as set":
+        report["batch_size_rule"] = p["batch_size_rule"]
+        say(f"batch size: {p['batch_size_rule']}")
+        # auto chose the batch for the GP's costly step; PNMF's step is cheap and converges
+        # in fewer iterations on all spots (150 against 300+ at 41,786 spots)
+        q["batch_size"] = None
     prior = GaussianPrior(full.n_spots, p["n_components"], mean=mu0,
                           scale=fixed_point_scale(mu0, W0), kl_weight=p["kl_weight"])
     prior = prior.to(device=full.device, dtype=full.values.dtype)

@@ -276,6 +276,7 @@ def summarize(model: PNMF, data: SpatialCounts, pre: PreprocessedData,
         "n_train_spots": int(data.n_spots),
         "n_heldout_spots": int(pre.heldout.sum()),
         "n_genes": int(data.n_genes),
+        "batch_size": int(model.batch_size_ or data.n_spots),
         "device": str(model.device_),
         "preprocess_run_id": upstream_id,
         **gp_facts(model),
@@ -290,7 +291,8 @@ def start_facts(model: PNMF) -> dict[str, Any]:
     stopping stopped and which iteration it kept."""
     report = getattr(model, "start_report_", None) or {}
     facts: dict[str, Any] = {k: report[k] for k in ("pnmf_heldout_deviance", "pnmf_iterations",
-                                                   "start_seconds", "num_inducing_rule")
+                                                   "start_seconds", "num_inducing_rule",
+                                                   "batch_size_rule")
                              if k in report}
     if "nugget" in report:   # the start's spot-level variance per spatial factor
         nugget = [float(v) for v in np.atleast_1d(report["nugget"])]

@@ -294,6 +294,49 @@ def test_auto_is_the_default_and_records_the_value_used(grouped):
     assert model.prior_.num_inducing == 100
 
 
+def test_auto_batch_size_by_spots_factors_inducing_points_and_device():
+    from sf_mlflow.models.settings import AUTO_BATCH_MIN, resolve_batch_size
+
+    def chosen(n_spots, device="cpu", prior="svgp", **kw):
+        p = PNMF(10, prior=prior, **kw)._validated()
+        why = resolve_batch_size(p, n_spots, device)
+        return p["batch_size"], why
+
+    # the shipped data sets (<= 6,471 spots) and anything up to 10,000 at L 10, M 1,000: all spots
+    assert chosen(10000)[0] is None and "within 1e+11 on a cpu" in chosen(10000)[1]
+    # Slide-seq: 41,786 spots at the CPU's M cap 1,000 -> 10,000 a step; the why names the way out
+    B, why = chosen(41786)
+    assert B == 10000 and "10,000 of 41,786 spots a step" in why and "training.batch_size" in why
+    # a GPU takes 20x the work (at its M cap 3,000: 22,222 spots), fewer factors more spots
+    assert chosen(41786, "cuda")[0] == 22222 and chosen(41786, torch.device("cuda", 1))[0] == 22222
+    assert chosen(41786, spatial_components=2)[0] is None
+    assert chosen(41786, prior=SVGP(num_inducing=3000))[0] == 1111
+    assert chosen(10 ** 6, prior=SVGP(num_inducing=20000))[0] == AUTO_BATCH_MIN
+    # the Gaussian prior, and a number or null as set, are left alone
+    assert chosen(10 ** 6, prior="gaussian") == (None, "all spots (Gaussian prior: a step is cheap)")
+    assert chosen(41786, batch_size=500) == (500, "as set")
+    assert chosen(41786, batch_size=None) == (None, "as set")
+    with pytest.raises(ConfigError, match=r"batch_size = 'many' is invalid.*'auto' or an integer or null"):
+        PNMF(prior="svgp", batch_size="many")._validated()
+
+
+def test_auto_batch_size_is_used_said_and_kept(grouped, monkeypatch, capsys):
+    from sf_mlflow.models import settings
+
+    # the CPU's work limit and smallest batch scaled down to this data set: 2 factors, M 60
+    monkeypatch.setitem(settings.AUTO_BATCH_WORK, "cpu", 2 * 60 ** 2 * 250)
+    monkeypatch.setattr(settings, "AUTO_BATCH_MIN", 100)
+    model = _svgp(max_iter=3, tol=0, verbose=True).set_params(n_components=2)
+    model.fit(grouped.counts, coordinates=grouped.coordinates * 20, groups=grouped.groups)
+    assert model.batch_size_ == 250 and model.num_inducing_ == 60
+    assert model.batch_size_rule_.startswith("250 of 600 spots a step")
+    assert model.start_report_["batch_size_rule"] == model.batch_size_rule_
+    assert "batch size: 250 of 600 spots a step" in capsys.readouterr().out
+    monkeypatch.setattr(settings, "AUTO_BATCH_MIN", 700)   # more than the data: all spots
+    model.fit(grouped.counts, coordinates=grouped.coordinates * 20, groups=grouped.groups)
+    assert model.batch_size_ is None and "the smallest mini-batch auto takes is 700" in model.batch_size_rule_
+
+
 def test_explicit_num_inducing_above_the_distinct_locations_is_still_an_error(grouped):
     with pytest.raises(ModelError, match=r"num_inducing = 900 exceeds the number of distinct spot"):
         _svgp(num_inducing=900, groups=False).fit(grouped.counts, coordinates=grouped.coordinates)
