@@ -93,14 +93,17 @@ class _Heartbeat:
     def _beat(self) -> None:
         while True:
             time.sleep(heartbeat_interval())
+            # one look a beat, outside the lock: MLflow's retries against a server that is away
+            # would hold the lock, and a run that is ending, for minutes
+            away = _server_away()
             with self._lock:
                 if not self._runs:
                     self._thread = None
                     return
+                if away:
+                    continue
                 now = f"{time.time():.0f}"
                 for run_id, client in list(self._runs.items()):
-                    if _server_away():
-                        break   # MLflow's retries would hold the lock, and an ending run, for minutes
                     try:
                         client.log_batch(run_id, tags=[RunTag(TAG_HEARTBEAT, now)])
                     except Exception:  # a busy store: the next beat tries again
