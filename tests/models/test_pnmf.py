@@ -458,7 +458,7 @@ def test_init_does_not_validate():
     ({"learning_rate": 0.0}, r"learning_rate = 0.0 .*> 0"),
     ({"num_samples": 0}, r"num_samples = 0"),
     ({"batch_size": 0}, r"batch_size = 0 .*>= 1"),
-    ({"batch_size": 1.5}, r"batch_size = 1.5 is invalid: expected an integer or null"),
+    ({"batch_size": 1.5}, r"batch_size = 1.5 is invalid: expected one of 'auto' or an integer or null"),
     ({"tol_window": 0}, r"tol_window = 0"),
     ({"dtype": "float16"}, r"dtype = 'float16'"),
     ({"max_iter": 2.5}, r"max_iter = 2.5"),
