@@ -140,6 +140,10 @@ class Clock:
     def resume(self) -> None:
         self.t = time.perf_counter()
 
+    def running(self) -> float:
+        """Training seconds so far, the clock running."""
+        return self.spent + time.perf_counter() - self.t
+
 
 def mggp_gpytorch_kernel(torch, ours):
     """Our (frozen) MGGP kernel as a gpytorch kernel over inputs (x, y, group)."""
@@ -169,7 +173,7 @@ class Recorder:
         self.last = -float("inf")
 
     def due(self) -> bool:
-        return self.clock.spent + time.perf_counter() - self.clock.t - self.last >= self.args.eval_every_s
+        return self.clock.running() - self.last >= self.args.eval_every_s
 
     def record(self, it: int, heldout_log_factors, W, train_log_factors) -> bool:
         """Pause the clock and score; True once the budget is spent."""
@@ -202,17 +206,18 @@ def fit_ours(args, torch, device, rec: Recorder, data) -> dict:
     if args.trainer == "adam":
         kw.update(optimizer="Adam", learning_rate=args.adam_lr)
     # the spatial trainers run until the budget; PNMF until its own stopping rule
-    kw.update(tol=0) if spatial else None
+    if spatial:
+        kw["tol"] = 0
     model = PNMF(args.n_components, max_iter=10 ** 6, device=args.device, random_state=args.seed,
                  verbose=args.verbose, **kw)
-    xt, gt = (torch.as_tensor(a, device=device) for a in (X, g))
-    xv, gvt = (torch.as_tensor(a, device=device) for a in (Xv, gv))
+    xt, xv = (torch.as_tensor(a, dtype=torch.float32, device=device) for a in (X, Xv))
+    gt, gvt = (torch.as_tensor(a, device=device) for a in (g, gv))
 
     def score(it: int) -> bool:
         with torch.no_grad():
             if spatial:
-                Fv = model.prior_.predict(xv.to(torch.float32), gvt, return_var=False)
-                Ft = model.prior_.predict(xt.to(torch.float32), gt, return_var=False)
+                Fv = model.prior_.predict(xv, gvt, return_var=False)
+                Ft = model.prior_.predict(xt, gt, return_var=False)
                 Ft = Ft.cpu().numpy().T
             else:
                 Ft = model.prior_.mu.detach().cpu().numpy().T
