@@ -63,6 +63,7 @@ import mlflow
 import mlflow.pyfunc
 import numpy as np
 import pandas as pd
+from mlflow.entities import RunTag
 from mlflow.exceptions import MlflowException
 from mlflow.models import Model, infer_signature
 from mlflow.tracking import MlflowClient
@@ -206,7 +207,9 @@ def log_pyfunc_model(run_id: str, model_path: str | Path, info: Mapping[str, Any
                   model_id=logged.model_id, python_model=str(tmp / MODEL_SCRIPT), artifacts=artifacts,
                   code_paths=[str(code)], signature=signature, input_example=example,
                   pip_requirements=pip_requirements())
-    client.set_tag(run_id, TAG_PYFUNC_MODEL_ID, logged.model_id)
+    # log_batch, not set_tag: two tune workers may log the same best run at once, and only
+    # log_batch retries the insert that loses that race
+    client.log_batch(run_id, tags=[RunTag(TAG_PYFUNC_MODEL_ID, logged.model_id)])
     return logged.model_id
 
 
@@ -234,9 +237,11 @@ def register_logged_model(model_id: str, name: str, alias: str = "latest", *,
     except MlflowException as e:
         raise ModelError(f"registering model {name!r} (alias {alias!r}) failed: {e.message}") from None
     if run_id:
-        client.set_tag(run_id, TAG_REGISTERED_MODEL, name)
-        client.set_tag(run_id, TAG_REGISTERED_VERSION, str(mv.version))
-        client.set_tag(run_id, TAG_REGISTERED_ALIAS, alias or "latest")
+        # one log_batch: it retries when another process tags the same run at the same moment
+        # (two tune workers registering one best trial), where set_tag fails
+        client.log_batch(run_id, tags=[RunTag(TAG_REGISTERED_MODEL, name),
+                                       RunTag(TAG_REGISTERED_VERSION, str(mv.version)),
+                                       RunTag(TAG_REGISTERED_ALIAS, alias or "latest")])
     return str(mv.version)
 
 
