@@ -11,11 +11,18 @@ Cases: (B, Db, M) = (2000, 1000, {500, 1000, 2000}) and (7000, 2000, 3000). For 
 
 * ``ours``: ``SVGPPrior``, single-group Matern-3/2;
 * ``ours_mggp``: the same with 14 groups (multi-group kernel, proportional allocation);
+* ``ours_natural``, ``ours_mggp_natural``: the same priors, but q(v) moved by the trainer's
+  natural-gradient step (:class:`sf_mlflow.models.natural.NaturalGradient`, step 0.5): the
+  marginals without autograd, gradients of the expected log-likelihood in them, the step
+  (curvature, Cholesky of the precision, new Lu). Their FLOP floor is the Adam step's of the
+  same prior (the goal of issue 20: a natural step within 1.25 x that floor);
 * ``gpytorch``: ``ApproximateGP`` with ``CholeskyVariationalDistribution(batch_shape=[L])``,
   whitened ``VariationalStrategy`` (fixed inducing points), ``ScaleKernel(MaternKernel(1.5))``
   with frozen hyperparameters, and the same likelihood on its marginals.
 
-Every (case, implementation) runs in a fresh subprocess, so its peak memory is its own: on
+Workers keep freed memory in the process as a CPU fit does
+(:func:`sf_mlflow.models.device.keep_freed_memory`; ``SF_MLFLOW_KEEP_FREED_MEMORY=0`` turns
+it off). Every (case, implementation) runs in a fresh subprocess, so its peak memory is its own: on
 CPU the maximum resident set size (``ru_maxrss``) of the worker, and its growth from the
 moment the inputs were loaded; on CUDA ``torch.cuda.max_memory_allocated``. Each worker
 also times a large float32 GEMM (4096^2 on CPU, 8192^2 on CUDA) just before its steps, so
@@ -25,6 +32,8 @@ FLOPs of our step are counted from the shapes (see :func:`count_flops`): the ker
 the triangular solve (M^2 B), the variance term (L M^2 B: the triangular minimum; forward and
 backward each), means, likelihood, KL and Adam. ``floor_s`` = FLOPs / GEMM speed; the goal is
 ``step_s <= 1.25 floor_s`` and ``ours / gpytorch <= 0.35`` at M >= 1000.
+``--per-factor-lengthscale`` gives every factor its own kernel (the model's default): the
+kernel matrix and the triangular solve are then computed per factor (L times the flops).
 
 Output: JSON lines: ``{"case": "data", ...}``, one line per (case, impl) (step time, GEMM
 speed before and after, memory, FLOPs, floor) and one ``"summary"`` line per case with the
@@ -47,7 +56,7 @@ import numpy as np
 
 CASES_FULL = [(2000, 1000, 500), (2000, 1000, 1000), (2000, 1000, 2000), (7000, 2000, 3000)]
 CASES_QUICK = [(300, 200, 100), (300, 200, 200)]
-IMPLS = ("ours", "ours_mggp", "gpytorch")
+IMPLS = ("ours", "ours_mggp", "ours_natural", "ours_mggp_natural", "gpytorch")
 
 
 def log(msg: str) -> None:
@@ -68,7 +77,8 @@ MGGP_EXTRA_OPS = 5
 ADAM_OPS = 12
 
 
-def count_flops(B: int, M: int, L: int, nnz: int, Db: int, mggp: bool, n_params: int) -> dict:
+def count_flops(B: int, M: int, L: int, nnz: int, Db: int, mggp: bool, n_params: int,
+                per_factor: bool = False) -> dict:
     """Floating-point operations of one training step, from the shapes.
 
     Returns a dict with the total and its parts. The variance term counts the triangular
@@ -76,9 +86,10 @@ def count_flops(B: int, M: int, L: int, nnz: int, Db: int, mggp: bool, n_params:
     spot (a multiply-add each) forward, and as many for ``dLu`` backward.
     """
     tri = L * M * (M + 1) * B                      # 2 flops x L x M(M+1)/2 x B
+    kernels = L if per_factor else 1
     parts = {
-        "kernel": B * M * (KERNEL_OPS + (MGGP_EXTRA_OPS if mggp else 0)),
-        "trsm": M * M * B,                          # forward substitution, M^2 B
+        "kernel": kernels * B * M * (KERNEL_OPS + (MGGP_EXTRA_OPS if mggp else 0)),
+        "trsm": kernels * M * M * B,                # forward substitution, M^2 B per kernel
         "var_fwd": tri + 2 * L * M * B + 2 * M * B,  # + the squared norms of Q and of A
         "var_bwd": tri + L * M * B,                 # dLu (triangular) + 2 g * Q
         "mean_fwd_bwd": 4 * L * M * B,              # A^T mu and dmu = A dmean
@@ -192,6 +203,7 @@ def worker(args) -> None:
     import torch
 
     import sf_mlflow  # noqa: F401  (flush denormals)
+    from sf_mlflow.models.device import keep_freed_memory
     from sf_mlflow.models.likelihood import CountBatch, expected_log_likelihood
     from sf_mlflow.models.svgp import SVGPPrior
     import scipy.sparse as sp
@@ -199,6 +211,8 @@ def worker(args) -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
+    # as a fit does (SF_MLFLOW_KEEP_FREED_MEMORY=0 measures glibc's default instead)
+    kept = keep_freed_memory() if device.type == "cpu" else False
     inp = np.load(args.worker_input)
     L = int(inp["loadings"].shape[1])
     B, M = int(inp["x"].shape[0]), int(inp["Z"].shape[0])
@@ -217,9 +231,10 @@ def worker(args) -> None:
         model, marginals, kl = build_gpytorch(torch, Z, L, args.lengthscale, device)
         params = [p for p in model.parameters() if p.requires_grad]
     else:
-        mggp = impl == "ours_mggp"
+        mggp = impl.startswith("ours_mggp")
         Z = inp["Zg"] if mggp else inp["Z"]
         prior = SVGPPrior(x, g if mggp else None, L, kernel="Matern32", lengthscale=args.lengthscale,
+                          per_factor_lengthscale=args.per_factor_lengthscale,
                           inducing_points=torch.tensor(Z, dtype=torch.float32, device=device),
                           inducing_groups=torch.tensor(inp["gZ"], device=device) if mggp else None)
         idx = torch.arange(B, device=device)
@@ -233,7 +248,7 @@ def worker(args) -> None:
         params = [p for p in prior.parameters() if p.requires_grad]
     opt = torch.optim.Adam(params, lr=1e-3)
 
-    def step():
+    def adam_step():
         mean, var = marginals(x)
         ell = expected_log_likelihood(batch, mean, var, W, mode="lower-bound")
         loss = -(ell * (N / B) - kl()) / N
@@ -241,6 +256,25 @@ def worker(args) -> None:
         loss.backward()
         opt.step()
         return loss
+
+    step = adam_step
+    if impl.endswith("_natural"):
+        from sf_mlflow.models.natural import NaturalGradient
+
+        for p in params:             # q(v) moves by natural steps only, as in the trainer
+            p.requires_grad_(False)
+        natural = NaturalGradient(prior, 0.5)
+
+        def natural_step():
+            with torch.no_grad():
+                mean, var, At = prior.marginals_and_interp(x, g if mggp else None)
+            m, v = mean.requires_grad_(True), var.requires_grad_(True)
+            ell = expected_log_likelihood(batch, m, v, W, mode="lower-bound") * (N / B)
+            g_mean, g_var = torch.autograd.grad(ell, [m, v])
+            natural.step(At, g_mean, g_var)
+            return -(ell.detach() - kl()) / N
+
+        step = natural_step
 
     times = []
     t_start = time.perf_counter()
@@ -260,7 +294,7 @@ def worker(args) -> None:
     n_params = sum(p.numel() for p in params)
     rec = {
         "impl": impl, "B": B, "Db": int(block.shape[1]), "M": M, "L": L, "nnz": int(block.nnz),
-        "device": str(device), "threads": torch.get_num_threads(),
+        "device": str(device), "threads": torch.get_num_threads(), "kept_freed_memory": kept,
         "step_s": float(np.median(times)), "step_s_min": float(np.min(times)),
         "iters": len(times), "reduced_iterations": len(times) < args.iters,
         "loss": float(loss.detach()), "n_params": int(n_params),
@@ -281,7 +315,8 @@ def run_case(args, case: dict, impl: str) -> dict | None:
     cmd = [sys.executable, __file__, "--worker-input", case["path"], "--impl", impl,
            "--device", args.device, "--iters", str(args.iters), "--warmup", str(args.warmup),
            "--budget-s", str(args.budget_s), "--lengthscale", str(args.lengthscale),
-           "--threads", str(args.threads)]
+           "--threads", str(args.threads)] + (["--per-factor-lengthscale"]
+                                              if args.per_factor_lengthscale else [])
     t = time.perf_counter()
     proc = subprocess.run(cmd, capture_output=True, text=True)
     if proc.returncode != 0:
@@ -293,8 +328,9 @@ def run_case(args, case: dict, impl: str) -> dict | None:
     rec["case"] = f"B{case['B']}_Db{case['Db']}_M{case['M']}"
     rec["worker_wall_s"] = round(time.perf_counter() - t, 1)
     if impl != "gpytorch":
-        fl = count_flops(rec["B"], rec["M"], rec["L"], rec["nnz"], rec["Db"], impl == "ours_mggp",
-                         rec["n_params"])
+        # a natural step is held to the FLOP floor of the Adam step of the same prior
+        fl = count_flops(rec["B"], rec["M"], rec["L"], rec["nnz"], rec["Db"],
+                         impl.startswith("ours_mggp"), rec["n_params"], args.per_factor_lengthscale)
         gemm = 0.5 * (rec["gemm_gflops_before"] + rec["gemm_gflops_after"]) * 1e9
         rec["gflop"] = round(fl["total"] / 1e9, 2)
         rec["gflop_if_dense_lu"] = round(fl["total_if_dense_lu"] / 1e9, 2)
@@ -317,6 +353,8 @@ def main(argv=None) -> None:
     ap.add_argument("--n-groups", type=int, default=14)
     ap.add_argument("--mean-counts", type=float, default=130.0)
     ap.add_argument("--lengthscale", type=float, default=4.0)
+    ap.add_argument("--per-factor-lengthscale", action="store_true",
+                    help="one kernel per factor (the model's default), as a fit with them steps")
     ap.add_argument("--iters", type=int, default=10, help="timed steps per case (median reported)")
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--budget-s", type=float, default=240.0,
@@ -363,6 +401,14 @@ def main(argv=None) -> None:
             if mg:
                 summary["mggp_step_s"] = round(mg["step_s"], 4)
                 summary["mggp_over_floor"] = mg["step_over_floor"]
+            for name, adam in (("natural", ours), ("mggp_natural", mg)):
+                nat = recs.get(f"ours_{name}")
+                if nat:
+                    summary[f"{name}_step_s"] = round(nat["step_s"], 4)
+                    summary[f"{name}_over_floor"] = nat["step_over_floor"]
+                    summary[f"goal_{name}_floor_met"] = nat["step_over_floor"] <= 1.25
+                    if adam:
+                        summary[f"{name}_over_adam"] = round(nat["step_s"] / adam["step_s"], 3)
             emit(summary)
 
 

@@ -31,7 +31,7 @@ from sf_mlflow.errors import ConfigError, DataError, ModelError
 from sf_mlflow.models import persistence
 from sf_mlflow.models._training import ConvergenceWarning, FitResult, FitState, NonFiniteELBOError, Trainer
 from sf_mlflow.models.stopping import not_converged_message
-from sf_mlflow.models.device import resolve_device
+from sf_mlflow.models.device import prepare_device, resolve_device
 from sf_mlflow.models.distributed import Communicator, DistributedTrainer
 from sf_mlflow.models.initialization import fixed_point_scale, initial_state
 from sf_mlflow.models.inputs import (check_coordinates, check_counts, check_groups, check_validation,
@@ -361,7 +361,7 @@ class PNMF:
 
     def _start(self, p: dict, Yc, X: Optional[np.ndarray], g: Optional[np.ndarray], val) -> Trainer:
         """Initialise the prior and loadings, set the learned attributes, build the trainer."""
-        device, dtype = resolve_device(p["device"]), p["dtype"]
+        device, dtype = prepare_device(resolve_device(p["device"])), p["dtype"]
         comm = Communicator.join(device) if p["distributed"] else None   # cuda:LOCAL_RANK
         device = device if comm is None else comm.device
         self.batch_size_rule_ = p["batch_size_rule"] = resolve_batch_size(p, Yc.shape[0], device)

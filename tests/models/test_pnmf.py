@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import os
 import re
+import subprocess
+import sys
 import warnings
 
 import numpy as np
@@ -14,7 +17,7 @@ from scipy.special import gammaln
 
 from sf_mlflow.data.synthetic import make_synthetic
 from sf_mlflow.errors import ConfigError, DataError, ModelError
-from sf_mlflow.models.device import resolve_device
+from sf_mlflow.models.device import MALLOC_ENV, resolve_device
 from sf_mlflow.models.neighbours import nearest_neighbour_log_factors
 from sf_mlflow.models.pnmf import PNMF, ConvergenceWarning
 from sf_mlflow.models.settings import SVGP
@@ -535,6 +538,40 @@ def test_gpu_falls_back_to_cpu_with_one_warning(name):
         assert resolve_device(name) == torch.device("cpu")
     assert len(caught) == 1
     assert "CUDA is not available" in str(caught[0].message) and "CPU" in str(caught[0].message)
+
+
+# Bytes glibc holds in mmapped blocks while a 128 MiB tensor lives, before and after a fit.
+FREED_MEMORY_PROBE = """
+import ctypes, torch
+from sf_mlflow.data.synthetic import make_synthetic
+from sf_mlflow.models.pnmf import PNMF
+class Info(ctypes.Structure):
+    _fields_ = [(n, ctypes.c_size_t) for n in ("arena", "ordblks", "smblks", "hblks", "hblkhd",
+                                                "usmblks", "fsmblks", "uordblks", "fordblks", "keepcost")]
+libc = ctypes.CDLL("libc.so.6")
+libc.mallinfo2.restype = Info
+def mapped():
+    t = torch.ones(2 ** 25)
+    held = libc.mallinfo2().hblkhd
+    del t
+    return held
+before = mapped()
+PNMF(2, max_iter=3).fit(make_synthetic(n_spots=60, n_genes=20, n_components=2, seed=0).counts)
+print(before, mapped())
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's allocator")
+@pytest.mark.parametrize("setting", [None, "0"])
+def test_a_cpu_fit_keeps_freed_memory_in_the_process_unless_told_not_to(setting):
+    env = {k: v for k, v in os.environ.items() if k != MALLOC_ENV}
+    if setting is not None:
+        env[MALLOC_ENV] = setting
+    out = subprocess.run([sys.executable, "-c", FREED_MEMORY_PROBE], env=env, capture_output=True,
+                         text=True, check=True).stdout.split()
+    before, after = int(out[-2]), int(out[-1])
+    assert before >= 2 ** 27                     # glibc's default: a large tensor is mmapped
+    assert (after < 2 ** 27) == (setting is None)  # after a fit, from the kept heap
 
 
 def test_predict_at_of_the_spatial_prior_and_its_public_attributes(data):
