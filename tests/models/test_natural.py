@@ -17,7 +17,8 @@ from sf_mlflow.models._training import VALIDATION_MIN_DELTA
 from sf_mlflow.models.inducing import auto_num_inducing
 from sf_mlflow.models.inputs import check_counts
 from sf_mlflow.models.likelihood import CountBatch, poisson_deviance as block_deviance
-from sf_mlflow.models.natural import MAX_MEAN_STEP, NaturalGradient
+from sf_mlflow.models.natural import (MAX_MEAN_STEP, NaturalGradient, _flipped_cholesky,
+                                      _lu_from_flipped)
 from sf_mlflow.models.neighbours import nearest_neighbour_log_factors
 from sf_mlflow.models.pnmf import PNMF, ConvergenceWarning, NonFiniteELBOError
 from sf_mlflow.models.settings import SVGP
@@ -27,11 +28,11 @@ from test_spatial_recovery import matched_correlation
 
 # ---- the step itself -------------------------------------------------------------------------
 
-def _gaussian_problem(diagonal_only=False, seed=0):
+def _gaussian_problem(diagonal_only=False, seed=0, n=80, num_inducing=25):
     g = torch.Generator().manual_seed(seed)
-    x = torch.rand(80, 2, generator=g, dtype=torch.float64) * 10
-    y = torch.sin(x[:, 0] / 3) + 0.3 * torch.randn(80, generator=g, dtype=torch.float64)
-    prior = SVGPPrior(x, None, 1, num_inducing=25, lengthscale=3.0, seed=0,
+    x = torch.rand(n, 2, generator=g, dtype=torch.float64) * 10
+    y = torch.sin(x[:, 0] / 3) + 0.3 * torch.randn(n, generator=g, dtype=torch.float64)
+    prior = SVGPPrior(x, None, 1, num_inducing=num_inducing, lengthscale=3.0, seed=0,
                       diagonal_only=diagonal_only).double()
     return x, y, prior
 
@@ -61,8 +62,10 @@ def _exact_posterior(prior, x, y, noise):
     return precision, torch.linalg.solve(precision, A @ y / noise)
 
 
-def test_one_step_of_size_one_is_the_exact_posterior_of_a_conjugate_model():
-    x, y, prior = _gaussian_problem()
+# M 300 takes the curvature in row blocks (natural.CURVATURE_BLOCKS), M 25 in one product
+@pytest.mark.parametrize("n, num_inducing", [(80, 25), (500, 300)])
+def test_one_step_of_size_one_is_the_exact_posterior_of_a_conjugate_model(n, num_inducing):
+    x, y, prior = _gaussian_problem(n=n, num_inducing=num_inducing)
     noise = 0.09
     At, g_mean, g_var = _gaussian_gradients(prior, x, y, noise)
     precision, mean = _exact_posterior(prior, x, y, noise)   # A does not depend on q(v)
@@ -76,6 +79,21 @@ def test_one_step_of_size_one_is_the_exact_posterior_of_a_conjugate_model():
     NaturalGradient(prior, 1.0, max_mean_step=None).step(At, g_mean, g_var)
     with torch.no_grad():
         torch.testing.assert_close(prior.mu[0], mean, rtol=1e-7, atol=1e-8)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_the_factors_of_a_precision_read_its_upper_triangle_only(dtype):
+    g = torch.Generator().manual_seed(1)
+    X = torch.randn(300, 300, generator=g, dtype=torch.float64)
+    P = X @ X.T / 300 + torch.eye(300, dtype=torch.float64)
+    garbled = torch.triu(P) + torch.tril(torch.full_like(P, float("nan")), -1)
+    Lf = _flipped_cholesky(garbled)
+    torch.testing.assert_close(Lf, torch.linalg.cholesky(P.flip(0, 1)))
+    Lu = _lu_from_flipped(Lf, dtype)
+    assert Lu.dtype == dtype and bool((Lu.triu(1) == 0).all())
+    tol = {"rtol": 1e-3, "atol": 1e-4} if dtype == torch.float32 else {}
+    torch.testing.assert_close((Lu @ Lu.T).double(), torch.linalg.inv(P), **tol)
+    assert _flipped_cholesky(P - 2 * torch.eye(300, dtype=torch.float64)) is None
 
 
 def test_smaller_steps_converge_to_the_same_posterior():
