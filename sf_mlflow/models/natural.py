@@ -57,7 +57,6 @@ from __future__ import annotations
 from typing import Optional
 
 import torch
-from scipy.linalg import lapack as _lapack
 from torch import Tensor
 
 from sf_mlflow.errors import ModelError
@@ -74,9 +73,6 @@ MAX_MEAN_STEP = 1.0
 
 _F64 = torch.float64
 
-#: LAPACK's triangular inverse by dtype (CPU tensors share their memory with numpy arrays).
-_TRTRI = {torch.float32: _lapack.strtri, torch.float64: _lapack.dtrtri}
-
 
 def _flip(X: Tensor) -> Tensor:
     return torch.flip(X, dims=(-2, -1))
@@ -85,42 +81,22 @@ def _flip(X: Tensor) -> Tensor:
 def _flipped_cholesky(P: Tensor) -> Optional[Tensor]:
     """Lower Cholesky factor Lf of ``J P J`` for a (M, M) precision, from P's upper triangle,
     or None if P is not positive definite."""
-    if P.device.type == "cpu" and P.dtype == _F64:
-        return _flipped_cholesky_lapack(P)
     Lf, info = torch.linalg.cholesky_ex(_flip(P))
     if int(info) != 0 or not bool(torch.isfinite(Lf.diagonal()).all()):
         return None
     return Lf
 
 
-def _flipped_cholesky_lapack(P: Tensor) -> Optional[Tensor]:
-    """:func:`_flipped_cholesky` by LAPACK's dpotrf in place on one flipped copy of P.
-
-    On a CPU, torch's Cholesky copies its input and zeroes a triangle besides: memory
-    passes that cost as much as the factorisation on two cores (measured at M 3,000: 0.21 s
-    against 0.13 s). ``a.T`` of a C-ordered array is the Fortran-ordered transpose, so
-    LAPACK's upper factor of it is, read back in C order, the lower factor of ``a``.
-    """
-    a = _flip(P).numpy()
-    c, info = _lapack.dpotrf(a.T, lower=0, clean=1, overwrite_a=1)
-    if info != 0:
-        return None
-    Lf = torch.from_numpy(c.T)
-    return Lf if bool(torch.isfinite(Lf.diagonal()).all()) else None
-
-
 def _lu_from_flipped(Lf: Tensor, dtype: torch.dtype) -> Tensor:
     """Lower-triangular ``Lu = J Lf^{-T} J`` (so ``Lu Lu^T = P^{-1}``) in ``dtype``.
 
-    The triangular inverse (M^3 / 3 flops by LAPACK's trtri on a CPU; M^3 by a triangular
-    solve against the identity elsewhere, as torch has no trtri) runs in the model's dtype:
-    Lf's condition number is only the square root of P's, well within float32.
+    The triangular inverse (M^3 flops, the largest cost of a step after g_S) runs in the
+    model's dtype: Lf's condition number is only the square root of P's, well within float32.
+    (SciPy's LAPACK trtri would take a third of the flops, but its OpenBLAS threads, left
+    spinning after each call, competed with torch's on two cores: fits took up to twice as
+    long.)
     """
-    Lf = Lf.to(dtype, copy=True)                         # trtri overwrites its input
-    if Lf.device.type == "cpu" and dtype in _TRTRI:
-        inv, info = _TRTRI[dtype](Lf.numpy().T, lower=0, overwrite_c=1)
-        if info == 0:
-            return _flip(torch.from_numpy(inv.T).mT)   # inv.T is Lf^{-1}, read in C order
+    Lf = Lf.to(dtype)
     eye = torch.eye(Lf.shape[-1], dtype=dtype, device=Lf.device)
     return _flip(torch.linalg.solve_triangular(Lf, eye, upper=False).mT)
 
