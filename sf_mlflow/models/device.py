@@ -61,10 +61,12 @@ def keep_freed_memory() -> bool:
     ``mmap`` and unmaps it on ``free``. A training step on a CPU allocates and frees tensors
     of tens to hundreds of MiB (the (L, B, M) kernel matrices, the (M, M) curvature and
     precision of each factor), so every step paid the page faults that zero-fill that memory
-    again. Measured on two cores at Slide-seq size (41,786 spots, 14 groups), a natural
-    step took 6.6 s at M 1,000, B 10,000 and 17.8 s at M 3,000, B 7,000 with glibc's
-    defaults, 3.8 s and 11.3 s with mmap off and the heap kept. The process then holds
-    its peak memory until it exits (a trim happens only above 2 GiB free at the top).
+    again. ``benchmarks/bench_svgp.py`` on two cores at Slide-seq size (41,786 spots, 14
+    groups, L 10): a natural step took 5.6 s at M 1,000, B 10,000 (one kernel per factor)
+    and 19.1 s at M 3,000, B 7,000 with glibc's defaults, 4.1 s and 13.1 s with mmap off and
+    the heap kept (Adam: 5.4 and 11.0 s against 3.7 and 9.0 s; measured with the step's
+    SciPy-LAPACK variant, 13.1 s at M 3,000 as the one shipped). The process then holds its
+    peak memory until it exits (a trim happens only above 2 GiB free at the top).
 
     Applied once per process; not on other C libraries or platforms, nor when the
     environment variable ``SF_MLFLOW_KEEP_FREED_MEMORY`` is ``0``. Returns whether it is

@@ -42,9 +42,10 @@ Cost per step, per factor: ``g_S`` is a symmetric (M, B) x (B, M) product of whi
 upper triangle is formed (blocks on and above the diagonal: 4/3 M^2 B flops at three blocks,
 against the 2 M^2 B of the backward pass through the variance term that Adam needs); the
 new mean is ``mu + gamma P_new^{-1} (g_mu - w mu)``, the same update written without products
-with P or g_S; the Cholesky and the triangular inverse are M^3 / 3 and M^3; the Cholesky runs in float64 because P's eigenvalues
-span 1 to the largest count rate times the kernel variance, the inverse of its factor (whose
-condition number is the square root of P's) in the model's dtype.
+with P or g_S; the Cholesky and the triangular inverse are M^3 / 3 and M^3; the Cholesky runs
+in float64 because P's eigenvalues span 1 to the largest count rate times the kernel
+variance, the inverse of its factor (whose condition number is the square root of P's) in
+the model's dtype.
 
 The precision P is kept as optimiser state, so ``S`` never has to be inverted; after each
 step ``Lu`` is recomputed from P. With ``J`` the flip permutation and
@@ -157,8 +158,8 @@ class NaturalGradient:
     ----------
     precision : Tensor, (L, M, M) float64, or (L, M) with ``diagonal_only``
         ``S^{-1}`` of each factor (only the upper triangles are kept up to date;
-        :meth:`state_dict` gives the symmetric matrices); derived from the prior's Lu on the first step (or after
-        :meth:`reset`) and carried from step to step.
+        :meth:`state_dict` gives the symmetric matrices); derived from the prior's Lu on the
+        first step (or after :meth:`reset`) and carried from step to step.
     halvings : int
         How many times a step was halved to keep a precision positive definite (all steps).
     shrinks : int
