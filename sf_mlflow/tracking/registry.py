@@ -213,6 +213,19 @@ def log_pyfunc_model(run_id: str, model_path: str | Path, info: Mapping[str, Any
     return logged.model_id
 
 
+def _set_alias(client: MlflowClient, name: str, alias: str, version) -> None:
+    """Point ``alias`` at ``version``, once more if another process created the alias between
+    MLflow's look-up and its insert (two tune workers registering their best at once)."""
+    for attempt in range(3):
+        try:
+            client.set_registered_model_alias(name, alias, version)
+            return
+        except MlflowException as e:
+            if attempt == 2 or "UNIQUE constraint" not in str(e.message) and \
+                    "IntegrityError" not in str(e.message):
+                raise
+
+
 def register_logged_model(model_id: str, name: str, alias: str = "latest", *,
                           run_id: str | None = None) -> str:
     """Register a logged model as a new version of ``name`` and point ``alias`` at it.
@@ -233,7 +246,7 @@ def register_logged_model(model_id: str, name: str, alias: str = "latest", *,
         if description:
             client.update_model_version(name, mv.version, description=description)
         if alias and alias.lower() != "latest":
-            client.set_registered_model_alias(name, alias, mv.version)
+            _set_alias(client, name, alias, mv.version)
     except MlflowException as e:
         raise ModelError(f"registering model {name!r} (alias {alias!r}) failed: {e.message}") from None
     if run_id:
