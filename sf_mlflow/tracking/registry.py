@@ -221,8 +221,8 @@ def _set_alias(client: MlflowClient, name: str, alias: str, version) -> None:
             client.set_registered_model_alias(name, alias, version)
             return
         except MlflowException as e:
-            if attempt == 2 or "UNIQUE constraint" not in str(e.message) and \
-                    "IntegrityError" not in str(e.message):
+            # SQLite: "UNIQUE constraint failed"; PostgreSQL: "violates unique constraint"
+            if attempt == 2 or "unique constraint" not in str(e.message).lower():
                 raise
 
 
