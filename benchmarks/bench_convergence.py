@@ -203,6 +203,8 @@ def fit_ours(args, torch, device, rec: Recorder, data) -> dict:
     spatial = args.trainer != "pnmf"
     kw = dict(prior=SVGP(num_inducing=args.M or "auto") if spatial else "gaussian",
               batch_size=args.B or "auto", y_batch_size=args.Db or None)
+    if spatial and args.curvature_fraction is not None:
+        kw["curvature_fraction"] = args.curvature_fraction
     if args.trainer == "adam":
         kw.update(optimizer="Adam", learning_rate=args.adam_lr)
     # the spatial trainers run until the budget; PNMF until its own stopping rule
@@ -342,7 +344,9 @@ def run_worker(args, data: Path, genes: int, trainer: str, settings: str, B: int
            "--device", args.device, "--threads", str(args.threads), "--budget-s", str(budget),
            "--lengthscale", str(args.lengthscale), "--adam-lr", str(args.adam_lr),
            "--eval-every-s", str(args.eval_every_s), "--seed", str(args.seed),
-           "--n-components", str(args.n_components), *(["--verbose"] if args.verbose else [])]
+           "--n-components", str(args.n_components), *(["--verbose"] if args.verbose else []),
+           *([] if args.curvature_fraction is None
+             else ["--curvature-fraction", str(args.curvature_fraction)])]
     log(f"{genes} genes, {settings}: {trainer}")
     out = subprocess.run(cmd, stdout=subprocess.PIPE, text=True)
     lines = [ln for ln in out.stdout.splitlines() if ln.startswith("{")]
@@ -410,6 +414,8 @@ def main(argv=None) -> None:
                     help="the gpytorch loop's kernel lengthscale in model units; default: the "
                          "planted fields' after the preprocess rescale (4 x spatial_scale a square)")
     ap.add_argument("--adam-lr", type=float, default=0.01)
+    ap.add_argument("--curvature-fraction", type=float, default=None,
+                    help="the default and Adam trainers' training.curvature_fraction (default: auto)")
     ap.add_argument("--eval-every-s", type=float, default=15.0)
     ap.add_argument("--png", default=None, help="the figure (default: in the temporary folder)")
     ap.add_argument("--verbose", action="store_true", help="the trainers' own progress lines")

@@ -263,7 +263,7 @@ def worker(args) -> None:
 
         for p in params:             # q(v) moves by natural steps only, as in the trainer
             p.requires_grad_(False)
-        natural = NaturalGradient(prior, 0.5)
+        natural = NaturalGradient(prior, 0.5, curvature_fraction=args.curvature_fraction)
 
         def natural_step():
             with torch.no_grad():
@@ -295,6 +295,7 @@ def worker(args) -> None:
     rec = {
         "impl": impl, "B": B, "Db": int(block.shape[1]), "M": M, "L": L, "nnz": int(block.nnz),
         "device": str(device), "threads": torch.get_num_threads(), "kept_freed_memory": kept,
+        "curvature_fraction": args.curvature_fraction if impl.endswith("_natural") else None,
         "step_s": float(np.median(times)), "step_s_min": float(np.min(times)),
         "iters": len(times), "reduced_iterations": len(times) < args.iters,
         "loss": float(loss.detach()), "n_params": int(n_params),
@@ -315,8 +316,8 @@ def run_case(args, case: dict, impl: str) -> dict | None:
     cmd = [sys.executable, __file__, "--worker-input", case["path"], "--impl", impl,
            "--device", args.device, "--iters", str(args.iters), "--warmup", str(args.warmup),
            "--budget-s", str(args.budget_s), "--lengthscale", str(args.lengthscale),
-           "--threads", str(args.threads)] + (["--per-factor-lengthscale"]
-                                              if args.per_factor_lengthscale else [])
+           "--threads", str(args.threads), "--curvature-fraction", str(args.curvature_fraction)
+           ] + (["--per-factor-lengthscale"] if args.per_factor_lengthscale else [])
     t = time.perf_counter()
     proc = subprocess.run(cmd, capture_output=True, text=True)
     if proc.returncode != 0:
@@ -357,6 +358,8 @@ def main(argv=None) -> None:
                     help="one kernel per factor (the model's default), as a fit with them steps")
     ap.add_argument("--iters", type=int, default=10, help="timed steps per case (median reported)")
     ap.add_argument("--warmup", type=int, default=2)
+    ap.add_argument("--curvature-fraction", type=float, default=1.0,
+                    help="the natural impls' share of a batch's spots in the curvature")
     ap.add_argument("--budget-s", type=float, default=240.0,
                     help="stop a case's timed steps after this long (at least 3 are taken)")
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch's default)")

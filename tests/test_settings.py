@@ -25,7 +25,8 @@ OTHER = {
     "inducing_allocation": "equal", "jitter": 1e-4, "prior": "Gaussian",
     "max_iter": 7, "learning_rate": 0.05, "optimizer": "Adam", "tol": 1e-3, "tol_window": 3,
     "validation_every": 2, "patience": 2, "dtype": "float64", "device": "cpu", "batch_size": 50,
-    "y_batch_size": 20, "shuffle": False, "log_every": 5, "verbose": True, "distributed": True,
+    "y_batch_size": 20, "curvature_fraction": 0.25, "shuffle": False, "log_every": 5,
+    "verbose": True, "distributed": True,
     "time_budget": 1200.0,
 }
 

@@ -41,7 +41,7 @@ from sf_mlflow.models.batching import IndexStream, literal_state
 from sf_mlflow.models.hybrid import validation_predictor
 from sf_mlflow.models.likelihood import CountBatch, expected_log_likelihood, likelihood_and_update
 from sf_mlflow.models.priors import FactorPrior
-from sf_mlflow.models.settings import resolve_batch_size
+from sf_mlflow.models.settings import curvature_fraction, resolve_batch_size
 from sf_mlflow.models import progress
 from sf_mlflow.models.progress import STEP, TRAINING, current_phase, duration_text, phase
 from sf_mlflow.models.stopping import VALIDATION_MIN_DELTA, StoppingRules  # noqa: F401 (re-export)
@@ -150,7 +150,8 @@ class Trainer(StoppingRules):
             from sf_mlflow.models.natural import NaturalGradient
 
             gp = getattr(prior, "spatial", prior)   # the SVGP prior, alone or a hybrid's part
-            self.natural = NaturalGradient(gp, p["learning_rate"])
+            self.natural = NaturalGradient(gp, p["learning_rate"], generator=gen,
+                                           curvature_fraction=curvature_fraction(p, self.N))
             # q(v) moves by natural steps only; autograd then skips the costly backward
             # pass through the variance term (restored by close()).
             variational = [prm for name, prm in gp.named_parameters()
@@ -422,7 +423,7 @@ class Trainer(StoppingRules):
         # q(v) lives in whitened coordinates, so a kernel step leaves it (and the precision the
         # natural optimiser carries) valid: only A changes, and the next step uses the new one.
         self.natural.lr = self.natural_step_size(len(self.history) + 1)
-        self.natural.step(At.detach(), grads[0][:K], grads[1][:K])
+        self.natural.step(At.detach(), grads[0][:K], grads[1][:K], self._spots_in(batch))
         if new_W is not None:
             self._update_loadings(new_W, m.detach(), v.detach(), gidx, self._spots_in(batch))
         return elbo

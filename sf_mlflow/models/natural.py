@@ -39,13 +39,16 @@ it only adds curvature). Far from the optimum the fit then moves at most e-fold 
 per factor; near it the full step is taken.
 
 Cost per step, per factor: ``g_S`` is a symmetric (M, B) x (B, M) product of which only the
-upper triangle is formed (blocks on and above the diagonal: 4/3 M^2 B flops at three blocks,
+upper triangle is formed (blocks on and above the diagonal: 7/6 M^2 B flops at six blocks,
 against the 2 M^2 B of the backward pass through the variance term that Adam needs); the
 new mean is ``mu + gamma P_new^{-1} (g_mu - w mu)``, the same update written without products
-with P or g_S; the Cholesky and the triangular inverse are M^3 / 3 and M^3; the Cholesky runs
+with P or g_S; the Cholesky and the triangular inverse are M^3 / 3 each; the Cholesky runs
 in float64 because P's eigenvalues span 1 to the largest count rate times the kernel
 variance, the inverse of its factor (whose condition number is the square root of P's) in
-the model's dtype.
+the model's dtype. On spot mini-batches ``g_S`` may be estimated from a uniform sample of the
+batch's spots, scaled by the inverse share (``curvature_fraction``): unbiased, and its noise
+is of the kind the mini-batch already brings; g_mu always uses every spot, so the mean's fixed
+point is unchanged.
 
 The precision P is kept as optimiser state, so ``S`` never has to be inverted; after each
 step ``Lu`` is recomputed from P. With ``J`` the flip permutation and
@@ -91,15 +94,35 @@ def _flipped_cholesky(P: Tensor) -> Optional[Tensor]:
 def _lu_from_flipped(Lf: Tensor, dtype: torch.dtype) -> Tensor:
     """Lower-triangular ``Lu = J Lf^{-T} J`` (so ``Lu Lu^T = P^{-1}``) in ``dtype``.
 
-    The triangular inverse (M^3 flops, the largest cost of a step after g_S) runs in the
+    The triangular inverse (:func:`_lower_inverse`, M^3 / 3 flops) runs in the
     model's dtype: Lf's condition number is only the square root of P's, well within float32.
     (SciPy's LAPACK trtri would take a third of the flops, but its OpenBLAS threads, left
     spinning after each call, competed with torch's on two cores: fits took up to twice as
     long.)
     """
-    Lf = Lf.to(dtype)
-    eye = torch.eye(Lf.shape[-1], dtype=dtype, device=Lf.device)
-    return _flip(torch.linalg.solve_triangular(Lf, eye, upper=False).mT)
+    return _flip(_lower_inverse(Lf.to(dtype)).mT)
+
+
+#: Column width of the blocks of :func:`_lower_inverse` (measured at M 3,000 on two cores:
+#: 0.08 s at widths 190-375 against 0.17-0.22 s for one solve against the identity).
+INVERSE_BLOCK = 256
+
+
+def _lower_inverse(Lf: Tensor) -> Tensor:
+    """``Lf^{-1}`` of a lower-triangular (M, M) matrix, by column blocks.
+
+    The inverse is lower triangular, so column block ``[lo, hi)`` is zero above row ``lo``
+    and below it solves only with ``Lf[lo:, lo:]``: about M^3 / 3 flops in all, where one
+    solve against the identity does M^3.
+    """
+    M = Lf.shape[-1]
+    out = torch.zeros_like(Lf)
+    for lo in range(0, M, INVERSE_BLOCK):
+        hi = min(lo + INVERSE_BLOCK, M)
+        rhs = torch.zeros(M - lo, hi - lo, dtype=Lf.dtype, device=Lf.device)
+        rhs.diagonal().fill_(1.0)
+        out[lo:, lo:hi] = torch.linalg.solve_triangular(Lf[lo:, lo:], rhs, upper=False)
+    return out
 
 
 def _solve_flipped(Lf: Tensor, theta: Tensor) -> Tensor:
@@ -107,10 +130,11 @@ def _solve_flipped(Lf: Tensor, theta: Tensor) -> Tensor:
     return torch.flip(torch.cholesky_solve(torch.flip(theta, (0,))[:, None], Lf)[:, 0], (0,))
 
 
-#: The curvature ``g_S`` is computed in this many row blocks, each only from its diagonal
-#: block rightwards: 2/3 of the full product's flops (measured at M 3,000, B 7,000 on two
-#: cores: 0.50 s against 0.73 s; 4 blocks were no faster).
-CURVATURE_BLOCKS = 3
+#: The curvature ``g_S`` is computed in row blocks of about this many rows (3 to 8 blocks),
+#: each only from its diagonal block rightwards: (k + 1) / 2k of the full product's flops for k
+#: blocks (measured on two cores at M 3,000, B 7,000: 0.42-0.44 s at 6 blocks, 0.46-0.60 s at 3,
+#: 0.73-0.81 s for the full product; at M 1,000 three and six blocks take the same time).
+CURVATURE_BLOCK_ROWS = 500
 
 
 def _upper_curvature(A: Tensor, g: Tensor) -> Tensor:
@@ -122,7 +146,7 @@ def _upper_curvature(A: Tensor, g: Tensor) -> Tensor:
     M = A.shape[-1]
     Ag = A * g[:, None]
     out = torch.zeros(M, M, dtype=_F64, device=A.device)
-    k = CURVATURE_BLOCKS if M >= 256 else 1
+    k = min(8, max(3, M // CURVATURE_BLOCK_ROWS)) if M >= 256 else 1
     edges = [i * M // k for i in range(k + 1)]
     for lo, hi in zip(edges[:-1], edges[1:]):
         out[lo:hi, lo:] = Ag[:, lo:hi].mT @ A[:, lo:]
@@ -153,6 +177,14 @@ class NaturalGradient:
     max_mean_step : float or None
         Trust region on the change of the marginal means per step (log-rate units); None
         turns it off (exact conjugate steps, for tests and Gaussian likelihoods).
+    curvature_fraction : float
+        Share of a batch's spots, in (0, 1], from which ``g_S`` is estimated: a uniform
+        sample without replacement, drawn afresh every step and scaled by the inverse share
+        (unbiased). 1 uses every spot (exact). The curvature is the largest cost of a step
+        (4/3 M^2 B per factor), so 0.5 saves about a third of it at M 3,000; the estimate's
+        noise is averaged by the precision's running mean on mini-batches (gamma < 1).
+    generator : torch.Generator, optional
+        Draws the curvature's spots (on the prior's device); None uses torch's global one.
 
     Attributes
     ----------
@@ -168,10 +200,15 @@ class NaturalGradient:
         Factor updates skipped because no halving gave a positive-definite precision.
     """
 
-    def __init__(self, prior, lr: float, max_mean_step: Optional[float] = MAX_MEAN_STEP):
+    def __init__(self, prior, lr: float, max_mean_step: Optional[float] = MAX_MEAN_STEP,
+                 curvature_fraction: float = 1.0, generator: Optional[torch.Generator] = None):
         if not (0.0 < float(lr) <= 1.0):
             raise ModelError(f"natural-gradient step lr = {lr!r} must be in (0, 1]")
+        if not (0.0 < float(curvature_fraction) <= 1.0):
+            raise ModelError(f"curvature_fraction = {curvature_fraction!r} must be in (0, 1]")
         self.prior, self.lr = prior, float(lr)
+        self.curvature_fraction = float(curvature_fraction)
+        self.generator = generator
         self.max_mean_step = None if max_mean_step is None else float(max_mean_step)
         self.precision: Optional[Tensor] = None
         self.halvings = 0
@@ -215,7 +252,8 @@ class NaturalGradient:
 
     # ---- the step ----------------------------------------------------------------------------
     @torch.no_grad()
-    def step(self, At: Tensor, g_mean: Tensor, g_var: Tensor) -> None:
+    def step(self, At: Tensor, g_mean: Tensor, g_var: Tensor,
+             batch_spots: Optional[int] = None) -> None:
         """One natural-gradient step from the gradients of E at a batch's marginals.
 
         Parameters
@@ -225,6 +263,10 @@ class NaturalGradient:
         g_mean, g_var : Tensor, (L, B)
             Gradients of the (batch-scaled) expected log-likelihood in the marginal means
             and variances of q(F).
+        batch_spots : int, optional
+            Spots of the whole batch when this process holds only a share of it (``comm``):
+            the curvature's sample is drawn from the whole batch, as one process would draw
+            it, and each share uses its part. None: At's B.
         """
         prior = self.prior
         w = prior.kl_weight
@@ -236,9 +278,13 @@ class NaturalGradient:
             return
         Lu_new = torch.empty(L, M, M, dtype=prior.mu.dtype, device=prior.mu.device)
         mu_new = torch.empty_like(mu_all)
+        sample, scale = self._curvature_sample(At.shape[-2] if batch_spots is None else batch_spots)
         for l in range(L):
             A_l = At if At.dim() == 2 else At[l]                               # (B, M)
-            g_S = _upper_curvature(A_l, g_var[l])                              # (M, M)
+            if sample is None:
+                g_S = _upper_curvature(A_l, g_var[l])                          # (M, M)
+            else:
+                g_S = _upper_curvature(A_l[sample], g_var[l][sample] * scale)
             g_mu = (g_mean[l] @ A_l).to(_F64)                                  # (M,)
             if self.comm is not None:
                 g_S, g_mu = self.comm.sum_all(g_S, g_mu)
@@ -261,6 +307,18 @@ class NaturalGradient:
             Lu_new[l] = Lu
         prior.mu.copy_(mu_new.to(prior.mu.dtype))
         prior.set_lu(Lu_new)
+
+    def _curvature_sample(self, B: int) -> tuple[Optional[Tensor], float]:
+        """The rows (sorted) of this process's batch whose curvature estimates ``g_S``, and
+        the estimate's scale, for a batch of B spots in all; ``(None, 1.0)``: all rows."""
+        n = max(1, int(round(self.curvature_fraction * B)))
+        if n >= B:
+            return None, 1.0
+        draw = torch.randperm(B, generator=self.generator, device=self.prior.mu.device)[:n]
+        if self.comm is not None:       # this process holds a contiguous share of the B spots
+            share = self.comm.share(B)
+            draw = draw[(draw >= share.start) & (draw < share.stop)] - share.start
+        return torch.sort(draw).values, B / n
 
     def _trust(self, A: Tensor, step: Tensor) -> Tensor:
         """``step`` (.., M) of whitened means, shrunk so that ``A step`` (the change of the

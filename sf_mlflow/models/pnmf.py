@@ -123,6 +123,9 @@ class PNMF:
     device : {"cpu", "gpu", "cuda", "auto"}
     batch_size, y_batch_size : int, None or "auto" (batch_size only)
         Spots and genes per mini-batch; ``None`` uses all (auto: :func:`~.settings.resolve_batch_size`).
+    curvature_fraction : float or "auto"
+        With natural steps: the share of a batch's spots from which each step estimates
+        the curvature (:class:`~sf_mlflow.models.natural.NaturalGradient`); auto: all.
     shuffle : bool
         Draw mini-batches in a new random order every epoch.
     log_every : int
@@ -188,7 +191,8 @@ class PNMF:
                  learning_rate=_T.learning_rate, optimizer=_T.optimizer,
                  tol=_T.tol, tol_window=_T.tol_window, validation_every=_T.validation_every,
                  patience=_T.patience, dtype=_T.dtype, device=_T.device, batch_size=_T.batch_size,
-                 y_batch_size=_T.y_batch_size, shuffle=_T.shuffle, log_every=_T.log_every,
+                 y_batch_size=_T.y_batch_size, curvature_fraction=_T.curvature_fraction,
+                 shuffle=_T.shuffle, log_every=_T.log_every,
                  time_budget=_T.time_budget, distributed=_T.distributed, random_state=0, verbose=False):
         self.n_components = n_components
         self.prior = prior
@@ -200,20 +204,16 @@ class PNMF:
         self.max_iter = max_iter
         self.learning_rate = learning_rate
         self.optimizer = optimizer
-        self.tol = tol
-        self.tol_window = tol_window
-        self.validation_every = validation_every
-        self.patience = patience
-        self.dtype = dtype
-        self.device = device
-        self.batch_size = batch_size
-        self.y_batch_size = y_batch_size
+        self.tol, self.tol_window = tol, tol_window
+        self.validation_every, self.patience = validation_every, patience
+        self.dtype, self.device = dtype, device
+        self.batch_size, self.y_batch_size = batch_size, y_batch_size
+        self.curvature_fraction = curvature_fraction
         self.shuffle = shuffle
         self.log_every = log_every
         self.time_budget = time_budget
         self.distributed = distributed
-        self.random_state = random_state
-        self.verbose = verbose
+        self.random_state, self.verbose = random_state, verbose
 
     # ---- scikit-learn parameter protocol -----------------------------------------------------
 

@@ -25,7 +25,7 @@ from sf_mlflow.constraints import Duration, checked_fields, param
 from sf_mlflow.errors import ConfigError
 
 __all__ = ["SVGP", "ModelParams", "TrainingParams", "spatial_settings", "check_spatial_components",
-           "resolve_optimizer", "resolve_batch_size", "KERNEL_NAMES", "DEFAULT_LEARNING_RATE", "ADAM_BESIDE_NATURAL"]
+           "resolve_optimizer", "resolve_batch_size", "curvature_fraction", "KERNEL_NAMES", "DEFAULT_LEARNING_RATE", "ADAM_BESIDE_NATURAL"]
 
 #: ``learning_rate: auto`` of Adam, AdamW and SGD (and of PNMF).
 DEFAULT_LEARNING_RATE = 0.1
@@ -41,6 +41,13 @@ ADAM_BESIDE_NATURAL = 0.05
 AUTO_BATCH_WORK = {"cpu": 1e11, "cuda": 2e12}
 #: The smallest mini-batch ``batch_size: auto`` takes (fewer spots make noisy natural steps).
 AUTO_BATCH_MIN = 1000
+
+#: ``curvature_fraction: auto`` on spot mini-batches: the curvature of a natural step from half
+#: the batch's spots. bench_convergence at the plan's M 3,000, B 7,000: 22 steps in 614 s
+#: against 13 in 607 s, held-out deviance 0.9632 x PNMF's against 0.9630, matched correlation
+#: 0.972 against 0.970; at the CPU defaults (M 1,000, B 10,000) 62 steps in 307 s against 42,
+#: 0.9628 x PNMF's and 0.992 both.
+AUTO_CURVATURE_FRACTION = 0.5
 
 #: Kernels of :data:`sf_mlflow.models.kernels.KERNELS`, by name (kept here so that the
 #: settings and the config load without torch; a test keeps the two equal).
@@ -193,6 +200,11 @@ class TrainingParams:
                        "(N L M^2 <= 1e11 on a CPU, about 10,000 spots at L 10, M 1,000; 2e12 on a "
                        "GPU), else as many spots as that work allows (at least 1,000)")
     y_batch_size: Optional[int] = param(None, 1, doc="genes per mini-batch; null = all genes")
+    curvature_fraction: Union[Literal["auto"], float] = param(
+        "auto", 0.0, 1.0, lo_open=True, omit_unset=True,
+        doc="with natural steps: share of a batch's spots whose curvature a step uses (an "
+            "unbiased sample, drawn every step); 1 = all; auto = all on full batches, 0.5 on "
+            "spot mini-batches")
     shuffle: bool = param(True, doc="draw mini-batches in a fresh random order every epoch")
     log_every: int = param(50, 1, doc="iterations between progress lines (and at least one "
                                       "every 10 s)")
@@ -298,3 +310,18 @@ def resolve_batch_size(p: dict, n_spots: int, device: Any) -> str:
     return (f"{B:,} of {n_spots:,} spots a step: all of them would be N L M^2 = {n_spots * per_spot:.2g} "
             f"(L {K} spatial factors, M {M}), more than {work:.0e} on a {kind}; set "
             f"training.batch_size to choose")
+
+
+def curvature_fraction(p: dict, n_spots: int) -> float:
+    """The share of a batch's spots whose curvature a natural step uses, for the validated
+    hyperparameters ``p`` (``batch_size`` resolved) of a fit on ``n_spots`` spots.
+
+    ``curvature_fraction: auto`` is all spots on full batches, where a step of size 1 replaces
+    the precision by the batch's estimate, and AUTO_CURVATURE_FRACTION on spot mini-batches,
+    where the precision is a running mean over steps and the batch is itself a sample.
+    """
+    value = p.get("curvature_fraction", "auto")
+    if value != "auto":
+        return float(value)
+    B = p.get("batch_size")
+    return 1.0 if B is None or B >= n_spots else AUTO_CURVATURE_FRACTION

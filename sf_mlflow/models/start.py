@@ -55,6 +55,7 @@ from sf_mlflow.models.natural import _flipped_cholesky, _lu_from_flipped, _solve
 from sf_mlflow.models.neighbours import nearest_neighbour_log_factors
 from sf_mlflow.models.priors import FactorPrior, GaussianPrior
 from sf_mlflow.models.progress import Progress, stopping
+from sf_mlflow.models.settings import curvature_fraction
 
 __all__ = ["initial_prior", "choose_hyperparameters", "conjugate_qv", "hyperparameter_bounds",
            "PNMF_START_MAX_ITER", "HYPER_SPOTS"]
@@ -258,6 +259,11 @@ def _pnmf_start(p: dict, Y, full: CountBatch, gen: torch.Generator, W0: Tensor, 
         # auto chose the batch for the GP's costly step; PNMF's step is cheap and converges
         # in fewer iterations on all spots (150 against 300+ at 41,786 spots)
         q["batch_size"] = None
+    share = curvature_fraction(p, full.n_spots) if p.get("optimizer") == "natural" else 1.0
+    if share < 1.0:
+        report["curvature_fraction"] = share
+        say(f"natural steps: curvature from {share:.0%} of each batch's spots "
+            "(training.curvature_fraction)")
     prior = GaussianPrior(full.n_spots, p["n_components"], mean=mu0,
                           scale=fixed_point_scale(mu0, W0), kl_weight=p["kl_weight"])
     prior = prior.to(device=full.device, dtype=full.values.dtype)

@@ -292,7 +292,7 @@ def start_facts(model: PNMF) -> dict[str, Any]:
     report = getattr(model, "start_report_", None) or {}
     facts: dict[str, Any] = {k: report[k] for k in ("pnmf_heldout_deviance", "pnmf_iterations",
                                                    "start_seconds", "num_inducing_rule",
-                                                   "batch_size_rule")
+                                                   "batch_size_rule", "curvature_fraction")
                              if k in report}
     if "nugget" in report:   # the start's spot-level variance per spatial factor
         nugget = [float(v) for v in np.atleast_1d(report["nugget"])]

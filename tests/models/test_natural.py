@@ -18,7 +18,7 @@ from sf_mlflow.models.inducing import auto_num_inducing
 from sf_mlflow.models.inputs import check_counts
 from sf_mlflow.models.likelihood import CountBatch, poisson_deviance as block_deviance
 from sf_mlflow.models.natural import (MAX_MEAN_STEP, NaturalGradient, _flipped_cholesky,
-                                      _lu_from_flipped)
+                                      _lower_inverse, _lu_from_flipped, _symmetric)
 from sf_mlflow.models.neighbours import nearest_neighbour_log_factors
 from sf_mlflow.models.pnmf import PNMF, ConvergenceWarning, NonFiniteELBOError
 from sf_mlflow.models.settings import SVGP
@@ -62,7 +62,7 @@ def _exact_posterior(prior, x, y, noise):
     return precision, torch.linalg.solve(precision, A @ y / noise)
 
 
-# M 300 takes the curvature in row blocks (natural.CURVATURE_BLOCKS), M 25 in one product
+# M 300 takes the curvature in row blocks (natural.CURVATURE_BLOCK_ROWS), M 25 in one product
 @pytest.mark.parametrize("n, num_inducing", [(80, 25), (500, 300)])
 def test_one_step_of_size_one_is_the_exact_posterior_of_a_conjugate_model(n, num_inducing):
     x, y, prior = _gaussian_problem(n=n, num_inducing=num_inducing)
@@ -94,6 +94,57 @@ def test_the_factors_of_a_precision_read_its_upper_triangle_only(dtype):
     tol = {"rtol": 1e-3, "atol": 1e-4} if dtype == torch.float32 else {}
     torch.testing.assert_close((Lu @ Lu.T).double(), torch.linalg.inv(P), **tol)
     assert _flipped_cholesky(P - 2 * torch.eye(300, dtype=torch.float64)) is None
+
+
+@pytest.mark.parametrize("M", [255, 256, 600])
+def test_the_blocked_triangular_inverse_is_the_inverse(M):
+    g = torch.Generator().manual_seed(M)
+    X = torch.randn(M, M, generator=g, dtype=torch.float64)
+    Lf = torch.linalg.cholesky(X @ X.T / M + torch.eye(M, dtype=torch.float64))
+    inv = _lower_inverse(Lf)
+    assert bool((inv.triu(1) == 0).all())
+    torch.testing.assert_close(inv @ Lf, torch.eye(M, dtype=torch.float64), rtol=0, atol=1e-12)
+
+
+def _sampled_precisions(seed, draws, n=200, fraction=0.5):
+    """The precision after ``draws`` steps of size 1 from the same gradients, each with a
+    fresh sample of the curvature's spots: ``I + (n / n_s) A_s A_s^T / noise`` (the Gaussian
+    likelihood's curvature does not depend on q), and the exact ``I + A A^T / noise``."""
+    x, y, prior = _gaussian_problem(n=n)
+    grads = _gaussian_gradients(prior, x, y, 0.09)
+    opt = NaturalGradient(prior, 1.0, max_mean_step=None, curvature_fraction=fraction,
+                          generator=torch.Generator().manual_seed(seed))
+    out = []
+    for _ in range(draws):
+        opt.step(*grads)
+        out.append(_symmetric(opt.precision[0]))
+    return torch.stack(out), _exact_posterior(prior, x, y, 0.09)[0]
+
+
+def test_a_sampled_curvature_is_unbiased_and_repeats_with_its_generator():
+    draws, exact = _sampled_precisions(seed=0, draws=400)
+    one_draw = (draws[0] - exact).abs().max() / exact.diagonal().max()
+    assert float(one_draw) > 0.05                       # one sample is far from the curvature
+    mean_error = (draws.mean(0) - exact).abs().max() / exact.diagonal().max()
+    assert float(mean_error) < 0.25 * float(one_draw)    # the average of 400 is near it
+    again, _ = _sampled_precisions(seed=0, draws=3)
+    torch.testing.assert_close(again, draws[:3], rtol=0, atol=0)
+    other, _ = _sampled_precisions(seed=1, draws=1)
+    assert not torch.equal(other[0], draws[0])
+    every, _ = _sampled_precisions(seed=0, draws=1, fraction=1.0)
+    torch.testing.assert_close(every[0], exact, rtol=1e-9, atol=1e-9)
+
+
+def test_with_a_sampled_curvature_the_mean_still_reaches_the_exact_posterior():
+    # the mean's fixed point needs only g_mu (all spots); the curvature preconditions it
+    x, y, prior = _gaussian_problem(n=200)
+    opt = NaturalGradient(prior, 0.5, max_mean_step=None, curvature_fraction=0.5,
+                          generator=torch.Generator().manual_seed(0))
+    for _ in range(80):
+        opt.step(*_gaussian_gradients(prior, x, y, 0.09))
+    _, mean = _exact_posterior(prior, x, y, 0.09)
+    with torch.no_grad():
+        torch.testing.assert_close(prior.mu[0], mean, rtol=1e-5, atol=1e-6)
 
 
 def test_smaller_steps_converge_to_the_same_posterior():
@@ -144,6 +195,9 @@ def test_step_size_must_lie_in_the_unit_interval():
     _, _, prior = _gaussian_problem()
     with pytest.raises(ModelError, match=r"lr = 1.5 must be in \(0, 1\]"):
         NaturalGradient(prior, 1.5)
+    for bad in (0.0, 1.5):
+        with pytest.raises(ModelError, match=rf"curvature_fraction = {bad} must be in \(0, 1\]"):
+            NaturalGradient(prior, 0.5, curvature_fraction=bad)
 
 
 # ---- the estimator with natural gradients ----------------------------------------------------
@@ -353,6 +407,32 @@ def test_auto_batch_size_is_used_said_and_kept(grouped, monkeypatch, capsys):
     monkeypatch.setattr(settings, "AUTO_BATCH_MIN", 700)   # more than the data: all spots
     model.fit(grouped.counts, coordinates=grouped.coordinates * 20, groups=grouped.groups)
     assert model.batch_size_ is None and "the smallest mini-batch auto takes is 700" in model.batch_size_rule_
+
+
+def test_auto_curvature_fraction_samples_half_of_a_mini_batch_and_repeats(grouped, capsys):
+    from sf_mlflow.models.settings import AUTO_CURVATURE_FRACTION, curvature_fraction
+
+    assert curvature_fraction({"batch_size": None, "curvature_fraction": "auto"}, 600) == 1.0
+    assert curvature_fraction({"batch_size": 600, "curvature_fraction": "auto"}, 600) == 1.0
+    assert curvature_fraction({"batch_size": 250, "curvature_fraction": "auto"}, 600) == \
+        AUTO_CURVATURE_FRACTION == 0.5
+    assert curvature_fraction({"batch_size": 250, "curvature_fraction": 0.3}, 600) == 0.3
+    data = (grouped.counts, grouped.coordinates * 20, grouped.groups)
+
+    def fit(**kw):
+        model = _svgp(max_iter=6, tol=0, batch_size=250, **kw).set_params(n_components=2)
+        return model.fit(data[0], coordinates=data[1], groups=data[2])
+
+    sampled = fit(verbose=True)
+    assert sampled.start_report_["curvature_fraction"] == 0.5
+    assert "natural steps: curvature from 50% of each batch's spots" in capsys.readouterr().out
+    assert np.isfinite(sampled.elbo_history_).all()
+    np.testing.assert_array_equal(fit().elbo_history_, sampled.elbo_history_)
+    every = fit(curvature_fraction=1.0)
+    assert "curvature_fraction" not in every.start_report_
+    assert not np.array_equal(every.elbo_history_, sampled.elbo_history_)
+    with pytest.raises(ConfigError, match="curvature_fraction"):
+        fit(curvature_fraction=1.5)
 
 
 def test_explicit_num_inducing_above_the_distinct_locations_is_still_an_error(grouped):
