@@ -12,14 +12,14 @@ Training maximises the ELBO ``E_q[log p(Y | F, W)] - KL(q(F) || p(F))``:
   raw parameters optimised with the rest (``"gradient"``). On spot mini-batches
   the step goes through running averages of its statistics (online EM), see
   ``Trainer._init_statistics``;
-* mini-batches of spots and genes are drawn in a fresh order every epoch; the
-  likelihood is scaled by ``N/B * D/Db`` so the ELBO estimate is unbiased.
+* mini-batches of spots and genes are drawn in a fresh order every epoch; the likelihood
+  is scaled by ``N/B * D/Db`` so the ELBO estimate is unbiased (A: :mod:`~.interp_cache`).
 
 :class:`Trainer` is the explicit fit state. It knows nothing of the estimator
 (:class:`sf_mlflow.models.pnmf.PNMF`), which builds it, reads its state and result,
 and wraps its checkpoints. Its data-parallel variant
-(:class:`sf_mlflow.models.distributed.DistributedTrainer`) fills the hooks that are
-identities here (``_spots_in``, ``_kl``, ``_total``, ``_reduce_grads``, ``_agree``).
+(:class:`~.distributed.DistributedTrainer`) fills the hooks that are identities here
+(``_spots_in``, ``_kl``, ``_total``, ``_reduce_grads``, ``_agree``).
 """
 
 from __future__ import annotations
@@ -39,6 +39,7 @@ from torch import Tensor
 from sf_mlflow.errors import ModelError
 from sf_mlflow.models.batching import IndexStream, literal_state
 from sf_mlflow.models.hybrid import validation_predictor
+from sf_mlflow.models.interp_cache import InterpCache
 from sf_mlflow.models.likelihood import CountBatch, expected_log_likelihood, likelihood_and_update
 from sf_mlflow.models.priors import FactorPrior
 from sf_mlflow.models.settings import curvature_fraction, resolve_batch_size
@@ -141,9 +142,7 @@ class Trainer(StoppingRules):
             resolve_batch_size(p, self.N, self.device)
         self.train_loadings = train_loadings
         self.gradient_loadings = train_loadings and p["loadings_mode"] == "gradient"
-        self.natural = None
-        self._frozen: list[Tensor] = []
-        self._kernel_params: list[Tensor] = []
+        self.natural, self._frozen, self._kernel_params = None, [], []
         # a hybrid prior's non-spatial part: its marginals are optimised with the optimiser
         self._rest = getattr(prior, "gaussian", None)
         if p["optimizer"] == "natural":
@@ -160,6 +159,7 @@ class Trainer(StoppingRules):
             for prm in self._frozen:
                 prm.requires_grad_(False)
             self._kernel_params = [prm for prm in gp.kernel.parameters() if prm.requires_grad]
+            self._interp = InterpCache(gp, self.N, enabled=not self._kernel_params)
             params = self._kernel_params + ([] if self._rest is None else list(self._rest.parameters()))
         else:
             params = list(prior.parameters())
@@ -381,11 +381,10 @@ class Trainer(StoppingRules):
     def _natural_step(self, batch: CountBatch, idx: Tensor, gidx: Optional[Tensor]) -> float:
         """Natural-gradient step of q(v); Adam on trained kernel hyperparameters, on a hybrid
         prior's non-spatial part (the factors after the spatial ones) and on raw W."""
-        prior, gp, rest = self.prior, self.natural.prior, self._rest
+        prior, rest, hyper = self.prior, self._rest, bool(self._kernel_params)
         coords, groups = self._at(idx)
-        hyper = bool(self._kernel_params)
         with torch.set_grad_enabled(hyper):
-            mean, var, At = gp.marginals_and_interp(coords, groups)
+            mean, var, At = self._interp.marginals(idx, coords, groups)
         K = mean.shape[0]
         if rest is not None:
             mean_r, var_r = rest.marginals(idx)

@@ -429,6 +429,10 @@ class SVGPPrior(FactorPrior):
         var = (self.kernel.amplitude(2) - explained + extra).clamp_min(0.0)
         return mean, var
 
+    def marginals_from_interp(self, At: Tensor) -> tuple[Tensor, Tensor]:
+        """Mean and variance (L, B) of q(F) from the ``A^T`` :meth:`marginals_and_interp` gave."""
+        return self._marginals_from(At)
+
     def marginals(self, index: Tensor, coordinates: Optional[Tensor] = None,
                   groups: Optional[Tensor] = None) -> tuple[Tensor, Tensor]:
         """Mean and variance of q(F) at a batch of spots; ``index`` is ignored.
