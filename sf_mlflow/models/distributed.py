@@ -16,8 +16,9 @@ the Gaussian prior's per-spot parameters, W) and the whole data, and:
   a gradient only on the rank that owns the spot, the others add zeros), the natural-gradient
   statistics ``g_mu = A g_mean`` and ``g_S = A diag(g_var) A^T`` of q(v) (and the trust
   region's largest move, MAX; a curvature sample of a mini-batch is drawn from the whole
-  batch, as one process draws it, and each rank sums the part in its share), and the multiplicative W step's numerator and denominator
-  (with their running averages on mini-batches);
+  batch, as one process draws it, and each rank sums the part in its share), and the
+  multiplicative W step's numerator and denominator (with their running averages on
+  mini-batches);
 * reports the all-reduced ELBO, and stops when any rank's stopping rule (or callback) says
   so, so all ranks take the same number of steps.
 

@@ -181,7 +181,7 @@ class NaturalGradient:
         Share of a batch's spots, in (0, 1], from which ``g_S`` is estimated: a uniform
         sample without replacement, drawn afresh every step and scaled by the inverse share
         (unbiased). 1 uses every spot (exact). The curvature is the largest cost of a step
-        (4/3 M^2 B per factor), so 0.5 saves about a third of it at M 3,000; the estimate's
+        (7/6 M^2 B per factor at six row blocks), so 0.5 saves half of that; the estimate's
         noise is averaged by the precision's running mean on mini-batches (gamma < 1).
     generator : torch.Generator, optional
         Draws the curvature's spots (on the prior's device); None uses torch's global one.

@@ -125,7 +125,8 @@ class PNMF:
         Spots and genes per mini-batch; ``None`` uses all (auto: :func:`~.settings.resolve_batch_size`).
     curvature_fraction : float or "auto"
         With natural steps: the share of a batch's spots from which each step estimates
-        the curvature (:class:`~sf_mlflow.models.natural.NaturalGradient`); auto: all.
+        the curvature (:class:`~sf_mlflow.models.natural.NaturalGradient`); auto: all on
+        full batches, half on spot mini-batches (:func:`~.settings.curvature_fraction`).
     shuffle : bool
         Draw mini-batches in a new random order every epoch.
     log_every : int
@@ -209,8 +210,7 @@ class PNMF:
         self.dtype, self.device = dtype, device
         self.batch_size, self.y_batch_size = batch_size, y_batch_size
         self.curvature_fraction = curvature_fraction
-        self.shuffle = shuffle
-        self.log_every = log_every
+        self.shuffle, self.log_every = shuffle, log_every
         self.time_budget = time_budget
         self.distributed = distributed
         self.random_state, self.verbose = random_state, verbose
