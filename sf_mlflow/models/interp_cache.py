@@ -8,22 +8,55 @@ training spot's row of A from the first step that computed it (so an epoch of mi
 fills it at no extra cost) and gathers a batch's rows from it afterwards.
 
 It is used on the CPU while ``n_spots x M x itemsize`` per kernel stays within
-:data:`MAX_BYTES` (1.6 GB at Slide-seq size and the CPU defaults: 39,596 spots, L 10, M 1,000),
-and never with trained kernel hyperparameters (A then changes every step).
+:func:`cache_limit`: :data:`MEMORY_SHARE` of the memory available when the fit starts, shared
+by the processes of a ``torchrun`` on this machine (1.6 GB at Slide-seq size and the CPU
+defaults: 39,596 spots, L 10, M 1,000; 4.8 GB at the plan's M 3,000, which a machine with
+16 GB available keeps), and never with trained kernel hyperparameters (A then changes every
+step).
 """
 
 from __future__ import annotations
 
+import os
 from typing import Optional
 
 import torch
 from torch import Tensor
 
-__all__ = ["InterpCache", "MAX_BYTES"]
+__all__ = ["InterpCache", "MEMORY_SHARE", "FALLBACK_BYTES", "cache_limit"]
 
-#: Largest cache (bytes) a CPU fit keeps; larger ones (e.g. the plan's M 3,000 at 39,596
-#: spots: 4.8 GB) compute A every step as before.
-MAX_BYTES = 2 * 2 ** 30
+#: The share of the available memory (when the fit starts) a cache may take: the rest of a fit
+#: at Slide-seq size (counts, loadings, a batch's kernel matrices) needs a few GB besides.
+MEMORY_SHARE = 0.3
+
+#: The limit where the available memory cannot be read (no ``/proc/meminfo``).
+FALLBACK_BYTES = 2 * 2 ** 30
+
+
+def available_memory() -> Optional[int]:
+    """Bytes of memory available to new allocations (Linux ``MemAvailable``), or None."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
+def cache_limit() -> int:
+    """Largest cache (bytes) this process keeps: :data:`MEMORY_SHARE` of the available memory,
+    divided among the processes ``torchrun`` started on this machine (``LOCAL_WORLD_SIZE``);
+    :data:`FALLBACK_BYTES` where the available memory is unknown."""
+    avail = available_memory()
+    if avail is None:
+        return FALLBACK_BYTES
+    try:
+        procs = max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+    except ValueError:
+        procs = 1
+    return int(MEMORY_SHARE * avail / procs)
 
 
 class InterpCache:
@@ -35,21 +68,28 @@ class InterpCache:
     n_spots : int
         N; batches index the training spots by ``idx`` in ``[0, N)``.
     enabled : bool
-        False: :meth:`marginals` computes A every time (trained kernel, a GPU, or too large).
+        False: :meth:`marginals` computes A every time (trained kernel, or a GPU); it is also
+        off when the cache would exceed ``limit``.
+    limit : int, optional
+        Bytes the cache may take; default :func:`cache_limit`.
 
     Attributes
     ----------
+    size : int
+        Bytes the full cache takes.
     rows : Tensor, (N, M) or (L, N, M) with per-factor kernels, or None before the first step
     filled : Tensor of bool, (N,)
         Which spots' rows are in ``rows``.
     """
 
-    def __init__(self, prior, n_spots: int, enabled: bool):
+    def __init__(self, prior, n_spots: int, enabled: bool, limit: Optional[int] = None):
         M = prior.num_inducing
         kernels = prior.n_components if prior.kernel.per_factor else 1
-        size = kernels * n_spots * M * prior.mu.element_size()
+        self.size = kernels * n_spots * M * prior.mu.element_size()
         self.prior, self.n_spots = prior, int(n_spots)
-        self.enabled = bool(enabled) and prior.mu.device.type == "cpu" and size <= MAX_BYTES
+        self.enabled = bool(enabled) and prior.mu.device.type == "cpu"
+        if self.enabled:
+            self.enabled = self.size <= (cache_limit() if limit is None else limit)
         self.rows: Optional[Tensor] = None
         self.filled = torch.zeros(self.n_spots, dtype=torch.bool)
 

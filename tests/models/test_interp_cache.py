@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import os
+import sys
+
 import numpy as np
 import pytest
+import torch
 
 from sf_mlflow.data.synthetic import make_synthetic
 from sf_mlflow.models import interp_cache
@@ -30,7 +34,7 @@ def _fit(data, monkeypatch, max_bytes, **kw):
         return original(self, *args, **kwargs)
 
     monkeypatch.setattr(SVGPPrior, "marginals_and_interp", counted)
-    monkeypatch.setattr(interp_cache, "MAX_BYTES", max_bytes)
+    monkeypatch.setattr(interp_cache, "cache_limit", lambda: max_bytes)
     model = PNMF(3, prior=SVGP(num_inducing=60, **kw), batch_size=250, max_iter=12, tol=0,
                  random_state=0)
     model.fit(data[0], coordinates=data[1], groups=data[2])
@@ -40,7 +44,7 @@ def _fit(data, monkeypatch, max_bytes, **kw):
 @pytest.mark.parametrize("per_factor", [True, False])
 def test_after_one_epoch_the_steps_take_a_from_the_cache_and_fit_the_same(data, monkeypatch,
                                                                           per_factor):
-    cached, calls = _fit(data, monkeypatch, interp_cache.MAX_BYTES,
+    cached, calls = _fit(data, monkeypatch, 2 ** 30,
                          per_factor_lengthscale=per_factor)
     # the first epoch (3 batches of the shuffled 600 spots) computes A; later steps reuse it
     assert len(calls) == 3 and sum(calls) == 600
@@ -52,5 +56,29 @@ def test_after_one_epoch_the_steps_take_a_from_the_cache_and_fit_the_same(data, 
 
 
 def test_trained_kernel_hyperparameters_compute_a_every_step(data, monkeypatch):
-    _, calls = _fit(data, monkeypatch, interp_cache.MAX_BYTES, train_lengthscale=True)
+    _, calls = _fit(data, monkeypatch, 2 ** 30, train_lengthscale=True)
     assert len(calls) == 12
+
+
+def test_the_limit_is_a_share_of_the_available_memory_split_among_local_processes(monkeypatch):
+    monkeypatch.setattr(interp_cache, "available_memory", lambda: 10 * 2 ** 30)
+    monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
+    assert interp_cache.cache_limit() == int(interp_cache.MEMORY_SHARE * 10 * 2 ** 30)
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "4")
+    assert interp_cache.cache_limit() == int(interp_cache.MEMORY_SHARE * 10 * 2 ** 30 / 4)
+    monkeypatch.setattr(interp_cache, "available_memory", lambda: None)
+    assert interp_cache.cache_limit() == interp_cache.FALLBACK_BYTES
+
+
+def test_a_cache_over_the_limit_is_off(data):
+    prior = SVGPPrior(torch.as_tensor(data[1], dtype=torch.float32), None, 3, num_inducing=60)
+    size = 600 * 60 * 4            # one kernel for all factors, float32
+    assert interp_cache.InterpCache(prior, 600, enabled=True, limit=size).enabled
+    assert not interp_cache.InterpCache(prior, 600, enabled=True, limit=size - 1).enabled
+    assert not interp_cache.InterpCache(prior, 600, enabled=False, limit=size).enabled
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/meminfo")
+def test_available_memory_reads_this_machine():
+    avail = interp_cache.available_memory()
+    assert avail is not None and 0 < avail <= os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
