@@ -18,7 +18,8 @@ from sf_mlflow.models.inducing import auto_num_inducing
 from sf_mlflow.models.inputs import check_counts
 from sf_mlflow.models.likelihood import CountBatch, poisson_deviance as block_deviance
 from sf_mlflow.models.natural import (MAX_MEAN_STEP, NaturalGradient, _flipped_cholesky,
-                                      _lower_inverse, _lu_from_flipped, _symmetric)
+                                      _lower_inverse, _lu_from_flipped, _solve_flipped,
+                                      _symmetric)
 from sf_mlflow.models.neighbours import nearest_neighbour_log_factors
 from sf_mlflow.models.pnmf import PNMF, ConvergenceWarning, NonFiniteELBOError
 from sf_mlflow.models.settings import SVGP
@@ -94,6 +95,28 @@ def test_the_factors_of_a_precision_read_its_upper_triangle_only(dtype):
     tol = {"rtol": 1e-3, "atol": 1e-4} if dtype == torch.float32 else {}
     torch.testing.assert_close((Lu @ Lu.T).double(), torch.linalg.inv(P), **tol)
     assert _flipped_cholesky(P - 2 * torch.eye(300, dtype=torch.float64)) is None
+
+
+def test_a_float32_model_factors_a_well_conditioned_precision_in_float32_and_others_in_float64():
+    g = torch.Generator().manual_seed(3)
+    X = torch.randn(400, 400, generator=g, dtype=torch.float64)
+    P = X @ X.T * 10.0 + torch.eye(400, dtype=torch.float64)    # condition number 1.5e4
+    Lf = _flipped_cholesky(P, torch.float32)
+    assert Lf.dtype == torch.float32
+    Lu = _lu_from_flipped(Lf, torch.float32).double()
+    exact = torch.linalg.inv(P)
+    assert float((Lu @ Lu.T - exact).norm() / exact.norm()) < 1e-3
+    theta = torch.randn(400, generator=g, dtype=torch.float64)
+    solved = _solve_flipped(Lf, theta)
+    assert solved.dtype == torch.float64
+    exact_solve = torch.linalg.solve(P, theta)
+    assert float((solved - exact_solve).norm() / exact_solve.norm()) < 1e-3
+    # a diagonal spread beyond the bound is factored in float64, as is every float64 model's
+    spread = torch.diag(torch.logspace(0, 8, 400, dtype=torch.float64))
+    assert _flipped_cholesky(spread, torch.float32).dtype == torch.float64
+    assert _flipped_cholesky(P).dtype == torch.float64
+    # float64 decides: an indefinite precision has no factor in either dtype
+    assert _flipped_cholesky(P - 1e9 * torch.eye(400, dtype=torch.float64), torch.float32) is None
 
 
 @pytest.mark.parametrize("M", [255, 256, 600])
