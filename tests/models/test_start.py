@@ -77,3 +77,30 @@ def test_the_nugget_smooths_the_conjugate_start():
             f = gp.predict(x, None, return_var=False).double()
         errors[nugget is not None] = float((f - smooth).square().mean())
     assert errors[True] < 0.7 * errors[False], errors
+
+
+def test_the_pnmf_start_uses_every_spot_and_gene_whatever_the_gp_batches():
+    """The batches are for the GP's step: a PNMF start on mini-batches of spots and genes
+    stops (tol) far from PNMF's optimum (Slide-seq size, B 7,000 and Db 2,000 of 17,702
+    genes: matched correlation 0.78 against 0.94), and the spatial fit never recovers."""
+    import warnings
+
+    from sf_mlflow.data.synthetic import make_synthetic
+    from sf_mlflow.models.pnmf import PNMF
+
+    data = make_synthetic(n_spots=600, n_genes=120, n_components=3, n_groups=2, seed=3)
+    Y, X, g = data.counts.tocsr(), data.coordinates, data.groups
+    held = np.arange(600) % 10 == 0
+    reports = []
+    for B, Db in [(None, None), (100, 30)]:
+        model = PNMF(3, prior=SVGP(num_inducing=60), batch_size=B, y_batch_size=Db, max_iter=1,
+                     random_state=0)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")   # one iteration: not converged, on purpose
+            model.fit(Y[~held], coordinates=X[~held], groups=g[~held],
+                      validation=(Y[held], X[held], g[held]))
+        reports.append(model.start_report_)
+    full, batched = reports
+    assert batched["pnmf_iterations"] == full["pnmf_iterations"]
+    assert batched["pnmf_heldout_deviance"] == full["pnmf_heldout_deviance"]
+    np.testing.assert_allclose(batched["lengthscale"], full["lengthscale"])
