@@ -437,7 +437,15 @@ def main(argv=None) -> None:
         lines = [json.loads(ln) for f in args.plot_from for ln in Path(f).read_text().splitlines()
                  if ln.startswith("{")]
         png = Path(args.png or Path(tempfile.gettempdir()) / "bench_convergence.png")
-        plot([r for r in lines if "curve" in r],
+        # every file holds its own PNMF target fit: one curve per gene count and trainer setting
+        # (the first file's), so combined files do not draw the same PNMF twice
+        curves, seen = [], set()
+        for r in (r for r in lines if "curve" in r):
+            key = (r["n_genes"], r["trainer"], r["settings"]) if r["trainer"] == "pnmf" else None
+            if key is None or key not in seen:
+                curves.append(r)
+                seen.add(key)
+        plot(curves,
              {r["n_genes"]: r["converged_heldout_deviance"] for r in lines if r.get("case") == "target"}, png)
         emit({"case": "figure", "path": str(png)})
         return
