@@ -441,10 +441,11 @@ def main(argv=None) -> None:
         # (the first file's), so combined files do not draw the same PNMF twice
         curves, seen = [], set()
         for r in (r for r in lines if "curve" in r):
-            key = (r["n_genes"], r["trainer"], r["settings"]) if r["trainer"] == "pnmf" else None
-            if key is None or key not in seen:
-                curves.append(r)
-                seen.add(key)
+            if r["trainer"] == "pnmf":
+                if (r["n_genes"], r["settings"]) in seen:
+                    continue
+                seen.add((r["n_genes"], r["settings"]))
+            curves.append(r)
         plot(curves,
              {r["n_genes"]: r["converged_heldout_deviance"] for r in lines if r.get("case") == "target"}, png)
         emit({"case": "figure", "path": str(png)})

@@ -1,14 +1,19 @@
 """The spatial start's kernel hyperparameters
 (:func:`sf_mlflow.models.start.choose_hyperparameters`) and its conjugate q(v)
 (:func:`sf_mlflow.models.start.conjugate_qv`), on log-factors drawn with a known structure:
-no fit, only the exact GP evidence and one solve."""
+no fit, only the exact GP evidence and one solve; and the PNMF start it follows, on generated
+counts (one fitted iteration)."""
 
 from __future__ import annotations
+
+import warnings
 
 import numpy as np
 import torch
 
+from sf_mlflow.data.synthetic import make_synthetic
 from sf_mlflow.models.kernels import make_kernel
+from sf_mlflow.models.pnmf import PNMF
 from sf_mlflow.models.settings import SVGP
 from sf_mlflow.models.start import NUGGET_SHARES, choose_hyperparameters, conjugate_qv
 
@@ -83,11 +88,6 @@ def test_the_pnmf_start_uses_every_spot_and_gene_whatever_the_gp_batches():
     """The batches are for the GP's step: a PNMF start on mini-batches of spots and genes
     stops (tol) far from PNMF's optimum (Slide-seq size, B 7,000 and Db 2,000 of 17,702
     genes: matched correlation 0.78 against 0.94), and the spatial fit never recovers."""
-    import warnings
-
-    from sf_mlflow.data.synthetic import make_synthetic
-    from sf_mlflow.models.pnmf import PNMF
-
     data = make_synthetic(n_spots=600, n_genes=120, n_components=3, n_groups=2, seed=3)
     Y, X, g = data.counts.tocsr(), data.coordinates, data.groups
     held = np.arange(600) % 10 == 0
