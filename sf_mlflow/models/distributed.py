@@ -39,6 +39,7 @@ Backends: gloo on the CPU, NCCL on GPUs (rank k uses ``cuda:LOCAL_RANK``).
 
 from __future__ import annotations
 
+import atexit
 import os
 from typing import Iterator, Optional
 
@@ -97,14 +98,27 @@ class Communicator:
                     f"which are missing here); launch it as `{LAUNCH}`, or set {key}: false")
             if device.type == "cuda":
                 torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
+            # torch.distributed.nn.functional binds ``group.WORLD`` into its functions' default
+            # arguments when imported. Imported after the group exists (torch.optim imports it,
+            # through torch._dynamo, at the first optimiser), those defaults pin the group for
+            # the life of the interpreter: destroy_process_group cannot free it, and its gloo
+            # threads are torn down during interpreter exit, which now and then aborts the
+            # process ("terminate called without an active exception"). Imported first, the
+            # defaults are None.
+            import torch.distributed.nn.functional  # noqa: F401
             dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+            # A script that never calls leave() still frees the group while Python is alive.
+            atexit.register(cls.leave)
         if device.type == "cuda":
             device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
         return cls(device)
 
     @staticmethod
     def leave() -> None:
-        """Tear the process group down (at the end of a distributed stage)."""
+        """Tear the process group down (at the end of a distributed stage, and at exit).
+
+        Its gloo threads end here, while the interpreter is alive (see :meth:`join`).
+        """
         if dist.is_initialized():
             dist.destroy_process_group()
 
