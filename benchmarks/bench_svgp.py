@@ -15,7 +15,9 @@ Cases: (B, Db, M) = (2000, 1000, {500, 1000, 2000}) and (7000, 2000, 3000). For 
   natural-gradient step (:class:`sf_mlflow.models.natural.NaturalGradient`, step 0.5): the
   marginals without autograd, gradients of the expected log-likelihood in them, the step
   (curvature, Cholesky of the precision, new Lu). Their FLOP floor is the Adam step's of the
-  same prior (the goal of issue 20: a natural step within 1.25 x that floor);
+  same prior (the goal of issue 20: a natural step within 1.25 x that floor). The curvature
+  takes the trainer's ``curvature_fraction: auto`` of the batch (a quarter of a mini-batch's
+  spots; ``--curvature-fraction`` sets another share);
 * ``gpytorch``: ``ApproximateGP`` with ``CholeskyVariationalDistribution(batch_shape=[L])``,
   whitened ``VariationalStrategy`` (fixed inducing points), ``ScaleKernel(MaternKernel(1.5))``
   with frozen hyperparameters, and the same likelihood on its marginals.
@@ -199,6 +201,11 @@ def build_gpytorch(torch, Z, L, lengthscale, device):
     return model, marginals, kl
 
 
+def _fraction(text: str):
+    """``--curvature-fraction``: ``auto`` or a number in (0, 1]."""
+    return text if text == "auto" else float(text)
+
+
 def worker(args) -> None:
     import torch
 
@@ -257,13 +264,18 @@ def worker(args) -> None:
         opt.step()
         return loss
 
-    step = adam_step
+    step, fraction = adam_step, None
     if impl.endswith("_natural"):
         from sf_mlflow.models.natural import NaturalGradient
 
         for p in params:             # q(v) moves by natural steps only, as in the trainer
             p.requires_grad_(False)
-        natural = NaturalGradient(prior, 0.5, curvature_fraction=args.curvature_fraction)
+        from sf_mlflow.models.settings import curvature_fraction
+
+        # the trainer's rule for a batch of B of the data's N spots (auto: a quarter of a
+        # mini-batch's spots, all of a full batch)
+        fraction = curvature_fraction({"batch_size": B, "curvature_fraction": args.curvature_fraction}, N)
+        natural = NaturalGradient(prior, 0.5, curvature_fraction=fraction)
 
         def natural_step():
             with torch.no_grad():
@@ -295,7 +307,7 @@ def worker(args) -> None:
     rec = {
         "impl": impl, "B": B, "Db": int(block.shape[1]), "M": M, "L": L, "nnz": int(block.nnz),
         "device": str(device), "threads": torch.get_num_threads(), "kept_freed_memory": kept,
-        "curvature_fraction": args.curvature_fraction if impl.endswith("_natural") else None,
+        "curvature_fraction": fraction if impl.endswith("_natural") else None,
         "step_s": float(np.median(times)), "step_s_min": float(np.min(times)),
         "iters": len(times), "reduced_iterations": len(times) < args.iters,
         "loss": float(loss.detach()), "n_params": int(n_params),
@@ -358,8 +370,9 @@ def main(argv=None) -> None:
                     help="one kernel per factor (the model's default), as a fit with them steps")
     ap.add_argument("--iters", type=int, default=10, help="timed steps per case (median reported)")
     ap.add_argument("--warmup", type=int, default=2)
-    ap.add_argument("--curvature-fraction", type=float, default=1.0,
-                    help="the natural impls' share of a batch's spots in the curvature")
+    ap.add_argument("--curvature-fraction", type=_fraction, default="auto",
+                    help="the natural impls' share of a batch's spots in the curvature (auto: "
+                         "the trainer's training.curvature_fraction: auto for the batch)")
     ap.add_argument("--budget-s", type=float, default=240.0,
                     help="stop a case's timed steps after this long (at least 3 are taken)")
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch's default)")

@@ -126,7 +126,7 @@ class PNMF:
     curvature_fraction : float or "auto"
         With natural steps: the share of a batch's spots from which each step estimates
         the curvature (:class:`~sf_mlflow.models.natural.NaturalGradient`); auto: all on
-        full batches, half on spot mini-batches (:func:`~.settings.curvature_fraction`).
+        full batches, a quarter on spot mini-batches (:func:`~.settings.curvature_fraction`).
     shuffle : bool
         Draw mini-batches in a new random order every epoch.
     log_every : int

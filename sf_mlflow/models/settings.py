@@ -42,12 +42,15 @@ AUTO_BATCH_WORK = {"cpu": 1e11, "cuda": 2e12}
 #: The smallest mini-batch ``batch_size: auto`` takes (fewer spots make noisy natural steps).
 AUTO_BATCH_MIN = 1000
 
-#: ``curvature_fraction: auto`` on spot mini-batches: the curvature of a natural step from half
-#: the batch's spots. bench_convergence at the plan's M 3,000, B 7,000: 22 steps in 614 s
-#: against 13 in 607 s, held-out deviance 0.9632 x PNMF's against 0.9630, matched correlation
-#: 0.972 against 0.970; at the CPU defaults (M 1,000, B 10,000) 62 steps in 307 s against 42,
-#: 0.9628 x PNMF's and 0.992 both.
-AUTO_CURVATURE_FRACTION = 0.5
+#: ``curvature_fraction: auto`` on spot mini-batches: the curvature of a natural step from a
+#: quarter of the batch's spots. bench_convergence, 41,786 spots x 2,000 genes, 600 s at the
+#: plan's M 3,000, B 7,000: a quarter 0.9624 x PNMF's held-out deviance, matched correlation
+#: 0.993, a half 0.9623 and 0.994 (an earlier version, before the full-batch PNMF start: a half
+#: 22 steps, 0.9632 and 0.972; all spots 13 steps, 0.9630 and 0.970); 300 s at the CPU defaults
+#: (M 1,000, B 10,000): a quarter 106 steps, 0.9628 x and 0.992, as a half was. bench_svgp: the
+#: natural step at M 3,000 costs 0.87-1.03 x the Adam step's FLOP floor with a quarter, 1.14 x
+#: with a half in the same session (1.15-1.37 x in four earlier runs).
+AUTO_CURVATURE_FRACTION = 0.25
 
 #: Kernels of :data:`sf_mlflow.models.kernels.KERNELS`, by name (kept here so that the
 #: settings and the config load without torch; a test keeps the two equal).
@@ -203,7 +206,7 @@ class TrainingParams:
     curvature_fraction: Union[Literal["auto"], float] = param(
         "auto", 0.0, 1.0, lo_open=True, omit_unset=True,
         doc="with natural steps: share of a batch's spots whose curvature a step uses (an "
-            "unbiased sample, drawn every step); 1 = all; auto = all on full batches, 0.5 on "
+            "unbiased sample, drawn every step); 1 = all; auto = all on full batches, 0.25 on "
             "spot mini-batches")
     shuffle: bool = param(True, doc="draw mini-batches in a fresh random order every epoch")
     log_every: int = param(50, 1, doc="iterations between progress lines (and at least one "

@@ -432,13 +432,13 @@ def test_auto_batch_size_is_used_said_and_kept(grouped, monkeypatch, capsys):
     assert model.batch_size_ is None and "the smallest mini-batch auto takes is 700" in model.batch_size_rule_
 
 
-def test_auto_curvature_fraction_samples_half_of_a_mini_batch_and_repeats(grouped, capsys):
+def test_auto_curvature_fraction_samples_a_quarter_of_a_mini_batch_and_repeats(grouped, capsys):
     from sf_mlflow.models.settings import AUTO_CURVATURE_FRACTION, curvature_fraction
 
     assert curvature_fraction({"batch_size": None, "curvature_fraction": "auto"}, 600) == 1.0
     assert curvature_fraction({"batch_size": 600, "curvature_fraction": "auto"}, 600) == 1.0
     assert curvature_fraction({"batch_size": 250, "curvature_fraction": "auto"}, 600) == \
-        AUTO_CURVATURE_FRACTION == 0.5
+        AUTO_CURVATURE_FRACTION == 0.25
     assert curvature_fraction({"batch_size": 250, "curvature_fraction": 0.3}, 600) == 0.3
     data = (grouped.counts, grouped.coordinates * 20, grouped.groups)
 
@@ -447,8 +447,8 @@ def test_auto_curvature_fraction_samples_half_of_a_mini_batch_and_repeats(groupe
         return model.fit(data[0], coordinates=data[1], groups=data[2])
 
     sampled = fit(verbose=True)
-    assert sampled.start_report_["curvature_fraction"] == 0.5
-    assert "natural steps: curvature from 50% of each batch's spots" in capsys.readouterr().out
+    assert sampled.start_report_["curvature_fraction"] == 0.25
+    assert "natural steps: curvature from 25% of each batch's spots" in capsys.readouterr().out
     assert np.isfinite(sampled.elbo_history_).all()
     np.testing.assert_array_equal(fit().elbo_history_, sampled.elbo_history_)
     every = fit(curvature_fraction=1.0)
