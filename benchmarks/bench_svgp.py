@@ -267,14 +267,14 @@ def worker(args) -> None:
     step, fraction = adam_step, None
     if impl.endswith("_natural"):
         from sf_mlflow.models.natural import NaturalGradient
+        from sf_mlflow.models.settings import curvature_fraction
 
         for p in params:             # q(v) moves by natural steps only, as in the trainer
             p.requires_grad_(False)
-        from sf_mlflow.models.settings import curvature_fraction
-
         # the trainer's rule for a batch of B of the data's N spots (auto: a quarter of a
         # mini-batch's spots, all of a full batch)
-        fraction = curvature_fraction({"batch_size": B, "curvature_fraction": args.curvature_fraction}, N)
+        fraction = curvature_fraction({"batch_size": B,
+                                       "curvature_fraction": args.curvature_fraction}, N)
         natural = NaturalGradient(prior, 0.5, curvature_fraction=fraction)
 
         def natural_step():
