@@ -48,8 +48,8 @@ AUTO_BATCH_MIN = 1000
 #: 0.993, a half 0.9623 and 0.994 (an earlier version, before the full-batch PNMF start: a half
 #: 22 steps, 0.9632 and 0.972; all spots 13 steps, 0.9630 and 0.970); 300 s at the CPU defaults
 #: (M 1,000, B 10,000): a quarter 106 steps, 0.9628 x and 0.992, as a half was. bench_svgp: the
-#: natural step at M 3,000 costs 0.87-1.03 x the Adam step's FLOP floor with a quarter, 1.14 x
-#: with a half in the same session (1.15-1.37 x in four earlier runs).
+#: natural step at M 3,000 costs 0.87-1.11 x the Adam step's FLOP floor with a quarter (four
+#: runs), 1.14 x with a half in a run between them (1.15-1.37 x in four earlier runs).
 AUTO_CURVATURE_FRACTION = 0.25
 
 #: Kernels of :data:`sf_mlflow.models.kernels.KERNELS`, by name (kept here so that the
