@@ -18,7 +18,7 @@ from sf_mlflow.stages.train import build_model
 #: A valid value other than the default for every field of the model and training sections.
 OTHER = {
     "n_components": 4, "mode": "expanded", "num_samples": 3, "loadings_mode": "gradient",
-    "kl_weight": 0.5, "spatial_components": 2, "kernel": "Matern52", "num_inducing": 40,
+    "init": "random", "kl_weight": 0.5, "spatial_components": 2, "kernel": "Matern52", "num_inducing": 40,
     "lengthscale": 0.7, "sigma": 1.5,
     "group_diff_param": 2.0, "groups": False, "train_lengthscale": True,
     "per_factor_lengthscale": False, "cholesky_mode": "softplus", "diagonal_only": True,

@@ -84,6 +84,9 @@ class PNMF:
         optimised with the variational parameters.
     kl_weight : float
         Weight of the KL term for either prior; 1 (default) is the true ELBO.
+    init : {"nndsvda", "random"}
+        Where the KL-NMF start begins (:mod:`sf_mlflow.models.initialization`): the
+        counts' leading singular vectors (default) or a random draw from ``random_state``.
     spatial_components : int or None
         With the SVGP prior, K in [0, L]: the first K factors are spatial (SVGP prior)
         and the other L - K non-spatial (Gaussian prior), fitted jointly with one W
@@ -108,10 +111,9 @@ class PNMF:
         (the whole data for full-batch fits, a fixed spot x gene block of the
         mini-batch size otherwise; deterministic in the lower-bound mode, common
         random numbers otherwise), so mini-batch noise cannot fake a flat curve. The
-        fit has converged when two consecutive checks each changed it by less than
-        ``tol`` relative.
+        fit has converged when two consecutive checks, ``tol_window`` iterations apart,
+        each changed it by less than ``tol`` relative.
     tol_window : int
-        Iterations between two checks of the stopping rule.
     validation_every : int
         With ``fit(..., validation=...)``: iterations between held-out Poisson
         deviance checks (0 = none). ``validation_history_`` records them.
@@ -119,8 +121,7 @@ class PNMF:
         Stop (``stop_reason_ = "validation"``) once that many consecutive checks have
         not improved the best held-out deviance by ``VALIDATION_MIN_DELTA``
         relative; the model is rolled back to the best checked state.
-    dtype : {"float32", "float64"}
-    device : {"cpu", "gpu", "cuda", "auto"}
+    dtype : {"float32", "float64"}; device : {"cpu", "gpu", "cuda", "auto"}
     batch_size, y_batch_size : int, None or "auto" (batch_size only)
         Spots and genes per mini-batch; ``None`` uses all (auto: :func:`~.settings.resolve_batch_size`).
     curvature_fraction : float or "auto"
@@ -136,8 +137,7 @@ class PNMF:
     distributed : bool
         Data-parallel fit in a torchrun worker (:mod:`sf_mlflow.models.distributed`).
     random_state : int
-        Seeds the initialisation, mini-batch order, Monte Carlo draws and inducing
-        points. Torch's and numpy's global generators are not touched.
+        Seeds the initialisation, mini-batches, draws and inducing points (not the global RNGs).
     verbose : bool
         Print progress lines with an ETA: during initialisation and every ``log_every``
         iterations (at least every 10 s) and at the end.
@@ -188,7 +188,7 @@ class PNMF:
 
     def __init__(self, n_components=_M.n_components, *, prior="gaussian", mode=_M.mode,
                  num_samples=_M.num_samples, loadings_mode=_M.loadings_mode, kl_weight=_M.kl_weight,
-                 spatial_components=_M.spatial_components, max_iter=_T.max_iter,
+                 init=_M.init, spatial_components=_M.spatial_components, max_iter=_T.max_iter,
                  learning_rate=_T.learning_rate, optimizer=_T.optimizer,
                  tol=_T.tol, tol_window=_T.tol_window, validation_every=_T.validation_every,
                  patience=_T.patience, dtype=_T.dtype, device=_T.device, batch_size=_T.batch_size,
@@ -200,7 +200,7 @@ class PNMF:
         self.mode = mode
         self.num_samples = num_samples
         self.loadings_mode = loadings_mode
-        self.kl_weight = kl_weight
+        self.kl_weight, self.init = kl_weight, init
         self.spatial_components = spatial_components
         self.max_iter = max_iter
         self.learning_rate = learning_rate

@@ -170,6 +170,10 @@ class ModelParams:
     loadings_mode: Literal["multiplicative", "gradient"] = param(
         "multiplicative", doc="how loadings W are updated")
     kl_weight: float = param(1.0, 0.0, doc="weight of the KL term (1 = the true ELBO)")
+    init: Literal["nndsvda", "random"] = param(
+        "nndsvda", doc="where the KL-NMF start of W and the factors begins: nndsvda = from the "
+                       "counts' leading singular vectors (no factor starts dead); random = seeded "
+                       "uniform")
     spatial_components: Optional[int] = param(
         None, 0, omit_unset=True,
         doc="with the SVGP prior: the first K of the L factors are spatial (GP prior) and the "

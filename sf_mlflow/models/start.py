@@ -140,7 +140,7 @@ def initial_prior(p: dict, Y, full: CountBatch, gen: torch.Generator, coords: Op
     t0 = time.perf_counter()
     L, spatial, K = p["n_components"], p["spatial"], p["n_spatial"]
     device, dtype = full.device, full.values.dtype
-    W0, mu0 = initial_state(full, L, gen)
+    W0, mu0 = initial_state(full, L, gen, init=p["init"])
     report: dict = {}
     if spatial is None or K == 0:
         gaussian = GaussianPrior(full.n_spots, L, mean=mu0, scale=fixed_point_scale(mu0, W0),
