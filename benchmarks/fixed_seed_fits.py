@@ -37,6 +37,15 @@ What changed, version by version (``--compare`` against the commit before the ch
   ``svgp_natural_minibatch`` draws a different curvature sample every step, ELBO history up
   to 2.2e-2 relative apart at single steps, first and last ELBO -170,749 / -167,967 ->
   -170,749 / -167,873.
+* KL-NMF starts from NNDSVDa instead of a random draw (``init: nndsvda``, issue #19): every
+  case differs, as it must (factors and loadings are another solution's, relative
+  differences up to 1e2 and beyond where one is near zero); first and last ELBO before ->
+  after: ``gaussian_adam`` -171,910 / -167,450 -> -170,995 / -167,157;
+  ``gaussian_minibatch_sgd`` -169,041 / -179,135 -> -168,842 / -178,881;
+  ``svgp_natural_groups`` -169,549 / -169,044 -> -169,512 / -169,032;
+  ``svgp_natural_minibatch`` -170,749 / -167,873 -> -170,718 / -168,127;
+  ``svgp_adam_nogroups`` -173,906 / -171,375 -> -173,863 / -171,363 (one thread each).
+  ``init: random`` gives the old fits.
 """
 
 from __future__ import annotations

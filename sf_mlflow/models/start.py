@@ -4,8 +4,8 @@ A spatial model started from flat factors (q(v) = prior) must discover its facto
 the GP, and with a kernel that does not fit the data it settles worse than the non-spatial
 model. So every fit with a spatial prior starts in five steps:
 
-1. **KL-NMF** (:func:`~sf_mlflow.models.initialization.initial_state`): loadings W0 (D, L) and
-   log-factors mu0 (L, N).
+1. **KL-NMF** (:func:`~sf_mlflow.models.initialization.initial_state`, from NNDSVDa unless
+   ``init="random"``): loadings W0 (D, L) and log-factors mu0 (L, N).
 2. **PNMF**: the non-spatial model (Gaussian prior, Adam) is fitted from there to its
    stopping rule. It costs a small fraction of a spatial step per iteration and ends with
    loadings W and a posterior ``N(m_ln, v_ln)`` for every log-factor.
