@@ -17,7 +17,10 @@ d. ``n_top_genes``: keep the k genes of highest Poisson deviance under the null 
 e. rescale the coordinates (:func:`rescale_coordinates`): by default the plan's rule, which
    makes the geometric mean of the two side lengths ``4 x spatial_scale`` and centres the
    spots at their mean;
-f. hold out a seeded random fraction of spots, stratified by group when there are groups.
+f. hold out a seeded random fraction of spots, stratified by group when there are groups;
+g. drop the genes no training spot detects (only held-out spots have their counts): no
+   model can learn their loadings, and their held-out counts under a rate of 0 would make
+   every model's held-out deviance infinite.
 
 A filter that removes more than :data:`QC_WARN_SHARE` of the spots (steps 0 and b) or of the
 counts (steps a and c) raises a :class:`QCWarning` that names the setting to change;
@@ -304,7 +307,8 @@ def preprocess(data: SpatialCounts, cfg: PreprocessingConfig, seed: int = 0,
         ``genes_top_k``/``counts_top_k``; ``{spots,genes,counts}_kept``;
         ``coordinate_center`` [2] and ``coordinate_scale`` (new = (old - center) * scale),
         ``coordinate_scaling`` (the rule), ``coordinate_side_lengths`` [2] (raw units);
-        ``group_sizes`` (name -> kept spots, or None) and ``n_heldout``.
+        ``group_sizes`` (name -> kept spots, or None), ``n_heldout`` and
+        ``genes_heldout_only``/``counts_heldout_only`` (step g).
     """
     Y = data.counts.tocsr()
     report: dict[str, Any] = {
@@ -334,6 +338,7 @@ def preprocess(data: SpatialCounts, cfg: PreprocessingConfig, seed: int = 0,
     # (f) held-out split
     heldout = heldout_split(out.n_spots, cfg.holdout_fraction, seed, out.groups)
     report["n_heldout"] = int(heldout.sum())
+    out = _drop_genes_unseen_in_training(out, heldout, report)       # (g)
     _check_training_spots(report, cfg, min_training_spots)
     for message in _degenerate(out, min_training_spots):
         warnings.warn(message, QCWarning, stacklevel=2)
@@ -416,6 +421,9 @@ def describe_filters(report: dict) -> list[str]:
         lines.append(f"n_top_genes = {cfg['n_top_genes']}: left out {report['genes_top_k']:,} "
                      f"genes of lower deviance, {_share(report['counts_top_k'], counts_in)} of "
                      "the counts")
+    if n := report.get("genes_heldout_only"):
+        lines.append(f"removed {n:,} gene{'s' if n > 1 else ''} detected in held-out spots only "
+                     f"({report['counts_heldout_only']:,} counts): no model can learn them")
     return lines
 
 
@@ -522,6 +530,20 @@ def _drop_rare_genes(Y: sp.csr_matrix, genes: np.ndarray, cfg: PreprocessingConf
                         f"(the most widely detected gene is in {detected.max()} of {Y.shape[0]} "
                         "spots); lower preprocessing.min_cells")
     return Y[:, ~rare].tocsr(), genes[~rare]
+
+
+def _drop_genes_unseen_in_training(out: SpatialCounts, heldout: np.ndarray,
+                                   report: dict) -> SpatialCounts:
+    """(g) Drop genes without a count in the training spots (all theirs are held out)."""
+    seen = np.asarray(out.counts.tocsr()[~heldout].sum(axis=0)).ravel() > 0
+    report["genes_heldout_only"] = int((~seen).sum())
+    report["counts_heldout_only"] = _total(out.counts.tocsc()[:, ~seen])
+    if seen.all():
+        return out
+    out = out.subset(genes=np.flatnonzero(seen))
+    report["genes_kept"] = int(out.n_genes)
+    report["counts_kept"] = _total(out.counts)
+    return out
 
 
 def _keep_top_genes(Y: sp.csr_matrix, genes: np.ndarray, cfg: PreprocessingConfig,

@@ -8,8 +8,9 @@ import scipy.sparse as sp
 
 from sf_mlflow.config import PreprocessingConfig
 from sf_mlflow.data.counts import SpatialCounts
-from sf_mlflow.data.preprocess import (QCWarning, coordinate_side_lengths, heldout_split,
-                                       poisson_null_deviance, preprocess, rescale_coordinates)
+from sf_mlflow.data.preprocess import (QCWarning, coordinate_side_lengths, describe_filters,
+                                       heldout_split, poisson_null_deviance, preprocess,
+                                       rescale_coordinates)
 from sf_mlflow.data.sources import read_h5ad_counts
 from sf_mlflow.data.synthetic import make_synthetic
 from sf_mlflow.errors import DataError
@@ -150,7 +151,8 @@ def test_real_window_matches_independent_computation(shared_file):
     assert r["counts_top_k"] == int(Yk.sum()) - int(Yk[:, top].sum())
     assert r["counts_kept"] == int(Yk[:, top].sum())
     assert r["counts_input"] == (r["counts_mt_fraction"] + r["counts_mt"] + r["counts_min_counts"]
-                                 + r["counts_min_cells"] + r["counts_top_k"] + r["counts_kept"])
+                                 + r["counts_min_cells"] + r["counts_top_k"]
+                                 + r["counts_heldout_only"] + r["counts_kept"])
     np.testing.assert_array_equal(res.data.gene_names, kept_names[top])
     np.testing.assert_array_equal(res.data.counts.toarray(), Yk[:, top])
 
@@ -437,3 +439,30 @@ def test_degenerate_positions_and_groups_warn_naming_the_setting():
     with warnings.catch_warnings():
         warnings.simplefilter("error", QCWarning)      # the usual data set: no warning
         preprocess(base, cfg, min_training_spots=7)
+
+
+def test_genes_only_held_out_spots_detect_are_dropped_and_reported():
+    # every model's loading of such a gene is 0, so its held-out counts made the held-out
+    # deviance of every model infinite (the olfactory bulb at min_cells: auto = 3 spots)
+    rng = np.random.default_rng(0)
+    n = 40
+    held = heldout_split(n, 0.25, seed=0)
+    Y = rng.poisson(3.0, (n, 4)).astype(float)
+    Y[:, 3] = 0
+    Y[np.flatnonzero(held)[:3], 3] = [2, 1, 4]      # "Late": 7 counts, all in held-out spots
+    data = SpatialCounts(counts=sp.csr_matrix(Y), coordinates=rng.uniform(0, 10, (n, 2)),
+                         gene_names=np.array(["A", "B", "C", "Late"], dtype=object),
+                         spot_names=np.array([f"s{i}" for i in range(n)], dtype=object))
+    cfg = PreprocessingConfig(min_counts=1, min_cells=1, filter_mt=False, holdout_fraction=0.25)
+    res = preprocess(data, cfg, seed=0)
+    np.testing.assert_array_equal(res.heldout, held)
+    assert list(res.data.gene_names) == ["A", "B", "C"]
+    r = res.report
+    assert (r["genes_heldout_only"], r["counts_heldout_only"]) == (1, 7)
+    assert (r["genes_kept"], r["counts_kept"]) == (3, int(Y[:, :3].sum()))
+    assert describe_filters(r)[-1] == ("removed 1 gene detected in held-out spots only "
+                                       "(7 counts): no model can learn them")
+    # without a held-out spot nothing is dropped, and the report says 0
+    res = preprocess(data, PreprocessingConfig(min_counts=1, min_cells=1, filter_mt=False,
+                                               holdout_fraction=0.0))
+    assert res.data.n_genes == 4 and res.report["genes_heldout_only"] == 0
