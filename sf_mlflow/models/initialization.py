@@ -24,7 +24,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from sf_mlflow.models.likelihood import CountBatch, _csr
+from sf_mlflow.models.likelihood import CountBatch, _sparse, _sparse_t
 
 __all__ = ["INIT_METHODS", "initial_state", "kl_nmf", "nndsvda", "fixed_point_scale"]
 
@@ -85,9 +85,8 @@ def kl_nmf(batch: CountBatch, H: Tensor, W: Tensor, n_iter: int, update_w: bool 
 
     H: (N, L) and W: (D, L) positive, updated in place and returned.
     """
-    crow_t, col_t, perm = batch.csr_t_structure()
     y = batch.values
-    pattern = _csr(*batch.csr_structure(), y, (batch.n_spots, batch.n_genes))
+    pattern = _sparse(batch, y)
 
     def ratio() -> Tensor:  # y / (H W^T) at the non-zeros
         rate = torch.sparse.sampled_addmm(pattern, H, W.T, beta=0.0).values()
@@ -95,11 +94,10 @@ def kl_nmf(batch: CountBatch, H: Tensor, W: Tensor, n_iter: int, update_w: bool 
 
     for _ in range(n_iter):
         s = ratio()
-        H.mul_((_csr(*batch.csr_structure(), s, pattern.shape) @ W) / W.sum(0).clamp_min(eps))
+        H.mul_((_sparse(batch, s) @ W) / W.sum(0).clamp_min(eps))
         if update_w:
             s = ratio()
-            W.mul_((_csr(crow_t, col_t, torch.index_select(s, 0, perm), (batch.n_genes, batch.n_spots)) @ H)
-                   / H.sum(0).clamp_min(eps))
+            W.mul_((_sparse_t(batch, s) @ H) / H.sum(0).clamp_min(eps))
     return H, W
 
 
@@ -139,9 +137,7 @@ def _top_singular(full: CountBatch, k: int, gen: torch.Generator) -> tuple[Tenso
     """The k' = min(k, N, D) leading singular triplets of the counts, U (N, k'), S (k',),
     V (D, k'), by a randomised range finder with power iterations on the sparse counts."""
     N, D = full.n_spots, full.n_genes
-    Y = _csr(*full.csr_structure(), full.values, (N, D))
-    crow_t, col_t, perm = full.csr_t_structure()
-    Yt = _csr(crow_t, col_t, torch.index_select(full.values, 0, perm), (D, N))
+    Y, Yt = _sparse(full, full.values), _sparse_t(full, full.values)
     width = min(k + SVD_OVERSAMPLES, N, D)
     omega = torch.randn((D, width), generator=gen, device=full.device, dtype=full.values.dtype)
     Q = torch.linalg.qr(Y @ omega).Q                                     # (N, width)
