@@ -64,7 +64,7 @@ def initial_state(full: CountBatch, L: int, gen: torch.Generator,
         H, W = nndsvda(full, L, gen)
     else:
         # sklearn's "random" NMF init scale: entries of H W^T average the data mean
-        scale = math.sqrt(max(float(full.values.sum()) / (N * D), 1e-12) / L)
+        scale = math.sqrt(_mean_count(full) / L)
         H = scale * (0.5 + torch.rand((N, L), generator=gen, device=device, dtype=dtype))
         W = scale * (0.5 + torch.rand((D, L), generator=gen, device=device, dtype=dtype))
     H, W = kl_nmf(full, H, W, INIT_ITER, update_w=W_fixed is None)
@@ -114,7 +114,7 @@ def nndsvda(full: CountBatch, L: int, gen: torch.Generator) -> tuple[Tensor, Ten
     """
     U, S, V = _top_singular(full, L, gen)
     k = S.shape[0]                        # min(L, N, D): factors beyond the rank start random
-    mean = max(float(full.values.sum()) / (full.n_spots * full.n_genes), 1e-12)
+    mean = _mean_count(full)
     H = mean * (0.5 + torch.rand((full.n_spots, L), generator=gen, device=U.device, dtype=U.dtype))
     W = mean * (0.5 + torch.rand((full.n_genes, L), generator=gen, device=U.device, dtype=U.dtype))
     H[:, 0], W[:, 0] = S[0].sqrt() * U[:, 0].abs(), S[0].sqrt() * V[:, 0].abs()
@@ -131,6 +131,11 @@ def nndsvda(full: CountBatch, L: int, gen: torch.Generator) -> tuple[Tensor, Ten
     H[H < tiny] = mean
     W[W < tiny] = mean
     return H.contiguous(), W.contiguous()
+
+
+def _mean_count(full: CountBatch) -> float:
+    """The mean count over all N x D entries (at least 1e-12): the scale of both starts."""
+    return max(float(full.values.sum()) / (full.n_spots * full.n_genes), 1e-12)
 
 
 def _top_singular(full: CountBatch, k: int, gen: torch.Generator) -> tuple[Tensor, Tensor, Tensor]:
